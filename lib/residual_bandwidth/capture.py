@@ -1,0 +1,326 @@
+"""Capture the residual stream of a decoder model, TransformerLens style.
+
+For block ``L`` of a pre-norm decoder (GPT-2, Llama and relatives)::
+
+    resid_pre[L]  --+--> norm1 --> attention --> attn_out[L]
+                    |                               |
+                    +-------------- + <-------------+
+                                    |
+    resid_mid[L]  --+--> norm2 --> MLP --> mlp_out[L]
+                    |                         |
+                    +-------------- + <-------+
+                                    |
+    resid_post[L] = resid_pre[L+1]
+
+so ``resid_mid = resid_pre + attn_out`` and ``resid_post = resid_mid + mlp_out``. Each of the five
+tensors is recorded by its own hook (``resid_mid`` is the input of the second norm), so those
+identities are checks on the model, not definitions. Names follow TransformerLens:
+``blocks.{L}.hook_resid_pre`` etc.
+
+Prompts are run in right-padded batches; padded positions are dropped before anything is stored,
+so padding never enters a statistic. Activations are stored flat: ``capture.get("resid_post", L)``
+is an ``[N, d_model]`` matrix over all real tokens of all prompts, and ``capture.prompt_index`` /
+``capture.position`` / ``capture.tokens`` say where each row came from.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .validation import BandwidthInputError, as_matrix, check_prompts
+
+KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
+
+
+def hook_name(kind: str, layer: int) -> str:
+    """TransformerLens hook name, e.g. ``hook_name("resid_pre", 3) == "blocks.3.hook_resid_pre"``."""
+    if kind not in KINDS:
+        raise BandwidthInputError(f"kind: expected one of {KINDS}, got {kind!r}")
+    return f"blocks.{layer}.hook_{kind}"
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture adapters: where the blocks, attention, MLP and the mid-block norm live.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """Where to find the residual-stream pieces of one model family (a small adapter)."""
+    family: str
+    blocks: Callable[[torch.nn.Module], Sequence[torch.nn.Module]]
+    attn: Callable[[torch.nn.Module], torch.nn.Module]
+    mlp: Callable[[torch.nn.Module], torch.nn.Module]
+    norm1: Callable[[torch.nn.Module], torch.nn.Module]  # reads resid_pre
+    norm2: Callable[[torch.nn.Module], torch.nn.Module]  # reads resid_mid
+    final_norm: Callable[[torch.nn.Module], torch.nn.Module]
+
+
+LLAMA = Architecture(
+    family="llama",
+    blocks=lambda m: m.model.layers,
+    attn=lambda b: b.self_attn,
+    mlp=lambda b: b.mlp,
+    norm1=lambda b: b.input_layernorm,
+    norm2=lambda b: b.post_attention_layernorm,
+    final_norm=lambda m: m.model.norm,
+)
+GPT2 = Architecture(
+    family="gpt2",
+    blocks=lambda m: m.transformer.h,
+    attn=lambda b: b.attn,
+    mlp=lambda b: b.mlp,
+    norm1=lambda b: b.ln_1,
+    norm2=lambda b: b.ln_2,
+    final_norm=lambda m: m.transformer.ln_f,
+)
+# model_type -> adapter. Only sequential pre-norm decoders whose blocks are exactly
+# x + attn(norm1(x)) then x + mlp(norm2(x)); parallel-residual (GPT-NeoX, GPT-J), post-norm
+# (BERT) and sandwich-norm (Gemma 2/3) models do not have this residual stream.
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
+    "gpt2": GPT2,
+}
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    """The adapter for ``model``, or a clear error listing what is supported."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype not in ARCHITECTURES:
+        raise BandwidthInputError(
+            f"model type {mtype!r} is not supported for residual capture. Supported: "
+            f"{sorted(ARCHITECTURES)} (sequential pre-norm decoders). Encoders such as BERT "
+            "renormalise the stream after every sublayer, and parallel-residual models have no "
+            "resid_mid; capture such models yourself and pass a list of [positions, d_model] "
+            "tensors or a hook-name mapping instead.")
+    return ARCHITECTURES[mtype]
+
+
+def model_dims(model: torch.nn.Module) -> dict:
+    """d_model, n_layers, n_heads, n_kv_heads, d_head, d_mlp and vocab size from the config."""
+    c = model.config
+    d_model = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
+    n_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
+    d_mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model
+    return {
+        "model_type": c.model_type,
+        "d_model": int(d_model),
+        "n_layers": int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")),
+        "n_heads": int(n_heads),
+        "n_kv_heads": int(getattr(c, "num_key_value_heads", None) or n_heads),
+        "d_head": int(getattr(c, "head_dim", None) or d_model // n_heads),
+        "d_mlp": int(d_mlp),
+        "vocab_size": int(c.vocab_size),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The captured activations
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ResidualCapture:
+    """Flat residual activations: ``acts[hook_name(kind, L)]`` is ``[N, d_model]`` over real tokens."""
+    acts: dict[str, torch.Tensor]
+    prompt_index: torch.Tensor
+    position: torch.Tensor
+    tokens: list[str]
+    prompts: list[str] = field(default_factory=list)
+    model_name: str | None = None
+
+    def __post_init__(self):
+        if not self.acts:
+            raise BandwidthInputError("acts: no activations captured")
+        bad = [k for k in self.acts if not _HOOK_RE.match(k)]
+        if bad:
+            raise BandwidthInputError(f"acts: keys {bad[:3]} are not blocks.L.hook_<kind> names")
+        self.layers = sorted({int(_HOOK_RE.match(k).group(1)) for k in self.acts})
+        shapes = {tuple(v.shape) for v in self.acts.values()}
+        if len(shapes) != 1:
+            raise BandwidthInputError(f"acts: all tensors must share one [N, d_model] shape, got {shapes}")
+        n, self.d_model = next(iter(shapes))
+        if not (len(self.prompt_index) == len(self.position) == len(self.tokens) == n):
+            raise BandwidthInputError("prompt_index, position and tokens must have one entry per row")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [k for k in KINDS if any(n.endswith("hook_" + k) for n in self.acts)]
+
+    def get(self, kind: str, layer: int) -> torch.Tensor:
+        """``[N, d_model]`` activations of ``kind`` at block ``layer``."""
+        key = hook_name(kind, layer)
+        if key not in self.acts:
+            raise BandwidthInputError(f"{key} was not captured (have kinds {self.kinds}, layers "
+                                      f"{self.layers[0]}..{self.layers[-1]})")
+        return self.acts[key]
+
+    def layer_stack(self, kind: str = "resid_post", rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One ``[N, d_model]`` matrix per captured layer, optionally only the boolean-``rows``."""
+        stack = [self.get(kind, layer) for layer in self.layers]
+        return [s[rows] for s in stack] if rows is not None else stack
+
+    def row_label(self, row: int) -> str:
+        """Human-readable origin of a row: ``prompt 0, pos 3 ' France'``."""
+        return f"prompt {int(self.prompt_index[row])}, pos {int(self.position[row])} {self.tokens[row]!r}"
+
+    # ---- other ways in -----------------------------------------------------------------------
+    @classmethod
+    def from_hook_dict(cls, cache: Mapping[str, torch.Tensor], tokens: Sequence[str] | None = None
+                       ) -> "ResidualCapture":
+        """Build from a TransformerLens-style mapping ``{"blocks.L.hook_resid_pre": tensor, ...}``.
+
+        Values are ``[pos, d_model]`` or ``[batch, pos, d_model]`` (all positions are taken as real
+        tokens; remove padding first). Keys that are not residual hooks (attention patterns, ...)
+        are ignored; at least one must be.
+        """
+        if not isinstance(cache, Mapping):
+            raise BandwidthInputError(f"cache: expected a mapping of hook name -> tensor, got {type(cache).__name__}")
+        acts, batch_shape = {}, None
+        for key, value in cache.items():
+            if not _HOOK_RE.match(str(key)):
+                continue
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value) if hasattr(value, "__array__") else value
+            if isinstance(value, torch.Tensor) and value.ndim == 3:
+                batch_shape = batch_shape or tuple(value.shape[:2])
+                if tuple(value.shape[:2]) != batch_shape:
+                    raise BandwidthInputError(f"{key}: batch/pos shape {tuple(value.shape[:2])} differs from {batch_shape}")
+                value = value.reshape(-1, value.shape[-1])
+            layer = int(_HOOK_RE.match(key).group(1))
+            acts[key] = as_matrix(value, name=key, layer=layer, min_rows=1).detach().float().cpu()
+        if not acts:
+            raise BandwidthInputError("cache: no key of the form 'blocks.L.hook_resid_pre|resid_mid|"
+                                      "resid_post|attn_out|mlp_out' found")
+        n = next(iter(acts.values())).shape[0]
+        for key, v in acts.items():
+            if v.shape[0] != n:
+                raise BandwidthInputError(f"{key}: {v.shape[0]} positions but others have {n}")
+        from .validation import check_same_width
+        check_same_width(list(acts.values()), name="cache")
+        if batch_shape:
+            b, t = batch_shape
+            prompt_index = torch.arange(b).repeat_interleave(t)
+            position = torch.arange(t).repeat(b)
+        else:
+            prompt_index, position = torch.zeros(n, dtype=torch.long), torch.arange(n)
+        toks = list(tokens) if tokens is not None else [f"<{int(p)}>" for p in position]
+        if len(toks) != n:
+            raise BandwidthInputError(f"tokens: {len(toks)} given for {n} positions")
+        return cls(acts=acts, prompt_index=prompt_index, position=position, tokens=toks)
+
+    @classmethod
+    def from_list(cls, states: Sequence[torch.Tensor], kind: str = "resid_post",
+                  tokens: Sequence[str] | None = None) -> "ResidualCapture":
+        """Build from a plain list of ``[pos, d_model]`` tensors, one per layer (the seed's input)."""
+        from .validation import as_matrix_list
+        mats = as_matrix_list(states, min_rows=1)
+        n = mats[0].shape[0]
+        for i, m in enumerate(mats):
+            if m.shape[0] != n:
+                raise BandwidthInputError(f"residual_states[{i}] (layer {i}): {m.shape[0]} positions "
+                                          f"but layer 0 has {n}; layers must cover the same tokens")
+        return cls.from_hook_dict({hook_name(kind, i): m for i, m in enumerate(mats)}, tokens=tokens)
+
+
+def as_capture(states, kind: str = "resid_post") -> ResidualCapture:
+    """Accept a :class:`ResidualCapture`, a hook-name mapping or a list of per-layer tensors."""
+    if isinstance(states, ResidualCapture):
+        return states
+    if isinstance(states, Mapping):
+        return ResidualCapture.from_hook_dict(states)
+    return ResidualCapture.from_list(states, kind=kind)
+
+
+# --------------------------------------------------------------------------------------------
+# Running the model
+# --------------------------------------------------------------------------------------------
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@torch.no_grad()
+def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence[str],
+                      kinds: Sequence[str] = KINDS, layers: Sequence[int] | None = None,
+                      batch_size: int = 8, max_length: int = 512, progress: bool = True
+                      ) -> ResidualCapture:
+    """Run ``prompts`` through ``model`` and record the residual stream with forward hooks.
+
+    ``kinds`` picks from ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``;
+    ``layers`` picks blocks (default all). Prompts longer than ``max_length`` tokens are truncated.
+    Hooks are always removed, also when the forward pass raises.
+    """
+    prompts = check_prompts(prompts)
+    arch = architecture_of(model)
+    blocks = arch.blocks(model)
+    layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
+    for i in layers:
+        if not 0 <= i < len(blocks):
+            raise BandwidthInputError(f"layers: {i} is out of range for a {len(blocks)}-layer model")
+    kinds = list(kinds)
+    for k in kinds:
+        hook_name(k, 0)  # validates the kind
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BandwidthInputError(f"batch_size: expected a positive int, got {batch_size!r}")
+
+    store: dict[str, torch.Tensor] = {}
+
+    handles = []
+
+    def add(module, key, where):
+        if where == "output":
+            handles.append(module.register_forward_hook(lambda m, a, o: store.__setitem__(key, _first(o))))
+        else:  # the first input, positional or keyword
+            def pre(m, args, kwargs):
+                store[key] = args[0] if args else kwargs["hidden_states"]
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    for L in layers:
+        b = blocks[L]
+        spots = {"resid_pre": (b, "input"), "resid_mid": (arch.norm2(b), "input"),
+                 "resid_post": (b, "output"), "attn_out": (arch.attn(b), "output"),
+                 "mlp_out": (arch.mlp(b), "output")}
+        for k in kinds:
+            add(spots[k][0], hook_name(k, L), spots[k][1])
+
+    pad_side = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "right"
+    chunks: dict[str, list[torch.Tensor]] = {key: [] for key in
+                                             (hook_name(k, L) for L in layers for k in kinds)}
+    prompt_index, position, tokens = [], [], []
+    device = next(model.parameters()).device
+    try:
+        from tqdm.auto import tqdm
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="capturing residual stream", unit="batch",
+                          disable=not progress or len(starts) < 2):
+            batch = prompts[start:start + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            store.clear()
+            model(**enc, use_cache=False)
+            mask = enc["attention_mask"].bool()
+            for key in chunks:
+                chunks[key].append(store[key][mask].detach().float().cpu())
+            for j, (ids, m) in enumerate(zip(enc["input_ids"], mask)):
+                real = ids[m].tolist()
+                prompt_index += [start + j] * len(real)
+                position += list(range(len(real)))
+                tokens += [tokenizer.decode([t]) for t in real]
+    finally:
+        for h in handles:
+            h.remove()
+        tokenizer.padding_side = pad_side
+    acts = {key: torch.cat(v) for key, v in chunks.items()}
+    return ResidualCapture(acts=acts, prompt_index=torch.tensor(prompt_index),
+                           position=torch.tensor(position), tokens=tokens, prompts=prompts,
+                           model_name=getattr(model.config, "_name_or_path", None))

@@ -1,0 +1,108 @@
+"""Massive activations and outlier dimensions: a few residual vectors that are far louder than the rest.
+
+Many LLMs put a huge activation on the first token (an "attention sink", Sun et al. 2024
+"Massive Activations in Large Language Models"), carried by one or two fixed coordinates. In
+SmolLM2-135M the position-0 vector is ~100x the typical norm in the middle layers and almost all
+of its energy sits in one dimension. Such a vector dominates any spectrum computed with it, so the
+analyzer reports these positions and can leave them out of spectra.
+
+Definitions (per layer, on the rows ``x_i`` of an ``[N, d]`` matrix):
+
+* typical norm ``m = median_i ||x_i||``; a row is *massive* when ``||x_i|| / m >= ratio``.
+* for a massive row, its top dimensions ``j`` by ``|x_ij|`` with their energy share ``x_ij^2 / ||x_i||^2``.
+* a dimension ``j`` is an *outlier dimension* when ``rms_j / median_k rms_k >= ratio`` where
+  ``rms_j = sqrt(mean_i x_ij^2)`` over the non-massive rows. Unlike massive positions this is a
+  statement about one coordinate basis (the model's), so it is a property of the trained weights
+  (norm gains, embedding), not of a subspace.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .validation import as_matrix, check_positive
+
+DEFAULT_MASSIVE_RATIO = 4.0
+DEFAULT_OUTLIER_DIM_RATIO = 6.0
+
+
+@dataclass
+class MassiveActivation:
+    """One row whose norm is ``ratio`` times the layer's median norm."""
+    layer: int | None
+    row: int
+    prompt: int
+    position: int
+    token: str
+    norm: float
+    typical_norm: float
+    ratio: float
+    top_dims: list[tuple[int, float, float]]  # (dimension, value, share of ||x||^2)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class OutlierDimension:
+    """A residual coordinate whose RMS is ``ratio`` times the median coordinate's."""
+    layer: int | None
+    dim: int
+    rms: float
+    typical_rms: float
+    ratio: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def norm_ratios(x, name: str = "x", layer=None) -> tuple[torch.Tensor, float]:
+    """``(||x_i|| / median_k ||x_k||`` for every row, the median norm)``."""
+    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
+    norms = x.norm(dim=1)
+    typical = float(norms.median())
+    if typical == 0:
+        return torch.full_like(norms, float("inf")), 0.0
+    return norms / typical, typical
+
+
+def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int = 3,
+                 prompt_index=None, position=None, tokens=None, name: str = "x"
+                 ) -> list[MassiveActivation]:
+    """Rows of ``x`` whose norm is at least ``ratio`` times the median row norm (see module doc)."""
+    ratio = check_positive(ratio, "ratio")
+    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
+    r, typical = norm_ratios(x, name=name, layer=layer)
+    out = []
+    for i in torch.nonzero(r >= ratio).flatten().tolist():
+        v = x[i]
+        energy = float(v @ v)
+        top = torch.topk(v.abs(), k=min(top_k, v.numel())).indices.tolist()
+        out.append(MassiveActivation(
+            layer=layer, row=i,
+            prompt=int(prompt_index[i]) if prompt_index is not None else 0,
+            position=int(position[i]) if position is not None else i,
+            token=tokens[i] if tokens is not None else "",
+            norm=float(v.norm()), typical_norm=typical, ratio=float(r[i]),
+            top_dims=[(j, float(v[j]), float(v[j] ** 2 / energy)) for j in top]))
+    return out
+
+
+def outlier_dimensions(x, ratio: float = DEFAULT_OUTLIER_DIM_RATIO, exclude_rows=None, layer=None,
+                       name: str = "x") -> list[OutlierDimension]:
+    """Coordinates whose RMS over (non-excluded) rows is ``ratio`` times the median coordinate RMS."""
+    ratio = check_positive(ratio, "ratio")
+    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
+    if exclude_rows is not None:
+        keep = ~torch.as_tensor(exclude_rows, dtype=torch.bool)
+        if int(keep.sum()) > 0:
+            x = x[keep]
+    rms = x.pow(2).mean(dim=0).sqrt()
+    typical = float(rms.median())
+    if typical == 0:
+        return []
+    r = rms / typical
+    order = torch.argsort(r, descending=True)
+    return [OutlierDimension(layer=layer, dim=int(j), rms=float(rms[j]), typical_rms=typical,
+                             ratio=float(r[j])) for j in order.tolist() if r[j] >= ratio]

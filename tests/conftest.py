@@ -1,0 +1,51 @@
+"""Shared fixtures: the embedded model (loaded once per session) and a tiny random GPT-2."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np
+import pytest
+import torch
+
+from residual_bandwidth import capture_residuals, load_model
+
+PROMPTS = [
+    "The transformer architecture revolutionized natural language processing by introducing "
+    "attention mechanisms.",
+    "The capital of France is Paris.",
+    "def add(a, b):\n    return a + b",
+    "Water boils at one hundred degrees Celsius at sea level.",
+]
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    return load_model("embedded")
+
+
+@pytest.fixture(scope="session")
+def embedded_capture(embedded):
+    return capture_residuals(embedded.model, embedded.tokenizer, PROMPTS, batch_size=4, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(embedded):
+    """A randomly initialised GPT-2 (3 layers, d_model 64) sharing the embedded model's tokenizer,
+    so the GPT-2 code path is tested offline."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=256,
+                     vocab_size=len(embedded.tokenizer))
+    return GPT2LMHeadModel(cfg).eval(), embedded.tokenizer
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def random_orthogonal(d: int, rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    return q * np.sign(np.diag(r))

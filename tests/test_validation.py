@@ -1,0 +1,76 @@
+"""Each kind of bad input raises BandwidthInputError with a message that names the problem."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from residual_bandwidth import BandwidthInputError, ResidualBandwidthAnalyzer, compute_metrics
+from residual_bandwidth.validation import as_matrix, as_matrix_list, check_prompts
+
+
+def good(n=10, d=8):
+    return torch.randn(n, d)
+
+
+@pytest.mark.parametrize("x,pattern", [
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), r"1 NaN and 0 Inf.*position\(s\) \[0\]"),
+    (torch.tensor([[1.0, 2.0], [float("inf"), 1.0]]), r"0 NaN and 1 Inf.*\[1\]"),
+    (torch.randn(8), r"expected 2 dimensions.*\(8,\)"),
+    (torch.randn(2, 5, 8), r"expected 2 dimensions.*a batch\?"),
+    (torch.randint(0, 5, (4, 8)), r"not a floating type.*token ids"),
+    (torch.ones(4, 8, dtype=torch.bool), r"not a floating type"),
+    (torch.randn(4, 8, dtype=torch.complex64), r"complex"),
+    (np.arange(32).reshape(4, 8), r"dtype int64 is not a floating type"),
+    (torch.randn(0, 8), r"empty matrix"),
+    (torch.randn(1, 8), r"1 position\(s\); at least 2"),
+    ([[1.0, 2.0], [3.0, 4.0]], r"expected a torch.Tensor or numpy.ndarray.*got list"),
+    ("residuals", r"got str"),
+    (torch.empty((10, 70_000), device="meta"), r"too large"),
+    (torch.empty((40_000, 60_000), device="meta"), r"too large"),
+])
+def test_bad_matrices_are_named(x, pattern):
+    with pytest.raises(BandwidthInputError, match=pattern):
+        as_matrix(x, name="residual_states", layer=3)
+
+
+def test_message_names_argument_and_layer():
+    with pytest.raises(BandwidthInputError, match=r"^residual_states\[2\] \(layer 2\): contains"):
+        as_matrix_list([good(), good(), torch.full((4, 8), float("nan"))])
+
+
+def test_mismatched_d_model_names_the_layer():
+    with pytest.raises(BandwidthInputError, match=r"residual_states\[1\] \(layer 1\): d_model = 16 but layer 0 has d_model = 8"):
+        as_matrix_list([good(10, 8), good(10, 16)])
+
+
+def test_empty_and_wrong_containers():
+    with pytest.raises(BandwidthInputError, match="empty list"):
+        as_matrix_list([])
+    with pytest.raises(BandwidthInputError, match="got a mapping"):
+        as_matrix_list({"a": good()})
+    with pytest.raises(BandwidthInputError, match="single array"):
+        as_matrix_list(good())
+
+
+def test_half_precision_is_accepted_and_upcast():
+    x = torch.randn(50, 16)
+    a = compute_metrics(x)
+    b = compute_metrics(x.to(torch.bfloat16))
+    assert abs(a.participation_ratio - b.participation_ratio) / a.participation_ratio < 0.05
+
+
+def test_analyzer_arguments_are_validated():
+    with pytest.raises(BandwidthInputError, match="variance_threshold"):
+        ResidualBandwidthAnalyzer(variance_threshold=0)
+    with pytest.raises(BandwidthInputError, match="massive_ratio"):
+        ResidualBandwidthAnalyzer(massive_ratio=-1)
+    with pytest.raises(BandwidthInputError, match="massive_ratio"):
+        ResidualBandwidthAnalyzer(massive_ratio=float("nan"))
+
+
+@pytest.mark.parametrize("prompts,pattern", [([], "non-empty"), (["ok", ""], r"prompts\[1\]: empty"),
+                                             (["ok", 3], r"prompts\[1\]: expected str"), (None, "non-empty")])
+def test_bad_prompts(prompts, pattern):
+    with pytest.raises(BandwidthInputError, match=pattern):
+        check_prompts(prompts)
