@@ -10,7 +10,11 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lesson test lab env clean
+# the lesson folder(s) under solutions/ (one lesson today)
+LESSON := $(notdir $(patsubst %/lesson.ipynb,%,$(wildcard solutions/*/lesson.ipynb)))
+NB_ENV := PATH="$(abspath $(BIN)):$$PATH" MPLBACKEND=Agg
+
+.PHONY: install lesson test lab env notebooks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 needed, found " + sys.version' 
@@ -24,6 +28,11 @@ install: $(STAMP)
 
 lesson: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m residual_bandwidth lesson --out $(OUT)/lesson
+	# the solutions notebook, executed headless on the embedded model, then rendered to HTML
+	$(NB_ENV) $(PY) -m papermill --log-level WARNING -k python3 -p MODEL embedded \
+		solutions/$(LESSON)/lesson.ipynb $(OUT)/lesson/lesson.executed.ipynb
+	$(NB_ENV) $(BIN)/jupyter nbconvert --to html --log-level WARN $(OUT)/lesson/lesson.executed.ipynb
+	@echo "executed notebook and HTML: $(OUT)/lesson/lesson.executed.{ipynb,html}"
 
 test: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m pytest
@@ -33,6 +42,11 @@ lab: $(STAMP)
 
 env:
 	$(PYTHON) tools/sync_env.py
+
+# author the instructor notebook (solutions/) and generate the student version (lessons/) with nbgrader
+notebooks: $(STAMP)
+	$(PY) tools/author_lesson.py
+	$(NB_ENV) $(BIN)/nbgrader generate_assignment $(LESSON) --force --log-level WARN
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

