@@ -186,7 +186,14 @@ dims = rb.model_dims(model)
 print(f"loaded in {lm.load_seconds:.1f} s ({lm.source}):", dims)
 """)
 locked("setup__checks", """
-# Test helpers used by the graded test cells (read-only).
+# Read-only: imports and helpers that the graded test cells use. This cell needs no model, so the
+# graded cells can be checked on their own.
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+import residual_bandwidth as rb
+
+
 def check(condition, message):
     \"\"\"Fail with a message that explains what is wrong and what to try.\"\"\"
     if not bool(condition):
@@ -197,6 +204,19 @@ def check(condition, message):
 def close(a, b, rel=1e-5, abs_=1e-8):
     a, b = float(a), float(b)
     return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
+
+
+def seed_checkpoint_1_data(seed=0):
+    \"\"\"The original lesson's checkpoint-1 data: 4 layers x 20 tokens, ranks 10..25 in 64 dims, + noise.\"\"\"
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(20, 10 + 5 * i, generator=g) @ torch.randn(10 + 5 * i, 64, generator=g)
+            + 0.1 * torch.randn(20, 64, generator=g) for i in range(4)]
+
+
+def seed_rank(x):
+    \"\"\"The original lesson's computation: cumulative *sigma* (not sigma^2), no centring.\"\"\"
+    s = torch.linalg.svdvals(torch.as_tensor(x).double())
+    return int((torch.cumsum(s, 0) < 0.95 * s.sum()).sum()) + 1
 """)
 
 # =============================================================================================
@@ -292,17 +312,8 @@ Two details matter, and the original lesson got both wrong:
    centring it shows up as the "biggest direction" although it carries no token information.
 """)
 code("""
-from sklearn.decomposition import PCA
-
-def seed_rank(x):
-    \"\"\"The original lesson's computation: cumulative *sigma*, no centring.\"\"\"
-    s = torch.linalg.svdvals(x)
-    return int((torch.cumsum(s, 0) < 0.95 * s.sum()).sum()) + 1
-
-# the original checkpoint-1 data: 4 layers of 20 tokens, ranks 10..25 in 64 dimensions, plus noise
-g = torch.Generator().manual_seed(SEED)
-seed_states = [torch.randn(20, 10 + 5 * i, generator=g) @ torch.randn(10 + 5 * i, 64, generator=g)
-               + 0.1 * torch.randn(20, 64, generator=g) for i in range(4)]
+# the original checkpoint-1 data (seed_checkpoint_1_data and seed_rank are in the helper cell above)
+seed_states = seed_checkpoint_1_data(SEED)
 X = torch.cat(seed_states).double()
 ours = rb.compute_metrics(X)
 print("seed formula (sum of sigma, uncentred):", seed_rank(X))
@@ -358,6 +369,7 @@ def analyze_bandwidth(residual_states, p=0.95):
 """)
 tests("checkpoint_1__visible", 1, """
 # Visible tests: the original lesson's checkpoint-1 data
+seed_states = seed_checkpoint_1_data(0)
 res = analyze_bandwidth(seed_states)
 check(isinstance(res, dict) and {"effective_rank", "utilization_available", "utilization_d_model",
                                  "total_dimensions"} <= set(res),
