@@ -182,3 +182,17 @@ def test_threshold_is_validated(rng):
         M.variance_threshold_rank(np.ones(4), 1.5)
     with pytest.raises(BandwidthInputError, match="of"):
         M.spectral_entropy(np.ones(4), of="sigma")
+
+
+def test_chunked_accumulation_matches_one_shot(rng, monkeypatch):
+    """Spectra, anisotropy and norms are accumulated over row chunks; boundaries must not matter."""
+    x = torch.tensor(low_rank(rng, 103, 16, 9, noise=0.1, offset=30.0))
+    whole = M.compute_metrics(x)
+    monkeypatch.setattr(M, "CHUNK_ROWS", 7)
+    chunked = M.compute_metrics(x)
+    np.testing.assert_allclose(chunked.eigenvalues, whole.eigenvalues, rtol=1e-10, atol=1e-10 * whole.eigenvalues[0])
+    assert chunked.anisotropy == pytest.approx(whole.anisotropy, rel=1e-12)
+    assert chunked.mean_norm == pytest.approx(whole.mean_norm, rel=1e-12)
+    with pytest.raises(BandwidthInputError, match=r"zero vector\(s\) at position\(s\) \[50\]"):
+        x[50] = 0.0
+        M.anisotropy(x)

@@ -45,6 +45,23 @@ class Spectrum:
         return self.eigenvalues / self.eigenvalues.sum()
 
 
+CHUNK_ROWS = 8192
+
+
+def _row_chunks(x: torch.Tensor):
+    """Consecutive row blocks of ``CHUNK_ROWS`` rows (read at call time)."""
+    for start in range(0, x.shape[0], CHUNK_ROWS):
+        yield x[start:start + CHUNK_ROWS]
+
+
+def column_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean row of ``x`` in float64, accumulated chunk by chunk (no float64 copy of ``x``)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for rows in _row_chunks(x):
+        total += rows.to("cpu", torch.float64).sum(dim=0)
+    return total / x.shape[0]
+
+
 def spectrum(x, center: bool = True, name: str = "x", layer=None) -> Spectrum:
     """Return the variance spectrum of a ``[positions, d_model]`` matrix.
 
@@ -57,12 +74,17 @@ def spectrum(x, center: bool = True, name: str = "x", layer=None) -> Spectrum:
     Raises :class:`BandwidthInputError` for malformed input and for data with zero variance (all
     rows identical after centring), where every ratio below would be 0/0.
     """
-    x = as_matrix(x, name=name, layer=layer)
-    xd = x.detach().to(device="cpu", dtype=torch.float64)
-    n, d = xd.shape
-    if center:
-        xd = xd - xd.mean(dim=0, keepdim=True)
-    gram = xd.T @ xd if n >= d else xd @ xd.T
+    x = as_matrix(x, name=name, layer=layer).detach()
+    n, d = x.shape
+    mean = column_mean(x) if center else torch.zeros(d, dtype=torch.float64)
+    if n >= d:
+        gram = torch.zeros(d, d, dtype=torch.float64)
+        for rows in _row_chunks(x):  # never a float64 copy of all of X: O(chunk*d + d^2) memory
+            c = rows.to("cpu", torch.float64) - mean
+            gram.addmm_(c.T, c)
+    else:
+        c = x.to("cpu", torch.float64) - mean
+        gram = c @ c.T
     lam = torch.linalg.eigvalsh(gram).flip(0).numpy()
     lam = lam[: min(n, d)]
     lam_max = lam[0] if lam.size else 0.0
@@ -160,14 +182,16 @@ def anisotropy(x, name: str = "x", layer=None) -> float:
     the uncentred cloud, but it is rotation invariant too. Rows of norm 0 have no direction and are
     rejected.
     """
-    x = as_matrix(x, name=name, layer=layer).detach().to("cpu", torch.float64)
-    norms = x.norm(dim=1)
-    if bool((norms == 0).any()):
-        rows = (norms == 0).nonzero().flatten()[:5].tolist()
-        raise BandwidthInputError(f"{name}: zero vector(s) at position(s) {rows} have no direction")
-    u = x / norms[:, None]
-    n = u.shape[0]
-    s = u.sum(dim=0)
+    x = as_matrix(x, name=name, layer=layer).detach()
+    n = x.shape[0]
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start, rows in zip(range(0, n, CHUNK_ROWS), _row_chunks(x)):
+        rows = rows.to("cpu", torch.float64)
+        norms = rows.norm(dim=1)
+        if bool((norms == 0).any()):
+            bad = ((norms == 0).nonzero().flatten()[:5] + start).tolist()
+            raise BandwidthInputError(f"{name}: zero vector(s) at position(s) {bad} have no direction")
+        s += (rows / norms[:, None]).sum(dim=0)
     return float((s @ s - n) / (n * (n - 1)))
 
 
@@ -234,7 +258,7 @@ def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, la
         utilization_d_model=rank / d,
         spectral_entropy=spectral_entropy(spec),
         anisotropy=anisotropy(x, name=name, layer=layer),
-        mean_norm=float(x.detach().to("cpu", torch.float64).norm(dim=1).mean()),
+        mean_norm=float(sum(r.to("cpu", torch.float64).norm(dim=1).sum() for r in _row_chunks(x.detach())) / n),
         excluded_positions=excluded_positions,
         eigenvalues=spec.eigenvalues,
     )
