@@ -19,7 +19,7 @@ def test_bottleneck_ratios_for_gpt2_and_smollm2():
 
 
 def test_job_writes_report_covering_every_layer(embedded, tmp_path):
-    rep = run_bandwidth_job(loaded=embedded, out_dir=tmp_path, progress=False)
+    rep = run_bandwidth_job(loaded=embedded, out_dir=tmp_path, progress=False, fast=True)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["model"]["n_layers"] == 30 and len(saved["bandwidth"]["all_positions"]) == 30
     assert {"prompt": 0, "position": 0} in [{k: p[k] for k in ("prompt", "position")}
@@ -35,7 +35,8 @@ def test_cli_analyze(tmp_path, capsys, embedded):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Residual streams carry information.\n\nAttention moves it between positions.\n")
     code = main(["analyze", "--model", "embedded", "--text", "The capital of France is Paris.",
-                 "--prompts-file", str(prompts), "--out", str(tmp_path / "o"), "--quiet", "--no-figures"])
+                 "--prompts-file", str(prompts), "--out", str(tmp_path / "o"), "--quiet", "--no-figures",
+                 "--no-analytics"])
     assert code == 0
     out = capsys.readouterr().out
     assert "massive activations" in out and "layer" in out

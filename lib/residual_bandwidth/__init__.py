@@ -7,16 +7,43 @@ One module per idea:
   metrics     the effective-rank family (formulas in the docstrings)
   outliers    massive activations and outlier dimensions
   analyzer    per-layer bandwidth reports (ResidualBandwidthAnalyzer)
+  weights     per-head / per-neuron weights in the residual basis (W_OV, W_QK; norms folded)
+  bottlenecks crowded (layer, position) cells: energy x spread, basis-free
+  memory      memory management: eraser heads and neurons, write-vs-read erasure
+  composition Q/K/V composition scores with a random baseline, principal angles
+  compression the measured compression curve (loss and KL vs k)
+  streaming   running mean and covariance (Welford / Chan) in constant memory
+  monitor     BandwidthMonitor on live inference: alerts, JSON lines, Prometheus
   viz         accessible figures (alt text + data table with every plot)
+  explorer    the interactive widget explorer (static fallback)
+  course      lesson metadata (objectives, assessment items, threshold)
   report      the lesson's main job (make lesson)
 """
 from .analyzer import BandwidthReport, ResidualBandwidthAnalyzer
+from .bottlenecks import BottleneckReport, find_bottlenecks
 from .capture import KINDS, ResidualCapture, capture_residuals, hook_name, model_dims
+from .composition import CompositionScores, component_subspaces, composition_scores, principal_angles
+from .compression import CompressionCurve, compression_curve, project_residual
+from .memory import MemoryReport, erasure_from_activations, head_records, memory_management, neuron_cosines
 from .metrics import (BandwidthMetrics, Spectrum, anisotropy, compute_metrics, entropy_effective_rank,
                       participation_ratio, spectral_entropy, spectrum, stable_rank,
                       variance_threshold_rank)
 from .models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
 from .outliers import MassiveActivation, OutlierDimension, massive_rows, outlier_dimensions
 from .validation import BandwidthInputError
+from .weights import LayerWeights, all_layer_weights, layer_weights
 
 __version__ = "0.1.0"
+
+# Plotting and the widget explorer import matplotlib / ipywidgets: load them on first use only.
+_LAZY = {
+    "AccessibleFigure": "viz", "BandwidthVisualizer": "viz",
+    "explore": "explorer", "explorer_update": "explorer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,10 +2,13 @@
 
 ``run_bandwidth_job`` is what ``make lesson`` and ``python -m residual_bandwidth analyze`` run. It
 writes ``report.json`` (every number), ``table.txt`` (the per-layer table), and figures with their
-alt texts into an output folder, and returns the report dict.
+alt texts into an output folder, and returns the report dict. Its ``"analytics"`` section (issue 3:
+bottlenecks, memory management, composition, measured compression curve) comes from
+:func:`run_analytics`; the full analytics records go to ``analytics.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -48,12 +51,130 @@ def bottleneck_ratios(dims: dict) -> dict:
     }
 
 
+def _spread_layers(n_layers: int, count: int) -> list[int]:
+    """``count`` block indices spread over the depth, avoiding the first and last block."""
+    if n_layers <= count:
+        return list(range(n_layers))
+    step = n_layers / count
+    return sorted({min(n_layers - 1, int(step * (i + 0.5))) for i in range(count)})
+
+
+def analytics_plan(dims: dict, fast: bool) -> dict:
+    """Which layers / subspace sizes the analytics section measures (``fast``: fewer).
+
+    The costs: every compression point is one forward pass on the held-out prompts (plus one per
+    random draw); composition costs grow with the square of the number of heads, so the job scores
+    every other layer (every third when ``fast``) and draws the heatmaps for a window of six
+    consecutive layers. ``composition_scores(model, kind)`` scores all layers when you need them.
+    """
+    d, n = dims["d_model"], dims["n_layers"]
+    fractions = (2 / 9, 2 / 3, 1.0) if fast else (1 / 9, 1 / 3, 5 / 9, 7 / 9, 1.0)
+    ks = sorted({max(1, round(f * d)) for f in fractions})
+    window = list(range(max(0, n // 2 - 3), min(n, n // 2 + 3)))
+    return {"compression_layers": _spread_layers(n, 2 if fast else 3), "compression_ks": ks,
+            "compression_n_random": 1,
+            "composition_layers": list(range(0, n, 3 if fast else 2)),
+            "composition_figure_layers": window,
+            "composition_kinds": ["Q", "K", "V"]}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Temporarily use ``n`` intra-op threads (``None``: leave torch's setting alone)."""
+    import torch
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_ratio: float = 4.0,
+                  progress: bool = True, threads: int | None = 1) -> tuple[dict, dict]:
+    """The bandwidth analytics of issue 3 on a loaded model and its capture (all kinds, all layers):
+    bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
+
+    Returns ``(summary, figure_inputs)``: ``summary`` is the ``"analytics"`` section of report.json;
+    ``figure_inputs`` holds the full records in the shape :func:`viz.build_figures` takes
+    (``bottlenecks``, ``wov_heads``, ``memory_ranking``, ``composition``, ``compression``) and is
+    written to ``analytics.json``.
+
+    ``threads``: torch intra-op threads while it runs (restored afterwards; ``None`` keeps the current
+    setting). Default 1: on a 2-core machine shared with other jobs, two OpenMP threads made this
+    step about 4x more expensive in CPU time (measured: ``make lesson`` used 154 s of CPU with two
+    threads, 37 s with one); on an idle machine one thread leaves the second core unused.
+    """
+    with torch_threads(threads):
+        return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress)
+
+
+def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress):
+    from .bottlenecks import find_bottlenecks
+    from .composition import composition_scores
+    from .compression import compression_curve
+    from .memory import memory_management
+    from .weights import all_layer_weights
+
+    plan = analytics_plan(model_dims(lm.model), fast)
+    seconds, out = {}, {"fast": fast, "plan": plan}
+    t = time.perf_counter()
+    bn = find_bottlenecks(cap, kind="resid_post", massive_ratio=massive_ratio)
+    out["bottlenecks"] = {**{k: v for k, v in bn.to_dict().items() if k != "grid"},
+                          "flagged": bn.flagged()[:20]}
+    seconds["bottlenecks"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress)
+    heads_by_neg = sorted(mem.heads, key=lambda r: -r["neg_share"])[:10]
+    out["memory"] = {
+        "ranking": mem.ranking,
+        "heads_top_neg_share": [{k: r[k] for k in ("layer", "head", "kv_head", "neg_share",
+                                                   "current_token_attention")} for r in heads_by_neg],
+        "neurons": mem.neuron_records(per_layer=1),
+        "erasure": [r for r in mem.erasure.records() if r["component"] in ("attn", "mlp")],
+        "energy_loss": [r for r in mem.energy_loss if r["rank"] == 1],
+        "notes": mem.notes}
+    seconds["memory"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    weights = all_layer_weights(lm.model, plan["composition_layers"])
+    comps = [composition_scores(weights, k) for k in plan["composition_kinds"]]
+    out["composition"] = {c.kind: c.summary() for c in comps}
+    seconds["composition"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    curve = compression_curve(lm.model, lm.tokenizer, plan["compression_layers"], plan["compression_ks"],
+                              n_random=plan["compression_n_random"], progress=progress)
+    out["compression"] = curve.to_dict()
+    seconds["compression"] = time.perf_counter() - t
+    out["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+
+    def rounded(c):  # composition matrices: 6 significant digits keep analytics.json small
+        d = c.to_dict()
+        d["scores"] = [[float(f"{v:.6g}") for v in row] for row in d["scores"]]
+        return d
+
+    window = all_layer_weights(lm.model, plan["composition_figure_layers"])
+    figure_inputs = {"bottlenecks": bn.grid_records(), "wov_heads": mem.heads, "memory_ranking": mem.ranking,
+                     "composition": [rounded(composition_scores(window, k)) for k in plan["composition_kinds"]],
+                     "compression": {"records": curve.records(), "base_loss": curve.base_loss,
+                                     "tolerance": curve.tolerance, "d_model": curve.d_model}}
+    return out, figure_inputs
+
+
 def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = None,
                       out_dir: str | Path = "out", kind: str = "resid_post",
                       variance_threshold: float = 0.95, massive_ratio: float = 4.0,
                       exclude_massive: bool = True, figures: bool = True, progress: bool = True,
-                      loaded=None) -> dict:
-    """Capture, analyse, print the table and write report.json / table.txt / figures to ``out_dir``."""
+                      loaded=None, fast: bool = False, analytics: bool = True) -> dict:
+    """Capture, analyse, print the table and write report.json / table.txt / figures to ``out_dir``.
+
+    ``analytics`` adds the ``"analytics"`` section (:func:`run_analytics`), ``analytics.json`` (the full
+    records, the input of ``python -m residual_bandwidth figures --analytics-json``) and the analytics
+    figures; ``fast`` measures fewer layers and subspace sizes there.
+    """
     t0 = time.perf_counter()
     prompts = list(prompts or DEFAULT_PROMPTS)
     lm = loaded or load_model(model)
@@ -64,6 +185,11 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     dims = model_dims(lm.model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    figure_inputs = None
+    if analytics:
+        summary, figure_inputs = run_analytics(lm, cap, prompts, fast=fast, massive_ratio=massive_ratio,
+                                               progress=progress)
+        (out / "analytics.json").write_text(json.dumps(figure_inputs))
     report = {
         "model": {"name": lm.name, "source": lm.source, "load_seconds": round(lm.load_seconds, 2), **dims},
         "bottleneck_ratios": bottleneck_ratios(dims),
@@ -75,7 +201,9 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     (out / "table.txt").write_text(table + "\n")
     if figures:
         from .viz import write_figures
-        report["figures"] = write_figures(rep, cap, out)
+        report["figures"] = write_figures(rep, cap, out, analytics=figure_inputs)
+    if analytics:
+        report["analytics"] = summary
     report["seconds"] = round(time.perf_counter() - t0, 2)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -100,4 +228,49 @@ def summary_lines(report: dict) -> list[str]:
             f"{worst['top_dims'][0][2]:.0%} of its energy")
     else:
         lines.append("no massive activations at this threshold")
+    if "analytics" in report:
+        lines += analytics_lines(report["analytics"])
+    return lines
+
+
+def analytics_lines(a: dict) -> list[str]:
+    """Short summary of the analytics section (bottlenecks, memory, composition, compression)."""
+    bn, mem, comp, cc = a["bottlenecks"], a["memory"], a["composition"], a["compression"]
+    c = bn["counts"]
+    lines = [f"bottlenecks (layer x position): {c['critical']} critical, {c['warning']} warning, "
+             f"{c['massive']} massive-activation rows (not bottlenecks); utilization/d grows "
+             f"{bn['utilization_slope']:+.4f} per layer"]
+    best = {}
+    for r in mem["ranking"]:
+        best.setdefault(r["kind"], r)
+    parts = []
+    if "head" in best:
+        r, ev = best["head"], best["head"]["evidence"]
+        cta = ev.get("current_token_attention")
+        parts.append(f"head {r['component']} ({r['score']:.2f}: W_OV negative share {ev['neg_share']:.2f}"
+                     + (f", attends to its own token {cta:.0%}" if cta is not None else "") + ")")
+    if "neuron" in best:
+        r = best["neuron"]
+        parts.append(f"neuron {r['component']} ({r['score']:.2f}: cos(in, out) {r['evidence']['cos_in_out']:.2f})")
+    if "activation" in best:
+        r = best["activation"]
+        parts.append(f"measured {r['component']} ({r['score']:.2f}: its write removes "
+                     f"{-r['evidence']['projection']:.0%} of the residual it read)")
+    lines.append("memory-management candidates, best of each kind (score = fraction of an ideal eraser): "
+                 + "; ".join(parts))
+    for kind, s in comp.items():
+        if s["max"] is None:
+            continue
+        best = s["top_pairs"][0]
+        lines.append(f"{kind}-composition: max {s['max']:.3f} ({best['src']} -> {best['dst']}), mean "
+                     f"{s['mean']:.3f}; random baseline {s['baseline_mean']:.3f} +- {s['baseline_std']:.4f}, "
+                     f"rotated {s['rotated_baseline_mean']:.3f} +- {s['rotated_baseline_std']:.4f}")
+    ks = ", ".join(f"L{L}: {k}" for L, k in cc["smallest_k"].items())
+    ks_kl = ", ".join(f"L{L}: {k}" for L, k in cc["smallest_k_kl"].items())
+    ks_rnd = ", ".join(f"L{L}: {k}" for L, k in cc["smallest_k_random"].items())
+    lines.append(f"compression (residual after block L projected onto its top-k principal directions): base "
+                 f"loss {cc['base_loss']:.3f} nats; smallest k of d_model {cc['d_model']} with loss increase "
+                 f"<= {cc['tolerance']} nats - {ks}; with KL <= {cc['tolerance']} - {ks_kl}; random "
+                 f"k-dim subspace instead - {ks_rnd}")
+    lines.append("analytics seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in a["seconds"].items()))
     return lines

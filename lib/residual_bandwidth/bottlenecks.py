@@ -1,0 +1,225 @@
+"""Bottlenecks per (layer, position): which residual vectors crowd the stream.
+
+Why the seed's detector could never fire
+----------------------------------------
+The seed flags a position when the participation ratio of ``|x|``, ``(sum_j |x_j|)^2 / sum_j x_j^2``,
+exceeds ``0.8 d``. That number ignores the scale of ``x`` (multiply ``x`` by 100 and it does not
+change), so it cannot tell a loud position from a quiet one; and for any row with i.i.d. Gaussian
+coordinates it is ``~ d (E|x_j|)^2 / E x_j^2 = (2/pi) d ~ 0.64 d`` - below the threshold for every
+row, loud or quiet (:func:`seed_abs_participation_ratio` shows it). It is also about the
+coordinate basis, which the residual stream does not privilege.
+
+The definition used here (basis-free)
+-------------------------------------
+For one layer with rows ``x_i`` (tokens):
+
+* **energy**: ``norm_ratio_i = ||x_i|| / median_j ||x_j||`` (as in :mod:`.outliers`).
+* **the layer's principal directions**: PCA (centred, mean ``mu``) fitted on the layer's *typical*
+  rows, those with ``norm_ratio < loud_ratio`` (2 by default). A loud row is therefore measured in
+  a basis it did not shape; otherwise a single loud vector would become its own principal direction
+  and look one-dimensional whatever it is. (Typical rows are measured in a basis they helped fit,
+  which if anything makes them look more spread; the comparison below is conservative.)
+* **spread**: the participation ratio of the row's squared PCA coordinates
+  ``c_ik = (x_i - mu) . v_k``:  ``PR_i = (sum_k c_ik^2)^2 / sum_k c_ik^4`` (1 when the row lies along
+  one principal direction, K when spread evenly over K of them), relative to the typical row:
+  ``spread_i = PR_i / median_{j typical} PR_j``.
+* **score** ``= norm_ratio * spread``: roughly "how many typical rows' worth of bandwidth" the row
+  takes (louder and over more of the layer's directions).
+
+Severity (thresholds are arguments):
+
+* ``"massive"``: ``norm_ratio >= massive_ratio`` (4, the :mod:`.outliers` rule): a massive activation
+  (Sun et al. 2024), reported as what it is and not as a bottleneck, whatever its spread. Why the
+  norm alone: a massive activation is concentrated in one or two *coordinates* of the model's basis
+  (SmolLM2: ~98 % of the energy in dimension 507, see ``outliers.MassiveActivation.top_dims``), a
+  basis that element-wise operations (norm gains, SwiGLU) do privilege. Seen from the layer's
+  principal directions it is *not* concentrated: its direction is one along which typical tokens
+  hardly vary, so it spreads over many of their principal directions (measured spread 0.6 to 3). A
+  basis-free spread test therefore cannot recognise it, and the basis-free norm rule is used.
+* ``"critical"``: ``loud_ratio <= norm_ratio < massive_ratio``, ``spread >= 1`` and
+  ``score >= critical_score`` (4): loud and spread over at least as many principal directions as a
+  typical token.
+* ``"warning"``: ``loud_ratio <= norm_ratio < massive_ratio`` and ``spread >= 1``, score below
+  ``critical_score``.
+* ``"none"``: everything else, including loud rows concentrated in few principal directions
+  (``spread < 1``): loud but one-dimensional is not crowding.
+
+``massive`` in the records is the same :mod:`.outliers` rule, so the same rows are flagged as in the
+bandwidth report.
+
+Per layer, :meth:`BottleneckReport.per_layer_records` gives the utilization of the layer's
+non-massive rows (variance-threshold rank / min(n, d) and / d, as in :mod:`.metrics`) and the number
+of flagged rows, and ``utilization_slope`` is the least-squares slope of utilization_d_model per layer.
+Everything depends on norms and on a PCA, so it is unchanged by a rotation ``X -> X Q`` of the basis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .capture import as_capture, hook_name
+from .metrics import compute_metrics
+from .outliers import DEFAULT_MASSIVE_RATIO
+from .validation import BandwidthInputError, as_matrix, check_fraction, check_positive
+
+SEVERITIES = ("none", "warning", "critical", "massive")
+
+
+def seed_abs_participation_ratio(x) -> torch.Tensor:
+    """The seed's per-position metric ``(sum_j |x_ij|)^2 / sum_j x_ij^2`` for every row (kept only to
+    show why it fails: it is ``~ (2/pi) d`` for any Gaussian row, whatever its norm)."""
+    x = as_matrix(x, name="x", min_rows=1).detach().double()
+    a = x.abs()
+    return a.sum(1) ** 2 / (a**2).sum(1)
+
+
+def _pca(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, principal directions (rows, only those with non-zero variance) and variances."""
+    mu = x.mean(0)
+    _, s, vh = torch.linalg.svd(x - mu, full_matrices=False)
+    keep = s > s[0] * 1e-9 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    return mu, vh[keep], s[keep] ** 2
+
+
+@dataclass
+class BottleneckReport:
+    """Per-row and per-layer results of :func:`find_bottlenecks` (formulas in the module docstring)."""
+    layers: list[int]
+    rows: list[dict]
+    layer_stats: list[dict]
+    kind: str
+    loud_ratio: float
+    massive_ratio: float
+    critical_score: float
+    variance_threshold: float
+    d_model: int
+    notes: list[str] = field(default_factory=list)
+
+    def grid_records(self) -> list[dict]:
+        """One dict per (layer, row): ``{layer, prompt, position, token, norm_ratio, spread, score,
+        severity, massive}``."""
+        return self.rows
+
+    def per_layer_records(self) -> list[dict]:
+        """``{layer, utilization_available, utilization_d_model, variance_rank, n_flagged}``."""
+        return [{k: s[k] for k in ("layer", "utilization_available", "utilization_d_model",
+                                   "variance_rank", "n_flagged")} for s in self.layer_stats]
+
+    @property
+    def utilization_slope(self) -> float:
+        """Least-squares slope of ``utilization_d_model`` against layer index (growth with depth)."""
+        if len(self.layer_stats) < 2:
+            return float("nan")
+        x = np.array([s["layer"] for s in self.layer_stats], float)
+        y = np.array([s["utilization_d_model"] for s in self.layer_stats], float)
+        return float(np.polyfit(x, y, 1)[0])
+
+    def counts(self) -> dict:
+        """Number of (layer, row) records per severity."""
+        c = {s: 0 for s in SEVERITIES}
+        for r in self.rows:
+            c[r["severity"]] += 1
+        return c
+
+    def flagged(self, severities=("warning", "critical")) -> list[dict]:
+        """Records with one of ``severities``, highest score first."""
+        return sorted((r for r in self.rows if r["severity"] in severities), key=lambda r: -r["score"])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "layers": self.layers, "d_model": self.d_model,
+                "thresholds": {"loud_ratio": self.loud_ratio, "massive_ratio": self.massive_ratio,
+                               "critical_score": self.critical_score, "spread_min": 1.0,
+                               "variance_threshold": self.variance_threshold},
+                "counts": self.counts(), "utilization_slope": self.utilization_slope,
+                "per_layer": self.per_layer_records(), "grid": self.rows, "notes": self.notes}
+
+
+def _check_loud(loud_ratio) -> float:
+    v = check_positive(loud_ratio, "loud_ratio")
+    if v <= 1:
+        raise BandwidthInputError(f"loud_ratio: must be > 1 (a multiple of the median norm), got {v}")
+    return v
+
+
+def layer_scores(x, loud_ratio: float = 2.0, layer=None) -> dict:
+    """``norm_ratio``, ``PR``, ``spread`` and ``score`` of every row of one ``[positions, d_model]`` matrix.
+
+    Returns a dict of 1-D float64 tensors plus ``typical`` (bool mask of the rows the PCA was fitted on).
+    """
+    loud_ratio = _check_loud(loud_ratio)
+    x = as_matrix(x, name="residual_states", layer=layer, min_rows=3).detach().to("cpu", torch.float64)
+    norms = x.norm(dim=1)
+    med = norms.median()
+    if not med > 0:
+        raise BandwidthInputError(f"residual_states (layer {layer}): median row norm is 0")
+    ratio = norms / med
+    typical = ratio < loud_ratio     # loud_ratio > 1, so every row at or below the median: >= 2 rows
+    mu, v, _ = _pca(x[typical])
+    if v.shape[0] == 0:
+        raise BandwidthInputError(f"residual_states (layer {layer}): the typical rows are identical; "
+                                  "no principal directions")
+    c2 = ((x - mu) @ v.T) ** 2
+    tot = c2.sum(1)
+    pr = torch.where(tot > 0, tot**2 / (c2**2).sum(1).clamp_min(1e-300), torch.ones_like(tot))
+    spread = pr / pr[typical].median()
+    return {"norm_ratio": ratio, "pr": pr, "spread": spread, "score": ratio * spread, "typical": typical}
+
+
+def severity(norm_ratio: float, spread: float, loud_ratio: float = 2.0,
+             massive_ratio: float = DEFAULT_MASSIVE_RATIO, critical_score: float = 4.0) -> str:
+    """The severity rule of the module docstring for one row."""
+    if norm_ratio >= massive_ratio:
+        return "massive"
+    if norm_ratio >= loud_ratio and spread >= 1.0:
+        return "critical" if norm_ratio * spread >= critical_score else "warning"
+    return "none"
+
+
+def find_bottlenecks(states, kind: str = "resid_post", loud_ratio: float = 2.0,
+                     massive_ratio: float = DEFAULT_MASSIVE_RATIO, critical_score: float = 4.0,
+                     variance_threshold: float = 0.95, layers=None) -> BottleneckReport:
+    """Score every (layer, position) of ``states`` and summarise each layer (module docstring).
+
+    ``states``: a :class:`~residual_bandwidth.capture.ResidualCapture`, a hook-name mapping or a list
+    of ``[positions, d_model]`` tensors (one per layer). ``kind`` picks the activations (default
+    ``resid_post``); ``layers`` a subset of the captured layers.
+    """
+    loud_ratio = _check_loud(loud_ratio)
+    massive_ratio = check_positive(massive_ratio, "massive_ratio")
+    critical_score = check_positive(critical_score, "critical_score")
+    variance_threshold = check_fraction(variance_threshold, "variance_threshold")
+    if massive_ratio < loud_ratio:
+        raise BandwidthInputError(f"massive_ratio ({massive_ratio}) must be >= loud_ratio ({loud_ratio})")
+    cap = as_capture(states, kind)
+    use = cap.layers if layers is None else list(layers)
+    for L in use:
+        if L not in cap.layers:
+            raise BandwidthInputError(f"layers: layer {L} was not captured (have {cap.layers[0]}..{cap.layers[-1]})")
+    rows, stats, notes = [], [], []
+    for L in use:
+        x = cap.get(kind, L)
+        s = layer_scores(x, loud_ratio, layer=L)
+        n_flag = 0
+        for i in range(len(x)):
+            nr, sp = float(s["norm_ratio"][i]), float(s["spread"][i])
+            sev = severity(nr, sp, loud_ratio, massive_ratio, critical_score)
+            n_flag += sev in ("warning", "critical")
+            rows.append({"layer": L, "prompt": int(cap.prompt_index[i]), "position": int(cap.position[i]),
+                         "token": cap.tokens[i], "norm_ratio": nr, "spread": sp, "score": nr * sp,
+                         "severity": sev, "massive": nr >= massive_ratio})
+        keep = s["norm_ratio"] < massive_ratio
+        if int(keep.sum()) < 2:
+            raise BandwidthInputError(f"{hook_name(kind, L)}: fewer than 2 non-massive rows")
+        m = compute_metrics(x[keep], center=True, variance_threshold=variance_threshold, layer=L,
+                            name=hook_name(kind, L), excluded_positions=int((~keep).sum()))
+        stats.append({"layer": L, "utilization_available": m.utilization_available,
+                      "utilization_d_model": m.utilization_d_model, "variance_rank": m.variance_rank,
+                      "n_flagged": n_flag, "n_rows": len(x), "excluded_massive": int((~keep).sum())})
+    if cap.n_rows < cap.d_model:
+        notes.append(f"{cap.n_rows} positions < d_model {cap.d_model}: principal directions and "
+                     "utilization are limited by the sample; utilization_available uses min(n, d)")
+    return BottleneckReport(layers=use, rows=rows, layer_stats=stats, kind=kind, loud_ratio=loud_ratio,
+                            massive_ratio=massive_ratio, critical_score=critical_score,
+                            variance_threshold=variance_threshold, d_model=cap.d_model, notes=notes)

@@ -1,0 +1,529 @@
+"""Memory management: components that delete what is in the residual stream.
+
+The residual stream is a shared memory of fixed width, and everything written to it stays until
+something removes it. Elhage et al. (2021, footnote on "memory management") point out that some
+components seem to do just that. This module measures three kinds of evidence and ranks candidates.
+
+From the weights (:mod:`.weights` conventions, gains folded, GQA expanded):
+
+* **Heads.** ``W_OV = W_V W_O`` has rank <= d_head; its non-zero eigenvalues equal those of the
+  small ``W_O W_V`` (``[d_head, d_head]``), and are complex in general. A head that *erases* what it
+  attends to has ``W_OV ~ -c P`` (``P`` a projection), i.e. negative real eigenvalues, and erases
+  the current token's content when it attends to the current token. Per head we report
+
+      neg_share  = sum_{Re lambda < 0} |lambda| / sum |lambda|        in [0, 1]
+      eigen_sign = Re(sum lambda) / sum |lambda| = tr(W_OV) / sum |lambda|   in [-1, 1]
+
+  (1 and -1 for ``-c P``; about 0.5 and 0 for a random matrix) and the head's mean attention to the
+  current token ``mean_t A[t, t]`` over query positions ``t >= 1`` of real tokens (position 0 can
+  only attend to itself, so it is left out).
+
+* **Neurons.** ``cos(W_in[:, n], W_out[n])``: a neuron whose output direction is minus its input
+  direction removes (part of) what it read. For SwiGLU the input direction is the *up* projection
+  (see :mod:`.weights`); the gate cosine is reported too.
+
+From activations (one forward pass, real tokens only):
+
+* **Write against read.** For a component that reads residual ``r_t`` (attention and its heads read
+  ``resid_pre``, the MLP and its neurons read ``resid_mid``) and writes ``w_t``,
+
+      projection = mean_t <w_t, r_t> / ||r_t||^2
+
+  is the coefficient of the write along the residual it read: ``-1`` means it deletes the whole
+  vector, ``0`` means it writes orthogonally (or nothing), ``> 0`` means it amplifies. Each token
+  counts once (a ratio per token, then the mean), so the massive first-token vector cannot dominate;
+  the mean over massive rows alone is reported separately.
+* **Directions that lose energy.** From ``S_in = X_pre^T X_pre / n`` and ``S_out = X_post^T X_post / n``
+  (uncentred second moments of ``resid_pre[L]`` and ``resid_post[L]``), the eigenvectors of
+  ``S_out - S_in`` with the most negative eigenvalues are the directions block L drains most;
+  ``lost_fraction = -lambda / (v^T S_in v)`` is the share of the energy along ``v`` it removed.
+
+Ranking (:func:`rank_candidates`): every candidate gets a score in [0, 1] meaning "fraction of an
+ideal eraser": heads ``max(0, -eigen_sign) * current_token_attention`` (the eigen term alone when no
+activations were given), neurons ``max(0, -cos)``, activations ``clip(-projection, 0, 1)``. The
+top ``top_per_kind`` of each kind are merged and sorted by score.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .capture import architecture_of, as_capture, hook_name, model_dims
+from .outliers import DEFAULT_MASSIVE_RATIO
+from .validation import BandwidthInputError, check_positive, check_prompts
+from .weights import (LayerWeights, all_layer_weights, check_layer_weights, check_layers, layer_weights,
+                      out_projections)
+
+# ---------------------------------------------------------------------------------------------
+# Weights: W_OV eigenvalues, neuron cosines
+# ---------------------------------------------------------------------------------------------
+
+
+def ov_eigenvalues(lw: LayerWeights) -> torch.Tensor:
+    """The d_head non-zero eigenvalues of every head's ``W_OV``: complex ``[n_heads, d_head]``.
+
+    ``W_V W_O`` (``d x d``) and ``W_O W_V`` (``d_head x d_head``) have the same non-zero eigenvalues,
+    so we decompose the small one (in float64).
+    """
+    check_layer_weights(lw)
+    small = lw.W_O.double() @ lw.W_V.double()
+    return torch.linalg.eigvals(small)
+
+
+def neg_share(eigs: torch.Tensor) -> torch.Tensor:
+    """``sum_{Re lambda < 0} |lambda| / sum |lambda|`` along the last axis (0 when all are 0)."""
+    mag = eigs.abs()
+    total = mag.sum(-1)
+    neg = (mag * (eigs.real < 0)).sum(-1)
+    return torch.where(total > 0, neg / total.clamp_min(1e-300), torch.zeros_like(total))
+
+
+def eigen_sign(eigs: torch.Tensor) -> torch.Tensor:
+    """``Re(sum lambda) / sum |lambda|`` in [-1, 1]: -1 for a pure eraser, +1 for a pure copier."""
+    total = eigs.abs().sum(-1)
+    return torch.where(total > 0, eigs.real.sum(-1) / total.clamp_min(1e-300), torch.zeros_like(total))
+
+
+def neuron_cosines(model: torch.nn.Module, layers=None, direction: str = "in") -> torch.Tensor:
+    """``cos(input direction, output direction)`` of every MLP neuron: ``[len(layers), d_mlp]``.
+
+    ``direction="in"`` uses ``W_in`` (gpt2's c_fc, llama's up projection); ``"gate"`` uses llama's
+    gate projection (an error for gpt2, which has none).
+    """
+    if direction not in ("in", "gate"):
+        raise BandwidthInputError(f"direction: expected 'in' or 'gate', got {direction!r}")
+    out = []
+    for lw in all_layer_weights(model, layers):
+        w_in = lw.W_in if direction == "in" else lw.W_gate
+        if w_in is None:
+            raise BandwidthInputError(f"direction='gate': the {lw.family} MLP has no gate projection")
+        out.append(torch.nn.functional.cosine_similarity(w_in.T.double(), lw.W_out.double(), dim=1))
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the model with hooks
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def eager_attention(model: torch.nn.Module):
+    """Temporarily switch to the "eager" attention implementation, which returns attention
+    probabilities (SDPA/flash kernels return ``None`` for them). Restored on exit, also on errors."""
+    prev = getattr(model.config, "_attn_implementation", None)
+    try:
+        if prev != "eager":
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("eager")
+            else:  # older transformers
+                model.config._attn_implementation = "eager"
+        yield model
+    finally:
+        if prev is not None and prev != "eager":
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(prev)
+            else:
+                model.config._attn_implementation = prev
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def attention_patterns(model: torch.nn.Module, tokenizer, prompt: str, layers=None) -> dict[int, torch.Tensor]:
+    """Attention probabilities of one prompt: ``{layer: [n_heads, T, T]}`` (rows = queries).
+
+    Runs the model once with eager attention and a forward hook on each attention module (whose
+    second output is the pattern). Hooks are removed and the attention implementation restored
+    afterwards, also when the forward pass raises.
+    """
+    (prompt,) = check_prompts([prompt])
+    arch = architecture_of(model)
+    layers = check_layers(model, layers)
+    blocks = arch.blocks(model)
+    store, handles = {}, []
+    for L in layers:
+        def hook(mod, args, out, L=L):
+            if not isinstance(out, (tuple, list)) or len(out) < 2 or out[1] is None:
+                raise RuntimeError("the attention module returned no probabilities in eager mode")
+            store[L] = out[1][0].detach().float().cpu()
+        handles.append(arch.attn(blocks[L]).register_forward_hook(hook))
+    enc = tokenizer(prompt, return_tensors="pt")
+    try:
+        with eager_attention(model):
+            model(**{k: v.to(_device(model)) for k, v in enc.items()}, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
+def current_token_attention(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
+                            progress: bool = False) -> torch.Tensor:
+    """Mean attention of every head to the current token: ``[len(layers), n_heads]``.
+
+    ``mean over prompts and query positions t >= 1 of A[h, t, t]`` (position 0 can only attend to
+    itself). Prompts are run one at a time, so there is no padding. Prompts of one token are skipped.
+    """
+    prompts = check_prompts(prompts)
+    layers = check_layers(model, layers)
+    from tqdm.auto import tqdm
+    total, count = None, 0
+    for p in tqdm(prompts, desc="attention patterns", disable=not progress):
+        pats = attention_patterns(model, tokenizer, p, layers)
+        diag = torch.stack([pats[L].diagonal(dim1=1, dim2=2)[:, 1:] for L in layers])  # [nL, H, T-1]
+        if diag.shape[-1] == 0:
+            continue
+        total = diag.sum(-1) if total is None else total + diag.sum(-1)
+        count += diag.shape[-1]
+    if count == 0:
+        raise BandwidthInputError("prompts: every prompt is a single token; current-token attention "
+                                  "needs at least two positions")
+    return total / count
+
+
+def head_records(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
+                 layers=None, current_attention: torch.Tensor | None = None) -> list[dict]:
+    """One record per (layer, head): ``{layer, head, kv_head, eig_real, eig_imag, neg_share,
+    current_token_attention}``.
+
+    ``current_token_attention`` is measured on ``prompts`` (needs ``tokenizer``), or taken from a
+    precomputed ``current_attention`` tensor ``[len(layers), n_heads]``; ``None`` when neither is given.
+    Eigenvalues are sorted by real part (most negative first).
+    """
+    layers = check_layers(model, layers)
+    if current_attention is None and prompts is not None:
+        if tokenizer is None:
+            raise BandwidthInputError("tokenizer: needed to measure attention on prompts")
+        current_attention = current_token_attention(model, tokenizer, prompts, layers)
+    if current_attention is not None and tuple(current_attention.shape) != (len(layers), model_dims(model)["n_heads"]):
+        raise BandwidthInputError(f"current_attention: expected shape {(len(layers), model_dims(model)['n_heads'])}, "
+                                  f"got {tuple(current_attention.shape)}")
+    out = []
+    for i, L in enumerate(layers):
+        lw = layer_weights(model, L)
+        eigs = ov_eigenvalues(lw)
+        share = neg_share(eigs)
+        for h in range(lw.n_heads):
+            e = eigs[h][torch.argsort(eigs[h].real)]
+            out.append({"layer": L, "head": h, "kv_head": lw.kv_head[h],
+                        "eig_real": e.real.tolist(), "eig_imag": e.imag.tolist(),
+                        "neg_share": float(share[h]),
+                        "current_token_attention": (None if current_attention is None
+                                                    else float(current_attention[i, h]))})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: write against read
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ErasureReport:
+    """``mean_t <write_t, read_t> / ||read_t||^2`` per component (module docstring).
+
+    ``attn, mlp: [n]``, ``heads: [n, n_heads]``, ``neurons: [n, d_mlp]`` for ``n = len(layers)``;
+    ``attn_massive`` / ``mlp_massive``: the same mean over massive rows only (NaN when a layer has
+    none; a row is massive when its read residual is >= ``massive_ratio`` x the layer's median norm).
+    """
+    layers: list[int]
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    heads: torch.Tensor
+    neurons: torch.Tensor
+    attn_massive: torch.Tensor
+    mlp_massive: torch.Tensor
+    n_tokens: int
+    massive_ratio: float
+
+    def records(self, neurons: int = 0) -> list[dict]:
+        """``{layer, component, index, label, projection, projection_massive}`` for attention, MLP,
+        every head, and the ``neurons`` most negative neurons of each layer."""
+        out = []
+        for i, L in enumerate(self.layers):
+            for comp, v, vm in (("attn", self.attn, self.attn_massive), ("mlp", self.mlp, self.mlp_massive)):
+                m = float(vm[i])
+                out.append({"layer": L, "component": comp, "index": None, "label": f"L{L}.{comp}",
+                            "projection": float(v[i]), "projection_massive": None if m != m else m})
+            for h in range(self.heads.shape[1]):
+                out.append({"layer": L, "component": "head", "index": h, "label": f"L{L}.H{h}",
+                            "projection": float(self.heads[i, h]), "projection_massive": None})
+            if neurons:
+                for n in torch.argsort(self.neurons[i])[:neurons].tolist():
+                    out.append({"layer": L, "component": "neuron", "index": n, "label": f"L{L}.N{n}",
+                                "projection": float(self.neurons[i, n]), "projection_massive": None})
+        return out
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "n_tokens": self.n_tokens, "massive_ratio": self.massive_ratio,
+                "records": self.records(neurons=3)}
+
+
+@torch.no_grad()
+def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
+                             batch_size: int = 8, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
+                             progress: bool = True) -> ErasureReport:
+    """Measure ``mean_t <write_t, read_t> / ||read_t||^2`` for attention, each head, the MLP and each
+    neuron of every block in ``layers`` on ``prompts`` (module docstring).
+
+    Head ``h``'s write is ``z_h W_O[h]`` with ``z`` the input of the attention output projection;
+    neuron ``n``'s write is ``a_n W_out[n]`` with ``a`` the input of the MLP output projection. Both
+    are taken with forward pre-hooks (removed afterwards, also on errors). Padding is masked out.
+    """
+    prompts = check_prompts(prompts)
+    massive_ratio = check_positive(massive_ratio, "massive_ratio")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BandwidthInputError(f"batch_size: expected a positive int, got {batch_size!r}")
+    arch = architecture_of(model)
+    layers = check_layers(model, layers)
+    blocks = arch.blocks(model)
+    dims = model_dims(model)
+    H, dh = dims["n_heads"], dims["d_head"]
+    W_O, W_out = {}, {}
+    for L in layers:
+        lw = layer_weights(model, L)
+        W_O[L] = lw.W_O.reshape(H * dh, -1).float()     # [H*dh, d]: row block h is W_O[h]
+        W_out[L] = lw.W_out.float()                     # [d_mlp, d]
+
+    store, handles = {}, []
+
+    def keep_input(key):
+        def pre(mod, args, kwargs):
+            store[key] = args[0] if args else kwargs["hidden_states"]
+        return pre
+
+    def keep_output(key):
+        def post(mod, args, out):
+            store[key] = out[0] if isinstance(out, (tuple, list)) else out
+        return post
+
+    for L in layers:
+        b = blocks[L]
+        o_proj, down = out_projections(model, L)
+        handles += [b.register_forward_pre_hook(keep_input(("pre", L)), with_kwargs=True),
+                    arch.norm2(b).register_forward_pre_hook(keep_input(("mid", L)), with_kwargs=True),
+                    arch.attn(b).register_forward_hook(keep_output(("attn", L))),
+                    arch.mlp(b).register_forward_hook(keep_output(("mlp", L))),
+                    o_proj.register_forward_pre_hook(keep_input(("z", L)), with_kwargs=True),
+                    down.register_forward_pre_hook(keep_input(("act", L)), with_kwargs=True)]
+
+    rows = defaultdict(list)   # (quantity, layer) -> one tensor per batch
+    device = _device(model)
+    pad_side = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "right"
+    from tqdm.auto import tqdm
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="write-vs-read projections", disable=not progress or len(starts) < 2):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            store.clear()
+            model(**enc, use_cache=False)
+            mask = enc["attention_mask"].bool()
+            for L in layers:
+                pre, mid = store[("pre", L)][mask].float(), store[("mid", L)][mask].float()
+                z, act = store[("z", L)][mask].float(), store[("act", L)][mask].float()
+                pre_sq, mid_sq = pre.pow(2).sum(-1), mid.pow(2).sum(-1)
+                rows[("attn", L)].append((store[("attn", L)][mask].float() * pre).sum(-1) / pre_sq)
+                rows[("mlp", L)].append((store[("mlp", L)][mask].float() * mid).sum(-1) / mid_sq)
+                # <z_h W_O[h], r> = z_h . (r W_O[h]^T): one matmul for all heads
+                rows[("heads", L)].append(((pre @ W_O[L].T) * z).reshape(-1, H, dh).sum(-1) / pre_sq[:, None])
+                rows[("neurons", L)].append(act * (mid @ W_out[L].T) / mid_sq[:, None])
+                rows[("rpre", L)].append(pre_sq.sqrt())
+                rows[("rmid", L)].append(mid_sq.sqrt())
+    finally:
+        for h in handles:
+            h.remove()
+        tokenizer.padding_side = pad_side
+
+    cat = {k: torch.cat(v).cpu() for k, v in rows.items()}
+
+    def massive_mean(ratio, norms):
+        big = norms >= massive_ratio * norms.median()
+        return ratio[big].mean() if bool(big.any()) else torch.tensor(float("nan"))
+
+    return ErasureReport(
+        layers=layers,
+        attn=torch.stack([cat[("attn", L)].mean() for L in layers]),
+        mlp=torch.stack([cat[("mlp", L)].mean() for L in layers]),
+        heads=torch.stack([cat[("heads", L)].mean(0) for L in layers]),
+        neurons=torch.stack([cat[("neurons", L)].mean(0) for L in layers]),
+        attn_massive=torch.stack([massive_mean(cat[("attn", L)], cat[("rpre", L)]) for L in layers]),
+        mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
+        n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=massive_ratio)
+
+
+def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
+                           exclude_massive: bool = True, layers=None) -> list[dict]:
+    """Directions block L drains most, from a capture with ``resid_pre`` and ``resid_post``.
+
+    For each captured layer: ``S_in = X_pre^T X_pre / n``, ``S_out = X_post^T X_post / n`` and the
+    ``top_k`` eigenvectors ``v`` of ``S_out - S_in`` with the most negative eigenvalues ``lambda``.
+    Records ``{layer, rank, lost_energy = -lambda, lost_fraction = -lambda / (v^T S_in v),
+    share_of_layer_energy = v^T S_in v / tr(S_in), top_dim, top_dim_weight}`` (``top_dim``: the
+    coordinate with the largest ``|v_j|`` and its ``v_j^2``, for reading only - the measurement
+    itself is basis-free). Rows that are massive (norm >= ``massive_ratio`` x median) in either
+    matrix are left out when ``exclude_massive`` (they would otherwise be the only thing seen).
+    Only decreases are reported; a layer whose ``S_out - S_in`` has no negative eigenvalue has none.
+    ``layers``: a subset of the captured layers (default: all).
+    """
+    cap = as_capture(states, "resid_pre")
+    massive_ratio = check_positive(massive_ratio, "massive_ratio")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise BandwidthInputError(f"top_k: expected a positive int, got {top_k!r}")
+    use = cap.layers if layers is None else list(layers)
+    out = []
+    for L in use:
+        if L not in cap.layers:
+            raise BandwidthInputError(f"layers: layer {L} was not captured (have {cap.layers})")
+        if hook_name("resid_pre", L) not in cap.acts or hook_name("resid_post", L) not in cap.acts:
+            raise BandwidthInputError(f"states (layer {L}): needs both resid_pre and resid_post "
+                                      f"(captured kinds: {cap.kinds})")
+        x_in = cap.get("resid_pre", L).double()
+        x_out = cap.get("resid_post", L).double()
+        keep = torch.ones(len(x_in), dtype=torch.bool)
+        if exclude_massive:
+            for x in (x_in, x_out):
+                n = x.norm(dim=1)
+                keep &= n < massive_ratio * n.median()
+        if int(keep.sum()) < 2:
+            raise BandwidthInputError(f"states (layer {L}): fewer than 2 non-massive rows")
+        x_in, x_out = x_in[keep], x_out[keep]
+        s_in = x_in.T @ x_in / len(x_in)
+        s_out = x_out.T @ x_out / len(x_out)
+        lam, vec = torch.linalg.eigh(s_out - s_in)   # ascending: most negative first
+        for r in range(min(top_k, len(lam))):
+            if lam[r] >= 0:
+                break
+            v = vec[:, r]
+            e_in = float(v @ s_in @ v)
+            j = int(v.abs().argmax())
+            out.append({"layer": L, "rank": r + 1, "lost_energy": float(-lam[r]),
+                        "lost_fraction": float(-lam[r]) / e_in if e_in > 0 else float("nan"),
+                        "share_of_layer_energy": e_in / float(s_in.trace()),
+                        "top_dim": j, "top_dim_weight": float(v[j] ** 2)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking
+# ---------------------------------------------------------------------------------------------
+def rank_candidates(heads: list[dict], neuron_cos: torch.Tensor | None = None, layers=None,
+                    erasure: ErasureReport | None = None, top_per_kind: int = 5) -> list[dict]:
+    """Merge the evidence into one ranked list ``{rank, component, kind, layer, index, score, evidence}``.
+
+    Scores are in [0, 1] ("fraction of an ideal eraser", module docstring): ``kind="head"`` from the
+    OV eigenvalues times current-token attention, ``"neuron"`` from the weight cosine,
+    ``"activation"`` from the measured write-vs-read projection of each head, attention layer and MLP.
+    ``neuron_cos`` is ``[len(layers), d_mlp]`` for ``layers``. The best ``top_per_kind`` of each kind
+    are kept. Evidence holds the other measurements of the same component when available.
+    """
+    if isinstance(top_per_kind, bool) or not isinstance(top_per_kind, int) or top_per_kind < 1:
+        raise BandwidthInputError(f"top_per_kind: expected a positive int, got {top_per_kind!r}")
+    er_head = {}
+    if erasure is not None:
+        for i, L in enumerate(erasure.layers):
+            for h in range(erasure.heads.shape[1]):
+                er_head[(L, h)] = float(erasure.heads[i, h])
+    cands = {"head": [], "neuron": [], "activation": []}
+    for r in heads:
+        eigs = torch.complex(torch.tensor(r["eig_real"]), torch.tensor(r["eig_imag"]))
+        sign = float(eigen_sign(eigs))
+        cta = r["current_token_attention"]
+        score = max(0.0, -sign) * (cta if cta is not None else 1.0)
+        ev = {"neg_share": r["neg_share"], "eigen_sign": sign, "current_token_attention": cta,
+              "mean_abs_eigenvalue": float(eigs.abs().mean())}
+        if (r["layer"], r["head"]) in er_head:
+            ev["activation_projection"] = er_head[(r["layer"], r["head"])]
+        cands["head"].append((score, f"L{r['layer']}.H{r['head']}", r["layer"], r["head"], ev))
+    if neuron_cos is not None:
+        if layers is None or len(layers) != neuron_cos.shape[0]:
+            raise BandwidthInputError("layers: give the layers that neuron_cos rows belong to")
+        er_layer = {L: i for i, L in enumerate(erasure.layers)} if erasure is not None else {}
+        flat = neuron_cos.reshape(-1)
+        for j in torch.argsort(flat)[:top_per_kind].tolist():
+            i, n = divmod(j, neuron_cos.shape[1])
+            L = layers[i]
+            ev = {"cos_in_out": float(flat[j])}
+            if L in er_layer:
+                ev["activation_projection"] = float(erasure.neurons[er_layer[L], n])
+            cands["neuron"].append((max(0.0, -float(flat[j])), f"L{L}.N{n}", L, n, ev))
+    if erasure is not None:
+        for rec in erasure.records():
+            ev = {"projection": rec["projection"], "reads": "resid_mid" if rec["component"] == "mlp" else "resid_pre"}
+            if rec["projection_massive"] is not None:
+                ev["projection_on_massive_rows"] = rec["projection_massive"]
+            cands["activation"].append((min(1.0, max(0.0, -rec["projection"])), rec["label"], rec["layer"],
+                                        rec["index"], ev))
+    merged = []
+    for kind, lst in cands.items():
+        lst.sort(key=lambda c: -c[0])
+        merged += [(s, comp, kind, L, idx, ev) for s, comp, L, idx, ev in lst[:top_per_kind]]
+    merged.sort(key=lambda c: -c[0])
+    return [{"rank": i + 1, "component": comp, "kind": kind, "layer": L, "index": idx, "score": float(s),
+             "evidence": ev} for i, (s, comp, kind, L, idx, ev) in enumerate(merged)]
+
+
+@dataclass
+class MemoryReport:
+    """Everything :func:`memory_management` measured."""
+    layers: list[int]
+    heads: list[dict]
+    neuron_cos: torch.Tensor
+    erasure: ErasureReport | None
+    energy_loss: list[dict]
+    ranking: list[dict]
+    notes: list[str] = field(default_factory=list)
+
+    def head_records(self) -> list[dict]:
+        return self.heads
+
+    def neuron_records(self, per_layer: int = 5) -> list[dict]:
+        """The ``per_layer`` most negative ``cos(in, out)`` neurons of each layer."""
+        out = []
+        for i, L in enumerate(self.layers):
+            for n in torch.argsort(self.neuron_cos[i])[:per_layer].tolist():
+                out.append({"layer": L, "neuron": n, "component": f"L{L}.N{n}",
+                            "cos_in_out": float(self.neuron_cos[i, n])})
+        return out
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "heads": self.heads, "neurons": self.neuron_records(),
+                "neuron_cos_min_per_layer": self.neuron_cos.min(dim=1).values.tolist(),
+                "erasure": None if self.erasure is None else self.erasure.to_dict(),
+                "energy_loss": self.energy_loss, "ranking": self.ranking, "notes": self.notes}
+
+
+def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
+                      layers=None, top_per_kind: int = 5, states=None, batch_size: int = 8,
+                      progress: bool = True) -> MemoryReport:
+    """All memory-management evidence for ``layers`` (default all) and the ranked candidate list.
+
+    Weights are always analysed. With ``prompts`` (and ``tokenizer``) the activation evidence is added:
+    current-token attention and write-vs-read projections. ``states`` (a capture with resid_pre and
+    resid_post, e.g. from :func:`capture_residuals`) adds the energy-loss directions.
+    """
+    architecture_of(model)
+    layers = check_layers(model, layers)
+    notes = []
+    cta = erasure = None
+    if prompts is not None:
+        if tokenizer is None:
+            raise BandwidthInputError("tokenizer: needed together with prompts")
+        prompts = check_prompts(prompts)
+        cta = current_token_attention(model, tokenizer, prompts, layers, progress=progress)
+        erasure = erasure_from_activations(model, tokenizer, prompts, layers, batch_size=batch_size,
+                                           progress=progress)
+    else:
+        notes.append("no prompts: head scores use the OV eigenvalues only")
+    heads = head_records(model, layers=layers, current_attention=cta)
+    ncos = neuron_cosines(model, layers)
+    loss = []
+    if states is not None:
+        cap = as_capture(states, "resid_pre")
+        loss = energy_loss_directions(cap, layers=[L for L in layers if L in cap.layers])
+    ranking = rank_candidates(heads, ncos, layers, erasure, top_per_kind)
+    return MemoryReport(layers=layers, heads=heads, neuron_cos=ncos, erasure=erasure, energy_loss=loss,
+                        ranking=ranking, notes=notes)

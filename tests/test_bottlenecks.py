@@ -1,0 +1,155 @@
+"""Bottleneck detection: a planted crowded position is found, loud-but-one-dimensional is not."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from residual_bandwidth import BandwidthInputError, massive_rows
+from residual_bandwidth.bottlenecks import (SEVERITIES, find_bottlenecks, layer_scores,
+                                            seed_abs_participation_ratio, severity)
+from conftest import random_orthogonal
+
+CROWDED, ONE_DIM, MASSIVE = 10, 20, 30
+GRID_KEYS = {"layer", "prompt", "position", "token", "norm_ratio", "spread", "score", "severity", "massive"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread for this module: on the shared 2-core machine two OpenMP threads competing
+    with other processes made these tests up to 14x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_stack(rng, n=60, d=64, ranks=(8, 16, 24), noise=0.05):
+    """One [n, d] matrix per layer: rank-r signal with decreasing scales plus small noise. In layer 1,
+    row CROWDED is 3x the median norm and isotropic, row ONE_DIM is 3x the median norm along the
+    layer's first principal direction, and row MASSIVE is 20x along one direction."""
+    layers = []
+    for i, r in enumerate(ranks):
+        basis = np.linalg.qr(rng.normal(size=(d, r)))[0]
+        x = (rng.normal(size=(n, r)) * np.linspace(2, 0.5, r)) @ basis.T + noise * rng.normal(size=(n, d))
+        if i == 1:
+            med = np.median(np.linalg.norm(x, axis=1))
+            typical = np.ones(n, bool)
+            typical[[CROWDED, ONE_DIM, MASSIVE]] = False
+            xc = x[typical] - x[typical].mean(0)
+            pc1 = np.linalg.svd(xc, full_matrices=False)[2][0]
+            g = rng.normal(size=d)
+            x[CROWDED] = 3 * med * g / np.linalg.norm(g)
+            x[ONE_DIM] = x[typical].mean(0) + 3 * med * pc1
+            x[MASSIVE] = 20 * med * pc1
+        layers.append(torch.tensor(x, dtype=torch.float32))
+    return layers
+
+
+def test_planted_crowded_position_found_and_one_dimensional_not(rng):
+    rep = find_bottlenecks(make_stack(rng))
+    recs = {(r["layer"], r["position"]): r for r in rep.grid_records()}
+    crowded, one_dim, massive = recs[(1, CROWDED)], recs[(1, ONE_DIM)], recs[(1, MASSIVE)]
+    assert crowded["severity"] == "critical" and crowded["spread"] > 1.5
+    assert crowded["norm_ratio"] == pytest.approx(3, rel=0.05)
+    assert one_dim["norm_ratio"] > 2.9 and one_dim["spread"] < 0.5 and one_dim["severity"] == "none"
+    assert massive["severity"] == "massive" and massive["massive"]
+    assert [(r["layer"], r["position"]) for r in rep.flagged(["critical"])] == [(1, CROWDED)]
+    assert [(r["layer"], r["position"]) for r in rep.flagged() if r["layer"] == 1] == [(1, CROWDED)]
+    counts = rep.counts()
+    assert counts["critical"] == 1 and counts["massive"] == 1 and counts["warning"] <= 2   # Gaussian tails
+
+
+def test_no_bottleneck_invented_in_isotropic_data(rng):
+    x = [torch.tensor(rng.normal(size=(300, 32)), dtype=torch.float32) for _ in range(3)]
+    assert find_bottlenecks(x).flagged() == []
+
+
+def test_records_keys_and_per_layer_growth(rng):
+    rep = find_bottlenecks(make_stack(rng, ranks=(6, 14, 30)))
+    assert len(rep.grid_records()) == 3 * 60
+    for r in rep.grid_records():
+        assert set(r) == GRID_KEYS and r["severity"] in SEVERITIES
+    per = rep.per_layer_records()
+    assert [set(p) for p in per] == [{"layer", "utilization_available", "utilization_d_model",
+                                      "variance_rank", "n_flagged"}] * 3
+    ranks = [p["variance_rank"] for p in per]
+    assert ranks[0] < ranks[1] < ranks[2] and rep.utilization_slope > 0
+    assert per[1]["n_flagged"] == 1 and per[0]["n_flagged"] == 0
+    assert per[1]["utilization_d_model"] == pytest.approx(per[1]["variance_rank"] / 64)
+    d = rep.to_dict()
+    assert d["counts"]["critical"] == 1 and len(d["grid"]) == 180
+
+
+def test_rotating_the_residual_basis_changes_nothing(rng):
+    stack = make_stack(rng)
+    Q = torch.tensor(random_orthogonal(64, rng), dtype=torch.float32)
+    a = find_bottlenecks(stack).grid_records()
+    b = find_bottlenecks([x @ Q for x in stack]).grid_records()
+    assert [r["severity"] for r in a] == [r["severity"] for r in b]
+    for key in ("norm_ratio", "spread", "score"):
+        np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=1e-3)
+
+
+def test_seed_metric_cannot_see_loudness(rng):
+    """The seed's PR of |x| is ~ (2/pi) d for every Gaussian row, loud or quiet, so its 0.8 d
+    threshold never fires (its checkpoint 2 data: one row 20x louder)."""
+    d = 32
+    x = torch.tensor(rng.normal(size=(200, d)) * 0.1)
+    x[5] = torch.tensor(rng.normal(size=d) * 2.0)
+    pr = seed_abs_participation_ratio(x)
+    assert float(pr.mean()) == pytest.approx(2 / np.pi * d, rel=0.05)
+    assert abs(float(pr[5]) - float(pr.median())) < 0.2 * d    # the loud row is not special
+    assert int((pr > 0.8 * d).sum()) <= 2                       # seed threshold: (almost) never
+    assert torch.allclose(seed_abs_participation_ratio(100 * x), pr)
+    rep = find_bottlenecks([x.float(), x.float()])              # ours sees the loud row
+    row5 = [r for r in rep.grid_records() if r["position"] == 5][0]
+    assert row5["norm_ratio"] > 10 and row5["severity"] == "massive"
+
+
+def test_severity_rule():
+    assert severity(1.0, 5.0) == "none"                   # typical loudness, even if spread
+    assert severity(2.5, 0.3) == "none"                   # loud but one-dimensional
+    assert severity(2.5, 1.2) == "warning"
+    assert severity(3.0, 2.0) == "critical"
+    assert severity(50.0, 0.2) == "massive" and severity(50.0, 3.0) == "massive"
+
+
+def test_embedded_model_massive_rows_are_not_bottlenecks(embedded_capture):
+    cap = embedded_capture
+    rep = find_bottlenecks(cap)
+    assert len(rep.grid_records()) == cap.n_layers * cap.n_rows
+    for L in (5, 15, 25):
+        x = cap.get("resid_post", L)
+        rows = {m.row for m in massive_rows(x, layer=L)}
+        got = {i for i, r in enumerate(r for r in rep.grid_records() if r["layer"] == L) if r["severity"] == "massive"}
+        assert got == rows and rows                              # position 0 of every prompt, at least
+    for r in rep.grid_records():
+        assert r["massive"] == (r["severity"] == "massive")
+    assert all(not r["massive"] for r in rep.flagged())
+    assert all(0 < p["utilization_available"] <= 1 for p in rep.per_layer_records())
+
+
+def test_layer_scores_spread_is_one_for_a_typical_row(rng):
+    x = torch.tensor(rng.normal(size=(80, 16)), dtype=torch.float32)
+    s = layer_scores(x)
+    assert float(s["spread"][s["typical"]].median()) == pytest.approx(1.0)
+    assert bool(s["typical"].all())
+
+
+def test_bad_input_is_named(rng):
+    stack = make_stack(rng)
+    with pytest.raises(BandwidthInputError, match="massive_ratio"):
+        find_bottlenecks(stack, loud_ratio=5, massive_ratio=4)
+    with pytest.raises(BandwidthInputError, match="loud_ratio"):
+        find_bottlenecks(stack, loud_ratio=-1)
+    with pytest.raises(BandwidthInputError, match="layer 7 was not captured"):
+        find_bottlenecks(stack, layers=[7])
+    bad = [s.clone() for s in stack]
+    bad[2][3, 4] = float("nan")
+    with pytest.raises(BandwidthInputError, match=r"layer 2.*NaN"):
+        find_bottlenecks(bad)
+    with pytest.raises(BandwidthInputError, match="identical"):
+        find_bottlenecks([torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [9.0, 0.0]])])
+    with pytest.raises(BandwidthInputError, match="single array"):
+        find_bottlenecks(torch.zeros(5, 4))

@@ -1,0 +1,161 @@
+"""Subspace communication: composition scores against dense products and a planted pair."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from residual_bandwidth import BandwidthInputError
+from residual_bandwidth.composition import (component_subspaces, composition_scores, principal_angles,
+                                            random_baseline)
+from residual_bandwidth.weights import all_layer_weights, layer_weights
+from conftest import random_orthogonal
+
+D, DH = 64, 16
+SRC = (0, 1)                                   # writes into the planted subspace S
+DST = {"Q": (2, 3), "K": (1, 1), "V": (2, 0)}  # read S with their queries / keys / values
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread for this module: on the shared 2-core machine two OpenMP threads competing
+    with other processes made these tests up to 14x slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _subspace(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.cat([torch.ones(D, 1), torch.randn(D, DH, generator=g)], dim=1))
+    return q[:, 1:]                            # orthogonal to the all-ones direction LayerNorm removes
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_gpt2):
+    model = copy.deepcopy(tiny_gpt2[0])
+    S = _subspace()
+    with torch.no_grad():
+        L, h = SRC
+        model.transformer.h[L].attn.c_proj.weight[h * DH:(h + 1) * DH] = 0.05 * S.T
+        for part, kind in enumerate("QKV"):
+            L, h = DST[kind]
+            model.transformer.h[L].attn.c_attn.weight[:, part * D + h * DH:part * D + (h + 1) * DH] = 0.3 * S
+    return model, S
+
+
+def _label(lh):
+    return f"L{lh[0]}.H{lh[1]}"
+
+
+def test_scores_equal_dense_products(tiny_gpt2):
+    lws = all_layer_weights(tiny_gpt2[0])
+    for kind in "QKV":
+        cs = composition_scores(lws, kind, n_baseline=5)
+        for (la, ha), (lb, hb) in (((0, 0), (1, 3)), ((0, 2), (2, 1)), ((1, 3), (2, 2))):
+            wa = lws[la].W_OV[ha].double()
+            wb = {"Q": lws[lb].W_QK[hb], "K": lws[lb].W_QK[hb].T, "V": lws[lb].W_OV[hb]}[kind].double()
+            want = (wa @ wb).norm() / (wa.norm() * wb.norm())
+            got = cs.scores[cs.src_labels.index(f"L{la}.H{ha}"), cs.dst_labels.index(f"L{lb}.H{hb}")]
+            assert float(got) == pytest.approx(float(want), rel=1e-4), (kind, la, ha, lb, hb)
+
+
+def test_nan_unless_destination_is_later_and_dict_keys(tiny_gpt2):
+    cs = composition_scores(tiny_gpt2[0], "V", n_baseline=5)
+    layer = [int(s[1]) for s in cs.src_labels]
+    for i, la in enumerate(layer):
+        for j, lb in enumerate(layer):
+            assert bool(torch.isfinite(cs.scores[i, j])) == (lb > la)
+    d = cs.to_dict()
+    assert set(d) == {"kind", "src_labels", "dst_labels", "scores", "baseline_mean", "baseline_std"}
+    assert len(d["scores"]) == 12 and len(d["scores"][0]) == 12 and np.isnan(d["scores"][5][0])
+
+
+def test_planted_pair_above_baseline_random_pairs_at_baseline(planted):
+    model, _ = planted
+    for kind in "QKV":
+        cs = composition_scores(model, kind, n_baseline=100)
+        i, j = cs.src_labels.index(_label(SRC)), cs.dst_labels.index(_label(DST[kind]))
+        planted_score = float(cs.scores[i, j])
+        assert planted_score > cs.baseline_mean + 8 * cs.baseline_std, kind
+        assert cs.top_pairs(1)[0] == {"src": _label(SRC), "dst": _label(DST[kind]), "score": planted_score,
+                                      "z": pytest.approx((planted_score - cs.baseline_mean) / cs.baseline_std)}
+        rest = cs.scores.clone()
+        rest[i, j] = float("nan")
+        rest[i] = float("nan")                      # the planted source writes into S for everyone
+        others = rest[torch.isfinite(rest)]
+        assert abs(float(others.mean()) - cs.baseline_mean) < 1.0 * cs.baseline_std, kind
+        assert float((others > cs.baseline_mean + 4 * cs.baseline_std).float().mean()) < 0.02, kind
+
+
+def test_random_baseline_is_about_one_over_sqrt_d(tiny_gpt2):
+    for d, dh in ((64, 16), (256, 32)):
+        mean, std = random_baseline(d, dh, n=40)
+        assert mean == pytest.approx(d**-0.5, rel=0.1) and 0 < std < 0.2 * mean
+    # Gaussian random heads: the spectrum-preserving rotated baseline agrees with the Gaussian one
+    cs = composition_scores(tiny_gpt2[0], "V", n_baseline=100)
+    assert cs.rotated_mean == pytest.approx(cs.baseline_mean, rel=0.1)
+
+
+def test_principal_angles_closed_form(rng):
+    a1, a2 = 0.3, 1.1
+    e = np.eye(6)
+    A = np.stack([e[0], e[1]], 1)
+    B = np.stack([np.cos(a1) * e[0] + np.sin(a1) * e[2], np.cos(a2) * e[1] + np.sin(a2) * e[3]], 1)
+    Q = random_orthogonal(6, rng)
+    mix = np.array([[2.0, 1.0], [0.0, 3.0]])        # non-orthonormal bases of the same spaces
+    got = principal_angles(torch.tensor(Q @ A @ mix), torch.tensor(Q @ B))
+    np.testing.assert_allclose(got.numpy(), [a1, a2], atol=1e-10)
+    from scipy.linalg import subspace_angles
+    X, Y = rng.normal(size=(20, 3)), rng.normal(size=(20, 5))
+    np.testing.assert_allclose(principal_angles(torch.tensor(X), torch.tensor(Y)).numpy(),
+                               np.sort(subspace_angles(X, Y)), atol=1e-8)
+    assert float(principal_angles(torch.tensor(X), torch.tensor(X @ mix[:2, :2].repeat(2, 0)[:3, :2])).max()) < 1e-6
+
+
+def test_read_write_subspaces_of_a_head(planted):
+    model, S = planted
+    src = component_subspaces(layer_weights(model, SRC[0]), SRC[1])
+    dst = component_subspaces(layer_weights(model, DST["Q"][0]), DST["Q"][1])
+    # the planted source writes exactly S, the planted destination's queries read exactly S
+    assert float(principal_angles(src["ov_write"], S.double()).max()) < 1e-5
+    assert float(principal_angles(src["ov_write"], dst["qk_query"]).max()) < 1e-5
+    # anything orthogonal to the OV read subspace is ignored by the head
+    lw = layer_weights(model, 1).to(torch.float64)
+    sub = component_subspaces(lw, 2)
+    x = torch.randn(5, D, dtype=torch.float64)
+    x_perp = x - (x @ sub["ov_read"]) @ sub["ov_read"].T
+    assert float((x_perp @ lw.W_OV[2]).norm()) < 1e-8 * float((x @ lw.W_OV[2]).norm())
+    assert torch.allclose(sub["ov_singular"], torch.linalg.svdvals(lw.W_OV[2])[:DH], rtol=1e-6)
+
+
+def test_embedded_model_scores_are_reported_beside_baseline(embedded):
+    cs = composition_scores(embedded.model, "K", layers=[0, 1, 2])
+    s = cs.summary()
+    assert s["n_pairs"] == 9 * 9 * 3 and 0 < s["baseline_mean"] < s["max"] <= 1
+    assert s["baseline_mean"] == pytest.approx(576**-0.5, rel=0.1)
+    assert s["rotated_baseline_std"] > 0 and len(s["top_pairs"]) == 5
+
+
+def test_bad_input_is_named(tiny_gpt2):
+    lw = layer_weights(tiny_gpt2[0], 0)
+    with pytest.raises(BandwidthInputError, match="kind"):
+        composition_scores(tiny_gpt2[0], "O")
+    with pytest.raises(BandwidthInputError, match="model_or_weights"):
+        composition_scores("gpt2")
+    from transformers import BertConfig, BertModel
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, vocab_size=100))
+    with pytest.raises(BandwidthInputError, match="not supported.*Supported"):
+        composition_scores(bert)
+    with pytest.raises(BandwidthInputError, match="layer 9 is out of range"):
+        composition_scores(tiny_gpt2[0], layers=[0, 9])
+    with pytest.raises(BandwidthInputError, match="head"):
+        component_subspaces(lw, 4)
+    with pytest.raises(BandwidthInputError, match="k: expected"):
+        component_subspaces(lw, 0, k=17)
+    with pytest.raises(BandwidthInputError, match="different spaces"):
+        principal_angles(torch.zeros(5, 2), torch.zeros(6, 2))
