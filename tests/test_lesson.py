@@ -18,6 +18,8 @@ META = load_lesson()
 SOURCE = ROOT / "solutions" / META.lesson_id / META.notebook
 RELEASE = ROOT / "lessons" / META.lesson_id / META.notebook
 BIN = Path(sys.executable).parent
+# headless runs: the explorer renders its static figure, not a widget that needs a live kernel
+os.environ.setdefault("RESIDUAL_BANDWIDTH_STATIC", "1")
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MPLBACKEND": "Agg"}
 
 

@@ -465,6 +465,18 @@ for center in (True, False):
 print(f"the mean vector carries {mean_share:.0%} of the average squared norm at layer {L}")
 """)
 
+md("""
+### Explore on your own
+
+Type a prompt, pick a layer and a variance threshold, and choose whether massive positions are left
+out; the figure and its table update. (Where no widget front end is available, for example in an
+exported HTML page, you see a static figure with its table instead.)
+""")
+code("""
+from residual_bandwidth.explorer import explore
+explore(lm, prompt=prompts[0], layer=L)
+""")
+
 # =============================================================================================
 # 4. No privileged basis
 # =============================================================================================
@@ -545,7 +557,208 @@ needs two things at once: **energy** (its norm is large compared with the layer'
 **spread** (its energy is spread over many of the layer's principal directions, rather than sitting
 in one, as a massive activation does). Both are basis-free.
 """)
-# ANALYTICS-BOTTLENECKS
+md("""
+The library's detector (`residual_bandwidth.bottlenecks`) does exactly that. For one layer with
+rows $x_i$:
+
+* **energy** $e_i = \\lVert x_i \\rVert / \\operatorname{median}_j \\lVert x_j \\rVert$;
+* the layer's **principal directions** $v_k$ and mean $\\mu$, fitted on the *typical* rows only
+  ($e_i < 2$), so a loud row is measured in a basis it did not shape;
+* **spread**: the participation ratio of the row's squared coordinates
+  $c_{ik} = (x_i - \\mu) \\cdot v_k$, $\\mathrm{PR}_i = (\\sum_k c_{ik}^2)^2 / \\sum_k c_{ik}^4$, relative to a
+  typical row: $s_i = \\mathrm{PR}_i / \\operatorname{median}_{j\\,\\text{typical}} \\mathrm{PR}_j$;
+* **severity**: `"massive"` if $e_i \\ge 4$ (the massive-activation rule); otherwise `"critical"` if
+  $e_i \\ge 2$, $s_i \\ge 1$ and $e_i s_i \\ge 4$; `"warning"` if $e_i \\ge 2$ and $s_i \\ge 1$; else `"none"`.
+
+A loud row that lies along one principal direction has $s_i \\ll 1$: loud, but not crowding.
+""")
+code("""
+from residual_bandwidth.bottlenecks import find_bottlenecks
+
+bn = find_bottlenecks(cap)
+print("severity counts over all (layer, position) cells:", bn.counts())
+flagged = bn.flagged(("warning", "critical"))
+for r in flagged[:8]:
+    print(f"  layer {r['layer']:2d}, prompt {r['prompt']}, position {r['position']:2d} {r['token']!r:>14}: "
+          f"energy {r['norm_ratio']:.1f}x, spread {r['spread']:.2f}, score {r['score']:.1f} -> {r['severity']}")
+if not flagged:
+    print("  no crowded (warning/critical) positions at these thresholds")
+""")
+exercise(
+    "Checkpoint 2 — find a crowded position (LO2)", 3, 5, "25",
+    """
+    Implement `find_crowded_positions(X, loud_ratio=2.0, massive_ratio=4.0, critical_score=4.0)`
+    for one `[positions, d_model]` tensor, following the definition above. Return a list of dicts
+    `{"position", "norm_ratio", "spread", "severity"}` for every row whose severity is not
+    `"none"`, in order of position.
+    """,
+    ["Norms: `X.norm(dim=1)`; the median: `torch.median` (the tests use an odd number of rows, so "
+     "every definition of the median agrees).",
+     "Fit the PCA on `X[typical]`: subtract their mean, then `torch.linalg.svd(..., full_matrices=False)`; "
+     "the rows of `Vh` are the directions. Keep directions whose singular value is above `1e-9 * s[0]`.",
+     "Project *every* row (minus the typical mean) onto those directions, square, and compute the PR per row; "
+     "divide by the median PR of the typical rows."])
+answer("checkpoint_2__answer", """
+def find_crowded_positions(X, loud_ratio=2.0, massive_ratio=4.0, critical_score=4.0):
+    \"\"\"Rows of X that are loud (energy) and spread over the layer's principal directions.\"\"\"
+    X = torch.as_tensor(X).double()
+    ### BEGIN SOLUTION
+    norms = X.norm(dim=1)
+    energy = norms / norms.median()
+    typical = energy < loud_ratio
+    mu = X[typical].mean(0)
+    _, s, vh = torch.linalg.svd(X[typical] - mu, full_matrices=False)
+    directions = vh[s > 1e-9 * s[0]]
+    c2 = ((X - mu) @ directions.T) ** 2
+    pr = c2.sum(1) ** 2 / (c2 ** 2).sum(1)
+    spread = pr / pr[typical].median()
+    found = []
+    for i in range(X.shape[0]):
+        e, sp = float(energy[i]), float(spread[i])
+        if e >= massive_ratio:
+            level = "massive"
+        elif e >= loud_ratio and sp >= 1.0:
+            level = "critical" if e * sp >= critical_score else "warning"
+        else:
+            continue
+        found.append({"position": i, "norm_ratio": e, "spread": sp, "severity": level})
+    return found
+    ### END SOLUTION
+""")
+tests("checkpoint_2__visible", 1, """
+# Visible tests: one crowded row, one loud-but-one-dimensional row, one massive row
+g = torch.Generator().manual_seed(2)
+X = torch.randn(201, 32, generator=g, dtype=torch.float64)          # typical tokens
+typical_norm = float(X.norm(dim=1).median())
+u, _, vh = torch.linalg.svd(X - X.mean(0), full_matrices=False)
+even = vh.sum(0) / vh.sum(0).norm()       # equal weight on every principal direction
+X[10] = X.mean(0) + 3.0 * typical_norm * even                       # loud AND spread: crowded
+X[20] = X.mean(0) + 3.0 * typical_norm * vh[0]                      # loud, one direction only
+X[30] = 50.0 * typical_norm * torch.nn.functional.one_hot(torch.tensor(5), 32).double()  # massive
+found = {r["position"]: r for r in find_crowded_positions(X)}
+check(10 in found and found[10]["severity"] in ("warning", "critical"),
+      f"row 10 is 3x the typical norm and spread evenly over every principal direction: it is crowded. Got {found.get(10)}")
+check(20 not in found, f"row 20 is loud but lies along ONE principal direction: not crowded. Got {found.get(20)}")
+check(found.get(30, {}).get("severity") == "massive", f"row 30 is 50x the typical norm: 'massive'. Got {found.get(30)}")
+check(set(found) == {10, 30}, f"only rows 10 and 30 should be reported, got {sorted(found)}")
+check(close(found[10]["norm_ratio"], float(X[10].norm() / X.norm(dim=1).median()), rel=1e-6), "norm_ratio of row 10")
+print("Checkpoint 2 visible tests passed.")
+""")
+tests("checkpoint_2__hidden", 3, """
+### BEGIN HIDDEN TESTS
+from residual_bandwidth.bottlenecks import layer_scores, severity
+g = torch.Generator().manual_seed(22)
+for n, d, loud in [(151, 24, 2.0), (301, 48, 2.5)]:
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(2.0, 0.2, d, dtype=torch.float64)
+    X = X @ torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0] + 3.0
+    med = float(X.norm(dim=1).median())
+    picks = torch.randperm(n, generator=g)[:6].tolist()
+    for j, i in enumerate(picks):
+        X[i] = X[i] * (1.5 + j)        # rows 1.5x .. 6.5x louder, spread as they were
+    ref = layer_scores(X, loud_ratio=loud)
+    want = {i: severity(float(ref["norm_ratio"][i]), float(ref["spread"][i]), loud_ratio=loud)
+            for i in range(n)}
+    want = {i: s for i, s in want.items() if s != "none"}
+    got = {r["position"]: r for r in find_crowded_positions(X, loud_ratio=loud)}
+    check(set(got) == set(want), f"positions: got {sorted(got)}, expected {sorted(want)}")
+    for i, s in want.items():
+        check(got[i]["severity"] == s, f"row {i}: severity {got[i]['severity']} vs {s}")
+        check(close(got[i]["spread"], ref["spread"][i], rel=1e-6), f"row {i}: spread")
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    rotated = {r["position"]: r["severity"] for r in find_crowded_positions(X @ Q, loud_ratio=loud)}
+    check(rotated == {i: r["severity"] for i, r in got.items()}, "results changed under a rotation of the basis")
+### END HIDDEN TESTS
+""")
+
+# =============================================================================================
+# 6. Memory management
+# =============================================================================================
+md("""
+## 6. Memory management: who cleans up?
+
+If every component only ever added to the stream, it would fill up. Elhage et al. (2021) noted
+components that seem to **delete** information instead ("memory management"):
+
+* attention heads whose OV circuit $W_{OV} = W_V W_O$ has large **negative eigenvalues** and that
+  attend to the **current token**: they read a direction from the token's own residual and write
+  back its negative;
+* MLP neurons whose **input and output directions point in opposite directions** (cosine near
+  $-1$): they fire on a direction and remove it;
+* and, seen from activations, components whose **write is anti-aligned with the residual they
+  read**: $\\langle w_t, r_t \\rangle / \\lVert r_t \\rVert^2 < 0$ on average.
+
+The library computes all three. For weights it folds the norm layer's gain into the reading
+weights and, for models with grouped-query attention, gives every query head its key/value head.
+""")
+code("""
+from residual_bandwidth.memory import memory_management
+from residual_bandwidth.viz import plot_memory_ranking, plot_wov_spectra
+
+mem = memory_management(model, tokenizer, prompts[:3] if FAST else prompts, states=cap, progress=False)
+display(plot_wov_spectra(mem.heads))
+print("Top memory-management candidates (weights and activations combined):")
+for r in mem.ranking[:8]:
+    print(f"  {r['rank']:2d}. {r['component']:<10} {r['kind']:<10} score {r['score']:.2f}  {r['evidence']}")
+display(plot_memory_ranking(mem.ranking))
+""")
+md("""
+Read the evidence column, not just the rank: a head with a negative OV spectrum that rarely
+attends to the current token erases something it read *elsewhere*, which is a different job from
+cleaning up the current token. In Checkpoint-style terms, Q3 below asks you to compute the two
+basic quantities yourself.
+""")
+
+# =============================================================================================
+# 7. Subspace communication
+# =============================================================================================
+md("""
+## 7. Subspace communication: who talks to whom?
+
+Components communicate only through the stream: a later head *reads* what an earlier one
+*wrote* if the writer's output subspace overlaps the reader's input subspace. The Framework paper
+scores that with the **composition score** of a writer's $W_{OV}^{A}$ and a reader's matrix $W^{B}$
+($W_{QK}$ for Q- and K-composition, $W_{OV}$ for V-composition):
+
+$$\\text{score} = \\frac{\\lVert W_{OV}^{A} W^{B} \\rVert_F}{\\lVert W_{OV}^{A} \\rVert_F \\, \\lVert W^{B} \\rVert_F}.$$
+
+A score means nothing without a baseline: two *random* matrices of the same shapes also overlap a
+little. The library draws random pairs with the same shapes and reports their mean and standard
+deviation beside the real scores.
+""")
+code("""
+from residual_bandwidth.composition import component_subspaces, composition_scores, principal_angles
+from residual_bandwidth.viz import plot_composition_scores
+from residual_bandwidth.weights import all_layer_weights
+
+window = list(range(max(0, L - 3), min(cap.n_layers, L + 3)))
+weights = all_layer_weights(model, window)
+comps = {k: composition_scores(weights, k) for k in ("Q", "K", "V")}
+for k, c in comps.items():
+    s = c.summary()
+    print(f"{k}-composition, layers {window[0]}-{window[-1]}: {s['n_pairs']} pairs, max {s['max']:.3f}, "
+          f"mean {s['mean']:.3f}; random baseline {s['baseline_mean']:.4f} +/- {s['baseline_std']:.4f}; "
+          f"{s['share_above_3_std']:.0%} of pairs above baseline + 3 std")
+display(plot_composition_scores(comps["K"].to_dict()))
+""")
+md("""
+Principal angles make "overlap" concrete: between two $k$-dimensional subspaces they are $k$
+angles, $0°$ for a shared direction and $90°$ for orthogonal ones. Compare the write subspace of
+the strongest K-composing writer with the read subspace of its reader, and with a random subspace:
+""")
+code("""
+top = comps["K"].top_pairs(1)[0]
+print(f"strongest K-composition: {top['src']} -> {top['dst']}, score {top['score']:.3f} "
+      f"({top['z']:.0f} baseline standard deviations above the random mean)")
+(la, ha), (lb, hb) = [tuple(int(v) for v in lab[1:].split(".H")) for lab in (top["src"], top["dst"])]
+by_layer = {w.layer: w for w in weights}
+write = component_subspaces(by_layer[la], ha)["ov_write"]   # [d_model, d_head], orthonormal columns
+read = component_subspaces(by_layer[lb], hb)["qk_key"]       # what the reader's keys read
+rand = torch.linalg.qr(torch.randn(write.shape, dtype=torch.float64))[0]
+for name, other in (("reader's key space", read), ("a random subspace ", rand)):
+    ang = torch.rad2deg(principal_angles(write, other))
+    print(f"writer's output space vs {name}: smallest angles {[round(float(a)) for a in ang[:5]]} deg, "
+          f"median {float(ang.median()):.0f} deg")
+""")
 
 # =============================================================================================
 # 8. Monitoring  (MONITOR: live-inference section is inserted here)
@@ -560,7 +773,39 @@ $r_p / d \\le 15/48 \\approx 31\\%$, however the data look. Meanwhile $r_p / \\m
 100 % on pure noise. A monitor must know which of the two it is measuring, and must refuse to
 judge the residual width from a sample that cannot span it.
 """)
-# MONITOR-LIVE
+md("""
+### Watching a live model
+
+`BandwidthMonitor` attaches forward hooks to a running model (and removes them on `detach()` or
+when the `with` block ends, also after an error). For every request it records cheap numbers
+(norms, massive-activation counts, a rank estimate when the request is long enough) and folds
+the request's residual vectors into **streaming statistics**: a running mean and covariance per
+watched layer (the Welford/Chan update you will write in Q2). The effective-rank family of *all
+traffic so far* is then available at any time, in memory that does not grow with traffic. Alerts
+fire at warning/critical thresholds once when a condition starts (not on every request), and
+everything is exported as Prometheus metrics. It never changes the model's output.
+""")
+code("""
+from residual_bandwidth.monitor import BandwidthMonitor
+from residual_bandwidth.viz import plot_monitor_timeline
+
+traffic = list(prompts) + ["Hi", "!!!!!!!!", "Translate to French: good morning, how are you today?"]
+with BandwidthMonitor(model) as mon:
+    for text in traffic:                      # one request per prompt, as a server would see them
+        model(**tokenizer(text, return_tensors="pt"))
+totals = mon.totals()
+print(f"{totals['requests']} requests ({totals['requests_bad']} rejected), {totals['alerts']} alert(s); "
+      f"watched layers {mon.layers}")
+print(f"{'layer':>5} {'tokens':>6} {'massive':>7} {'r95':>4} {'PR':>6} {'util/d':>7}")
+for row in mon.traffic_summary():
+    print(f"{row['layer']:>5} {row['tokens']:>6} {row['massive_tokens']:>7} {row['variance_rank']:>4} "
+          f"{row['participation_ratio']:>6.1f} {row['utilization_d_model']:>7.1%}")
+display(plot_monitor_timeline(mon.timeline_records(), mon.alert_records(), mon.thresholds,
+                              directions=mon.threshold_directions))
+print("\\n".join(mon.recommendations()))
+print("\\nPrometheus exposition (first lines):")
+print("\\n".join(mon.prometheus_text().splitlines()[:12]))
+""")
 exercise(
     "Checkpoint 3 — a utilization alert that can fire (LO3)", 2, 4, "15",
     """
@@ -634,7 +879,43 @@ check(utilization_alert(torch.randn(49, 48, generator=g))["level"] != "insuffici
 # =============================================================================================
 # 9. Compression curve  (ANALYTICS: compression section is inserted here)
 # =============================================================================================
-# ANALYTICS-COMPRESSION
+md("""
+## 9. What does crowding cost? A measured compression curve
+
+The original lesson ended with a "performance impact" table: +30 % latency at critical
+utilization, +15 % at high, +5 % per bottleneck. Those numbers were invented; nothing measured
+them, and the residual stream's width does not change how long a forward pass takes.
+
+What we *can* measure is what the model loses when its stream is squeezed. Fit the top-$k$
+principal directions of the residual at layer $L$ on calibration text, then, during the forward
+pass on *held-out* text, replace the residual by its projection
+$x \\mapsto \\mu + P_k (x - \\mu)$ and measure the next-token loss and the KL divergence from the
+unmodified model. A random $k$-dimensional subspace is the baseline. At $k = d_\\text{model}$
+nothing changes (the curve starts at the unmodified model); the question is how small $k$ can go.
+""")
+code("""
+from residual_bandwidth.compression import compression_curve
+from residual_bandwidth.viz import plot_compression_curve
+
+d = cap.d_model
+fractions = (1 / 9, 1 / 3, 2 / 3, 1.0) if FAST else (1 / 18, 1 / 9, 2 / 9, 1 / 3, 5 / 9, 7 / 9, 1.0)
+ks = sorted({max(1, round(f * d)) for f in fractions})
+curve = compression_curve(model, tokenizer, [cap.n_layers // 3, 2 * cap.n_layers // 3], ks,
+                          n_random=1, progress=False)
+display(plot_compression_curve(curve.records(), curve.base_loss, curve.tolerance, d_model=d))
+print(f"unmodified held-out loss: {curve.base_loss:.3f} nats over {curve.n_heldout_tokens} tokens")
+for layer in curve.layers:
+    print(f"layer {layer}: smallest measured k with loss increase <= {curve.tolerance} nats: "
+          f"principal subspace {curve.smallest_k[layer]}, random subspace {curve.smallest_k_random[layer]} "
+          f"(of {d})")
+print()
+print("\\n".join(mon.recommendations(curve)))   # the monitor now quotes the measured cost
+""")
+md("""
+This is the honest replacement for the invented latency factors: a statement of the form "at
+layer $L$, keeping $k$ of $d_\\text{model}$ directions costs this much loss on this text". It
+depends on the text, the layers and the tolerance, and it says so.
+""")
 
 # =============================================================================================
 # 10. Summative questions
@@ -774,7 +1055,72 @@ for k in range(0, 500, 7):
 check(torch.allclose(rc.cov, torch.cov(far.T), rtol=1e-4, atol=1e-4), "unstable with a large mean: merge centred statistics")
 ### END HIDDEN TESTS
 """)
-# ANALYTICS-Q3
+exercise(
+    "Q3 — spotting an eraser (LO3)", 3, 4, "20",
+    """
+    A head *erases* what it reads when its OV circuit maps a direction to (a multiple of) its
+    negative: $W_{OV}$ then has eigenvalues with negative real part. With row vectors,
+    `W_V` is `[d_model, d_head]`, `W_O` is `[d_head, d_model]` and $W_{OV} = W_V W_O$ is
+    `[d_model, d_model]`, but its non-zero eigenvalues are those of the small `[d_head, d_head]`
+    matrix $W_O W_V$.
+
+    1. `eraser_share(W_V, W_O)`: $\\sum_{\\mathrm{Re}\\,\\lambda < 0} |\\lambda| \\,/\\, \\sum |\\lambda|$ over
+       the eigenvalues $\\lambda$ of $W_{OV}$ (computed from the small matrix, in float64).
+    2. `write_read_projection(write, read)`: for `[tokens, d_model]` tensors of what a component
+       wrote and the residual it read, the mean over tokens of
+       $\\langle w_t, r_t \\rangle / \\lVert r_t \\rVert^2$ (negative: it removes part of what it read;
+       $-1$: it deletes it).
+    """,
+    ["`torch.linalg.eigvals(W_O.double() @ W_V.double())` gives complex eigenvalues; use `.real` and `.abs()`.",
+     "`(write * read).sum(-1) / read.pow(2).sum(-1)`, then `.mean()`."])
+answer("summative_q3__answer", """
+def eraser_share(W_V, W_O):
+    \"\"\"Share of |eigenvalue| mass of W_OV = W_V W_O with negative real part.\"\"\"
+    ### BEGIN SOLUTION
+    eig = torch.linalg.eigvals(torch.as_tensor(W_O).double() @ torch.as_tensor(W_V).double())
+    mag = eig.abs()
+    return float((mag * (eig.real < 0)).sum() / mag.sum())
+    ### END SOLUTION
+
+
+def write_read_projection(write, read):
+    \"\"\"Mean over tokens of <write_t, read_t> / ||read_t||^2.\"\"\"
+    ### BEGIN SOLUTION
+    write, read = torch.as_tensor(write).double(), torch.as_tensor(read).double()
+    return float(((write * read).sum(-1) / read.pow(2).sum(-1)).mean())
+    ### END SOLUTION
+""")
+tests("summative_q3__visible", 1, """
+g = torch.Generator().manual_seed(9)
+d, dh = 24, 6
+U = torch.linalg.qr(torch.randn(d, dh, generator=g, dtype=torch.float64))[0]   # an orthonormal d_head subspace
+eraser_V, eraser_O = U, -U.T                                  # W_OV = -U U^T: deletes that subspace
+copier_V, copier_O = U, U.T
+check(close(eraser_share(eraser_V, eraser_O), 1.0), f"W_OV = -projection: share should be 1, got {eraser_share(eraser_V, eraser_O)}")
+check(close(eraser_share(copier_V, copier_O), 0.0, abs_=1e-9), "W_OV = +projection: share should be 0")
+read = torch.randn(50, d, generator=g, dtype=torch.float64)
+check(close(write_read_projection(-read, read), -1.0), "writing -read deletes it: projection -1")
+check(close(write_read_projection(read @ (U @ U.T), read), float(((read @ U).pow(2).sum(1) / read.pow(2).sum(1)).mean())),
+      "write = the read's projection onto a subspace")
+print("Q3 visible tests passed.")
+""")
+tests("summative_q3__hidden", 3, """
+### BEGIN HIDDEN TESTS
+from residual_bandwidth.memory import neg_share
+g = torch.Generator().manual_seed(99)
+for d, dh in [(32, 8), (64, 16)]:
+    W_V = torch.randn(d, dh, generator=g, dtype=torch.float64)
+    W_O = torch.randn(dh, d, generator=g, dtype=torch.float64)
+    ref = float(neg_share(torch.linalg.eigvals(W_O @ W_V)))
+    check(close(eraser_share(W_V, W_O), ref, rel=1e-8), f"random head {d}x{dh}: {eraser_share(W_V, W_O)} vs {ref}")
+    check(close(eraser_share(W_V.float(), W_O.float()), ref, rel=1e-4), "float32 inputs")
+    write, read = torch.randn(40, d, generator=g), torch.randn(40, d, generator=g) + 2.0
+    want = float(((write.double() * read.double()).sum(-1) / read.double().pow(2).sum(-1)).mean())
+    check(close(write_read_projection(write, read), want, rel=1e-6), "write/read projection on random data")
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    check(close(eraser_share(Q.T @ W_V, W_O @ Q), ref, rel=1e-8), "a rotated residual basis (W_V -> Q^T W_V, W_O -> W_O Q)")
+### END HIDDEN TESTS
+""")
 
 # =============================================================================================
 # Summary
@@ -790,8 +1136,15 @@ md("""
 * A few massive activations can hold most of a layer's energy in one coordinate; report them and
   leave them out of spectra (Section 3).
 * Crowding needs energy *and* spread (Section 5).
+* Some heads and neurons delete what they read: look for negative OV eigenvalues with attention
+  to the current token, anti-aligned neuron directions, and writes anti-aligned with the residual
+  they read (Section 6).
+* Components communicate through overlapping subspaces; composition scores mean something only
+  next to a random baseline (Section 7).
 * A monitor must know what its utilization is relative to, and refuse to judge from too few
-  tokens (Section 8).
+  tokens; streaming statistics give the whole traffic's spectrum in constant memory (Section 8).
+* The cost of squeezing the stream is measured (loss and KL against k, beside random subspaces),
+  not asserted (Section 9).
 """)
 
 
