@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 
 # the lesson folder(s) under solutions/ (one lesson today)
 LESSON := $(notdir $(patsubst %/lesson.ipynb,%,$(wildcard solutions/*/lesson.ipynb)))
-NB_ENV := PATH="$(abspath $(BIN)):$$PATH" MPLBACKEND=Agg
+NB_ENV := PATH="$(abspath $(BIN)):$$PATH" MPLBACKEND=Agg RESIDUAL_BANDWIDTH_STATIC=1
 
 .PHONY: install lesson test lab env notebooks clean
 
@@ -50,3 +50,31 @@ notebooks: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
+
+# ---- grading (autograder/README.md) ---------------------------------------------------------------
+# make grade SUBMISSIONS=path/to/folder-or-lms.zip [RESULTS=results] [JOBS=2] [MODE=fast|full]
+SUBMISSIONS ?= submissions
+RESULTS     ?= results
+JOBS        ?= 2
+MODE        ?= fast
+
+.PHONY: grade a11y a11y-deps bench-grading threshold-suite
+
+grade: $(STAMP)
+	$(NB_ENV) $(PY) -m autograder grade $(SUBMISSIONS) --lesson $(LESSON) --out $(RESULTS) --jobs $(JOBS) --mode $(MODE)
+
+# axe-core from npm into autograder/a11y/node_modules (Chromium itself: Debian's `chromium` package)
+a11y-deps:
+	npm ci --prefix autograder/a11y --no-audit --no-fund --loglevel=error
+	@command -v chromium >/dev/null 2>&1 || echo "note: install Chromium too (Debian: apt-get install chromium)"
+
+# every notebook (source, student, executed) rendered to HTML and checked with axe-core in headless Chromium
+a11y: $(STAMP)
+	$(NB_ENV) $(PY) -m autograder.a11y.check_a11y
+
+bench-grading: $(STAMP)
+	$(NB_ENV) $(PY) bench/grading.py
+
+# the threshold-logic suite's submissions, for a look by hand (tests/test_autograder.py grades them)
+threshold-suite: $(STAMP)
+	$(PY) -m autograder.threshold_suite $(OUT)/threshold-suite

@@ -1,0 +1,201 @@
+"""The nbgrader worker: a long-lived child process that runs the real nbgrader for the grader.
+
+The grader (:mod:`autograder.pipeline`) starts one worker per ``--jobs`` slot and sends it requests
+over a private pipe, one JSON line each; the worker answers on a second private pipe. Importing
+nbgrader takes seconds, so reusing the worker saves that on every submission; isolation comes from
+each submission having its *own* course folders and gradebook, and from the grader killing the
+whole worker (and its kernels) when a submission exceeds its wall-clock or memory limit — a fresh
+worker is started for the next one. Kernels never see the pipes (they are started with
+``close_fds``), so student code cannot forge an answer.
+
+Requests (``op``):
+
+* ``autograde``: ``nbgrader autograde`` of one student in one course folder, with the repository's
+  ``nbgrader_config.py`` plus per-cell timeout, output cap, the guarded kernel and
+  :class:`GuardedExecute` instead of nbgrader's ``Execute``.
+* ``feedback``: ``nbgrader generate_feedback`` for that student, with :class:`HideHiddenTestOutput`
+  and nbgrader's ``ClearHiddenTests`` so neither hidden test code nor its tracebacks reach students.
+
+Answers: ``{"ok": bool, "error": str, "log": str}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+from nbformat.notebooknode import NotebookNode
+from traitlets import Integer
+from traitlets.config import Config, PyFileConfigLoader
+
+from nbgrader.converters import Autograde, GenerateFeedback
+from nbgrader.coursedir import CourseDirectory
+from nbgrader.preprocessors import ClearHiddenTests, Execute, GetGrades, NbGraderPreprocessor
+from nbgrader.preprocessors.execute import UnresponsiveKernelError
+from nbclient.util import ensure_async
+from nbgrader.utils import capture_log
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_CAP_MARK = "[autograder] output limit exceeded"
+HIDDEN_BEGIN = "BEGIN HIDDEN TESTS"
+
+
+class OutputLimitExceeded(RuntimeError):
+    """A cell produced more output than the grader accepts (the submission is marked errored)."""
+
+
+class GuardedExecute(Execute):
+    """nbgrader's Execute with a cap on output and a check that a timed-out kernel was interrupted.
+
+    * nbclient keeps every output message in memory, so a cell that prints in a loop can exhaust the
+      grader's memory long before the per-cell timeout. When a cell's output passes
+      ``max_output_bytes`` execution stops with :class:`OutputLimitExceeded`; nbgrader treats the
+      submission as failed and the grader reports it as errored.
+    * Locked helper cells get a longer limit than student and test cells (``helper_timeout``).
+    * After a cell times out nbclient interrupts the kernel and moves on. A kernel that ignores
+      SIGINT stays busy, and every later cell would wait out its own timeout. Here the kernel must
+      answer a ``kernel_info`` request within ``interrupt_grace`` seconds of the interrupt, or
+      nbgrader's ``UnresponsiveKernelError`` ends the submission (the kernel is killed).
+    """
+
+    max_output_bytes = Integer(8 * 1024 * 1024, help="maximum bytes of output per cell").tag(config=True)
+    interrupt_grace = Integer(10, help="seconds a kernel has to respond after an interrupt").tag(config=True)
+    helper_timeout = Integer(180, help="time limit of locked helper cells (imports on a busy machine)").tag(config=True)
+
+    def _get_timeout(self, cell):
+        """Locked, ungraded helper cells (the setup cell importing torch) get ``helper_timeout``:
+        they are instructor code, and a cold import on a loaded machine can take longer than a
+        test cell ever should."""
+        timeout = super()._get_timeout(cell)
+        meta = (cell or {}).get("metadata", {}).get("nbgrader", {}) if cell is not None else {}
+        if timeout and meta.get("locked") and not meta.get("grade") and not meta.get("solution"):
+            return max(timeout, self.helper_timeout)
+        return timeout
+
+    async def _async_handle_timeout(self, timeout, cell=None):
+        reply = await super()._async_handle_timeout(timeout, cell)
+        if self.interrupt_on_timeout and self.kc is not None:
+            try:
+                await ensure_async(self.kc.kernel_info(reply=True, timeout=self.interrupt_grace))
+            except (TimeoutError, RuntimeError) as e:
+                gid = (cell or {}).get("metadata", {}).get("nbgrader", {}).get("grade_id", "")
+                raise UnresponsiveKernelError(
+                    f"a cell{' (' + gid + ')' if gid else ''} ran past the {timeout} s limit and the kernel ignored "
+                    f"the interrupt for {self.interrupt_grace} s") from e
+        return reply
+
+    def output(self, outs, msg, display_id, cell_index):  # noqa: D401 (nbclient hook)
+        sizes = self.__dict__.setdefault("_autograder_sizes", {})
+        content = msg.get("content", {})
+        size = len(content.get("text", "") or "")
+        for value in (content.get("data") or {}).values():
+            size += len(value) if isinstance(value, str) else len(json.dumps(value))
+        size += sum(len(line) for line in content.get("traceback", []) or [])
+        sizes[cell_index] = sizes.get(cell_index, 0) + size
+        if sizes[cell_index] > self.max_output_bytes:
+            raise OutputLimitExceeded(
+                f"{OUTPUT_CAP_MARK}: cell {cell_index} printed more than "
+                f"{self.max_output_bytes / 1e6:.0f} MB of output")
+        return super().output(outs, msg, display_id, cell_index)
+
+
+class HideHiddenTestOutput(NbGraderPreprocessor):
+    """In feedback, reduce a hidden test cell's outputs to its error name and message.
+
+    ``ClearHiddenTests`` removes the hidden test *code*, but a failing hidden test's traceback still
+    quotes its lines (and print output can reveal its inputs). Run this before ``ClearHiddenTests``
+    (it recognises hidden cells by their delimiter).
+    """
+
+    max_message = Integer(300, help="longest error message kept").tag(config=True)
+
+    def preprocess_cell(self, cell: NotebookNode, resources, index):
+        if cell.cell_type != "code" or HIDDEN_BEGIN not in cell.source:
+            return cell, resources
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                value = str(out.get("evalue", ""))[: self.max_message]
+                kept.append(NotebookNode(output_type="error", ename=out.get("ename", "Error"), evalue=value,
+                                         traceback=[f"{out.get('ename', 'Error')}: {value} "
+                                                    "(hidden test: details withheld)"]))
+        cell.outputs = kept
+        return cell, resources
+
+
+def build_config(req: dict) -> Config:
+    """The repository's nbgrader_config.py with this request's folders and limits on top."""
+    cfg = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
+    c = Config()
+    c.CourseDirectory.root = str(ROOT)
+    c.CourseDirectory.submitted_directory = req["submitted"]
+    c.CourseDirectory.autograded_directory = req["autograded"]
+    c.CourseDirectory.feedback_directory = req["feedback"]
+    c.CourseDirectory.release_directory = req["release"]
+    c.CourseDirectory.db_url = "sqlite:///" + req["db"]
+    c.Execute.timeout = int(req["cell_timeout"])
+    c.Execute.interrupt_on_timeout = True
+    c.Execute.kernel_name = req["kernel_name"]
+    c.Execute.extra_arguments = ["--HistoryManager.hist_file=:memory:"]
+    c.Execute.shutdown_kernel = "immediate"
+    c.GuardedExecute.max_output_bytes = int(req["max_output_bytes"])
+    c.GuardedExecute.interrupt_grace = int(req.get("interrupt_grace", 10))
+    c.OverwriteCells.add_missing_cells = True
+    c.Autograde.autograde_preprocessors = [
+        GuardedExecute if p is Execute else p for p in Autograde.class_traits()["autograde_preprocessors"].default()]
+    c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTestOutput, ClearHiddenTests,
+                                        CSSHTMLHeaderPreprocessor]
+    c.ClearHiddenTests.enforce_metadata = False
+    cfg.merge(c)
+    return cfg
+
+
+def run(req: dict) -> dict:
+    """Run one request; never raises (failures are answers)."""
+    cfg = build_config(req)
+    coursedir = CourseDirectory(config=cfg)
+    coursedir.assignment_id = req["lesson"]
+    coursedir.student_id = req["student"]
+    if req["op"] == "autograde":
+        os.environ.update(req.get("env", {}))
+        app = Autograde(coursedir=coursedir, config=cfg)
+        app.force = True
+        app.create_student = True
+    elif req["op"] == "feedback":
+        app = GenerateFeedback(coursedir=coursedir, config=cfg)
+        app.force = True
+    else:
+        return {"ok": False, "error": f"unknown op {req['op']!r}", "log": ""}
+    result = capture_log(app)
+    return {"ok": bool(result.get("success")), "error": result.get("error", ""),
+            "log": result.get("log", "")[-20000:]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve requests from the grader until its request pipe closes."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--in-fd", type=int, required=True)
+    ap.add_argument("--out-fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    requests = os.fdopen(args.in_fd, "r", encoding="utf-8")
+    answers = os.fdopen(args.out_fd, "w", encoding="utf-8")
+    answers.write(json.dumps({"ok": True, "ready": True}) + "\n")
+    answers.flush()
+    for line in requests:
+        if not line.strip():
+            continue
+        try:
+            answer = run(json.loads(line))
+        except Exception:  # a bug here must not look like a hang
+            answer = {"ok": False, "error": traceback.format_exc(), "log": ""}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

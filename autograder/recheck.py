@@ -1,0 +1,172 @@
+"""Out-of-kernel re-check: grader side (inputs, references, verdicts). See :mod:`autograder.probes`.
+
+:class:`ProbeSet` draws every probe's cases once per grading run (from the run's probe seed) and
+computes the references once. :func:`start` launches :mod:`autograder.sandbox` for one submission;
+:func:`finish` waits for it (wall-clock and memory limits) and returns a :class:`Verdict` per item:
+
+* ``pass``      every case agrees with the reference;
+* ``mismatch``  the answer ran but returned wrong values on hidden inputs;
+* ``error``     the answer is missing, raised, timed out, or the process died;
+* ``no-probe``  no probe is defined for the item (nbgrader alone grades it).
+
+The grader zeroes an item whose in-kernel hidden tests passed while its verdict is ``mismatch`` or
+``error``, and flags the student (see :mod:`autograder.pipeline`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .notebook import LessonSpec, student_code_cells
+from .probes import PROBES, Case, Probe, T
+from .procs import run_limited
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Verdict:
+    """Re-check outcome for one item."""
+    item: str
+    verdict: str          # pass | mismatch | error | no-probe
+    detail: str = ""
+    cases: int = 0
+
+    def as_dict(self) -> dict:
+        return {"verdict": self.verdict, "detail": self.detail, "cases": self.cases}
+
+
+def _encode(obj):
+    if isinstance(obj, T):
+        return {"__tensor__": np.ascontiguousarray(obj.array)}
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_encode(v) for v in obj)
+    return obj
+
+
+@dataclass
+class ProbeSet:
+    """The run's probe cases and references for the items present in the notebook."""
+    seed: int
+    probes: dict[str, Probe]
+    cases: dict[str, list[Case]]
+    expected: dict[str, list]
+    payload: dict = field(default_factory=dict)   # what the sandbox receives (no references)
+
+    @classmethod
+    def build(cls, spec: LessonSpec, seed: int, probes: dict[str, Probe] = PROBES) -> "ProbeSet":
+        active = {item: probes[item] for item in spec.items if item in probes}
+        cases, expected, payload = {}, {}, {}
+        for k, (item, probe) in enumerate(sorted(active.items())):
+            rng = np.random.default_rng([seed, k])
+            cases[item] = probe.cases(rng)
+            expected[item] = [probe.expected(c) for c in cases[item]]
+            payload[item] = {"target": probe.target, "cases": [
+                {"label": c.label, "target": c.target or probe.target, "args": _encode(tuple(c.args)), "kwargs": _encode(dict(c.kwargs)),
+                 "calls": [(m, _encode(tuple(a)), _encode(dict(kw))) for m, a, kw in c.calls],
+                 "read": list(c.read) if c.read else None} for c in cases[item]]}
+        return cls(seed, active, cases, expected, payload)
+
+
+@dataclass
+class Running:
+    """A re-check in progress (a thread waiting on the sandbox process)."""
+    thread: threading.Thread
+    result_path: Path
+    box: dict
+
+
+def start(nb, spec: LessonSpec, probes: ProbeSet, workdir: Path, guard: dict, *, timeout: float,
+          memory_bytes: int, case_timeout: float, cell_timeout: float) -> Running:
+    """Launch the sandbox for submission ``nb`` in ``workdir`` (returns at once)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    req_path, result_path = workdir / "recheck-request.pkl", workdir / "recheck-result.jsonl"
+    setup = [(f"locked cell {gid}", src) for gid, src in spec.locked_cells.items()]
+    req = {"setup": setup, "cells": student_code_cells(nb, spec), "probes": probes.payload, "guard": guard,
+           "case_timeout": case_timeout, "cell_timeout": cell_timeout}
+    with open(req_path, "wb") as f:
+        pickle.dump(req, f)
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
+    box: dict = {}
+    sandbox_dir = workdir / "sandbox"
+    sandbox_dir.mkdir(exist_ok=True)
+
+    def target():
+        box["limited"] = run_limited([sys.executable, "-m", "autograder.sandbox", str(req_path), str(result_path)],
+                                     timeout=timeout, memory_bytes=memory_bytes, cwd=sandbox_dir, env=env,
+                                     stderr_path=workdir / "recheck-stderr.txt")
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return Running(thread, result_path, box)
+
+
+def finish(running: Running, probes: ProbeSet, spec: LessonSpec) -> tuple[dict[str, Verdict], list[str]]:
+    """Wait for the sandbox; return per-item verdicts and notes about the student's cells."""
+    running.thread.join()
+    limited = running.box.get("limited")
+    records = []
+    try:
+        lines = running.result_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    setup_error = next((r["setup_error"] for r in records if "setup_error" in r), None)
+    if setup_error:
+        raise RuntimeError(f"re-check: the instructor's locked helper cell failed outside the kernel: {setup_error}")
+    notes = [f"{r['cell']}: {r['error']}" for r in records if "cell" in r and "error" in r]
+    by_item = {r["item"]: r for r in records if "item" in r}
+    ended = "process ended before checking this item"
+    if limited and limited.killed:
+        ended = f"re-check killed ({limited.killed} limit) before checking this item"
+    verdicts: dict[str, Verdict] = {}
+    for item in spec.items:
+        if item not in probes.probes:
+            verdicts[item] = Verdict(item, "no-probe", "no out-of-kernel probe defined for this item")
+            continue
+        rec = by_item.get(item)
+        n = len(probes.cases[item])
+        if rec is None:
+            verdicts[item] = Verdict(item, "error", ended, n)
+        elif "missing" in rec:
+            verdicts[item] = Verdict(item, "error", rec["missing"], n)
+        else:
+            verdicts[item] = _judge(item, rec.get("results", []), probes)
+    return verdicts, notes
+
+
+def _judge(item: str, results: list, probes: ProbeSet) -> Verdict:
+    probe, cases, expected = probes.probes[item], probes.cases[item], probes.expected[item]
+    if not isinstance(results, list) or len(results) != len(cases):
+        return Verdict(item, "error", "incomplete re-check results", len(cases))
+    for case, want, res in zip(cases, expected, results):
+        if not isinstance(res, dict) or not res.get("ok"):
+            err = res.get("error", "failed") if isinstance(res, dict) else "failed"
+            return Verdict(item, "error", f"{case.target or probe.target} on hidden input ({case.label}): {err}", len(cases))
+        try:
+            msg = probe.compare(res.get("value"), want, case)
+        except Exception as e:  # a comparator must not crash the grader on odd data
+            msg = f"result could not be compared ({type(e).__name__}: {e})"
+        if msg:
+            return Verdict(item, "mismatch", f"{case.target or probe.target} on hidden input ({case.label}): {msg}",
+                           len(cases))
+    return Verdict(item, "pass", f"{len(cases)} hidden cases agree with the reference", len(cases))

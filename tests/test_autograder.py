@@ -1,0 +1,276 @@
+"""The grading pipeline end to end: the threshold-logic suite graded by the real pipeline.
+
+``autograder.threshold_suite`` builds submissions with known outcomes from the source notebook
+(all correct, exactly at the passing threshold, the largest score below it, untouched, crash,
+infinite loops, huge output, corrupt / missing / renamed notebooks, and one submission per
+cheating technique). They are graded once with ``python -m autograder grade --jobs 2`` (fast mode)
+and every outcome is asserted; then a second run over a zip of a subset must agree, a failed
+re-grade must not keep the old score, and a kernel that outlives the wall-clock limit must be killed.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import nbformat
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from autograder.notebook import load_spec  # noqa: E402
+from autograder.threshold_suite import generate  # noqa: E402
+from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
+
+SPEC = load_spec(DEFAULT_LESSON)
+CELL_TIMEOUT = "15"
+
+
+def grade_cli(subs: Path, out: Path, *extra: str, work: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "autograder", "grade", str(subs), "--lesson", SPEC.lesson_id, "--out", str(out),
+           "--quiet", *extra]
+    if work:
+        cmd += ["--work-root", str(work), "--keep-work"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "MPLBACKEND": "Agg"})
+
+
+def load(out: Path) -> dict:
+    data = json.loads((out / "results.json").read_text())
+    data["by"] = {s["student"]: s for s in data["students"]}
+    return data
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    base = tmp_path_factory.mktemp("suite")
+    subs, out = base / "subs", base / "out"
+    variants = {v.name: v for v in generate(subs, SPEC)}
+    r = grade_cli(subs, out, "--jobs", "2", "--cell-timeout", CELL_TIMEOUT, "--timeout", "150", "--probe-seed", "7")
+    assert (out / "results.json").exists(), r.stdout + r.stderr
+    return SimpleNamespace(base=base, subs=subs, out=out, rc=r.returncode, stdout=r.stdout, stderr=r.stderr,
+                           variants=variants, res=load(out))
+
+
+def student(suite, name: str) -> dict:
+    assert name in suite.res["by"], f"{name} missing from results: {sorted(suite.res['by'])}"
+    return suite.res["by"][name]
+
+
+# ---- the run as a whole -----------------------------------------------------------------------------
+def test_every_submission_is_reported_and_exit_code_says_something_errored(suite):
+    assert set(suite.res["by"]) == set(suite.variants)
+    assert suite.rc == 2, f"exit code {suite.rc} (2 = something errored)\n{suite.stderr[-2000:]}"
+    assert suite.res["max_score"] == SPEC.total_points
+    assert suite.res["threshold"] == SPEC.meta.passing_threshold
+
+
+def test_csv_has_one_row_per_student_and_objective_columns(suite):
+    import csv
+    rows = list(csv.DictReader(open(suite.out / "results.csv")))
+    assert {r["student"] for r in rows} == set(suite.variants)
+    for lo in SPEC.meta.objectives:
+        assert f"{lo}_score" in rows[0] and f"{lo}_max" in rows[0]
+    by = {r["student"]: r for r in rows}
+    assert by["all_correct"]["pass"] == "yes" and by["below_threshold"]["pass"] == "no"
+    assert by["corrupt"]["score"] == "" and by["corrupt"]["status"] == "errored"
+
+
+# ---- threshold logic ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["all_correct", "at_threshold", "below_threshold", "untouched"])
+def test_threshold_outcomes(suite, name):
+    v, s = suite.variants[name], student(suite, name)
+    assert s["status"] == "graded", (s["status"], s["reason"], s["evidence"])
+    assert s["score"] == pytest.approx(v.score), (s["score"], v.score, v.failing, s["items"])
+    assert s["max_score"] == SPEC.total_points
+    assert s["pass"] is v.passed
+    assert s["percent"] == pytest.approx(100 * v.score / SPEC.total_points)
+    # per-learning-objective scores add up and follow the metadata's mapping
+    assert sum(o["score"] for o in s["objectives"].values()) == pytest.approx(s["score"])
+    for lo, o in s["objectives"].items():
+        items = [i for i in SPEC.items if SPEC.objective(i) == lo]
+        assert o["max_score"] == pytest.approx(sum(SPEC.item_points(i) for i in items))
+
+
+def test_the_threshold_cases_straddle_the_line(suite):
+    line = SPEC.meta.passing_threshold * SPEC.total_points
+    at, below = suite.variants["at_threshold"], suite.variants["below_threshold"]
+    assert at.score >= line > below.score
+    if abs(at.score - line) < 1e-9:   # exactly at the threshold when the points allow it (18/24 today)
+        assert student(suite, "at_threshold")["percent"] == pytest.approx(100 * SPEC.meta.passing_threshold)
+
+
+def test_correct_answers_pass_the_out_of_kernel_recheck(suite):
+    for item in student(suite, "all_correct")["items"]:
+        assert item["recheck"] in ("pass", "no-probe"), item
+        assert not item["zeroed"]
+    assert suite.res["items"]["checkpoint_1"]["probe"] is True
+
+
+def test_wrong_answers_are_graded_not_flagged(suite):
+    s = student(suite, "wrong_answers")
+    assert s["status"] == "graded" and s["pass"] is False, (s["reason"], s["evidence"])
+    for item in s["items"]:
+        assert item["recheck"] in ("mismatch", "error", "no-probe"), item
+
+
+# ---- robustness --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["crash", "infinite_loop", "loop_ignoring_sigint", "huge_output", "corrupt",
+                                  "missing", "renamed"])
+def test_broken_submissions_are_errored_with_a_reason(suite, name):
+    v, s = suite.variants[name], student(suite, name)
+    assert s["status"] == "errored", (s["status"], s["reason"])
+    assert v.reason_contains.lower() in s["reason"].lower(), s["reason"]
+    assert s["score"] is None and s["pass"] is None and s["percent"] is None
+    assert not (suite.out / "feedback" / name).exists()
+
+
+# ---- integrity ---------------------------------------------------------------------------------------
+TAMPER = ["tamper_check", "tamper_builtins", "tamper_numpy_torch", "tamper_ipython", "tamper_read_solutions",
+          "tamper_read_gradebook", "tamper_always_equal", "tamper_edit_tests", "tamper_delete_tests"]
+
+
+@pytest.mark.parametrize("name", TAMPER)
+def test_tampering_is_flagged_and_never_scores_what_the_recheck_refutes(suite, name):
+    v, s = suite.variants[name], student(suite, name)
+    assert s["status"] == "flagged", (s["status"], s["reason"])
+    rules = {e["rule"] for e in s["evidence"] if e["flag"]}
+    assert set(v.evidence_rules) <= rules, (v.evidence_rules, rules)
+    for item in s["items"]:
+        hidden = {g: p for g, p in item["parts"].items() if SPEC.grade_cells[g].hidden}
+        if item["recheck"] in ("mismatch", "error") and any(p > 0 for p in hidden.values()):
+            assert item["zeroed"] and item["score"] == 0, item
+
+
+@pytest.mark.parametrize("name", ["tamper_check", "tamper_ipython", "tamper_always_equal"])
+def test_techniques_that_fool_the_kernel_are_caught_by_the_recheck(suite, name):
+    s = student(suite, name)
+    zeroed = [i["item"] for i in s["items"] if i["zeroed"]]
+    assert zeroed, f"{name}: the kernel was fooled but no item was zeroed: {s['items']}"
+    assert s["score"] < s["autograde_score"]
+    assert any(e["rule"] == "recheck-contradicts-kernel" for e in s["evidence"])
+
+
+def test_blocked_reads_are_evidence(suite):
+    for name, word in (("tamper_read_solutions", "solutions"), ("tamper_read_gradebook", "work")):
+        runtime = [e for e in student(suite, name)["evidence"] if e["rule"] == "blocked-access"]
+        assert runtime and any(word in e["detail"] for e in runtime), runtime
+
+
+# ---- outputs: merged gradebook and feedback ----------------------------------------------------------
+def test_merged_gradebook_matches_results_and_has_no_errored_students(suite):
+    from autograder.gradebook import open_gradebook
+    from nbgrader.api import MissingEntry
+    with open_gradebook(suite.out / "gradebook.db") as gb:
+        for name, s in suite.res["by"].items():
+            if s["status"] == "errored":
+                with pytest.raises(MissingEntry):
+                    gb.find_submission(SPEC.lesson_id, name)
+            else:
+                sub = gb.find_submission(SPEC.lesson_id, name)
+                assert sub.score == pytest.approx(s["score"]), (name, sub.score, s["score"])
+                assert sub.max_score == pytest.approx(SPEC.total_points)
+
+
+def test_feedback_shows_no_hidden_test_code(suite):
+    hidden_lines = set()
+    for cell in SPEC.source.cells:
+        src = cell.get("source", "")
+        if "BEGIN HIDDEN TESTS" in src:
+            region = src.split("BEGIN HIDDEN TESTS", 1)[1].split("END HIDDEN TESTS", 1)[0]
+            hidden_lines |= {line.strip() for line in region.splitlines() if len(line.strip()) > 25}
+    released = SPEC.release_path.read_text()
+    hidden_lines = {line for line in hidden_lines if json.dumps(line)[1:-1] not in released}  # also in visible code
+    assert hidden_lines
+    files = list((suite.out / "feedback").rglob("*.html"))
+    assert len(files) >= 4
+    for f in files:
+        text = html.unescape(f.read_text())
+        assert "HIDDEN TESTS" not in text, f
+        leaked = [line for line in hidden_lines if line in text]
+        assert not leaked, f"{f}: {leaked[:3]}"
+
+
+# ---- a second run, a failed re-grade, the wall-clock limit --------------------------------------------
+SUBSET = ["all_correct", "at_threshold", "below_threshold", "untouched", "crash", "corrupt", "tamper_check",
+          "tamper_always_equal"]
+
+
+def test_second_run_on_an_lms_zip_gives_the_same_results(suite, tmp_path):
+    zpath = tmp_path / "export.zip"
+    with zipfile.ZipFile(zpath, "w") as z:  # a zip with a wrapper folder, as LMS exports have
+        for name in SUBSET:
+            for f in (suite.subs / name).rglob("*"):
+                if f.is_file():
+                    z.write(f, Path("submissions") / f.relative_to(suite.subs))
+    out = tmp_path / "out2"
+    r = grade_cli(zpath, out, "--jobs", "2", "--cell-timeout", CELL_TIMEOUT, "--timeout", "150",
+                  "--probe-seed", "8")   # other hidden inputs: correct stays correct, cheats stay caught
+    second = load(out)
+    assert set(second["by"]) == set(SUBSET), r.stderr[-2000:]
+    keys = ("status", "score", "max_score", "percent", "pass", "objectives")
+    for name in SUBSET:
+        a, b = student(suite, name), second["by"][name]
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, name
+        assert [i["zeroed"] for i in a["items"]] == [i["zeroed"] for i in b["items"]], name
+
+
+def test_failed_regrade_never_reports_the_old_score(suite, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(suite.out, out)
+    assert load(out)["by"]["all_correct"]["score"] == SPEC.total_points
+    regrade = tmp_path / "regrade" / "all_correct" / SPEC.lesson_id
+    regrade.mkdir(parents=True)
+    (regrade / SPEC.notebook_name).write_text('{"cells": [')   # the re-submission is corrupt
+    r = grade_cli(tmp_path / "regrade", out)
+    assert r.returncode == 2, r.stderr[-2000:]
+    s = load(out)["by"]["all_correct"]
+    assert s["status"] == "errored" and s["score"] is None and s["pass"] is None
+    from autograder.gradebook import open_gradebook
+    from nbgrader.api import MissingEntry
+    with open_gradebook(out / "gradebook.db") as gb:
+        with pytest.raises(MissingEntry):
+            gb.find_submission(SPEC.lesson_id, "all_correct")
+        assert gb.find_submission(SPEC.lesson_id, "at_threshold").score > 0   # others untouched
+    assert not (out / "feedback" / "all_correct").exists()
+    assert not (out / "autograded" / "all_correct").exists()
+
+
+def test_wall_clock_limit_kills_the_kernel(tmp_path):
+    from autograder.threshold_suite import insert_after_setup, solved
+    nb = insert_after_setup(solved(SPEC), SPEC, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                                                "while True:\n    pass", "loop")
+    path = tmp_path / "subs" / "looper.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, str(path))
+    work = tmp_path / "work"
+    r = grade_cli(tmp_path / "subs", tmp_path / "out", "--cell-timeout", "120", "--timeout", "20", "--no-recheck",
+                  work=work)
+    s = load(tmp_path / "out")["by"]["looper"]
+    assert r.returncode == 2 and s["status"] == "errored", (s, r.stderr[-1500:])
+    assert "longer than 20 s" in s["reason"], s["reason"]
+    pids = [int(p) for f in work.rglob("kernel.pids") for p in f.read_text().split()]
+    assert pids, "the kernel should have registered its pid"
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"kernel processes survived the wall-clock kill: {alive}"
+
+
+def test_feedback_pages_pass_axe_core(suite):
+    """Feedback is what students receive: 0 WCAG 2.1 A/AA violations, no allowlist."""
+    from autograder.a11y import check_a11y as a11y
+    chromium = a11y.find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+    from test_autograder_a11y import ensure_axe
+    ensure_axe()
+    pages = [a11y.Page(f"feedback/{name}.html", next((suite.out / "feedback" / name).rglob("*.html")))
+             for name in ("all_correct", "at_threshold", "tamper_ipython")]
+    report = a11y.check(pages, chromium, [])
+    assert not report.findings, [f"{f.page}: {f.rule} at {f.target}: {f.summary[:120]}" for f in report.findings[:20]]

@@ -1,0 +1,321 @@
+"""Unit tests of the grader's parts: input discovery, static rules, the guard, probes, repair, results."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from autograder import recheck  # noqa: E402
+from autograder.discover import InputError, discover, sanitize  # noqa: E402
+from autograder.notebook import (SubmissionError, drop_demo_cells, grade_id, load_spec, read_submission,  # noqa: E402
+                                 repair, strip_solution_markers, structural_findings)
+from autograder.probes import PROBES, compare_fields  # noqa: E402
+from autograder.results import ERRORED, FLAGGED, GRADED, RunResult, StudentResult, write_results  # noqa: E402
+from autograder.static import scan_notebook, scan_source  # noqa: E402
+from autograder.threshold_suite import ALWAYS_EQUAL, CORRUPT, solved  # noqa: E402
+from residual_bandwidth.course import DEFAULT_LESSON, item_of  # noqa: E402
+
+SPEC = load_spec(DEFAULT_LESSON)
+NB = SPEC.notebook_name
+LID = SPEC.lesson_id
+
+
+# ---- the spec follows the notebook and the metadata --------------------------------------------------
+def test_spec_is_derived_from_notebook_and_metadata():
+    assert SPEC.items and set(SPEC.items) <= set(SPEC.meta.items)
+    assert SPEC.total_points == sum(g.points for g in SPEC.grade_cells.values())
+    for gid, g in SPEC.grade_cells.items():
+        assert g.item == item_of(gid)
+    for a in SPEC.answer_cells.values():
+        assert a.defines, f"{a.grade_id} defines nothing"
+    assert {"check", "close"} <= SPEC.protected_names
+    assert SPEC.demo_ids and not any(d in SPEC.grade_cells for d in SPEC.demo_ids)
+
+
+# ---- discovery -------------------------------------------------------------------------------------------
+def _nb(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(SPEC.release_path.read_text())
+
+
+def test_discovers_nested_student_and_flat_layouts(tmp_path):
+    _nb(tmp_path / "ann" / LID / NB)
+    _nb(tmp_path / "ben" / NB)
+    _nb(tmp_path / "cy.ipynb")
+    _nb(tmp_path / "dee" / "deep" / "inside" / NB)
+    _nb(tmp_path / "eve" / LID / "lesson-Copy1.ipynb")     # renamed
+    (tmp_path / "fay" / LID).mkdir(parents=True)             # missing
+    _nb(tmp_path / "ann" / LID / ".ipynb_checkpoints" / "lesson-checkpoint.ipynb")
+    subs = {s.student: s for s in discover(tmp_path, LID, NB, tmp_path / "scratch")}
+    assert set(subs) == {"ann", "ben", "cy", "dee", "eve", "fay"}
+    assert subs["ann"].path == tmp_path / "ann" / LID / NB and subs["ann"].problem is None
+    assert subs["dee"].path.name == NB
+    assert "renamed" in subs["eve"].problem and "lesson-Copy1.ipynb" in subs["eve"].problem
+    assert "missing" in subs["fay"].problem
+
+
+def test_discovers_lms_names_and_zip_with_wrapper_folder(tmp_path):
+    src = tmp_path / "src"
+    _nb(src / "export" / "doejane_12345_67890_lesson.ipynb")                  # Canvas
+    _nb(src / "export" / "Jo Smith_4242_assignsubmission_file_" / NB)         # Moodle
+    _nb(src / "export" / "jo smith" / NB)                                    # sanitises to the same id
+    z = tmp_path / "export.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for f in src.rglob("*.ipynb"):
+            zf.write(f, f.relative_to(src))
+    subs = discover(z, LID, NB, tmp_path / "scratch")
+    names = sorted(s.student for s in subs)
+    assert names == ["Jo_Smith", "doejane", "jo_smith"], names
+    assert all(s.path and s.path.exists() for s in subs)
+
+
+def test_zip_with_unsafe_paths_is_refused(tmp_path):
+    z = tmp_path / "evil.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("../../etc/evil.ipynb", "{}")
+    with pytest.raises(InputError, match="unsafe path"):
+        discover(z, LID, NB, tmp_path / "scratch")
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        discover(tmp_path / "nope", LID, NB, tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no submissions"):
+        discover(tmp_path / "empty", LID, NB, tmp_path)
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(InputError, match="not a .zip"):
+        discover(tmp_path / "x.txt", LID, NB, tmp_path)
+    assert sanitize("Ana María/../x") == "Ana_Mar_a_._x" and sanitize("///") == "student"
+
+
+# ---- reading and preparing a submission ----------------------------------------------------------------
+@pytest.mark.parametrize("content,match", [
+    ("", "empty"), ('{"cells": [', "not valid JSON"), ("[1, 2]", "not a Jupyter notebook"),
+    ('{"cells": [], "nbformat": 3}', "unsupported notebook format"), (b"\xff\xfe\x00", "not UTF-8"),
+])
+def test_unreadable_notebooks_are_rejected_with_a_reason(tmp_path, content, match):
+    p = tmp_path / "x.ipynb"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SubmissionError, match=match):
+        read_submission(p, 10**8)
+
+
+def test_oversized_notebook_is_rejected(tmp_path):
+    p = tmp_path / "x.ipynb"
+    p.write_text(SPEC.release_path.read_text())
+    with pytest.raises(SubmissionError, match="over the"):
+        read_submission(p, 1000)
+
+
+def test_repair_restores_deleted_nbgrader_cells_in_order():
+    nb = copy.deepcopy(SPEC.release)
+    first_item = SPEC.items[0]
+    drop = {gid for gid in list(SPEC.locked_cells) + [g for g in SPEC.grade_cells if SPEC.grade_cells[g].item == first_item]
+            + [a for a in SPEC.answer_cells if SPEC.answer_cells[a].item == first_item]}
+    nb.cells = [c for c in nb.cells if grade_id(c) not in drop]
+    found = {f.rule for f in structural_findings(nb, SPEC)}
+    assert {"deleted-test-cell", "deleted-locked-cell", "deleted-answer-cell"} <= found
+    fixed = repair(nb, SPEC)
+    order = [grade_id(c) for c in fixed.cells if grade_id(c)]
+    assert order == [grade_id(c) for c in SPEC.release.cells if grade_id(c)]
+
+
+def test_fast_mode_drops_only_source_demo_cells():
+    nb = copy.deepcopy(SPEC.release)
+    mine = nbformat.v4.new_code_cell("x = 1  # my own cell")
+    nb.cells.insert(5, mine)
+    edited = next(c for c in nb.cells if c.get("id") in SPEC.demo_ids)
+    fast = drop_demo_cells(nb, SPEC)
+    kept = {c.get("id") for c in fast.cells}
+    assert mine.id in kept
+    assert not kept & SPEC.demo_ids
+    assert all(grade_id(c) in kept or c.get("id") in kept for c in nb.cells if grade_id(c))
+    assert edited.get("id") not in kept
+    # without ids (old editors), unchanged demo cells are still recognised by their source
+    for c in nb.cells:
+        c.pop("id", None)
+    assert not any(c.cell_type == "code" and not grade_id(c) and c.source.strip() == d.source.strip()
+                   for c in drop_demo_cells(nb, SPEC).cells for d in SPEC.source.cells if d.get("id") in SPEC.demo_ids)
+
+
+def test_structure_findings_for_edited_and_forged_cells():
+    nb = copy.deepcopy(SPEC.release)
+    test_cell = next(c for c in nb.cells if grade_id(c) in SPEC.grade_cells)
+    test_cell.source = "pass"
+    test_cell.metadata.nbgrader["points"] = 100
+    forged = nbformat.v4.new_code_cell("pass")
+    forged.metadata["nbgrader"] = {"grade": True, "grade_id": "bonus__x", "points": 50, "solution": False,
+                                   "locked": False, "schema_version": 3}
+    nb.cells.append(forged)
+    rules = {f.rule for f in structural_findings(nb, SPEC)}
+    assert {"edited-test-cell", "edited-test-metadata", "unknown-nbgrader-cell"} <= rules
+    assert structural_findings(copy.deepcopy(SPEC.release), SPEC) == []
+
+
+# ---- static checks ---------------------------------------------------------------------------------------
+def test_solutions_and_the_released_notebook_raise_no_flags():
+    for gid, cell in ((grade_id(c), c) for c in SPEC.source.cells if grade_id(c) in SPEC.answer_cells):
+        flags = [f for f in scan_source(strip_solution_markers(cell.source), gid, SPEC.protected_names) if f.flag]
+        assert not flags, (gid, flags)
+    assert scan_notebook(SPEC.release, SPEC) == []
+    assert not [f for f in scan_notebook(solved(SPEC), SPEC) if f.flag]
+    assert not [f for f in scan_notebook(solved(SPEC, "_variant_corrupt", CORRUPT), SPEC) if f.flag]
+
+
+@pytest.mark.parametrize("code,rule", [
+    ("check = lambda *a, **k: True", "assign-protected-name"),
+    ("def close(a, b, **k):\n    return True", "assign-protected-name"),
+    ("from unittest.mock import MagicMock as check", "assign-protected-name"),
+    ("import cupy as np", "assign-protected-name"),
+    ("np.testing.assert_allclose = lambda *a, **k: None", "patch-module"),
+    ("torch.allclose = lambda *a, **k: True", "patch-module"),
+    ("import builtins\nbuiltins.abs = lambda x: 0", "patch-module"),
+    ("setattr(torch, 'allclose', lambda *a: True)", "patch-module"),
+    ("globals()['check'] = print", "patch-module"),
+    ("torch.Tensor.__eq__ = lambda *a: True", "patch-module"),
+    ("class F(float):\n    def __eq__(self, o):\n        return True", "comparison-override"),
+    ("F = type('F', (float,), {'__eq__': lambda s, o: True})", "comparison-override"),
+    ("get_ipython().input_transformers_cleanup.append(lambda l: [])", "ipython-hooks"),
+    ("ip = get_ipython()\nip.events.register('pre_run_cell', print)", "ipython-hooks"),
+    ("import sys\nv = sys._getframe(1).f_locals['ref']", "frame-inspection"),
+    ("import inspect\nref = inspect.stack()[1]", "frame-inspection"),
+    ("exec(open('x').read())", "dynamic-code"),
+    ("src = open('../../solutions/x/lesson.ipynb').read()", "reads-protected"),
+    ("p = 'sol' + 'utions'", "reads-protected"),
+    ("!cat ../solutions/lesson.ipynb", "reads-protected"),
+    ("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)", "signal-handling"),
+])
+def test_static_rules_catch_each_technique(code, rule):
+    findings = scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports)
+    assert rule in {f.rule for f in findings if f.flag}, findings
+
+
+@pytest.mark.parametrize("code", [
+    "def f(x):\n    check = x  # a local name is fine\n    return check",
+    "import re\npattern = re.compile('a+')",
+    "y = np.stack([np.ones(3)]).sum()",
+    "class Monitor:\n    def __init__(self):\n        self.events = []",
+    "print('solution of the exercise')",
+    "!pip list",
+    "import numpy as np\nimport torch\nfrom sklearn.decomposition import PCA\nimport residual_bandwidth as rb",
+])
+def test_static_rules_leave_ordinary_code_alone(code):
+    assert not [f for f in scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports) if f.flag]
+
+
+# ---- the guard -------------------------------------------------------------------------------------------
+def test_guard_blocks_protected_paths_and_logs_them(tmp_path):
+    secret, allowed = tmp_path / "solutions", tmp_path / "work"
+    secret.mkdir()
+    allowed.mkdir()
+    (secret / "answer.txt").write_text("42")
+    (allowed / "mine.txt").write_text("ok")
+    (allowed / "lesson.ipynb").write_text("{}")
+    log = tmp_path / "guard.jsonl"
+    script = textwrap.dedent(f"""
+        import os, subprocess, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from autograder import guard
+        guard.install([{str(secret)!r}, {str(tmp_path)!r}], [{str(allowed)!r}], {str(log)!r})
+        results = []
+        for attempt in (lambda: open({str(secret / 'answer.txt')!r}).read(),
+                        lambda: os.listdir({str(secret)!r}),
+                        lambda: open({str(allowed / 'lesson.ipynb')!r}).read(),
+                        lambda: open('/proc/1/environ').read(),
+                        lambda: subprocess.run(['cat', {str(secret / 'answer.txt')!r}]),
+                        lambda: open({str(allowed / 'mine.txt')!r}).read()):
+            try:
+                attempt()
+                results.append('ok')
+            except PermissionError:
+                results.append('blocked')
+        print(','.join(results))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stdout.strip() == "blocked,blocked,blocked,blocked,blocked,ok", r.stdout + r.stderr
+    from autograder.guard import read_log
+    assert sum(1 for e in read_log(log) if e["blocked"]) == 5
+
+
+# ---- probes and the out-of-kernel re-check ---------------------------------------------------------------
+def test_compare_fields():
+    want = {"r": (3, 4), "u": 0.5, "level": "ok"}
+    assert compare_fields({"r": 4, "u": 0.5000000001, "level": "ok"}, want, ranks=("r",), floats=("u",),
+                          exact=("level",)) is None
+    assert "expected 3..4" in compare_fields({"r": 5, "u": 0.5, "level": "ok"}, want, ranks=("r",))
+    assert "missing key" in compare_fields({"u": 0.5}, want, floats=("u",), ranks=("r",))
+    assert "expected a dict" in compare_fields([1], want, floats=("u",))
+    assert compare_fields({"u": True}, {"u": 1.0}, floats=("u",)) is not None   # bools are not numbers
+
+
+def _recheck(nb, tmp_path, seed=3):
+    probes = recheck.ProbeSet.build(SPEC, seed)
+    guard = {"protect": [str(ROOT / "solutions")], "allow": [str(tmp_path)], "log": str(tmp_path / "g.jsonl")}
+    running = recheck.start(nb, SPEC, probes, tmp_path / "rc", guard, timeout=240, memory_bytes=4 * 1024**3,
+                            case_timeout=30, cell_timeout=60)
+    return recheck.finish(running, probes, SPEC)
+
+
+def test_recheck_passes_the_solution_and_catches_wrong_and_always_equal_answers(tmp_path):
+    assert set(PROBES) & set(SPEC.items), "no probe matches an item of the notebook"
+    good, _ = _recheck(solved(SPEC), tmp_path / "good")
+    for item in SPEC.items:
+        assert good[item].verdict == ("pass" if item in PROBES else "no-probe"), (item, good[item])
+    wrong, _ = _recheck(solved(SPEC, "_variant_corrupt", CORRUPT), tmp_path / "wrong")
+    for item in set(PROBES) & set(SPEC.items):
+        assert wrong[item].verdict == "mismatch", (item, wrong[item])
+    eq, _ = _recheck(solved(SPEC, "_variant_always_equal", ALWAYS_EQUAL), tmp_path / "eq")
+    assert eq["checkpoint_1"].verdict == "mismatch" and "effective_rank" in eq["checkpoint_1"].detail
+    stub, _ = _recheck(SPEC.release, tmp_path / "stub")
+    for item in set(PROBES) & set(SPEC.items):
+        assert stub[item].verdict == "error" and "NotImplementedError" in stub[item].detail
+
+
+def test_plain_conversion_strips_always_equal_objects():
+    import numpy as np
+    import torch
+    from autograder.sandbox import make_plain
+    plain = make_plain(torch, np)
+
+    class Eq(int):
+        def __eq__(self, other):
+            return True
+
+    class EqF(float):
+        def __eq__(self, other):
+            return True
+
+    out = plain({"a": Eq(3), "b": EqF(2.5), "c": torch.tensor([1.0, 2.0]), "d": np.float32(1.5), "e": [Eq(1)]})
+    assert out == {"a": 3, "b": 2.5, "c": [1.0, 2.0], "d": 1.5, "e": [1]}
+    assert type(out["a"]) is int and type(out["b"]) is float and type(out["e"][0]) is int
+    assert json.loads(json.dumps(out)) == out
+    with pytest.raises(TypeError, match="not plain data"):
+        plain(object())
+
+
+# ---- results -----------------------------------------------------------------------------------------------
+def test_exit_codes_and_csv(tmp_path):
+    def run(*statuses):
+        students = [StudentResult(f"s{i}", f"s{i}", st) for i, st in enumerate(statuses)]
+        return RunResult(LID, 0.75, "fast", 1, 24, {}, {"LO1": "x"}, [], students)
+    assert run(GRADED).exit_code() == 0
+    assert run(GRADED, FLAGGED).exit_code() == 3
+    assert run(FLAGGED, ERRORED).exit_code() == 2
+    r = run(GRADED, ERRORED)
+    r.students[0].score, r.students[0].max_score, r.students[0].percent, r.students[0].passed = 18, 24, 75.0, True
+    r.students[0].objectives = {"LO1": {"score": 8, "max_score": 8}}
+    j, c = write_results(r, tmp_path)
+    rows = c.read_text().splitlines()
+    assert rows[0].startswith("student,submitted_as,status,score,max_score,percent,pass,LO1_score,LO1_max")
+    assert rows[1].startswith("s0,s0,graded,18,24,75.00,yes,8,8") and rows[2].startswith("s1,s1,errored,,,,,")
+    assert json.loads(j.read_text())["counts"] == {"graded": 1, "flagged": 0, "errored": 1}
