@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from residual_bandwidth import BandwidthInputError, ResidualCapture, capture_residuals, hook_name
+from residual_bandwidth import BandwidthInputError, ResidualCapture, capture_residuals, hook_name, load_model
 from residual_bandwidth.capture import architecture_of, model_dims
 from conftest import PROMPTS
 
@@ -33,14 +33,18 @@ def test_identities_on_random_gpt2(tiny_gpt2):
 
 
 def test_resid_post_of_last_layer_is_before_final_norm(embedded, embedded_capture):
-    """HF's hidden_states[-1] has the final norm applied; our resid_post does not."""
-    enc = embedded.tokenizer(PROMPTS[1], return_tensors="pt")
+    """HF's hidden_states[-1] has the final norm applied; our resid_post does not.
+
+    A separate model instance: output_hidden_states=True makes transformers leave its own
+    output-capturing hooks on the model, which would disturb hook-counting tests elsewhere."""
+    own = load_model("embedded")
+    enc = own.tokenizer(PROMPTS[1], return_tensors="pt")
     with torch.no_grad():
-        hs = embedded.model(**enc, output_hidden_states=True).hidden_states
+        hs = own.model(**enc, output_hidden_states=True).hidden_states
     rows = embedded_capture.prompt_index == 1
     assert torch.allclose(embedded_capture.get("resid_pre", 0)[rows], hs[0][0], atol=1e-5)
     assert torch.allclose(embedded_capture.get("resid_post", 10)[rows], hs[11][0], rtol=1e-4, atol=1e-3)
-    final_norm = embedded.model.model.norm
+    final_norm = own.model.model.norm
     assert torch.allclose(final_norm(embedded_capture.get("resid_post", 29)[rows]), hs[30][0], rtol=1e-4, atol=1e-3)
 
 

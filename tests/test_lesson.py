@@ -110,8 +110,11 @@ def test_student_version_has_no_solutions_or_hidden_tests():
 
 def test_validation_passes_on_source_and_fails_on_student_version():
     from nbgrader.validator import Validator
-    assert Validator().validate(str(SOURCE)) == {}
-    result = Validator().validate(str(RELEASE))
+    from traitlets.config import Config
+    # nbgrader's default is 30 s per cell; this test is about correctness, not a slow shared CPU
+    config = Config({"Execute": {"timeout": 900}})
+    assert Validator(config=config).validate(str(SOURCE)) == {}
+    result = Validator(config=config).validate(str(RELEASE))
     visible = [g for g in grade_cells(nbformat.read(RELEASE, 4)) if g.endswith("__visible")]
     assert len(result.get("failed", [])) == len(visible), result
 

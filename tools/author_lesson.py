@@ -198,7 +198,6 @@ def check(condition, message):
     \"\"\"Fail with a message that explains what is wrong and what to try.\"\"\"
     if not bool(condition):
         raise AssertionError(message)
-    return True
 
 
 def close(a, b, rel=1e-5, abs_=1e-8):
