@@ -599,6 +599,7 @@ class FakeCurve:
         return [
             {"layer": 0, "k": 32, "subspace": "pca", "loss": 2.6, "kl": 0.05, "delta_loss": 0.1},
             {"layer": 0, "k": 64, "subspace": "pca", "loss": 2.52, "kl": 0.01, "delta_loss": 0.02},
+            {"layer": 0, "k": 64, "subspace": "random", "loss": 2.51, "kl": 0.3, "delta_loss": 0.01},
             {"layer": 3, "k": 64, "subspace": "pca", "loss": 2.75, "kl": 0.2, "delta_loss": 0.25},
         ]
 
@@ -646,3 +647,22 @@ def test_attach_validates_layers_and_model(tiny):
     assert isinstance(mon.traffic_summary(), list)
     with pytest.raises(BandwidthInputError):
         mon.traffic(0)
+
+
+def test_processing_restores_the_callers_thread_setting(rng):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        mon = BandwidthMonitor(layers=[0], thresholds={})
+        orig = mon._process_request
+        mon._process_request = lambda req: (seen.append(torch.get_num_threads()), orig(req))[1]
+        assert mon.observe({0: torch.from_numpy(rng.normal(size=(10, 8)))}).status == "ok"
+        assert seen == [1] and torch.get_num_threads() == 2
+        off = BandwidthMonitor(layers=[0], thresholds={}, single_thread=False)
+        orig_off = off._process_request
+        off._process_request = lambda req: (seen.append(torch.get_num_threads()), orig_off(req))[1]
+        off.observe({0: torch.from_numpy(rng.normal(size=(10, 8)))})
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(before)

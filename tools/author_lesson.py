@@ -797,6 +797,9 @@ print(f"{totals['requests']} requests ({totals['requests_bad']} rejected), {tota
       f"watched layers {mon.layers}")
 print(f"{'layer':>5} {'tokens':>6} {'massive':>7} {'r95':>4} {'PR':>6} {'util/d':>7}")
 for row in mon.traffic_summary():
+    if row.get("variance_rank") is None:   # too few tokens so far for a spectrum
+        print(f"{row['layer']:>5} {row['tokens']:>6} {row['massive_tokens']:>7}   (too few tokens for a spectrum)")
+        continue
     print(f"{row['layer']:>5} {row['tokens']:>6} {row['massive_tokens']:>7} {row['variance_rank']:>4} "
           f"{row['participation_ratio']:>6.1f} {row['utilization_d_model']:>7.1%}")
 display(plot_monitor_timeline(mon.timeline_records(), mon.alert_records(), mon.thresholds,

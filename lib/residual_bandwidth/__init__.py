@@ -29,7 +29,9 @@ from .metrics import (BandwidthMetrics, Spectrum, anisotropy, compute_metrics, e
                       participation_ratio, spectral_entropy, spectrum, stable_rank,
                       variance_threshold_rank)
 from .models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
+from .monitor import BandwidthMonitor, ProductionBandwidthMonitor
 from .outliers import MassiveActivation, OutlierDimension, massive_rows, outlier_dimensions
+from .streaming import StreamingMoments
 from .validation import BandwidthInputError
 from .weights import LayerWeights, all_layer_weights, layer_weights
 
