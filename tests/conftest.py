@@ -41,6 +41,17 @@ def tiny_gpt2(embedded):
     return GPT2LMHeadModel(cfg).eval(), embedded.tokenizer
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a test module (restored afterwards). On a shared 2-core machine,
+    two OpenMP threads competing with other processes made the small-tensor tests 4-50x slower.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -14,14 +14,7 @@ CROWDED, ONE_DIM, MASSIVE = 10, 20, 30
 GRID_KEYS = {"layer", "prompt", "position", "token", "norm_ratio", "spread", "score", "severity", "massive"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread for this module: on the shared 2-core machine two OpenMP threads competing
-    with other processes made these tests up to 14x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_stack(rng, n=60, d=64, ranks=(8, 16, 24), noise=0.05):

@@ -18,14 +18,7 @@ SRC = (0, 1)                                   # writes into the planted subspac
 DST = {"Q": (2, 3), "K": (1, 1), "V": (2, 0)}  # read S with their queries / keys / values
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread for this module: on the shared 2-core machine two OpenMP threads competing
-    with other processes made these tests up to 14x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _subspace(seed=0):

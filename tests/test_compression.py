@@ -13,14 +13,7 @@ from conftest import PROMPTS
 RECORD_KEYS = {"layer", "k", "subspace", "loss", "kl", "delta_loss"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread for this module: on the shared 2-core machine two OpenMP threads competing
-    with other processes made these tests up to 14x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hook_counts(model):

@@ -17,14 +17,7 @@ from conftest import PROMPTS, random_orthogonal
 HEAD_LAYER, HEAD, NEURON_LAYER, NEURON = 1, 2, 2, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread for this module: on the shared 2-core machine two OpenMP threads competing
-    with other processes made these tests up to 14x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _basis_orthogonal_to_ones(d, k, seed=0):

@@ -10,14 +10,7 @@ from residual_bandwidth.streaming import StreamingMoments
 from residual_bandwidth.validation import BandwidthInputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread is many times faster (no
-    OpenMP spin-waiting against other processes). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _anisotropic(rng, n, d, offset=3.0):

@@ -12,14 +12,7 @@ from residual_bandwidth.weights import (all_layer_weights, attention_write, fact
 PROMPT = "The capital of France is Paris, and the river is the Seine."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread for this module: on the shared 2-core machine two OpenMP threads competing
-    with other processes made these tests up to 14x slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(tokenizer, attention_bias=False, mlp_bias=False, seed=0):

@@ -26,10 +26,11 @@ def _prompts(args) -> list[str] | None:
     return prompts or None
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_measurement(p: argparse.ArgumentParser, out_default: str) -> None:
+    """Options shared by every subcommand: which model, where to write, what to measure."""
     p.add_argument("--model", default="embedded",
                    help="'embedded' (offline SmolLM2-135M), a Hugging Face id such as gpt2, or a local path")
-    p.add_argument("--out", default="out", help="output folder for report.json, table.txt and figures")
+    p.add_argument("--out", default=out_default, help="output folder")
     p.add_argument("--kind", default="resid_post",
                    choices=["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
     p.add_argument("--threshold", type=float, default=0.95, help="variance fraction p of the rank r_p")
@@ -37,11 +38,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="flag positions whose norm is this many times the layer's median norm")
     p.add_argument("--keep-massive", action="store_true",
                    help="do not leave massive-activation positions out of the spectra")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_prompts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", action="append", help="a prompt (repeat for several; default: built-in prompts)")
+    p.add_argument("--prompts-file", help="a file with one prompt per line")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    """analyze / lesson: the bandwidth job's options."""
+    _add_measurement(p, "out")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--fast", action="store_true", help="analytics on fewer layers and subspace sizes")
     p.add_argument("--no-analytics", action="store_true",
                    help="skip bottlenecks / memory management / composition / compression curve")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="bandwidth report for a model and prompts")
     _add_common(a)
-    a.add_argument("--text", action="append", help="a prompt (repeat for several)")
-    a.add_argument("--prompts-file", help="a file with one prompt per line")
+    _add_prompts(a)
     lesson = sub.add_parser("lesson", help="the lesson's main job on the built-in prompts")
     _add_common(lesson)
     _add_figures_parser(sub)
@@ -79,25 +89,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_figures_parser(sub) -> None:
     f = sub.add_parser("figures", help="write every plot as PNG plus figures.md (alt texts and tables)")
-    f.add_argument("--model", default="embedded",
-                   help="'embedded' (offline SmolLM2-135M), a Hugging Face id such as gpt2, or a local path")
-    f.add_argument("--text", action="append", help="a prompt (repeat for several; default: built-in prompts)")
-    f.add_argument("--prompts-file", help="a file with one prompt per line")
-    f.add_argument("--out", default="out/figures", help="output folder")
-    f.add_argument("--kind", default="resid_post",
-                   choices=["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
-    f.add_argument("--threshold", type=float, default=0.95, help="variance fraction p of the rank r_p")
-    f.add_argument("--massive-ratio", type=float, default=4.0,
-                   help="flag positions whose norm is this many times the layer's median norm")
-    f.add_argument("--keep-massive", action="store_true",
-                   help="do not leave massive-activation positions out of the spectra")
+    _add_measurement(f, "out/figures")
+    _add_prompts(f)
     f.add_argument("--prompt-index", type=int, default=0, help="the prompt shown in per-prompt heatmaps")
     f.add_argument("--analytics-json",
                    help="JSON with analytics records: keys bottlenecks, wov_heads, memory_ranking, "
                         "composition, compression (see residual_bandwidth.viz.build_figures)")
     f.add_argument("--monitor-json", help="JSON with monitor records: keys records, alerts, thresholds")
     f.add_argument("--dpi", type=int, default=120, help="resolution of the PNG files")
-    f.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _read_json(path: str | None, flag: str):
