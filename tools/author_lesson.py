@@ -696,8 +696,11 @@ from residual_bandwidth.viz import plot_memory_ranking, plot_wov_spectra
 mem = memory_management(model, tokenizer, prompts[:3] if FAST else prompts, states=cap, progress=False)
 display(plot_wov_spectra(mem.heads))
 print("Top memory-management candidates (weights and activations combined):")
+def evidence(e):
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items())
+
 for r in mem.ranking[:8]:
-    print(f"  {r['rank']:2d}. {r['component']:<10} {r['kind']:<10} score {r['score']:.2f}  {r['evidence']}")
+    print(f"  {r['rank']:2d}. {r['component']:<10} {r['kind']:<10} score {r['score']:.2f}  ({evidence(r['evidence'])})")
 display(plot_memory_ranking(mem.ranking))
 """)
 md("""
@@ -902,8 +905,7 @@ from residual_bandwidth.viz import plot_compression_curve
 d = cap.d_model
 fractions = (1 / 9, 1 / 3, 2 / 3, 1.0) if FAST else (1 / 18, 1 / 9, 2 / 9, 1 / 3, 5 / 9, 7 / 9, 1.0)
 ks = sorted({max(1, round(f * d)) for f in fractions})
-curve = compression_curve(model, tokenizer, [cap.n_layers // 3, 2 * cap.n_layers // 3], ks,
-                          n_random=1, progress=False)
+curve = compression_curve(model, tokenizer, mon.layers[:2], ks, n_random=1, progress=False)  # layers the monitor watches
 display(plot_compression_curve(curve.records(), curve.base_loss, curve.tolerance, d_model=d))
 print(f"unmodified held-out loss: {curve.base_loss:.3f} nats over {curve.n_heldout_tokens} tokens")
 for layer in curve.layers:
