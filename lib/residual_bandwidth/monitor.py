@@ -142,6 +142,8 @@ import numpy as np
 import torch
 
 from .capture import KINDS, _first, architecture_of, model_dims
+from .metrics import (Spectrum, entropy_effective_rank, participation_ratio, spectrum, stable_rank,
+                      variance_threshold_rank)
 from .outliers import DEFAULT_MASSIVE_RATIO
 from .streaming import StreamingMoments
 from .validation import BandwidthInputError, check_fraction, check_positive
@@ -723,12 +725,12 @@ class BandwidthMonitor:
                           massive_other_fraction=(n_massive - n_first) / n, rank_rows=int(rows.shape[0]))
         m = rows.shape[0]
         if m >= self.min_tokens_for_rank:
-            xc = rows - rows.mean(dim=0, keepdim=True)
-            gram = xc @ xc.T if m < d else xc.T @ xc
-            lam = torch.linalg.eigvalsh(gram).flip(0).numpy()[: min(m, d)]
-            if lam.size and lam[0] > 0:
-                lam = np.where(lam > lam[0] * max(m, d) * np.finfo(np.float64).eps * 10, lam, 0.0)
-                _rank_family(lam, self.variance_threshold, rec, min(m, d), d)
+            try:
+                spec = spectrum(rows, center=True, name="request rows", layer=L)
+            except BandwidthInputError:  # zero variance (identical rows): no spectrum to report
+                spec = None
+            if spec is not None:
+                _rank_family(spec, self.variance_threshold, rec, min(m, d), d)
         typical_sum = float(norms[~massive].sum()) if n_massive else float(norms.sum())
         return rec, rows, typical_sum
 
@@ -1143,21 +1145,13 @@ class BandwidthMonitor:
                 f"requests={self.totals()['requests']})")
 
 
-def _rank_family(lam: np.ndarray, p: float, rec: LayerRecord, available: int, d: int) -> None:
-    """Fill ``rec``'s rank fields from a descending, non-negative spectrum ``lam`` (one pass).
-
-    The same formulas as :mod:`residual_bandwidth.metrics` (tests check they agree), without its
-    per-call validation: this runs on every request.
-    """
-    total = lam.sum()
-    ratio = np.cumsum(lam) / total
-    r = int(np.searchsorted(ratio, p - 1e-12, side="left") + 1)
-    sig = np.sqrt(lam)
-    q = sig[sig > 0] / sig.sum()
+def _rank_family(spec: Spectrum, p: float, rec: LayerRecord, available: int, d: int) -> None:
+    """Fill ``rec``'s rank fields from a request's spectrum (formulas: :mod:`residual_bandwidth.metrics`)."""
+    r = variance_threshold_rank(spec, p)
     rec.variance_rank = r
-    rec.participation_ratio = float(total * total / np.dot(lam, lam))
-    rec.stable_rank = float(total / lam[0])
-    rec.entropy_rank = float(np.exp(-np.dot(q, np.log(q))))
+    rec.participation_ratio = participation_ratio(spec)
+    rec.stable_rank = stable_rank(spec)
+    rec.entropy_rank = entropy_effective_rank(spec)
     rec.utilization_available = r / available
     rec.utilization_d_model = r / d
 
