@@ -196,3 +196,34 @@ def test_chunked_accumulation_matches_one_shot(rng, monkeypatch):
     with pytest.raises(BandwidthInputError, match=r"zero vector\(s\) at position\(s\) \[50\]"):
         x[50] = 0.0
         M.anisotropy(x)
+
+
+@pytest.mark.parametrize("n,d", [(40, 12), (12, 40)])
+def test_covariance_and_gram_paths_agree_with_numpy_svd(rng, n, d):
+    """Both routes to the spectrum give sigma(Xc)^2, whichever side is larger; auto picks the smaller."""
+    x = rng.normal(size=(n, d)) * np.linspace(3, 0.1, d) + 5.0
+    sig2 = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    for method in ("auto", "covariance", "gram"):
+        lam = M.spectrum(torch.tensor(x), method=method).eigenvalues
+        assert lam.shape == (min(n, d),)
+        np.testing.assert_allclose(lam, sig2, rtol=1e-9, atol=1e-9 * sig2[0])
+    with pytest.raises(BandwidthInputError, match="method"):
+        M.spectrum(torch.tensor(x), method="svd")
+
+
+def test_metrics_never_modify_their_input(rng):
+    """The float64 path centres a block in place; it must be a copy, not the caller's tensor."""
+    for n, d in [(50, 8), (8, 50)]:
+        x = torch.tensor(rng.normal(size=(n, d)) + 3.0)  # float64: .to(float64) alone would alias
+        before = x.clone()
+        M.compute_metrics(x)
+        for method in ("covariance", "gram"):
+            M.spectrum(x, method=method)
+        assert torch.equal(x, before)
+
+
+def test_mean_norm_matches_numpy(rng, monkeypatch):
+    x = rng.normal(size=(37, 9)) * 4 + 1.0
+    monkeypatch.setattr(M, "CHUNK_ROWS", 5)
+    assert M.compute_metrics(torch.tensor(x, dtype=torch.float32)).mean_norm == pytest.approx(
+        np.linalg.norm(x.astype(np.float32).astype(np.float64), axis=1).mean(), rel=1e-12)

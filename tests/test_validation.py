@@ -74,3 +74,22 @@ def test_analyzer_arguments_are_validated():
 def test_bad_prompts(prompts, pattern):
     with pytest.raises(BandwidthInputError, match=pattern):
         check_prompts(prompts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_finite_check_fast_path_and_overflow_fallback(dtype):
+    """``all_finite`` trusts a finite sum; a sum that overflows must fall back to the entrywise check."""
+    from residual_bandwidth.validation import all_finite
+    big = torch.finfo(dtype).max / 2
+    x = torch.full((64, 8), big, dtype=dtype)  # finite entries whose sum overflows to Inf
+    assert not bool(torch.isfinite(x.sum()))
+    assert all_finite(x) and as_matrix(x) is not None
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = torch.ones(20_000, 4, dtype=dtype)  # more rows than one block of the fallback
+        y[17_000, 2] = bad
+        assert not all_finite(y)
+        with pytest.raises(BandwidthInputError, match=r"position\(s\) \[17000\]"):
+            as_matrix(y)
+    z = torch.full((4, 4), big, dtype=dtype)
+    z[0, 0], z[1, 1] = float("inf"), float("-inf")  # Inf - Inf: the sum is NaN, still caught
+    assert not all_finite(z)

@@ -21,7 +21,7 @@ from .capture import as_capture, hook_name
 from .metrics import BandwidthMetrics, compute_metrics
 from .outliers import (DEFAULT_MASSIVE_RATIO, MassiveActivation, OutlierDimension, massive_rows,
                        outlier_dimensions)
-from .validation import BandwidthInputError, as_matrix, check_fraction, check_positive
+from .validation import BandwidthInputError, check_fraction, check_positive
 
 
 @dataclass
@@ -159,6 +159,6 @@ class ResidualBandwidthAnalyzer:
         if int(keep.sum()) < 1:
             raise BandwidthInputError("every position is a massive activation; nothing left to pool")
         pooled = torch.cat(cap.layer_stack(kind, rows=keep))
-        return compute_metrics(as_matrix(pooled, "residual_states (pooled)"), self.center,
+        return compute_metrics(pooled, self.center,
                                self.variance_threshold, layer="all", name="residual_states (pooled)",
                                excluded_positions=int((~keep).sum()))

@@ -62,28 +62,43 @@ def column_mean(x: torch.Tensor) -> torch.Tensor:
     return total / x.shape[0]
 
 
-def spectrum(x, center: bool = True, name: str = "x", layer=None) -> Spectrum:
+METHODS = ("auto", "covariance", "gram")
+
+
+def spectrum(x, center: bool = True, name: str = "x", layer=None, method: str = "auto") -> Spectrum:
     """Return the variance spectrum of a ``[positions, d_model]`` matrix.
 
-    ``lambda = eig(Xc^T Xc)`` when ``n >= d`` (a d x d covariance) and ``eig(Xc Xc^T)`` otherwise (an
-    n x n Gram matrix): the non-zero eigenvalues of both are the squared singular values of ``Xc``,
-    and we never form the larger one. Computed in float64. Eigenvalues below the numerical
-    noise floor ``lambda_max * max(n, d) * eps64 * 10`` are set to exactly 0 so that rank-deficient
-    inputs have exactly-zero tail variances (as an SVD would report them).
+    ``lambda = eig(Xc^T Xc)`` (a d x d covariance) or ``eig(Xc Xc^T)`` (an n x n Gram matrix): the
+    non-zero eigenvalues of both are the squared singular values of ``Xc``. ``method="auto"`` picks
+    the smaller matrix (covariance when ``n >= d``, Gram otherwise) so we never form the larger one;
+    ``"covariance"`` / ``"gram"`` force one (for benchmarks and tests). Computed in float64.
+    Eigenvalues below the numerical noise floor ``lambda_max * max(n, d) * eps64 * 10`` are set to
+    exactly 0 so that rank-deficient inputs have exactly-zero tail variances (as an SVD reports).
+
+    Memory: the covariance path reads ``X`` in blocks of ``CHUNK_ROWS`` rows and holds
+    ``O(CHUNK_ROWS * d + d^2)`` float64 numbers, whatever n is; the Gram path holds the centred
+    float64 copy of ``X`` and the ``n x n`` matrix.
 
     Raises :class:`BandwidthInputError` for malformed input and for data with zero variance (all
     rows identical after centring), where every ratio below would be 0/0.
     """
+    if method not in METHODS:
+        raise BandwidthInputError(f"method: expected one of {METHODS}, got {method!r}")
     x = as_matrix(x, name=name, layer=layer).detach()
+    return _spectrum(x, center, name, layer, method)
+
+
+def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "auto") -> Spectrum:
+    """:func:`spectrum` of an already validated matrix (no second validation pass)."""
     n, d = x.shape
     mean = column_mean(x) if center else torch.zeros(d, dtype=torch.float64)
-    if n >= d:
+    if method == "covariance" or (method == "auto" and n >= d):
         gram = torch.zeros(d, d, dtype=torch.float64)
         for rows in _row_chunks(x):  # never a float64 copy of all of X: O(chunk*d + d^2) memory
-            c = rows.to("cpu", torch.float64) - mean
+            c = rows.to("cpu", torch.float64, copy=True).sub_(mean)  # copy: never edit the input
             gram.addmm_(c.T, c)
     else:
-        c = x.to("cpu", torch.float64) - mean
+        c = x.to("cpu", torch.float64, copy=True).sub_(mean)
         gram = c @ c.T
     lam = torch.linalg.eigvalsh(gram).flip(0).numpy()
     lam = lam[: min(n, d)]
@@ -183,16 +198,27 @@ def anisotropy(x, name: str = "x", layer=None) -> float:
     rejected.
     """
     x = as_matrix(x, name=name, layer=layer).detach()
+    return _norm_pass(x, name)[1]
+
+
+def _norm_pass(x: torch.Tensor, name: str) -> tuple[float, float]:
+    """One pass over the rows: ``(mean_i ||x_i||, anisotropy)``, accumulated in float64.
+
+    ``sum_i u_i`` is formed as the vector-matrix product ``(1 / ||x_i||)^T X`` per block, so no
+    normalised copy of the rows is made.
+    """
     n = x.shape[0]
-    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    unit_sum = torch.zeros(x.shape[1], dtype=torch.float64)
+    norm_sum = 0.0
     for start, rows in zip(range(0, n, CHUNK_ROWS), _row_chunks(x)):
         rows = rows.to("cpu", torch.float64)
-        norms = rows.norm(dim=1)
+        norms = torch.linalg.vector_norm(rows, dim=1)
         if bool((norms == 0).any()):
             bad = ((norms == 0).nonzero().flatten()[:5] + start).tolist()
             raise BandwidthInputError(f"{name}: zero vector(s) at position(s) {bad} have no direction")
-        s += (rows / norms[:, None]).sum(dim=0)
-    return float((s @ s - n) / (n * (n - 1)))
+        unit_sum.addmv_(rows.T, norms.reciprocal())
+        norm_sum += float(norms.sum())
+    return norm_sum / n, float((unit_sum @ unit_sum - n) / (n * (n - 1)))
 
 
 @dataclass
@@ -240,8 +266,9 @@ class BandwidthMetrics:
 def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, layer=None,
                     name: str = "x", excluded_positions: int = 0) -> BandwidthMetrics:
     """All bandwidth metrics of one ``[positions, d_model]`` matrix (see :class:`BandwidthMetrics`)."""
-    x = as_matrix(x, name=name, layer=layer)
-    spec = spectrum(x, center=center, name=name, layer=layer)
+    x = as_matrix(x, name=name, layer=layer).detach()  # validated once; the passes below trust it
+    spec = _spectrum(x, center, name, layer)
+    mean_norm, aniso = _norm_pass(x, name)
     n, d = x.shape
     rank = variance_threshold_rank(spec, variance_threshold)
     return BandwidthMetrics(
@@ -257,8 +284,8 @@ def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, la
         utilization_available=rank / min(n, d),
         utilization_d_model=rank / d,
         spectral_entropy=spectral_entropy(spec),
-        anisotropy=anisotropy(x, name=name, layer=layer),
-        mean_norm=float(sum(r.to("cpu", torch.float64).norm(dim=1).sum() for r in _row_chunks(x.detach())) / n),
+        anisotropy=aniso,
+        mean_norm=mean_norm,
         excluded_positions=excluded_positions,
         eigenvalues=spec.eigenvalues,
     )

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import metrics as _m
-from .validation import BandwidthInputError
+from .validation import BandwidthInputError, all_finite
 
 
 class StreamingMoments:
@@ -92,7 +92,7 @@ class StreamingMoments:
         if not x.is_floating_point():
             raise BandwidthInputError(f"x: dtype {x.dtype} is not a floating type (activations are floats)")
         x = x.detach().to(device="cpu", dtype=torch.float64)
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise BandwidthInputError("x: contains NaN or Inf; the running statistics would be "
                                       "poisoned for good, so the chunk is rejected")
         return x
