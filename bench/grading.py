@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--full-n", type=int, default=2)
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
+    result = {"n": args.n, "load_average_before": list(os.getloadavg())}
     spec = load_spec(DEFAULT_LESSON)
     tmp = Path(tempfile.mkdtemp(prefix="bench-grading-"))
     try:
@@ -84,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         lines = []
         w1, r1 = run(subs, tmp / "serial", "--jobs", "1")
         lines.append(describe("fast, --jobs 1 (serial)", w1, r1))
+        result["fast_serial"] = {"wall": w1, "per_submission": w1 / args.n, "counts": r1["counts"]}
         print(lines[-1], flush=True)
         w2, r2 = run(subs, tmp / "jobs2", "--jobs", "2")
         lines.append(describe("fast, --jobs 2", w2, r2))
+        result["fast_jobs2"] = {"wall": w2, "per_submission": w2 / args.n, "counts": r2["counts"]}
         print(lines[-1], flush=True)
         print(f"--jobs 2 batch of {args.n}: {w2:.1f} s vs serial {w1:.1f} s (speed-up x{w1 / w2:.2f})")
         if not args.skip_full:
@@ -96,8 +100,15 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copytree(d, full / d.name)
             w3, r3 = run(full, tmp / "fullout", "--jobs", "1", "--mode", "full")
             print(describe("full, --jobs 1", w3, r3))
+            result["full_serial"] = {"wall": w3, "n": len(r3["students"]), "per_submission": w3 / len(r3["students"]),
+                                     "counts": r3["counts"]}
         target = w1 / args.n
         print(f"target <= 20 s per submission (fast, serial): {'met' if target <= 20 else 'NOT met'} ({target:.1f} s)")
+        result["load_average_after"] = list(os.getloadavg())
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+            print(f"wrote {args.json}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

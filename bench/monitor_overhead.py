@@ -33,11 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
+
+from common import describe_machine, machine as describe
 
 from residual_bandwidth import load_model
 from residual_bandwidth.monitor import BandwidthMonitor
@@ -146,10 +147,9 @@ def main(argv=None):
                 parse_layers(args.layers), args.max_positions)]
     if args.compare:
         configs += [("all layers", "all", None), ("all layers, all positions", "all", 0)]
-    machine = {"model": lm.name, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-               "cpu_count": os.cpu_count(), "platform": platform.platform(),
-               "load_average_before": os.getloadavg() if hasattr(os, "getloadavg") else None}
-    print("machine:", json.dumps(machine, default=str))
+    machine = {**describe(), "model": lm.name}
+    machine["load_average_before"] = machine["load_average"]
+    print("machine:", describe_machine(machine), "| model:", lm.name)
     out = {"machine": machine, "configs": []}
     for label, layers, max_pos in configs:
         monitor = make_monitor(model, layers, max_pos, args.min_tokens_for_rank)

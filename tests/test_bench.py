@@ -1,0 +1,62 @@
+"""The benchmark scripts' own logic (not their timings): the baseline is the seed's algorithm, the
+summary reports verdicts from the numbers it is given, and the synthetic inputs are what they claim."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import lo1_metrics  # noqa: E402
+import summarize  # noqa: E402
+
+
+def test_seed_baseline_computes_the_seed_quantity(rng):
+    """The baseline's rank is the seed's: cumulative *sigma* of the uncentred pooled matrix (not ours)."""
+    states = [torch.tensor(rng.normal(size=(30, 12)) * np.linspace(4, 0.1, 12), dtype=torch.float32)
+              for _ in range(3)]
+    sig = np.linalg.svd(torch.cat(states).double().numpy(), compute_uv=False)
+    expected = int(np.sum(np.cumsum(sig) < 0.95 * sig.sum()) + 1)
+    assert lo1_metrics.seed_algorithm(states) == expected
+    assert lo1_metrics.seed_algorithm(states, positions=None) == expected
+
+
+def test_synthetic_stack_has_the_advertised_shape_and_massive_row():
+    states = lo1_metrics.stack(layers=2, n=64, d=16)
+    assert [tuple(s.shape) for s in states] == [(64, 16), (64, 16)]
+    for s in states:
+        norms = s.norm(dim=1)
+        assert norms[0] >= 50 * norms[1:].median()  # position 0 is a massive activation
+
+
+def test_covariance_pass_is_the_centred_scatter(rng):
+    x = torch.tensor(rng.normal(size=(40, 6)) + 3.0)
+    c = (x - x.mean(0)).numpy()
+    np.testing.assert_allclose(lo1_metrics.covariance_pass(x, torch.float64).numpy(), c.T @ c, rtol=1e-12)
+
+
+def _lo1(seed, library, floor64):
+    seconds = {"seed": seed, "seed_all_positions": seed, "library": library, "library_layers": 1.0,
+               "sklearn": 0.5, "floor64": floor64, "floor32": floor64 / 2}
+    ratios = {"seed_over_library": seed / library, "seed_all_positions_over_library": seed / library,
+              "library_over_floor64": library / floor64, "sklearn_over_library": 0.5 / library,
+              "seed_over_floor64": seed / floor64, "seed_over_floor32": 2 * seed / floor64}
+    return {"part1": {"shape": [13, 1024, 768], "seconds": seconds, "ratios": ratios}, "part3": []}
+
+
+@pytest.mark.parametrize("seed,library,floor64,verdicts", [
+    (1.0, 0.05, 0.04, ["met", "met"]),
+    (1.0, 0.25, 0.2, ["**missed**", "met"]),
+    (1.0, 0.5, 0.2, ["**missed**", "**missed**"]),
+])
+def test_summary_verdicts_follow_the_numbers(seed, library, floor64, verdicts):
+    rows = summarize.rows({"lo1": _lo1(seed, library, floor64)})
+    by_target = [r[3] for r in rows if r[2] in (">= 10x", "<= 2x")]
+    assert by_target == verdicts
+    text = summarize.table({"lo1": _lo1(seed, library, floor64)})
+    assert f"{seed / library:.2f}x" in text and "`python bench/lo1_metrics.py`" in text
