@@ -30,6 +30,8 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
 from autograder.notebook import load_spec  # noqa: E402
 from autograder.threshold_suite import threshold_choices, with_failing, solved  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
-    result = {"n": args.n, "load_average_before": list(os.getloadavg())}
+    result = {"n": args.n, "machine": machine(), "load_average_before": list(os.getloadavg())}
     spec = load_spec(DEFAULT_LESSON)
     tmp = Path(tempfile.mkdtemp(prefix="bench-grading-"))
     try:

@@ -23,10 +23,11 @@ the machine. Three parts:
 
 3. **Scaling** with positions n (1k -> 1M) and d_model (576, 768, 2048, 4096). Each case runs in a
    fresh child process so that its peak memory is exact (the kernel's RSS high-water mark, reset
-   once the input is allocated, minus the resident size at that moment): ``compute_metrics`` on the path it picks by
-   shape, the other path (covariance vs Gram; its spectrum only) where it fits in memory, and the
-   seed's ``torch.svd`` where its cost ``n d^2`` is below ``--seed-max-flops``. Cases whose input alone exceeds ``--max-input-gib`` are listed
-   as not run, with the reason.
+   once the input is allocated, minus the resident size at that moment). Timed: ``compute_metrics``
+   on the path it picks by shape; the other path (covariance vs Gram; its spectrum only) where its
+   matrix fits in ``--other-max-gib``; the seed's ``torch.svd`` where its cost ``n d^2`` is below
+   ``--seed-max-flops``. An input larger than ``--max-input-gib`` in float32 is drawn in bfloat16
+   (as large models keep activations); larger still, the case is listed as not run, with the reason.
 
 Usage: python bench/lo1_metrics.py [--quick] [--json out/bench/lo1.json] [--skip-model]
 """
@@ -193,8 +194,11 @@ GRID = [(n, d) for d in (576, 768, 2048, 4096) for n in (1_000, 10_000, 100_000,
 def child(case: dict) -> dict:
     """Run one scaling case in this (fresh) process; print one JSON line."""
     n, d, what = case["n"], case["d"], case["what"]
-    torch.manual_seed(0)
-    x = torch.randn(n, d)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.empty(n, d, dtype=dtype)
+    for start in range(0, n, 65536):  # drawn in blocks: no float32 copy of a bfloat16 input
+        x[start:start + 65536] = torch.randn(min(65536, n - start), d, generator=g)
     exact = reset_peak_rss()
     base = rss_mib()
     if what == "seed":
@@ -210,7 +214,7 @@ def child(case: dict) -> dict:
     dt = time.perf_counter() - t0
     if dt < 1.0:  # small cases: best of 3 (the peak is from the first run either way)
         dt = min(dt, best_of(fn, 2))
-    return {"seconds": dt, "peak_extra_mib": peak_rss_mib() - base, "input_mib": x.numel() * 4 / 2**20,
+    return {"seconds": dt, "peak_extra_mib": peak_rss_mib() - base, "input_mib": x.numel() * x.element_size() / 2**20,
             "peak_is_since_input": exact}
 
 
@@ -228,25 +232,28 @@ def part3(quick: bool, max_input_gib: float, seed_max_flops: float, other_max_gi
     for n, d in GRID:
         if quick and n * d > 10_000 * 2048:
             continue
+        dtype = "float32"
         input_gib = n * d * 4 / 2**30
+        if input_gib > max_input_gib and input_gib / 2 <= max_input_gib:
+            dtype, input_gib = "bfloat16", input_gib / 2  # as large models store activations
         auto = "covariance" if n >= d else "gram"
         other = "gram" if auto == "covariance" else "covariance"
-        row = {"n": n, "d": d, "input_mib": input_gib * 1024, "auto_path": auto, "other_path": other}
+        row = {"n": n, "d": d, "dtype": dtype, "input_mib": input_gib * 1024, "auto_path": auto, "other_path": other}
         if input_gib > max_input_gib:
-            row["skipped"] = f"input alone is {input_gib:.1f} GiB (> --max-input-gib {max_input_gib:g})"
+            row["skipped"] = f"input alone is {input_gib:.1f} GiB in bfloat16 (> --max-input-gib {max_input_gib:g})"
             print(f"  {n:>9,} {d:>5}  not run: {row['skipped']}")
             rows.append(row)
             continue
-        row["library"] = run_child({"n": n, "d": d, "what": "auto"})
+        row["library"] = run_child({"n": n, "d": d, "what": "auto", "dtype": dtype})
         # the other path's float64 matrix alone: n x n (Gram) or d x d (covariance), plus a float64 copy of X for Gram
         other_gib = (n * n + n * d) * 8 / 2**30 if other == "gram" else d * d * 8 / 2**30
         if other_gib <= other_max_gib and not (quick and max(n, d) > 4096):
-            row["other"] = run_child({"n": n, "d": d, "what": other})
+            row["other"] = run_child({"n": n, "d": d, "what": other, "dtype": dtype})
         else:
             row["other"] = {"skipped": f"its {other} matrix needs {other_gib:,.1f} GiB" if other_gib > other_max_gib
                             else "--quick"}
         if n * d * d <= seed_max_flops:
-            row["seed"] = run_child({"n": n, "d": d, "what": "seed"})
+            row["seed"] = run_child({"n": n, "d": d, "what": "seed", "dtype": dtype})
         else:
             row["seed"] = {"skipped": f"n*d^2 > {seed_max_flops:.0e} (--seed-max-flops)"}
 
@@ -257,7 +264,8 @@ def part3(quick: bool, max_input_gib: float, seed_max_flops: float, other_max_gi
                 return f"{'error':>{width}}"
             return f"{r['seconds']:9.3f} s {r['peak_extra_mib']:9.1f} MiB".rjust(width)
         print(f"  {n:>9,} {d:>5} {input_gib * 1024:7.0f} MiB  {auto:>10} {fmt(row['library'], 23)}  "
-              f"{other:>10} {fmt(row['other'], 27)}  {fmt(row['seed'], 26)}", flush=True)
+              f"{other:>10} {fmt(row['other'], 27)}  {fmt(row['seed'], 26)}"
+              + ("  (input in bfloat16)" if dtype != "float32" else ""), flush=True)
         for key in ("library", "other", "seed"):
             if "error" in row[key]:
                 print(f"      {key}: {row[key]['error']}")

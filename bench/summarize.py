@@ -24,7 +24,7 @@ COMMANDS = {
 
 # the scaling cases shown in the table (all of them are in lo1.json and in the script's output)
 SCALING_ROWS = ((1_000, 4096), (10_000, 2048), (1_000_000, 576), (1_000_000, 768), (1_000_000, 2048),
-                (100_000, 4096))
+                (100_000, 4096), (1_000_000, 4096))
 
 
 def load(folder: Path) -> dict:
@@ -58,7 +58,8 @@ def rows(data: dict) -> list[tuple[str, str, str, str, str]]:
             lib = row.get("library")
             if not lib or "seconds" not in lib or (row["n"], row["d"]) not in SCALING_ROWS:
                 continue
-            value = f"{lib['seconds']:.2f} s, +{lib['peak_extra_mib']:.0f} MiB (input {row['input_mib']:.0f} MiB)"
+            value = (f"{lib['seconds']:.2f} s, +{lib['peak_extra_mib']:.0f} MiB (input {row['input_mib']:.0f} MiB"
+                     f"{', bfloat16' if row.get('dtype', 'float32') != 'float32' else ''})")
             other, seed = row.get("other", {}), row.get("seed", {})
             if "seconds" in other:
                 value += f"; {row['other_path']} path {other['seconds']:.2f} s, +{other['peak_extra_mib']:.0f} MiB"
