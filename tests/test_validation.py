@@ -93,3 +93,12 @@ def test_finite_check_fast_path_and_overflow_fallback(dtype):
     z = torch.full((4, 4), big, dtype=dtype)
     z[0, 0], z[1, 1] = float("inf"), float("-inf")  # Inf - Inf: the sum is NaN, still caught
     assert not all_finite(z)
+
+
+def test_size_limit_is_about_absurd_inputs_not_long_traffic():
+    """A million positions of a 4096-wide model is allowed (the metrics stream it); 2**35 entries is not."""
+    assert as_matrix(torch.empty(1_000_000, 4096, device="meta")).shape == (1_000_000, 4096)
+    with pytest.raises(BandwidthInputError, match="too large"):
+        as_matrix(torch.empty(2**20, 2**15, device="meta"))
+    with pytest.raises(BandwidthInputError, match="too large"):
+        as_matrix(torch.empty(4, 70_000, device="meta"))

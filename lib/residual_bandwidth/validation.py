@@ -11,9 +11,11 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-# A residual matrix larger than this is almost certainly a mistake (e.g. a flattened batch of
-# logits) and would exhaust memory in a d x d or n x n decomposition. 2**31 elements = 8 GiB fp32.
-MAX_ELEMENTS = 2**31
+# The metrics read a matrix in row blocks and decompose only the smaller of its d x d covariance and
+# n x n Gram matrix, so their memory is set by min(n, d), not by n * d: a million positions of a
+# 4096-wide model (4.1e9 elements) is a legitimate input. MAX_ELEMENTS only rejects what no residual
+# stream is (e.g. a flattened batch of logits over many prompts): 2**34 elements = 64 GiB in fp32.
+MAX_ELEMENTS = 2**34
 MAX_D_MODEL = 65_536
 
 
