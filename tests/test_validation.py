@@ -27,7 +27,7 @@ def good(n=10, d=8):
     ([[1.0, 2.0], [3.0, 4.0]], r"expected a torch.Tensor or numpy.ndarray.*got list"),
     ("residuals", r"got str"),
     (torch.empty((10, 70_000), device="meta"), r"too large"),
-    (torch.empty((40_000, 60_000), device="meta"), r"too large"),
+    (torch.empty((2**20, 2**15), device="meta"), r"too large"),
 ])
 def test_bad_matrices_are_named(x, pattern):
     with pytest.raises(BandwidthInputError, match=pattern):
@@ -100,5 +100,10 @@ def test_size_limit_is_about_absurd_inputs_not_long_traffic():
     assert as_matrix(torch.empty(1_000_000, 4096, device="meta")).shape == (1_000_000, 4096)
     with pytest.raises(BandwidthInputError, match="too large"):
         as_matrix(torch.empty(2**20, 2**15, device="meta"))
+    # allowed as a matrix, but its spectrum would need a 40000 x 40000 Gram matrix (12 GiB)
+    wide = torch.empty(40_000, 60_000, device="meta")
+    assert as_matrix(wide).shape == (40_000, 60_000)
+    with pytest.raises(BandwidthInputError, match=r"40000 x 40000 float64 matrix \(12 GiB\)"):
+        compute_metrics(wide)
     with pytest.raises(BandwidthInputError, match="too large"):
         as_matrix(torch.empty(4, 70_000, device="meta"))

@@ -46,6 +46,8 @@ class Spectrum:
 
 
 CHUNK_ROWS = 8192
+#: largest side of the matrix the spectrum decomposes (min(n, d)): 32768**2 float64 numbers = 8 GiB
+MAX_SPECTRUM_SIDE = 32_768
 
 
 def _row_chunks(x: torch.Tensor):
@@ -91,6 +93,12 @@ def spectrum(x, center: bool = True, name: str = "x", layer=None, method: str = 
 def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "auto") -> Spectrum:
     """:func:`spectrum` of an already validated matrix (no second validation pass)."""
     n, d = x.shape
+    side = min(n, d) if method == "auto" else (d if method == "covariance" else n)
+    if side > MAX_SPECTRUM_SIDE:
+        raise BandwidthInputError(
+            f"{name}{f' (layer {layer})' if layer is not None else ''}: shape {tuple(x.shape)} needs a "
+            f"{side} x {side} float64 matrix ({side * side * 8 / 2**30:.0f} GiB) to decompose; the limit is "
+            f"{MAX_SPECTRUM_SIDE} per side. Subsample positions first")
     mean = column_mean(x) if center else torch.zeros(d, dtype=torch.float64)
     if method == "covariance" or (method == "auto" and n >= d):
         gram = torch.zeros(d, d, dtype=torch.float64)
