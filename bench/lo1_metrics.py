@@ -29,7 +29,7 @@ the machine. Three parts:
    ``--seed-max-flops``. An input larger than ``--max-input-gib`` in float32 is drawn in bfloat16
    (as large models keep activations); larger still, the case is listed as not run, with the reason.
 
-Usage: python bench/lo1_metrics.py [--quick] [--json out/bench/lo1.json] [--skip-model]
+Usage: python bench/lo1_metrics.py [--quick] [--json out/bench/lo1.json] [--skip-model] [--parts 1,2,3]
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -270,12 +271,13 @@ def part3(quick: bool, max_input_gib: float, seed_max_flops: float, other_max_gi
             if "error" in row[key]:
                 print(f"      {key}: {row[key]['error']}")
         rows.append(row)
-    ok = [r for r in rows if "library" in r and "seconds" in r["library"]]
-    cov = [r for r in ok if r["auto_path"] == "covariance"]
-    if cov:
-        worst = max(cov, key=lambda r: r["library"]["peak_extra_mib"])
-        print(f"  largest extra memory on the covariance path: {worst['library']['peak_extra_mib']:.0f} MiB at "
-              f"n = {worst['n']:,}, d = {worst['d']} (input {worst['input_mib']:.0f} MiB): it grows with d, not n")
+    cov = [r for r in rows if r["auto_path"] == "covariance" and "seconds" in r.get("library", {})]
+    for d in sorted({r["d"] for r in cov}):
+        at_d = sorted((r for r in cov if r["d"] == d), key=lambda r: r["n"])
+        if len(at_d) > 1:
+            peaks = [r["library"]["peak_extra_mib"] for r in at_d]
+            print(f"  d = {d}: extra memory {min(peaks):.0f}-{max(peaks):.0f} MiB while n goes "
+                  f"{at_d[0]['n']:,} -> {at_d[-1]['n']:,} (input {at_d[0]['input_mib']:.0f} -> {at_d[-1]['input_mib']:.0f} MiB)")
     return rows
 
 
@@ -284,6 +286,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="small scaling grid only (n*d <= 10k*2048)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--skip-model", action="store_true", help="skip part 2 (needs the embedded model)")
+    ap.add_argument("--parts", default="1,2,3",
+                    help="which parts to run, e.g. '1'; with --json, an existing file keeps the other parts")
     ap.add_argument("--model-tokens", type=int, default=4096, help="tokens for part 2")
     ap.add_argument("--max-input-gib", type=float, default=9.0, help="largest scaling input to allocate")
     ap.add_argument("--seed-max-flops", type=float, default=1e12,
@@ -296,10 +300,20 @@ def main(argv=None) -> None:
         return
     m = machine()
     print("machine:", describe_machine(m))
-    out = {"machine": m, "part1": part1()}
-    if not args.skip_model:
+    parts = {int(p) for p in args.parts.split(",")}
+    if args.skip_model:
+        parts.discard(2)
+    out = {}
+    if args.json and parts != {1, 2, 3} and Path(args.json).exists():
+        out = json.loads(Path(args.json).read_text())  # re-running some parts: keep the others
+        print(f"updating parts {sorted(parts)} of {args.json}")
+    out["machine"] = m
+    if 1 in parts:
+        out["part1"] = part1()
+    if 2 in parts:
         out["part2"] = part2(args.model_tokens)
-    out["part3"] = part3(args.quick, args.max_input_gib, args.seed_max_flops, args.other_max_gib)
+    if 3 in parts:
+        out["part3"] = part3(args.quick, args.max_input_gib, args.seed_max_flops, args.other_max_gib)
     out["machine"]["load_average_after"] = machine()["load_average"]
     write_json(args.json, out)
 

@@ -34,6 +34,13 @@ class Spectrum:
     d_model: int
     centered: bool
 
+    def __post_init__(self):
+        # checked once here, so the metric functions below can trust a Spectrum (and a monitor that
+        # computes four of them per request does not validate the same array four times)
+        lam = _checked(self.eigenvalues)
+        lam.flags.writeable = False
+        object.__setattr__(self, "eigenvalues", lam)
+
     @property
     def singular_values(self) -> np.ndarray:
         """``sigma_i = sqrt(lambda_i)``."""
@@ -122,7 +129,13 @@ def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "au
 
 
 def _lam(s) -> np.ndarray:
-    lam = s.eigenvalues if isinstance(s, Spectrum) else np.asarray(s, dtype=np.float64)
+    """Eigenvalues, descending: a :class:`Spectrum`'s as they are (validated when it was made),
+    anything else validated and sorted here."""
+    return s.eigenvalues if isinstance(s, Spectrum) else _checked(s)
+
+
+def _checked(s) -> np.ndarray:
+    lam = np.asarray(s, dtype=np.float64)
     if lam.ndim != 1 or lam.size == 0:
         raise BandwidthInputError("eigenvalues: expected a non-empty 1-D array")
     if not np.all(np.isfinite(lam)) or np.any(lam < 0):
