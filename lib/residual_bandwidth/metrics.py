@@ -28,6 +28,8 @@ class Spectrum:
     """Eigenvalues ``lambda_i = sigma_i**2`` of ``Xc^T Xc`` (or ``X^T X``), descending.
 
     ``eigenvalues`` has ``min(n, d)`` entries. ``centered`` says whether the mean row was removed.
+    Made by :func:`spectrum` (or by hand): the eigenvalues are checked (finite, >= 0, not all zero),
+    sorted descending and made read-only on construction.
     """
     eigenvalues: np.ndarray
     n_samples: int
