@@ -84,8 +84,11 @@ def all_finite(x: torch.Tensor) -> bool:
     A NaN or Inf entry always makes the sum NaN or Inf, so a finite ``x.sum()`` proves every entry
     finite in one cheap reduction (no boolean copy of ``x``). Only when the sum is not finite (a bad
     entry, or finite entries whose sum overflows) are the entries checked one by one, in blocks.
+    Half-precision inputs are summed in float32 (a float16 sum overflows float16 long before an
+    entry is bad).
     """
-    if bool(torch.isfinite(x.sum())):
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if bool(torch.isfinite(x.sum(dtype=torch.float32) if half else x.sum())):
         return True
     return all(bool(torch.isfinite(x[i:i + 8192]).all()) for i in range(0, x.shape[0], 8192))
 
