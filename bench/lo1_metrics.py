@@ -155,9 +155,8 @@ def part1() -> dict:
 
 # ---- part 2 ---------------------------------------------------------------------------------------
 def float32_spectrum(x: torch.Tensor) -> M.Spectrum:
-    x = x.to(torch.float32)
-    c = x - x.mean(0)
-    lam = np.linalg.eigvalsh((c.T @ c).double().numpy())[::-1].clip(min=0)
+    """The spectrum from one float32 covariance pass (the eigen-solver itself in float64)."""
+    lam = np.linalg.eigvalsh(covariance_pass(x, torch.float32).double().numpy())[::-1].clip(min=0)
     return M.Spectrum(eigenvalues=lam, n_samples=x.shape[0], d_model=x.shape[1], centered=True)
 
 

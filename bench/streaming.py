@@ -84,16 +84,19 @@ def population_from(moments: StreamingMoments) -> tuple[torch.Tensor, torch.Tens
     return moments.mean, lam.flip(0).clamp(min=0), vec.flip(1)
 
 
-def synthetic_traffic(mean, lam, vec, layer: int, positions: int, request_rows: int, seed: int) -> dict:
-    d = mean.shape[0]
+def gaussian_sampler(mean, lam, vec, seed: int):
+    """``draw(m)``: m float32 rows ``x = mu + z diag(sqrt(lambda)) V^T`` (z standard normal), whose
+    covariance is ``V diag(lambda) V^T``: the measured spectrum and directions."""
     g = torch.Generator().manual_seed(seed)
     scale = lam.sqrt().to(torch.float32)
     basis = vec.T.to(torch.float32).contiguous()      # rows: principal directions
     mu = mean.to(torch.float32)
+    return lambda m: mu + (torch.randn(m, mean.shape[0], generator=g) * scale) @ basis
 
-    def draw(m: int) -> torch.Tensor:  # x = mu + z diag(sqrt(lambda)) V^T  has covariance V diag(lambda) V^T
-        return mu + (torch.randn(m, d, generator=g) * scale) @ basis
 
+def synthetic_traffic(mean, lam, vec, layer: int, positions: int, request_rows: int, seed: int) -> dict:
+    d = mean.shape[0]
+    draw = gaussian_sampler(mean, lam, vec, seed)
     monitor = BandwidthMonitor(None, layers=[layer], max_positions=None, d_model=d, history_size=100,
                                thresholds={})
     n_requests = math.ceil(positions / request_rows)
@@ -136,11 +139,9 @@ def synthetic_traffic(mean, lam, vec, layer: int, positions: int, request_rows: 
 
 
 def bare_accumulator(mean, lam, vec, positions: int, request_rows: int, seed: int) -> dict:
-    d = mean.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    scale, basis, mu = lam.sqrt().float(), vec.T.float().contiguous(), mean.float()
-    acc = StreamingMoments(d)
-    rows = [mu + (torch.randn(request_rows, d, generator=g) * scale) @ basis for _ in range(8)]
+    draw = gaussian_sampler(mean, lam, vec, seed)
+    acc = StreamingMoments(mean.shape[0])
+    rows = [draw(request_rows) for _ in range(8)]
     start = rss_mib()
     t0 = time.perf_counter()
     seen = 0
