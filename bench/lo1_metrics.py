@@ -157,6 +157,7 @@ def part1() -> dict:
 def float32_spectrum(x: torch.Tensor) -> M.Spectrum:
     """The spectrum from one float32 covariance pass (the eigen-solver itself in float64)."""
     lam = np.linalg.eigvalsh(covariance_pass(x, torch.float32).double().numpy())[::-1].clip(min=0)
+    lam = lam[: min(x.shape)]  # as metrics.spectrum: min(n, d) eigenvalues
     return M.Spectrum(eigenvalues=lam, n_samples=x.shape[0], d_model=x.shape[1], centered=True)
 
 
