@@ -11,7 +11,6 @@ import os
 import platform
 import resource
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -87,34 +86,6 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class RssSampler:
-    """Samples this process's RSS every ``interval`` s in a thread; ``.peak`` is the highest seen (MiB).
-
-    For peaks *inside* a long-lived process, where ``getrusage``'s lifetime maximum would include
-    earlier work. Allocations shorter than the interval can be missed.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.start = self.peak = rss_mib()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, rss_mib())
-            self._done.wait(self.interval)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib())
 
 
 def best_of(fn, repeat: int = 3) -> float:
