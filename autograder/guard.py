@@ -145,7 +145,8 @@ def install_from_env() -> bool:
 
 
 def read_log(path) -> list[dict]:
-    """The blocked/recorded events in a guard log (missing file: none)."""
+    """The JSON objects of a JSON-lines file, one per line: the guard's blocked/recorded events, or
+    the re-check's results (missing file: none; lines that are not a JSON object: skipped)."""
     try:
         text = open(path, encoding="utf-8", errors="replace").read()
     except OSError:

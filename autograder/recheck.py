@@ -14,7 +14,6 @@ The grader zeroes an item whose in-kernel hidden tests passed while its verdict 
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .guard import read_log
 from .notebook import LessonSpec, student_code_cells
 from .probes import PROBES, Case, Probe, T
 from .procs import run_limited
@@ -118,18 +118,7 @@ def finish(running: Running, probes: ProbeSet, spec: LessonSpec) -> tuple[dict[s
     """Wait for the sandbox; return per-item verdicts and notes about the student's cells."""
     running.thread.join()
     limited = running.box.get("limited")
-    records = []
-    try:
-        lines = running.result_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
+    records = read_log(running.result_path)
     setup_error = next((r["setup_error"] for r in records if "setup_error" in r), None)
     if setup_error:
         raise RuntimeError(f"re-check: the instructor's locked helper cell failed outside the kernel: {setup_error}")
