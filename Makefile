@@ -43,9 +43,10 @@ lab: $(STAMP)
 env:
 	$(PYTHON) tools/sync_env.py
 
-# author the instructor notebook (solutions/) and generate the student version (lessons/) with nbgrader
+# build the instructor notebook (solutions/<lesson>/lesson.ipynb) from its jupytext source lesson.py and generate the student version (lessons/) with nbgrader
 notebooks: $(STAMP)
-	$(PY) tools/author_lesson.py
+	$(PY) tools/build_lesson.py
+	mkdir -p autograder/work
 	$(NB_ENV) $(BIN)/nbgrader generate_assignment $(LESSON) --force --log-level WARN
 
 clean:

@@ -28,3 +28,7 @@ c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 c.Execute.timeout = 120
 c.Execute.interrupt_on_timeout = True
 c.OverwriteCells.add_missing_cells = True
+
+# the lesson's text source (solutions/<lesson>/lesson.py, with the solutions) is never released:
+# nbgrader would otherwise copy every file of the source folder into lessons/
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", "lesson.py"]
