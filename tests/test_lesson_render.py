@@ -189,3 +189,22 @@ def test_nothing_uses_the_course_package_before_the_setup_cell_installs_it():
     params = next(c for c in code if "parameters" in c.metadata.get("tags", []))
     assert code.index(params) < setup
     assert f'COURSE_REPO = "{build_lesson.links(META)["repository"]}"' in params.source
+
+
+def test_running_a_cell_too_early_names_the_cell_to_run_first():
+    """In a real kernel: after only the first cell, a cell that needs the captured stream says which
+    cell defines it, and one that needs the model points at the set-up cell."""
+    from nbclient import NotebookClient
+    nb = nbformat.read(RELEASE, 4)
+    guide = next(c for c in nb.cells if "FIRST_DEFINED_IN = {" in c.source)
+    probe = nbformat.v4.new_notebook()
+    probe.cells = [nbformat.v4.new_code_cell(guide.source),
+                   nbformat.v4.new_code_cell("cap.get('resid_post', L)"),
+                   nbformat.v4.new_code_cell("model(**tokenizer('hi', return_tensors='pt'))"),
+                   nbformat.v4.new_code_cell("some_name_nobody_defines")]
+    NotebookClient(probe, timeout=120, kernel_name="python3", allow_errors=True).execute()
+    texts = ["".join(o.get("text", "") for o in c.outputs if o.output_type == "stream") for c in probe.cells]
+    errors = [[o.ename for o in c.outputs if o.output_type == "error"] for c in probe.cells]
+    assert errors[1] == ["NameError"] and "section 2 (Capturing the residual stream)" in texts[1], texts[1]
+    assert "set-up cell of section 0" in texts[2], texts[2]
+    assert "starting with section 0 (Setup)" in texts[3], texts[3]
