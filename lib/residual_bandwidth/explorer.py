@@ -264,15 +264,17 @@ class BandwidthExplorer:
                                           description="Exclude massive-activation positions",
                                           indent=False, style=style),
             "status": W.HTML(value=""),
-            "view": W.HTML(value="", layout=W.Layout(width="100%")),
+            "view": W.HTML(value=""),
         }
         for key in ("prompt", "layer", "threshold", "exclude_massive"):
             w[key].observe(self._on_control_change, names="value")
         w["analyse"].on_click(self._on_control_change)
-        wrap = W.Layout(flex_flow="row wrap", width="100%")
-        w["box"] = W.VBox([W.HBox([w["prompt"], w["analyse"]], layout=wrap),
-                           W.HBox([w["layer"], w["threshold"], w["exclude_massive"]], layout=wrap),
-                           w["status"], w["view"]], layout=W.Layout(width="100%"))
+        w["box"] = W.VBox([W.HBox([w["prompt"], w["analyse"]], layout=W.Layout(flex_flow="row wrap")),
+                           W.HBox([w["layer"], w["threshold"], w["exclude_massive"]],
+                                  layout=W.Layout(flex_flow="row wrap")),
+                           w["status"], w["view"]])
+        for key in ("box", "status", "view"):  # stable names for the real-browser test
+            w[key].add_class("rb-explorer" if key == "box" else f"rb-explorer-{key}")
         self.widgets = w
         self._render()
 
@@ -311,9 +313,9 @@ class BandwidthExplorer:
             return
         status = (f'<p role="alert"><b>Not updated:</b> {html.escape(self.error)}</p>' if self.error
                   else f"<p>{html.escape(self._summary())}</p>")
-        self.widgets["status"].value = status
-        if self.figure is not None:
+        if self.figure is not None:  # the image first: once the caption changes, the image has
             self.widgets["view"].value = self._figure_html()
+        self.widgets["status"].value = status
 
     def _figure_html(self) -> str:
         """The figure's HTML, with the image scaled to fit its container and wide tables scrolling."""
