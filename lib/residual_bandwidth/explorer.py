@@ -252,7 +252,8 @@ class BandwidthExplorer:
         layers = self.layers
         w = {
             "prompt": W.Text(value=self.settings["prompt"], description="Prompt (Enter to analyse):",
-                             continuous_update=False, style=style, layout=W.Layout(width="95%")),
+                             continuous_update=False, style=style,
+                             layout=W.Layout(flex="1 1 30em", width="auto")),
             "analyse": W.Button(description="Analyse", tooltip="capture and analyse the prompt",
                                 button_style=""),
             "layer": W.IntSlider(value=self.settings["layer"], min=layers[0], max=layers[-1], step=1,
