@@ -237,8 +237,12 @@ def lab_session():
             _wait(lambda: driver.execute_script(JS_STATE), 60, "the notebook to open")
             _wait(lambda: _kernel_ready(driver), 90, "the kernel to start")
             timings["open_s"] = time.monotonic() - t0
-            _menu(driver, "Run", "Run All Cells")
             t_run = time.monotonic()
+            for attempt in range(1, 4):  # under heavy load a first click was once ignored
+                _menu(driver, "Run", "Run All Cells")
+                timings["run_all_clicks"] = attempt
+                if _execution_started(driver, 20):
+                    break
             state, problem = _wait_run_all(driver)
             timings["run_all_s"] = time.monotonic() - t_run
             time.sleep(1.0)  # let the last outputs (widgets, images) lay out
@@ -280,6 +284,17 @@ def _kernel_ready(driver) -> bool:
         "const k = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-KernelName');"
         "return k ? k.textContent : null;")
     return state.get("status") == "idle" and bool(name) and "No Kernel" not in name
+
+
+def _execution_started(driver, timeout: float) -> bool:
+    """Some code cell is running or has run (``[*]:`` or ``[n]:``) within ``timeout`` seconds."""
+    try:
+        _wait(lambda: any(re.fullmatch(r"\[(\*|\d+)\]:", p.strip())
+                          for p in (driver.execute_script(JS_STATE) or {}).get("prompts", [])),
+              timeout, "execution to start")
+        return True
+    except AssertionError:
+        return False
 
 
 def _wait_run_all(driver) -> tuple[dict, str | None]:
