@@ -24,7 +24,13 @@ Last input wins. The view is always computed from the *current* values of all co
 the one value a callback was told about), and every control change takes a new generation number;
 a render whose generation is no longer the newest when it finishes is dropped, so a slow render of
 an older setting never overwrites a newer one (renders run one at a time). The image is scaled to
-its container (``max-width: 100%; height: auto``). Works with ipywidgets 7.7 (Colab) and 8.x.
+its container (``max-width: 100%; height: auto``).
+
+ipywidgets versions: the explorer builds, updates and displays its widgets with ipywidgets 7.7
+(what Colab ships) and 8.x (tests/test_explorer.py passes with both). Which kernel-side version a
+front end can draw is the front end's business: JupyterLab 4 with jupyterlab_widgets 3 draws 8.x
+widgets but not 7.x ones (measured: "Module @jupyter-widgets/base, version ^1.2.0 is not
+registered"); Colab's own front end draws the 7.x it ships.
 """
 from __future__ import annotations
 
