@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.browser
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "browser"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
