@@ -60,3 +60,8 @@ def rng():
 def random_orthogonal(d: int, rng) -> np.ndarray:
     q, r = np.linalg.qr(rng.normal(size=(d, d)))
     return q * np.sign(np.diag(r))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "browser: the real-browser test (JupyterLab in headless Chromium, "
+                                       "about 1.5-3 minutes); deselect with -m 'not browser'")

@@ -2,12 +2,17 @@
 callbacks call it, and without a widget front end it degrades to a static figure + table."""
 from __future__ import annotations
 
+import html
+import re
+import threading
+
 import pytest
 
 from residual_bandwidth import BandwidthInputError, ResidualBandwidthAnalyzer, capture_residuals
 from residual_bandwidth.explorer import (STATIC_ENV, BandwidthExplorer, analyse_capture, as_loaded,
                                          capture_prompt, explore, explorer_update,
-                                         widget_frontend_available)
+                                         fit_to_container, widget_frontend_available,
+                                         widget_view_bundle)
 from residual_bandwidth.viz import AccessibleFigure, format_percent
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is Rome."
@@ -106,3 +111,104 @@ def test_invalid_arguments(embedded, prompt_capture):
     ex = BandwidthExplorer(embedded, prompt=PROMPT, interactive=False, capture=prompt_capture)
     with pytest.raises(BandwidthInputError, match="unknown setting"):
         ex.update(colour="red")
+
+
+def _img_tags(markup: str) -> list[str]:
+    return re.findall(r"<img\b[^>]*>", markup)
+
+
+def test_image_fits_its_container(embedded, prompt_capture):
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=4, interactive=True, capture=prompt_capture)
+    for markup in (ex.widgets["view"].value, ex.static_html(), ex._repr_mimebundle_()["text/html"]):
+        imgs = _img_tags(markup)
+        assert len(imgs) == 1
+        style = re.search(r'style="([^"]*)"', imgs[0]).group(1).replace(" ", "")
+        assert "max-width:100%" in style and "height:auto" in style
+        assert 'alt="' in imgs[0]
+        # the wide data table scrolls inside its own box instead of widening the output
+        assert re.search(r'<div style="overflow-x: auto;[^"]*"><table>', markup)
+    assert fit_to_container('<img style="width: 3px" src="x">') == '<img style="width: 3px" src="x">'
+
+
+def _controls(w) -> dict:
+    return {"prompt": w["prompt"].value, "layer": w["layer"].value,
+            "threshold": w["threshold"].value, "exclude_massive": w["exclude_massive"].value}
+
+
+def _assert_view_matches_controls(embedded, prompt_capture, ex):
+    w = ex.widgets
+    shown = _controls(w)
+    assert ex.settings == shown and ex.error is None
+    status = w["status"].value
+    assert f"layer {shown['layer']}," in status and f"p = {shown['threshold']:.2f}" in status
+    assert ("excluded" if shown["exclude_massive"] else "kept") in status
+    fig, table = explorer_update(embedded, PROMPT, shown["layer"], shown["threshold"],
+                                 shown["exclude_massive"], capture=prompt_capture)
+    assert ex.table == table
+    assert html.escape(fig.alt_text, quote=True) in w["view"].value
+    fig.close()
+
+
+def test_rapid_input_last_input_wins(embedded, prompt_capture):
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+    w = ex.widgets
+    for layer in (11, 12, 13, 16):
+        w["layer"].value = layer
+    w["exclude_massive"].value = False
+    w["layer"].value = 17
+    w["threshold"].value = 0.9
+    _assert_view_matches_controls(embedded, prompt_capture, ex)
+    # a programmatic update moves the controls too, so they never disagree with the view
+    ex.update(layer=5, threshold=0.3)
+    assert w["layer"].value == 5 and w["threshold"].value == 0.3 and w["threshold"].min <= 0.3
+    _assert_view_matches_controls(embedded, prompt_capture, ex)
+
+
+def test_slow_render_of_older_input_never_overwrites_newer(embedded, prompt_capture, monkeypatch):
+    """The issue's report: after quick slider + checkbox input the view showed layer 16 with the
+    slider at 17. Here the render of layer 16 is slow; while it runs (in another thread, as a
+    comm message on another kernel thread would), the checkbox and the slider move on."""
+    import residual_bandwidth.explorer as explorer_module
+
+    real_update = explorer_module.explorer_update
+    slow_started, release = threading.Event(), threading.Event()
+
+    def slow_update(loaded, prompt, layer, *args, **kwargs):
+        if layer == 16:
+            slow_started.set()
+            release.wait(10)  # hold the old render until the newer inputs have arrived
+        return real_update(loaded, prompt, layer, *args, **kwargs)
+
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+    w = ex.widgets
+    monkeypatch.setattr(explorer_module, "explorer_update", slow_update)
+    older = threading.Thread(target=lambda: setattr(w["layer"], "value", 16))
+    older.start()
+    assert slow_started.wait(10)
+    newer = []
+    for key, value in (("exclude_massive", False), ("layer", 17)):
+        t = threading.Thread(target=lambda k=key, v=value: setattr(w[k], "value", v))
+        t.start()
+        newer.append(t)
+    for t in newer:  # give the newer inputs time to render (they must wait for the old render)
+        t.join(2.0)
+    release.set()
+    for t in [older, *newer]:
+        t.join(30)
+        assert not t.is_alive()
+    assert _controls(w)["layer"] == 17 and _controls(w)["exclude_massive"] is False
+    _assert_view_matches_controls(embedded, prompt_capture, ex)
+
+
+class _Widget7:
+    """What an ipywidgets 7 widget offers for display: a model id and no _repr_mimebundle_."""
+    model_id = "abc123"
+
+
+def test_widget_view_for_ipywidgets_7_and_8():
+    import ipywidgets as W
+    assert widget_view_bundle(_Widget7()) == {
+        WIDGET_VIEW: {"version_major": 2, "version_minor": 0, "model_id": "abc123"}}
+    box = W.VBox([])
+    assert widget_view_bundle(box)[WIDGET_VIEW]["model_id"] == box.model_id
+    assert widget_view_bundle(object()) == {}

@@ -19,11 +19,25 @@ rule 3 cannot tell them apart. That is why the explorer's display bundle carries
 view, a static HTML copy (the figure with its ``alt`` attribute, caption and table) and a text copy:
 nbconvert skips a widget view whose state was not saved and renders the next format, the static
 copy; JupyterLab, VS Code and Colab render the live widget.
+
+Last input wins. The view is always computed from the *current* values of all controls (never from
+the one value a callback was told about), and every control change takes a new generation number;
+a render whose generation is no longer the newest when it finishes is dropped, so a slow render of
+an older setting never overwrites a newer one (renders run one at a time). The image is scaled to
+its container (``max-width: 100%; height: auto``).
+
+ipywidgets versions: the explorer builds, updates and displays its widgets with ipywidgets 7.7
+(what Colab ships) and 8.x (tests/test_explorer.py passes with both). Which kernel-side version a
+front end can draw is the front end's business: JupyterLab 4 with jupyterlab_widgets 3 draws 8.x
+widgets but not 7.x ones (measured: "Module @jupyter-widgets/base, version ^1.2.0 is not
+registered"); Colab's own front end draws the 7.x it ships.
 """
 from __future__ import annotations
 
 import html
 import os
+import re
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -159,6 +173,10 @@ class BandwidthExplorer:
         self.table: list[dict] = []
         self.error: str | None = None
         self.widgets: dict | None = None
+        self._generation = 0
+        self._generation_lock = threading.Lock()
+        self._work_lock = threading.Lock()
+        self._quiet = threading.local()  # set while the explorer itself moves the controls
         self.update(raise_errors=True)
         if self.interactive:
             self._build_widgets()
@@ -176,33 +194,62 @@ class BandwidthExplorer:
         return self._capture(self.settings["prompt"]).layers
 
     def update(self, raise_errors: bool = False, **changes) -> tuple[AccessibleFigure, list[dict]]:
-        """Apply ``changes`` (prompt, layer, threshold, exclude_massive) and recompute."""
+        """Apply ``changes`` (prompt, layer, threshold, exclude_massive) and recompute.
+
+        When the widgets are shown, the controls are moved to the new settings too (the view and the
+        controls always agree), and unchanged settings are read from the controls."""
         unknown = set(changes) - set(self.settings)
         if unknown:
             raise BandwidthInputError(f"unknown setting(s) {sorted(unknown)}; have {sorted(self.settings)}")
-        new = {**self.settings, **changes}
-        try:
-            cap = self._capture(_check_prompt(new["prompt"]))
-            key = (new["prompt"], new["threshold"], bool(new["exclude_massive"]))
-            if key not in self._reports:  # moving only the layer slider re-uses the analysis
-                if len(self._reports) >= 16:
-                    self._reports.pop(next(iter(self._reports)))
-                self._reports[key] = analyse_capture(cap, check_fraction(new["threshold"], "threshold"),
-                                                     new["exclude_massive"], self.massive_ratio, self.kind)
-            fig, table = explorer_update(self.loaded, new["prompt"], new["layer"], new["threshold"],
-                                         new["exclude_massive"], self.massive_ratio, self.kind,
-                                         capture=cap, report=self._reports[key])
-        except BandwidthInputError as e:
-            if raise_errors:
-                raise
-            self.error = str(e)
+        return self._apply(self._next_generation(), changes, raise_errors)
+
+    def _next_generation(self) -> int:
+        with self._generation_lock:
+            self._generation += 1
+            return self._generation
+
+    def _stale(self, generation: int) -> bool:
+        return generation != self._generation
+
+    def _compute(self, new: dict) -> tuple[AccessibleFigure, list[dict]]:
+        cap = self._capture(_check_prompt(new["prompt"]))
+        key = (new["prompt"], new["threshold"], bool(new["exclude_massive"]))
+        if key not in self._reports:  # moving only the layer slider re-uses the analysis
+            if len(self._reports) >= 16:
+                self._reports.pop(next(iter(self._reports)))
+            self._reports[key] = analyse_capture(cap, check_fraction(new["threshold"], "threshold"),
+                                                 new["exclude_massive"], self.massive_ratio, self.kind)
+        return explorer_update(self.loaded, new["prompt"], new["layer"], new["threshold"],
+                               new["exclude_massive"], self.massive_ratio, self.kind,
+                               capture=cap, report=self._reports[key])
+
+    def _apply(self, generation: int, changes: dict, raise_errors: bool = False):
+        """Render the settings ``controls + changes`` unless a newer input has arrived.
+
+        One render at a time (``_work_lock``); a render that was overtaken by a newer input while it
+        waited or computed is dropped: the newer input's own call renders the newer state."""
+        with self._work_lock:
+            if self._stale(generation):
+                return self.figure, self.table
+            new = {**self._control_values(), **changes}
+            try:
+                fig, table = self._compute(new)
+            except BandwidthInputError as e:
+                if raise_errors:
+                    raise
+                if not self._stale(generation):
+                    self.error = str(e)
+                    self._render()
+                return self.figure, self.table
+            if self._stale(generation):  # a newer input arrived while this one was computed
+                fig.close()
+                return self.figure, self.table
+            if self.figure is not None:
+                self.figure.close()
+            self.settings, self.figure, self.table, self.error = new, fig, table, None
+            self._set_controls(new)
             self._render()
-            return self.figure, self.table
-        if self.figure is not None:
-            self.figure.close()
-        self.settings, self.figure, self.table, self.error = new, fig, table, None
-        self._render()
-        return fig, table
+            return fig, table
 
     # ---- widgets -------------------------------------------------------------------------------
     def _build_widgets(self) -> None:
@@ -211,7 +258,8 @@ class BandwidthExplorer:
         layers = self.layers
         w = {
             "prompt": W.Text(value=self.settings["prompt"], description="Prompt (Enter to analyse):",
-                             continuous_update=False, style=style, layout=W.Layout(width="95%")),
+                             continuous_update=False, style=style,
+                             layout=W.Layout(flex="1 1 30em", width="auto")),
             "analyse": W.Button(description="Analyse", tooltip="capture and analyse the prompt",
                                 button_style=""),
             "layer": W.IntSlider(value=self.settings["layer"], min=layers[0], max=layers[-1], step=1,
@@ -226,22 +274,61 @@ class BandwidthExplorer:
             "view": W.HTML(value=""),
         }
         for key in ("prompt", "layer", "threshold", "exclude_massive"):
-            w[key].observe(lambda change, key=key: self.update(**{key: change["new"]}), names="value")
-        w["analyse"].on_click(lambda _btn: self.update(prompt=w["prompt"].value))
-        w["box"] = W.VBox([W.HBox([w["prompt"], w["analyse"]]),
-                           W.HBox([w["layer"], w["threshold"], w["exclude_massive"]]),
+            w[key].observe(self._on_control_change, names="value")
+        w["analyse"].on_click(self._on_control_change)
+        w["box"] = W.VBox([W.HBox([w["prompt"], w["analyse"]], layout=W.Layout(flex_flow="row wrap")),
+                           W.HBox([w["layer"], w["threshold"], w["exclude_massive"]],
+                                  layout=W.Layout(flex_flow="row wrap")),
                            w["status"], w["view"]])
+        for key in ("box", "status", "view"):  # stable names for the real-browser test
+            w[key].add_class("rb-explorer" if key == "box" else f"rb-explorer-{key}")
         self.widgets = w
         self._render()
+
+    def _on_control_change(self, _change=None) -> None:
+        """Every control's callback: render what the controls show now (last input wins)."""
+        if getattr(self._quiet, "on", False):
+            return
+        self._apply(self._next_generation(), {})
+
+    def _control_values(self) -> dict:
+        """The settings the controls show (the current settings when there are no widgets)."""
+        if not self.widgets:
+            return dict(self.settings)
+        w = self.widgets
+        return {"prompt": w["prompt"].value, "layer": int(w["layer"].value),
+                "threshold": float(w["threshold"].value),
+                "exclude_massive": bool(w["exclude_massive"].value)}
+
+    def _set_controls(self, settings: dict) -> None:
+        """Move the controls to ``settings`` without triggering their callbacks."""
+        if not self.widgets:
+            return
+        self._quiet.on = True
+        try:
+            for key, value in settings.items():
+                control = self.widgets[key]
+                if key == "threshold":  # a valid p outside the slider's range widens the range
+                    control.min, control.max = min(control.min, value), max(control.max, value)
+                if control.value != value:
+                    control.value = value
+        finally:
+            self._quiet.on = False
 
     def _render(self) -> None:
         if not self.widgets:
             return
         status = (f'<p role="alert"><b>Not updated:</b> {html.escape(self.error)}</p>' if self.error
                   else f"<p>{html.escape(self._summary())}</p>")
+        if self.figure is not None:  # the image first: once the caption changes, the image has
+            self.widgets["view"].value = self._figure_html()
         self.widgets["status"].value = status
-        if self.figure is not None:
-            self.widgets["view"].value = self.figure._repr_html_()
+
+    def _figure_html(self) -> str:
+        """The figure's HTML, with the image scaled to fit its container and wide tables scrolling."""
+        if self.figure is None:
+            return ""
+        return fit_to_container(self.figure._repr_html_())
 
     def _summary(self) -> str:
         s = self.settings
@@ -252,7 +339,7 @@ class BandwidthExplorer:
     def static_html(self) -> str:
         """The current figure (alt attribute + caption) and table as HTML, for non-widget viewers."""
         err = f"<p><b>Not updated:</b> {html.escape(self.error)}</p>" if self.error else ""
-        return err + (self.figure._repr_html_() if self.figure is not None else "")
+        return err + self._figure_html()
 
     def __str__(self) -> str:
         head = f"Bandwidth explorer ({self._summary()})"
@@ -267,11 +354,35 @@ class BandwidthExplorer:
     def _repr_mimebundle_(self, include=None, exclude=None):
         bundle = {"text/plain": str(self), "text/html": self.static_html()}
         if self.interactive and self.widgets:
-            view = self.widgets["box"]._repr_mimebundle_()
-            key = "application/vnd.jupyter.widget-view+json"
-            if key in view:
-                bundle[key] = view[key]
+            bundle.update(widget_view_bundle(self.widgets["box"]))
         return bundle
+
+
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
+_FIT_IMAGE = "max-width: 100%; height: auto;"
+
+
+def widget_view_bundle(widget) -> dict:
+    """The display data that shows ``widget`` live, for ipywidgets 8 and 7.
+
+    ipywidgets 8 widgets have ``_repr_mimebundle_``; ipywidgets 7 (what Colab ships) only
+    ``_ipython_display_``, which publishes the same view spec (widget protocol 2.0) built here."""
+    if hasattr(widget, "_repr_mimebundle_"):
+        view = widget._repr_mimebundle_() or {}
+        return {WIDGET_VIEW_MIME: view[WIDGET_VIEW_MIME]} if WIDGET_VIEW_MIME in view else {}
+    model_id = getattr(widget, "model_id", None)
+    if model_id is None:
+        return {}
+    return {WIDGET_VIEW_MIME: {"version_major": 2, "version_minor": 0, "model_id": model_id}}
+
+
+def fit_to_container(figure_html: str) -> str:
+    """Scale every ``<img>`` to its container (``max-width: 100%; height: auto``) and let tables
+    scroll sideways instead of widening the output (an ipywidgets HTML view does not inherit the
+    notebook's own image rule, so the explorer's image overflowed its widget)."""
+    figure_html = re.sub(r"<img(?![^>]*\bstyle=)", f'<img style="{_FIT_IMAGE}"', figure_html)
+    return re.sub(r"(<table\b.*?</table>)", r'<div style="overflow-x: auto; max-width: 100%;">\1</div>',
+                  figure_html, flags=re.S)
 
 
 def explore(model_or_loaded="embedded", tokenizer=None, prompt: str = DEFAULT_PROMPT,
