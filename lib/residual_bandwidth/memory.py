@@ -46,17 +46,23 @@ top ``top_per_kind`` of each kind are merged and sorted by score.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .capture import architecture_of, as_capture, hook_name, model_dims
-from .outliers import DEFAULT_MASSIVE_RATIO
+from .capture import add_hook, architecture_of, as_capture, forward_batches, hook_name, hook_point, model_dims
+from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_positive, check_prompts
-from .weights import (LayerWeights, all_layer_weights, check_layer_weights, check_layers, layer_weights,
+from .weights import (LayerWeights, all_layer_weights, check_layer_weights, check_layers,
                       out_projections)
+
+#: the keys of one (layer, head) record of :func:`head_records`
+HEAD_KEYS = ("layer", "head", "kv_head", "eig_real", "eig_imag", "neg_share", "current_token_attention")
+#: the keys of one entry of :func:`rank_candidates`
+RANKING_KEYS = ("rank", "component", "kind", "layer", "index", "score", "evidence")
 
 # ---------------------------------------------------------------------------------------------
 # Weights: W_OV eigenvalues, neuron cosines
@@ -88,16 +94,18 @@ def eigen_sign(eigs: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, eigs.real.sum(-1) / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
-def neuron_cosines(model: torch.nn.Module, layers=None, direction: str = "in") -> torch.Tensor:
+def neuron_cosines(model: torch.nn.Module, layers=None, direction: str = "in",
+                   weights: Sequence[LayerWeights] | None = None) -> torch.Tensor:
     """``cos(input direction, output direction)`` of every MLP neuron: ``[len(layers), d_mlp]``.
 
     ``direction="in"`` uses ``W_in`` (gpt2's c_fc, llama's up projection); ``"gate"`` uses llama's
-    gate projection (an error for gpt2, which has none).
+    gate projection (an error for gpt2, which has none). ``weights``: the layers' already extracted
+    :class:`LayerWeights` (then ``model`` and ``layers`` are not read).
     """
     if direction not in ("in", "gate"):
         raise BandwidthInputError(f"direction: expected 'in' or 'gate', got {direction!r}")
     out = []
-    for lw in all_layer_weights(model, layers):
+    for lw in (weights if weights is not None else all_layer_weights(model, layers)):
         w_in = lw.W_in if direction == "in" else lw.W_gate
         if w_in is None:
             raise BandwidthInputError(f"direction='gate': the {lw.family} MLP has no gate projection")
@@ -186,15 +194,18 @@ def current_token_attention(model: torch.nn.Module, tokenizer, prompts: Sequence
 
 
 def head_records(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
-                 layers=None, current_attention: torch.Tensor | None = None) -> list[dict]:
+                 layers=None, current_attention: torch.Tensor | None = None,
+                 weights: Sequence[LayerWeights] | None = None) -> list[dict]:
     """One record per (layer, head): ``{layer, head, kv_head, eig_real, eig_imag, neg_share,
     current_token_attention}``.
 
     ``current_token_attention`` is measured on ``prompts`` (needs ``tokenizer``), or taken from a
     precomputed ``current_attention`` tensor ``[len(layers), n_heads]``; ``None`` when neither is given.
-    Eigenvalues are sorted by real part (most negative first).
+    Eigenvalues are sorted by real part (most negative first). ``weights``: the layers' already
+    extracted :class:`LayerWeights`, in the order of ``layers``.
     """
     layers = check_layers(model, layers)
+    weights = list(weights) if weights is not None else all_layer_weights(model, layers)
     if current_attention is None and prompts is not None:
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed to measure attention on prompts")
@@ -203,8 +214,7 @@ def head_records(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] 
         raise BandwidthInputError(f"current_attention: expected shape {(len(layers), model_dims(model)['n_heads'])}, "
                                   f"got {tuple(current_attention.shape)}")
     out = []
-    for i, L in enumerate(layers):
-        lw = layer_weights(model, L)
+    for i, (L, lw) in enumerate(zip(layers, weights)):
         eigs = ov_eigenvalues(lw)
         share = neg_share(eigs)
         for h in range(lw.n_heads):
@@ -264,7 +274,8 @@ class ErasureReport:
 @torch.no_grad()
 def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
                              batch_size: int = 8, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
-                             progress: bool = True) -> ErasureReport:
+                             progress: bool = True, weights: Sequence[LayerWeights] | None = None
+                             ) -> ErasureReport:
     """Measure ``mean_t <write_t, read_t> / ||read_t||^2`` for attention, each head, the MLP and each
     neuron of every block in ``layers`` on ``prompts`` (module docstring).
 
@@ -282,46 +293,25 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
     dims = model_dims(model)
     H, dh = dims["n_heads"], dims["d_head"]
     W_O, W_out = {}, {}
-    for L in layers:
-        lw = layer_weights(model, L)
+    for L, lw in zip(layers, weights if weights is not None else all_layer_weights(model, layers)):
         W_O[L] = lw.W_O.reshape(H * dh, -1).float()     # [H*dh, d]: row block h is W_O[h]
         W_out[L] = lw.W_out.float()                     # [d_mlp, d]
 
     store, handles = {}, []
-
-    def keep_input(key):
-        def pre(mod, args, kwargs):
-            store[key] = args[0] if args else kwargs["hidden_states"]
-        return pre
-
-    def keep_output(key):
-        def post(mod, args, out):
-            store[key] = out[0] if isinstance(out, (tuple, list)) else out
-        return post
-
     for L in layers:
-        b = blocks[L]
         o_proj, down = out_projections(model, L)
-        handles += [b.register_forward_pre_hook(keep_input(("pre", L)), with_kwargs=True),
-                    arch.norm2(b).register_forward_pre_hook(keep_input(("mid", L)), with_kwargs=True),
-                    arch.attn(b).register_forward_hook(keep_output(("attn", L))),
-                    arch.mlp(b).register_forward_hook(keep_output(("mlp", L))),
-                    o_proj.register_forward_pre_hook(keep_input(("z", L)), with_kwargs=True),
-                    down.register_forward_pre_hook(keep_input(("act", L)), with_kwargs=True)]
+        spots = {"pre": hook_point(arch, blocks[L], "resid_pre"), "mid": hook_point(arch, blocks[L], "resid_mid"),
+                 "attn": hook_point(arch, blocks[L], "attn_out"), "mlp": hook_point(arch, blocks[L], "mlp_out"),
+                 "z": (o_proj, "input"), "act": (down, "input")}
+        handles += [add_hook(module, where, functools.partial(store.__setitem__, (what, L)))
+                    for what, (module, where) in spots.items()]
 
     rows = defaultdict(list)   # (quantity, layer) -> one tensor per batch
-    device = _device(model)
-    pad_side = getattr(tokenizer, "padding_side", "right")
-    tokenizer.padding_side = "right"
-    from tqdm.auto import tqdm
     try:
-        starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="write-vs-read projections", disable=not progress or len(starts) < 2):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
+        for _, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length=None,
+                                            progress=progress, desc="write-vs-read projections"):
             store.clear()
             model(**enc, use_cache=False)
-            mask = enc["attention_mask"].bool()
             for L in layers:
                 pre, mid = store[("pre", L)][mask].float(), store[("mid", L)][mask].float()
                 z, act = store[("z", L)][mask].float(), store[("act", L)][mask].float()
@@ -336,12 +326,11 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
     finally:
         for h in handles:
             h.remove()
-        tokenizer.padding_side = pad_side
 
     cat = {k: torch.cat(v).cpu() for k, v in rows.items()}
 
     def massive_mean(ratio, norms):
-        big = norms >= massive_ratio * norms.median()
+        big = massive_mask(norms, massive_ratio)
         return ratio[big].mean() if bool(big.any()) else torch.tensor(float("nan"))
 
     return ErasureReport(
@@ -386,8 +375,7 @@ def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAUL
         keep = torch.ones(len(x_in), dtype=torch.bool)
         if exclude_massive:
             for x in (x_in, x_out):
-                n = x.norm(dim=1)
-                keep &= n < massive_ratio * n.median()
+                keep &= ~massive_mask(x.norm(dim=1), massive_ratio)
         if int(keep.sum()) < 2:
             raise BandwidthInputError(f"states (layer {L}): fewer than 2 non-massive rows")
         x_in, x_out = x_in[keep], x_out[keep]
@@ -513,13 +501,15 @@ def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed together with prompts")
         prompts = check_prompts(prompts)
+    weights = all_layer_weights(model, layers)   # extracted once per layer, shared below
+    if prompts is not None:
         cta = current_token_attention(model, tokenizer, prompts, layers, progress=progress)
         erasure = erasure_from_activations(model, tokenizer, prompts, layers, batch_size=batch_size,
-                                           progress=progress)
+                                           progress=progress, weights=weights)
     else:
         notes.append("no prompts: head scores use the OV eigenvalues only")
-    heads = head_records(model, layers=layers, current_attention=cta)
-    ncos = neuron_cosines(model, layers)
+    heads = head_records(model, layers=layers, current_attention=cta, weights=weights)
+    ncos = neuron_cosines(model, layers, weights=weights)
     loss = []
     if states is not None:
         cap = as_capture(states, "resid_pre")

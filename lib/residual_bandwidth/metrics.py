@@ -117,17 +117,58 @@ def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "au
     else:
         c = x.to("cpu", torch.float64, copy=True).sub_(mean)
         gram = c @ c.T
-    lam = torch.linalg.eigvalsh(gram).flip(0).numpy()
-    lam = lam[: min(n, d)]
-    lam_max = lam[0] if lam.size else 0.0
+    return spectrum_of_scatter(gram, n, d, center, name=name, layer=layer)
+
+
+def noise_floor(lam_max: float, n: int, d: int) -> float:
+    """``lambda_max * max(n, d) * eps64 * 10``: eigenvalues at or below it are float64 round-off.
+
+    The one noise-floor rule of the package (spectra, streaming statistics, principal directions):
+    an eigenvalue of a symmetric matrix built from ``max(n, d)``-long sums is only known to about
+    ``lambda_max * max(n, d) * eps``, so anything smaller is set to exactly 0.
+    """
+    return float(lam_max) * max(n, d) * np.finfo(np.float64).eps * 10
+
+
+def spectrum_of_scatter(scatter: torch.Tensor, n: int, d: int, center: bool = True, name: str = "x",
+                        layer=None) -> Spectrum:
+    """The :class:`Spectrum` of ``n`` rows of width ``d`` from their ``d x d`` scatter ``Xc^T Xc`` or
+    their ``n x n`` Gram matrix ``Xc Xc^T`` (float64; the non-zero eigenvalues of both are the same).
+
+    Keeps ``min(n, d)`` eigenvalues, descending, with the :func:`noise_floor` applied. Raises
+    :class:`BandwidthInputError` for zero variance.
+    """
+    lam = torch.linalg.eigvalsh(scatter).flip(0).numpy()[: min(n, d)]
+    lam_max = float(lam[0]) if lam.size else 0.0
     if not lam_max > 0:
         what = "all positions are identical" if center else "the matrix is all zeros"
         raise BandwidthInputError(
             f"{name}{f' (layer {layer})' if layer is not None else ''}: zero variance ({what}); "
             "no direction carries information, so ranks and ratios are undefined")
-    floor = lam_max * max(n, d) * np.finfo(np.float64).eps * 10
-    lam = np.where(lam > floor, lam, 0.0)
+    lam = np.where(lam > noise_floor(lam_max, n, d), lam, 0.0)
     return Spectrum(eigenvalues=lam, n_samples=n, d_model=d, centered=center)
+
+
+def principal_directions(x, name: str = "x", layer=None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA of a ``[positions, d_model]`` matrix: ``(mu [d], V [d, d], variances [d])`` in float64.
+
+    ``mu`` is the mean row; the columns of ``V`` are the eigenvectors of the covariance
+    ``C = (X - mu)^T (X - mu) / n`` by decreasing eigenvalue (``variances``, with the
+    :func:`noise_floor` applied, so directions without variance have exactly 0). ``V`` is a complete
+    orthonormal basis: ``k = d`` reproduces ``x`` exactly.
+    """
+    x = as_matrix(x, name=name, layer=layer).detach().to("cpu", torch.float64)
+    n, d = x.shape
+    mu = x.mean(0)
+    xc = x - mu
+    lam, vec = torch.linalg.eigh(xc.T @ xc / n)
+    order = torch.argsort(lam, descending=True)
+    lam, vec = lam[order], vec[:, order]
+    lam_max = float(lam[0])
+    lam = torch.where(lam > noise_floor(lam_max, n, d), lam, torch.zeros_like(lam)) if lam_max > 0 \
+        else torch.zeros_like(lam)
+    return mu, vec, lam
 
 
 def _lam(s) -> np.ndarray:
@@ -209,6 +250,26 @@ def spectral_entropy(s, of: str = "variance") -> float:
     if p.size < 2:
         return 0.0
     return float(_entropy(p) / np.log(p.size))
+
+
+#: the fields :func:`rank_family` fills (declared once; records of the analyzer, streaming and monitor)
+RANK_FAMILY = ("variance_rank", "participation_ratio", "stable_rank", "entropy_rank", "spectral_entropy",
+               "utilization_available", "utilization_d_model")
+
+
+def rank_family(spec: Spectrum, p: float = 0.95) -> dict:
+    """Every rank measure of one spectrum, the one place they are assembled (keys :data:`RANK_FAMILY`).
+
+    ``variance_rank = r_p`` (:func:`variance_threshold_rank`), ``participation_ratio``,
+    ``stable_rank``, ``entropy_rank`` (:func:`entropy_effective_rank`), ``spectral_entropy`` (of the
+    variances), ``utilization_available = r_p / min(n, d)`` and ``utilization_d_model = r_p / d``.
+    """
+    r = variance_threshold_rank(spec, p)
+    return {"variance_rank": r, "participation_ratio": participation_ratio(spec),
+            "stable_rank": stable_rank(spec), "entropy_rank": entropy_effective_rank(spec),
+            "spectral_entropy": spectral_entropy(spec),
+            "utilization_available": r / min(spec.n_samples, spec.d_model),
+            "utilization_d_model": r / spec.d_model}
 
 
 def anisotropy(x, name: str = "x", layer=None) -> float:
@@ -293,20 +354,13 @@ def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, la
     spec = _spectrum(x, center, name, layer)
     mean_norm, aniso = _norm_pass(x, name)
     n, d = x.shape
-    rank = variance_threshold_rank(spec, variance_threshold)
     return BandwidthMetrics(
         layer=layer,
         n_positions=n,
         d_model=d,
         centered=center,
         variance_threshold=float(variance_threshold),
-        variance_rank=rank,
-        participation_ratio=participation_ratio(spec),
-        stable_rank=stable_rank(spec),
-        entropy_rank=entropy_effective_rank(spec),
-        utilization_available=rank / min(n, d),
-        utilization_d_model=rank / d,
-        spectral_entropy=spectral_entropy(spec),
+        **rank_family(spec, variance_threshold),
         anisotropy=aniso,
         mean_norm=mean_norm,
         excluded_positions=excluded_positions,

@@ -127,6 +127,7 @@ at batch 8 with the defaults. Re-measure on your machine: ``python bench/monitor
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -141,10 +142,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .capture import KINDS, _first, architecture_of, model_dims
-from .metrics import (Spectrum, entropy_effective_rank, participation_ratio, spectrum, stable_rank,
-                      variance_threshold_rank)
-from .outliers import DEFAULT_MASSIVE_RATIO
+from .capture import KINDS, add_hook, architecture_of, hook_point, model_dims
+from .metrics import rank_family, spectrum
+from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .streaming import StreamingMoments
 from .validation import BandwidthInputError, check_fraction, check_positive
 
@@ -168,6 +168,11 @@ DEFAULT_MAX_POSITIONS = 32
 #: read-out merges what is pending first, so results always cover all traffic
 DEFAULT_COVARIANCE_BATCH_ROWS = 256
 BAD_REASONS = ("empty", "nonfinite", "d_model", "shape", "missing_layer", "forward_error")
+
+
+def threshold_direction(warning: float | None, critical: float | None) -> str:
+    """``"below"`` when smaller values are worse (``critical < warning``), else ``"above"``."""
+    return "below" if (warning is not None and critical is not None and critical < warning) else "above"
 
 
 def default_layers(n_layers: int, count: int = 3) -> list[int]:
@@ -249,6 +254,12 @@ class AlertRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: the keys of one entry of :meth:`BandwidthMonitor.alert_records`
+ALERT_KEYS = tuple(AlertRecord.__dataclass_fields__)
+#: the keys of one entry of :meth:`BandwidthMonitor.timeline_records`
+TIMELINE_KEYS = ("request", "timestamp", "layer", "metric", "value")
 
 
 @dataclass
@@ -467,7 +478,7 @@ class BandwidthMonitor:
             if w is None and c is None:
                 raise BandwidthInputError(f"thresholds[{metric!r}]: set at least one of warning/critical")
             out[metric] = {"warning": None if w is None else float(w), "critical": None if c is None else float(c)}
-            directions[metric] = "below" if (w is not None and c is not None and c < w) else "above"
+            directions[metric] = threshold_direction(w, c)
         return out, directions
 
     @property
@@ -530,21 +541,8 @@ class BandwidthMonitor:
         return self
 
     def _register_layer_hook(self, arch, block, layer: int):
-        def out_hook(module, args, output):
-            self._capture(layer, _first(output))
-
-        def in_hook(module, args, kwargs):
-            self._capture(layer, args[0] if args else kwargs.get("hidden_states"))
-
-        if self.kind == "resid_post":
-            return block.register_forward_hook(out_hook)
-        if self.kind == "resid_pre":
-            return block.register_forward_pre_hook(in_hook, with_kwargs=True)
-        if self.kind == "resid_mid":
-            return arch.norm2(block).register_forward_pre_hook(in_hook, with_kwargs=True)
-        if self.kind == "attn_out":
-            return arch.attn(block).register_forward_hook(out_hook)
-        return arch.mlp(block).register_forward_hook(out_hook)
+        module, where = hook_point(arch, block, self.kind)
+        return add_hook(module, where, functools.partial(self._capture, layer))
 
     def detach(self) -> None:
         """Remove every hook this monitor registered (safe to call twice)."""
@@ -705,11 +703,10 @@ class BandwidthMonitor:
         median = float(norms.median())
         max_norm = float(norms.max())
         ref = min(median, typical) if typical else median
+        massive = massive_mask(norms, self.massive_ratio, reference=ref)
         if ref > 0:
-            massive = norms >= self.massive_ratio * ref
             max_ratio = max_norm / ref
         else:  # more than half the rows are zero vectors: every non-zero row is loud
-            massive = norms > 0
             max_ratio = math.inf if max_norm > 0 else 1.0
         n_massive = int(massive.sum())
         n_first = int((massive & first.to(massive.device)).sum()) if (n_massive and first is not None
@@ -730,7 +727,9 @@ class BandwidthMonitor:
             except BandwidthInputError:  # zero variance (identical rows): no spectrum to report
                 spec = None
             if spec is not None:
-                _rank_family(spec, self.variance_threshold, rec, min(m, d), d)
+                for key, value in rank_family(spec, self.variance_threshold).items():
+                    if hasattr(rec, key):
+                        setattr(rec, key, value)
         typical_sum = float(norms[~massive].sum()) if n_massive else float(norms.sum())
         return rec, rows, typical_sum
 
@@ -1143,17 +1142,6 @@ class BandwidthMonitor:
         state = "attached" if self.attached else "detached"
         return (f"BandwidthMonitor({state}, kind={self.kind!r}, layers={self.layers}, "
                 f"requests={self.totals()['requests']})")
-
-
-def _rank_family(spec: Spectrum, p: float, rec: LayerRecord, available: int, d: int) -> None:
-    """Fill ``rec``'s rank fields from a request's spectrum (formulas: :mod:`residual_bandwidth.metrics`)."""
-    r = variance_threshold_rank(spec, p)
-    rec.variance_rank = r
-    rec.participation_ratio = participation_ratio(spec)
-    rec.stable_rank = stable_rank(spec)
-    rec.entropy_rank = entropy_effective_rank(spec)
-    rec.utilization_available = r / available
-    rec.utilization_d_model = r / d
 
 
 def _pct(rec: dict, base: float) -> str:

@@ -57,14 +57,18 @@ class OutlierDimension:
         return asdict(self)
 
 
-def norm_ratios(x, name: str = "x", layer=None) -> tuple[torch.Tensor, float]:
-    """``(||x_i|| / median_k ||x_k||`` for every row, the median norm)``."""
-    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
-    norms = x.norm(dim=1)
-    typical = float(norms.median())
-    if typical == 0:
-        return torch.full_like(norms, float("inf")), 0.0
-    return norms / typical, typical
+def massive_mask(norms: torch.Tensor, ratio: float = DEFAULT_MASSIVE_RATIO, reference=None,
+                 dim: int = -1) -> torch.Tensor:
+    """The massive-activation rule, on row norms: ``||x_i|| >= ratio * m`` (boolean, shape of ``norms``).
+
+    ``m`` is ``median_i ||x_i||`` along ``dim`` (kept as a dimension, so a ``[batch, T, 1]`` tensor of
+    norms gives one median per sequence), or the caller's ``reference`` norm (a number, or a tensor
+    that broadcasts). When ``m`` is 0 (more than half the rows are zero vectors) every non-zero row
+    counts as massive. Every module that flags massive activations calls this function.
+    """
+    m = norms.median(dim=dim, keepdim=True).values if reference is None else reference
+    m = torch.as_tensor(m, dtype=norms.dtype, device=norms.device)
+    return torch.where(m > 0, norms >= ratio * m, norms > 0)
 
 
 def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int = 3,
@@ -73,9 +77,11 @@ def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int
     """Rows of ``x`` whose norm is at least ``ratio`` times the median row norm (see module doc)."""
     ratio = check_positive(ratio, "ratio")
     x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
-    r, typical = norm_ratios(x, name=name, layer=layer)
+    norms = x.norm(dim=1)
+    typical = float(norms.median())
+    r = norms / typical if typical > 0 else torch.full_like(norms, float("inf"))
     out = []
-    for i in torch.nonzero(r >= ratio).flatten().tolist():
+    for i in torch.nonzero(massive_mask(norms, ratio)).flatten().tolist():
         v = x[i]
         energy = float(v @ v)
         top = torch.topk(v.abs(), k=min(top_k, v.numel())).indices.tolist()

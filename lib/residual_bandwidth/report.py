@@ -2,8 +2,8 @@
 
 ``run_bandwidth_job`` is what ``make lesson`` and ``python -m residual_bandwidth analyze`` run. It
 writes ``report.json`` (every number), ``table.txt`` (the per-layer table), and figures with their
-alt texts into an output folder, and returns the report dict. Its ``"analytics"`` section (issue 3:
-bottlenecks, memory management, composition, measured compression curve) comes from
+alt texts into an output folder, and returns the report dict. Its ``"analytics"`` section (bottlenecks,
+memory management, composition, measured compression curve) comes from
 :func:`run_analytics`; the full analytics records go to ``analytics.json``.
 """
 from __future__ import annotations
@@ -16,19 +16,12 @@ from typing import Sequence
 
 from .analyzer import ResidualBandwidthAnalyzer
 from .capture import capture_residuals, model_dims
+from .compression import CALIBRATION_PROMPTS
 from .models import load_model
 
-# The seed lesson's sentence first; the others add code, numbers and a question so the spectrum is
-# not estimated from one register of English only.
-DEFAULT_PROMPTS = [
-    "The transformer architecture revolutionized natural language processing by introducing "
-    "attention mechanisms.",
-    "The capital of France is Paris, and the capital of Italy is Rome.",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
-    "In 1969, Apollo 11 landed on the Moon; Neil Armstrong stepped out at 02:56 UTC on July 21.",
-    "Why does ice float on water? Because solid water is less dense than liquid water.",
-    "She opened the old wooden door slowly, and the smell of rain and pine filled the room.",
-]
+# The first six calibration prompts: the seed lesson's sentence first; the others add code, numbers
+# and a question so the spectrum is not estimated from one register of English only.
+DEFAULT_PROMPTS = CALIBRATION_PROMPTS[:6]
 
 
 def bottleneck_ratios(dims: dict) -> dict:
@@ -93,7 +86,7 @@ def torch_threads(n: int | None):
 
 def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_ratio: float = 4.0,
                   progress: bool = True, threads: int | None = 1) -> tuple[dict, dict]:
-    """The bandwidth analytics of issue 3 on a loaded model and its capture (all kinds, all layers):
+    """The bandwidth analytics on a loaded model and its capture (all kinds, all layers):
     bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
 
     Returns ``(summary, figure_inputs)``: ``summary`` is the ``"analytics"`` section of report.json;

@@ -247,12 +247,10 @@ class StreamingMoments:
             return self._eig_cache[1].copy()
         if self.n < 2:
             raise BandwidthInputError(f"eigenvalues: {self.n} row(s) seen; at least 2 are needed")
-        lam = torch.linalg.eigvalsh(self.scatter).flip(0).numpy()[: min(self.n, self.d_model)]
-        lam_max = float(lam[0]) if lam.size else 0.0
-        if not lam_max > 0:
-            raise BandwidthInputError("eigenvalues: zero variance (all rows seen are identical)")
-        floor = lam_max * max(self.n, self.d_model) * np.finfo(np.float64).eps * 10
-        lam = np.where(lam > floor, lam, 0.0)
+        try:
+            lam = _m.spectrum_of_scatter(self.scatter, self.n, self.d_model, name="eigenvalues").eigenvalues
+        except BandwidthInputError:
+            raise BandwidthInputError("eigenvalues: zero variance (all rows seen are identical)") from None
         self._eig_cache = (self.version, lam)
         return lam.copy()
 
@@ -298,19 +296,13 @@ class StreamingMoments:
         ``utilization_d_model = r_p / d`` and ``utilization_available = r_p / min(n, d)``.
         """
         out = {"n": self.n, "d_model": self.d_model, "variance_threshold": p,
-               "total_variance": self.total_variance, "variance_rank": None,
-               "participation_ratio": None, "stable_rank": None, "entropy_rank": None,
-               "spectral_entropy": None, "utilization_d_model": None,
-               "utilization_available": None}
+               "total_variance": self.total_variance, **dict.fromkeys(_m.RANK_FAMILY)}
         try:
             lam = self.eigenvalues()
         except BandwidthInputError:
             return out
-        r = _m.variance_threshold_rank(lam, p)
-        out.update(variance_rank=r, participation_ratio=_m.participation_ratio(lam),
-                   stable_rank=_m.stable_rank(lam), entropy_rank=_m.entropy_effective_rank(lam),
-                   spectral_entropy=_m.spectral_entropy(lam), utilization_d_model=r / self.d_model,
-                   utilization_available=r / min(self.n, self.d_model))
+        out.update(_m.rank_family(_m.Spectrum(eigenvalues=lam, n_samples=self.n, d_model=self.d_model,
+                                              centered=True), p))
         return out
 
     def __repr__(self) -> str:

@@ -46,6 +46,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
+from .bottlenecks import GRID_KEYS, SEVERITIES
+from .memory import HEAD_KEYS, RANKING_KEYS
+from .monitor import ALERT_KEYS, TIMELINE_KEYS, threshold_direction
 from .validation import BandwidthInputError
 
 # Okabe & Ito (2008) palette: distinguishable under the common colour-vision deficiencies.
@@ -63,7 +66,6 @@ SEVERITY_GLYPHS = {
     "critical": ("X", "critical (cross)"),
     "massive": ("*", "massive activation (star, hatched, left out of the colour scale)"),
 }
-SEVERITIES = ("none", "warning", "critical", "massive")
 
 
 # =============================================================================================
@@ -266,8 +268,13 @@ def _finish(fig, alt: str, table: list[dict], title: str, notes: list[str]) -> A
     return AccessibleFigure(fig, alt, table, title, list(notes))
 
 
-def _records(records, required: Sequence[str], name: str) -> list[dict]:
-    """Validate tidy records: a list (or tuple) of mappings that all have the ``required`` keys."""
+def _records(records, required: Sequence[str], name: str, ints: Sequence[str] = (),
+             nums: Sequence[str] = (), choices: Mapping[str, Sequence] | None = None) -> list[dict]:
+    """Validate tidy records: a list (or tuple) of mappings that all have the ``required`` keys.
+
+    Returns copies in which the ``ints`` fields are ints and the ``nums`` fields floats (None -> NaN),
+    and checks that each ``choices`` field holds one of its allowed values.
+    """
     if records is None:
         return []
     if isinstance(records, Mapping) or not isinstance(records, Sequence) or isinstance(records, (str, bytes)):
@@ -280,7 +287,13 @@ def _records(records, required: Sequence[str], name: str) -> list[dict]:
         if missing:
             raise BandwidthInputError(f"{name}[{i}]: missing key(s) {missing}; each record needs "
                                       f"{list(required)}")
-        out.append(dict(r))
+        r = dict(r)
+        for k, allowed in (choices or {}).items():
+            if r[k] not in allowed:
+                raise BandwidthInputError(f"{name}[{i}]: {k} {r[k]!r} is not one of {list(allowed)}")
+        r.update({k: _int(r[k], f"{name}[{i}].{k}") for k in ints})
+        r.update({k: _num(r[k], f"{name}[{i}].{k}") for k in nums})
+        out.append(r)
     return out
 
 
@@ -315,6 +328,12 @@ def _check_report(report) -> None:
     if any(not hasattr(report, k) for k in needed):
         raise BandwidthInputError(f"report: expected a BandwidthReport (from analyze_layers), got "
                                   f"{type(report).__name__}")
+
+
+def _report_layers(report) -> tuple[list[int], int]:
+    """A checked report's layers and its variance threshold in percent."""
+    _check_report(report)
+    return report.layers, round(100 * report.variance_threshold)
 
 
 def _which(report, which: str):
@@ -542,11 +561,27 @@ def plot_cumulative_variance(report, layers=None, max_layers: int = 4) -> Access
     return _finish(fig, alt, table, title, notes)
 
 
+def _layer_lines(layers, series: Mapping[str, Sequence[float]], title: str, xlabel: str, ylabel: str):
+    """One line per series over the layers, each with its own colour, marker and dash."""
+    fig, axes = _figure((8, 4.5))
+    ax = axes[0, 0]
+    for i, (label, ys) in enumerate(series.items()):
+        ax.plot(layers, ys, label=label, markersize=5, **_style(i))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="best")
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _one_layer_note(layers) -> list[str]:
+    return ["Only one layer was analysed, so there is no trend with depth."] if len(layers) == 1 else []
+
+
 def plot_rank_by_layer(report) -> AccessibleFigure:
     """Effective-rank family by layer (positions with massive activations left out), plus r_p with them."""
-    _check_report(report)
-    layers = report.layers
-    p = round(100 * report.variance_threshold)
+    layers, p = _report_layers(report)
     title = f"How many of {report.d_model} residual dimensions are used, by layer"
     if not layers:
         return _placeholder(title, "The report has no layers.", "layer", "dimensions")
@@ -557,17 +592,10 @@ def plot_rank_by_layer(report) -> AccessibleFigure:
         "participation ratio": [m.participation_ratio for m in report.without_massive],
         "stable rank": [m.stable_rank for m in report.without_massive],
     }
-    fig, axes = _figure((8, 4.5))
-    ax = axes[0, 0]
-    for i, (label, ys) in enumerate(series.items()):
-        ax.plot(layers, ys, label=label, markersize=5, **_style(i))
+    fig, ax = _layer_lines(layers, series, title, "layer (block index, resid_post)",
+                           "dimensions (log scale)")
     ax.set_yscale("log")
-    ax.set_xlabel("layer (block index, resid_post)")
-    ax.set_ylabel("dimensions (log scale)")
-    ax.set_title(title)
-    ax.legend(loc="best")
-    ax.grid(True, alpha=0.3)
-    notes = ["Only one layer was analysed, so there is no trend with depth."] if len(layers) == 1 else []
+    notes = _one_layer_note(layers)
     clean = series[f"r{p}, without massive positions"]
     allp = series[f"r{p} (variance rank), all positions"]
     lo, hi = int(np.argmin(clean)), int(np.argmax(clean))
@@ -589,9 +617,7 @@ def plot_utilization_by_layer(report) -> AccessibleFigure:
     is the share of the residual width. With fewer positions than dimensions only the first can be
     large; reporting both keeps the seed's checkpoint-3 confusion (15 / 48) from happening again.
     """
-    _check_report(report)
-    layers = report.layers
-    p = round(100 * report.variance_threshold)
+    layers, p = _report_layers(report)
     title = f"Utilization of the residual stream by layer (r{p} as a share)"
     if not layers:
         return _placeholder(title, "The report has no layers.", "layer", "utilization (%)")
@@ -601,17 +627,9 @@ def plot_utilization_by_layer(report) -> AccessibleFigure:
         f"r{p} / d_model, without massive": [100 * m.utilization_d_model for m in report.without_massive],
         f"r{p} / d_model, all positions": [100 * m.utilization_d_model for m in report.all_positions],
     }
-    fig, axes = _figure((8, 4.5))
-    ax = axes[0, 0]
-    for i, (label, ys) in enumerate(series.items()):
-        ax.plot(layers, ys, label=label, markersize=5, **_style(i))
+    fig, ax = _layer_lines(layers, series, title, "layer (block index)", "utilization (% of the denominator)")
     ax.set_ylim(0, 105)
-    ax.set_xlabel("layer (block index)")
-    ax.set_ylabel("utilization (% of the denominator)")
-    ax.set_title(title)
-    ax.legend(loc="best")
-    ax.grid(True, alpha=0.3)
-    notes = ["Only one layer was analysed, so there is no trend with depth."] if len(layers) == 1 else []
+    notes = _one_layer_note(layers)
     c_av = [m.utilization_available for m in report.without_massive]
     c_d = [m.utilization_d_model for m in report.without_massive]
     a_av = [m.utilization_available for m in report.all_positions]
@@ -758,8 +776,6 @@ def plot_norm_heatmap(capture, report=None, prompt: int = 0, kind: str | None = 
 # =============================================================================================
 # LO2: bottlenecks and the monitor (records from the analytics and monitor modules)
 # =============================================================================================
-BOTTLENECK_KEYS = ("layer", "prompt", "position", "token", "norm_ratio", "spread", "score",
-                   "severity", "massive")
 
 
 def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "score",
@@ -776,20 +792,14 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     """
     if value not in ("score", "norm_ratio", "spread"):
         raise BandwidthInputError(f"value: expected 'score', 'norm_ratio' or 'spread', got {value!r}")
-    recs = _records(records, BOTTLENECK_KEYS, "bottleneck records")
+    recs = _records(records, GRID_KEYS, "bottleneck records", ints=("layer", "prompt", "position"),
+                    nums=("norm_ratio", "spread", "score"), choices={"severity": SEVERITIES})
     max_positions = _positive_int(max_positions, "max_positions")
     title = f"Bottleneck {value.replace('_', ' ')} by layer and position"
     if not recs:
         return _placeholder(title, "No bottleneck records were given, so there is nothing to draw.",
                             "position", "layer")
-    for i, r in enumerate(recs):
-        if r["severity"] not in SEVERITIES:
-            raise BandwidthInputError(f"bottleneck records[{i}]: severity {r['severity']!r} is not one "
-                                      f"of {SEVERITIES}")
-        r["layer"], r["prompt"], r["position"] = (_int(r[k], f"bottleneck records[{i}].{k}")
-                                                  for k in ("layer", "prompt", "position"))
-        for k in ("norm_ratio", "spread", "score"):
-            r[k] = _num(r[k], f"bottleneck records[{i}].{k}")
+    for r in recs:
         r["massive"] = bool(r["massive"]) or r["severity"] == "massive"
     prompts = sorted({r["prompt"] for r in recs})
     if prompt is None:
@@ -871,12 +881,10 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
            + top_txt + (" " + crit_txt if crit_txt else "")
            + (" " + mass_txt[:1].upper() + mass_txt[1:] + " (hatched, starred, excluded from the colour scale)."
               if mass_txt else ""))
-    table = [{k: r[k] for k in BOTTLENECK_KEYS} for r in rows]
+    table = [{k: r[k] for k in GRID_KEYS} for r in rows]
     return _finish(fig, alt, table, title, notes)
 
 
-MONITOR_KEYS = ("request", "timestamp", "layer", "metric", "value")
-ALERT_KEYS = ("request", "timestamp", "layer", "metric", "level", "value", "threshold")
 #: How an alert is drawn on the timeline: (marker, face colour, legend text).
 ALERT_GLYPHS = {
     "warning": ("^", "white", "warning alert (open triangle)"),
@@ -904,8 +912,9 @@ def plot_monitor_timeline(records, alerts=None, thresholds=None, metrics=None,
     default "below" when ``critical < warning``, else "above" (the monitor's own rule).
     Table: the records, each with the alert level raised at that point ("" if none).
     """
-    recs = _records(records, MONITOR_KEYS, "monitor records")
-    alts = _records(alerts, ALERT_KEYS, "alerts")
+    recs = _records(records, TIMELINE_KEYS, "monitor records", ints=("request",), nums=("value",))
+    alts = _records(alerts, ALERT_KEYS, "alerts", ints=("request",), nums=("value",),
+                    choices={"level": list(ALERT_GLYPHS)})
     thresholds = {} if thresholds is None else thresholds
     if not isinstance(thresholds, Mapping) or any(not isinstance(v, Mapping) for v in thresholds.values()):
         raise BandwidthInputError("thresholds: expected {metric: {'warning': w, 'critical': c}}")
@@ -918,16 +927,8 @@ def plot_monitor_timeline(records, alerts=None, thresholds=None, metrics=None,
     if not recs:
         return _placeholder(title, "No monitor records were given, so there is nothing to draw.",
                             "request", "value")
-    for i, r in enumerate(recs):
-        r["request"] = _int(r["request"], f"monitor records[{i}].request")
-        r["value"] = _num(r["value"], f"monitor records[{i}].value")
+    for r in recs + alts:
         r["metric"] = str(r["metric"])
-    for i, a in enumerate(alts):
-        if a["level"] not in ALERT_GLYPHS:
-            raise BandwidthInputError(f"alerts[{i}]: level {a['level']!r} is not one of {list(ALERT_GLYPHS)}")
-        a["request"] = _int(a["request"], f"alerts[{i}].request")
-        a["value"] = _num(a["value"], f"alerts[{i}].value")
-        a["metric"] = str(a["metric"])
     present = list(dict.fromkeys(r["metric"] for r in recs))
     if metrics is None:  # metrics with thresholds first: those are the ones that alert
         chosen = ([m for m in present if m in thresholds] + [m for m in present if m not in thresholds])
@@ -970,8 +971,7 @@ def plot_monitor_timeline(records, alerts=None, thresholds=None, metrics=None,
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} per request")
         ax.grid(True, alpha=0.3)
-        worse_above = directions.get(metric, "below" if (w is not None and c is not None and c < w)
-                                     else "above") == "above"
+        worse_above = directions.get(metric, threshold_direction(w, c)) == "above"
         direction = "higher is worse" if worse_above else "lower is worse"
         finite = [r for r in mrecs if math.isfinite(r["value"])]
         if finite:
@@ -1024,8 +1024,6 @@ def plot_monitor_timeline(records, alerts=None, thresholds=None, metrics=None,
 # =============================================================================================
 # LO3: memory management, composition and compression (records from the analytics module)
 # =============================================================================================
-HEAD_KEYS = ("layer", "head", "kv_head", "eig_real", "eig_imag", "neg_share", "current_token_attention")
-RANKING_KEYS = ("rank", "component", "kind", "layer", "index", "score", "evidence")
 
 
 def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
@@ -1041,7 +1039,7 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
     head removes what it reads.
     Table: one row per head in that order, with the summaries drawn (eigenvalue lists omitted).
     """
-    recs = _records(heads, HEAD_KEYS, "head records")
+    recs = _records(heads, HEAD_KEYS, "head records", nums=("neg_share", "current_token_attention"))
     highlight = _int(highlight, "highlight")
     if highlight < 0:
         raise BandwidthInputError(f"highlight: expected >= 0, got {highlight}")
@@ -1055,9 +1053,6 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
                 or len(re_) != len(im_):
             raise BandwidthInputError(f"head records[{i}]: eig_real and eig_imag must be lists of equal length")
         r["eig"] = np.asarray(re_, dtype=float) + 1j * np.asarray(im_, dtype=float)
-        r["neg_share"] = _num(r["neg_share"], f"head records[{i}].neg_share")
-        r["current_token_attention"] = _num(r["current_token_attention"],
-                                            f"head records[{i}].current_token_attention")
         r["name"] = f"L{r['layer']}H{r['head']}"
     # largest negative share first; ties broken by attention to the current token (Elhage et al.'s
     # second criterion for memory management)
@@ -1152,15 +1147,12 @@ def plot_memory_ranking(ranking, top: int = 15) -> AccessibleFigure:
     labelled with its rank and score.
     Table: the shown records in rank order.
     """
-    recs = _records(ranking, RANKING_KEYS, "ranking records")
+    recs = _records(ranking, RANKING_KEYS, "ranking records", ints=("rank",), nums=("score",))
     top = _positive_int(top, "top")
     title = "Memory-management candidates, ranked"
     if not recs:
         return _placeholder(title, "No ranking records were given, so there is nothing to draw.",
                             "score", "component")
-    for i, r in enumerate(recs):
-        r["rank"] = _int(r["rank"], f"ranking records[{i}].rank")
-        r["score"] = _num(r["score"], f"ranking records[{i}].score")
     recs = sorted(recs, key=lambda r: r["rank"])
     shown = recs[:top]
     kinds = list(dict.fromkeys(str(r["kind"]) for r in recs))
@@ -1291,12 +1283,13 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     best = "; ".join(f"{src[a]} -> {dst[b]} = {format_number(float(scores[a, b]))}"
                      + (f" ({format_number(float(z[a, b]))} std above the mean)" if std > 0 else "")
                      for a, b in order[:3])
-    alt = (f"Heatmap of {kind} composition scores from {len(src)} source to {len(dst)} destination "
-           f"components: {applicable} applicable pairs, {int(na.sum())} not applicable (hatched). Random "
-           f"baseline {format_number(mean)} +/- {format_number(std)}; {int(above.sum())} pair(s) exceed "
-           f"mean + {format_number(n_std)} std = {format_number(thr)} (diamonds). Scores range "
-           f"{format_number(float(np.nanmin(scores)))} to {format_number(float(np.nanmax(scores)))}. "
-           f"Strongest: {best}.")
+    alt = " ".join([
+        f"Heatmap of {kind} composition scores from {len(src)} source to {len(dst)} destination components:",
+        f"{applicable} applicable pairs, {int(na.sum())} not applicable (hatched).",
+        f"Random baseline {format_number(mean)} +/- {format_number(std)}; {int(above.sum())} pair(s) exceed",
+        f"mean + {format_number(n_std)} std = {format_number(thr)} (diamonds).",
+        f"Scores range {format_number(float(np.nanmin(scores)))} to {format_number(float(np.nanmax(scores)))}.",
+        f"Strongest: {best}."])
     table = [{"kind": kind, "src": src[a], "dst": dst[b], "score": float(scores[a, b]),
               "z_vs_baseline": float(z[a, b]), "above_baseline": bool(above[a, b])}
              for a in range(len(src)) for b in range(len(dst)) if np.isfinite(scores[a, b])]
@@ -1318,7 +1311,8 @@ def plot_compression_curve(records, base_loss: float | None = None, tolerance: f
     model. Layers differ by colour + marker, subspaces by line style and filled/open markers.
     Table: the records with a ``within_tolerance`` flag.
     """
-    recs = _records(records, COMPRESSION_KEYS, "compression records")
+    recs = _records(records, COMPRESSION_KEYS, "compression records", nums=("loss", "kl", "delta_loss"),
+                    choices={"subspace": ("pca", "random")})
     title = "Measured compression cost: loss and KL when the residual is projected to k dimensions"
     if base_loss is not None:
         base_loss = _num(base_loss, "base_loss", allow_nan=False)
@@ -1330,11 +1324,7 @@ def plot_compression_curve(records, base_loss: float | None = None, tolerance: f
         return _placeholder(title, "No compression records were given, so there is nothing to draw.",
                             "k", "loss increase (nats)")
     for i, r in enumerate(recs):
-        if r["subspace"] not in ("pca", "random"):
-            raise BandwidthInputError(f"compression records[{i}]: subspace {r['subspace']!r} is not 'pca' or 'random'")
         r["k"] = _positive_int(r["k"], f"compression records[{i}].k")
-        for key in ("loss", "kl", "delta_loss"):
-            r[key] = _num(r[key], f"compression records[{i}].{key}")
     layers = _sorted_values({r["layer"] for r in recs})
     fig, axes = _figure((12, 4.8), ncols=2)
     ax, bx = axes[0, 0], axes[0, 1]
