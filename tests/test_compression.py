@@ -169,7 +169,7 @@ def test_bad_input_is_named(tiny_gpt2):
 def test_lesson_job_reports_the_analytics(embedded, tmp_path):
     """``make lesson``'s job (fast plan) writes the analytics section and the figure inputs."""
     import json
-    from residual_bandwidth.report import analytics_lines, run_bandwidth_job
+    from residual_bandwidth.course.report import analytics_lines, run_bandwidth_job
     rep = run_bandwidth_job(loaded=embedded, out_dir=tmp_path, progress=False, figures=False, fast=True)
     a = json.loads((tmp_path / "report.json").read_text())["analytics"]
     assert set(a) >= {"bottlenecks", "memory", "composition", "compression", "seconds", "plan"}

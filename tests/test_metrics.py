@@ -250,3 +250,12 @@ def test_rank_family_is_assembled_once(rng):
     for key in M.RANK_FAMILY:
         assert getattr(m, key) == pytest.approx(fam[key], rel=1e-12)
         assert s[key] == pytest.approx(fam[key], rel=1e-9)
+
+
+def test_effective_rank_is_a_deprecated_name_for_the_variance_rank(rng):
+    """The field's "effective rank" is the entropy rank; the seed's attribute warns and says which."""
+    import residual_bandwidth  # noqa: F401  (installs the compat alias)
+    m = M.compute_metrics(torch.tensor(low_rank(rng, 100, 16, 4, noise=0.1)))
+    with pytest.warns(DeprecationWarning, match="variance_rank.*entropy_rank"):
+        assert m.effective_rank == m.variance_rank
+    assert m.entropy_rank != m.variance_rank

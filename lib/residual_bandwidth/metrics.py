@@ -332,11 +332,6 @@ class BandwidthMetrics:
     excluded_positions: int = 0
     eigenvalues: np.ndarray = field(default=None, repr=False)
 
-    @property
-    def effective_rank(self) -> int:
-        """The seed's name for :attr:`variance_rank`."""
-        return self.variance_rank
-
     def to_dict(self, with_spectrum: bool = False) -> dict:
         """JSON-ready dict; the spectrum only when asked (it has min(n, d) entries)."""
         d = asdict(self)

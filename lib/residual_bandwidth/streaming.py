@@ -29,7 +29,7 @@ does the ``M2_B + (n m / N) delta delta^T`` part as one in-place matrix product 
 ``d x d`` GEMM and no d x d temporary. :meth:`StreamingMoments.merge` combines two accumulators
 (e.g. one per thread or per process) with the same formula.
 
-Eigenvalues are computed lazily (``eigvalsh`` of a d x d matrix, ~10 ms for d = 576) and cached
+Eigenvalues are computed lazily (one ``eigvalsh`` of a d x d matrix) and cached
 until the next update.
 """
 from __future__ import annotations

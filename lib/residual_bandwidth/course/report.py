@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .analyzer import ResidualBandwidthAnalyzer
-from .capture import capture_residuals, model_dims
-from .compression import CALIBRATION_PROMPTS
+from ..analyzer import ResidualBandwidthAnalyzer
+from ..capture import capture_residuals, model_dims
+from ..compression import CALIBRATION_PROMPTS
 from .models import load_model
 
 # The first six calibration prompts: the seed lesson's sentence first; the others add code, numbers
@@ -95,20 +95,20 @@ def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_r
     written to ``analytics.json``.
 
     ``threads``: torch intra-op threads while it runs (restored afterwards; ``None`` keeps the current
-    setting). Default 1: on a 2-core machine shared with other jobs, two OpenMP threads made this
-    step about 4x more expensive in CPU time (measured: ``make lesson`` used 154 s of CPU with two
-    threads, 37 s with one); on an idle machine one thread leaves the second core unused.
+    setting). Default 1: on a small machine shared with other jobs, two OpenMP threads cost several
+    times the CPU time of one (BENCHMARKS.md); on an idle machine one thread leaves the second core
+    unused.
     """
     with torch_threads(threads):
         return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress)
 
 
 def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress):
-    from .bottlenecks import find_bottlenecks
-    from .composition import composition_scores
-    from .compression import compression_curve
-    from .memory import memory_management
-    from .weights import all_layer_weights
+    from ..bottlenecks import find_bottlenecks
+    from ..composition import composition_scores
+    from ..compression import compression_curve
+    from ..memory import memory_management
+    from ..weights import all_layer_weights
 
     plan = analytics_plan(model_dims(lm.model), fast)
     seconds, out = {}, {"fast": fast, "plan": plan}
@@ -193,7 +193,7 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     table = rep.table()
     (out / "table.txt").write_text(table + "\n")
     if figures:
-        from .viz import write_figures
+        from ..viz import write_figures
         report["figures"] = write_figures(rep, cap, out, analytics=figure_inputs)
     if analytics:
         report["analytics"] = summary
