@@ -259,3 +259,21 @@ def test_effective_rank_is_a_deprecated_name_for_the_variance_rank(rng):
     with pytest.warns(DeprecationWarning, match="variance_rank.*entropy_rank"):
         assert m.effective_rank == m.variance_rank
     assert m.entropy_rank != m.variance_rank
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300])
+def test_huge_and_tiny_values_are_rescaled_not_a_convergence_failure(rng, scale):
+    """Entries near 1e200 overflowed float64 in the covariance (eigh failed to converge), near 1e-200
+    they underflowed to a zero spectrum. The metrics are scale-invariant, so X is divided by a power
+    of two first: every metric equals the reference computed on the scaled-down matrix."""
+    ref_x = low_rank(rng, 300, 24, 8, noise=0.05)
+    x = torch.tensor(ref_x * scale)
+    ref = M.compute_metrics(torch.tensor(ref_x))
+    got = M.compute_metrics(x)
+    for key in M.RANK_FAMILY + ("anisotropy",):
+        assert getattr(got, key) == pytest.approx(getattr(ref, key), rel=1e-9), key
+    assert got.mean_norm == pytest.approx(ref.mean_norm * scale, rel=1e-9)
+    spec = M.spectrum(x)
+    assert spec.scale != 1.0
+    assert np.allclose(spec.eigenvalues * (spec.scale / scale) ** 2, ref.eigenvalues, rtol=1e-9)
+    assert M.spectrum(torch.tensor(ref_x)).scale == 1.0

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import operator
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -266,12 +267,48 @@ def add_hook(module: torch.nn.Module, where: str, fn: Callable[[torch.Tensor], N
     return module.register_forward_pre_hook(pre, with_kwargs=True)
 
 
+def check_tokenizer(tokenizer) -> None:
+    """A callable Hugging Face tokenizer (``None`` and other objects are named as the problem)."""
+    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise BandwidthInputError(f"tokenizer: expected a Hugging Face tokenizer (the model's own), got "
+                                  f"{type(tokenizer).__name__}")
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (``max_position_embeddings`` or
+    GPT-2's ``n_positions``), or None when the config has no such limit."""
+    c = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(c, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_max_length(model: torch.nn.Module, max_length) -> tuple[int | None, str | None]:
+    """``(length, note)``: the token limit to truncate prompts to, clamped to :func:`max_positions`.
+
+    ``max_length`` must be a positive int or None (no limit of our own). When it exceeds the model's
+    maximum positions (or is None and the model has one) the model's limit is used, and ``note``
+    names it so the caller can say so when a prompt was actually cut there.
+    """
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise BandwidthInputError(f"max_length: expected a positive int (tokens per prompt) or None, "
+                                  f"got {max_length!r}")
+    limit = max_positions(model)
+    if limit is not None and (max_length is None or max_length > limit):
+        return limit, (f"prompts longer than the model's maximum of {limit} positions (config "
+                       f"max_position_embeddings / n_positions) were truncated to {limit} tokens"
+                       + (f" (max_length={max_length} asked for more)" if max_length else ""))
+    return max_length, None
+
+
 @contextlib.contextmanager
 def right_padding(tokenizer):
     """Pad on the right inside the block (so real tokens sit at positions ``0..len-1``); the
     tokenizer's own padding side is restored on exit, also on errors. Names a missing tokenizer."""
-    if tokenizer is None or not callable(tokenizer):
-        raise BandwidthInputError(f"tokenizer: expected a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    check_tokenizer(tokenizer)
     before = getattr(tokenizer, "padding_side", "right")
     tokenizer.padding_side = "right"
     try:
@@ -284,7 +321,11 @@ def forward_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], b
                     max_length: int | None = 512, progress: bool = False, desc: str = "forward"):
     """Tokenize ``prompts`` in right-padded batches for ``model``: yields ``(start, enc, mask)`` with
     ``enc`` on the model's device and ``mask`` the boolean attention mask (real tokens). The caller
-    runs the model (with its own hooks). ``max_length=None`` keeps every token."""
+    runs the model (with its own hooks). Prompts are truncated to ``max_length`` tokens, and never
+    beyond the model's maximum positions (:func:`check_max_length`; a ``UserWarning`` names the limit
+    when a prompt was cut there). ``max_length=None``: only the model's limit."""
+    check_tokenizer(tokenizer)
+    max_length, note = check_max_length(model, max_length)
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
     starts = range(0, len(prompts), batch_size)
@@ -292,6 +333,9 @@ def forward_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], b
         for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2):
             enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
                             **({"truncation": True, "max_length": max_length} if max_length else {}))
+            if note and enc["input_ids"].shape[1] >= max_length:
+                warnings.warn(note, UserWarning, stacklevel=3)
+                note = None  # once per call
             enc = {k: v.to(device) for k, v in enc.items()}
             yield start, enc, enc["attention_mask"].bool()
 
@@ -304,11 +348,14 @@ def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence
     """Run ``prompts`` through ``model`` and record the residual stream with forward hooks.
 
     ``kinds`` picks from ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``;
-    ``layers`` picks blocks (default all). Prompts longer than ``max_length`` tokens are truncated.
+    ``layers`` picks blocks (default all). Prompts longer than ``max_length`` tokens are truncated,
+    and never run beyond the model's maximum positions (see :func:`forward_batches`).
     Hooks are always removed, also when the forward pass raises.
     """
     prompts = check_prompts(prompts)
     arch = architecture_of(model)
+    check_tokenizer(tokenizer)
+    check_max_length(model, max_length)
     blocks = arch.blocks(model)
     layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
     for i in layers:

@@ -15,6 +15,7 @@ privileged basis (Elhage et al. 2021), and neither do these measurements.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -35,6 +36,9 @@ class Spectrum:
     n_samples: int
     d_model: int
     centered: bool
+    #: the eigenvalues are those of ``X / scale``: 1 unless the squares of the entries would overflow
+    #: or underflow float64 (see :func:`spectrum`); every metric here is unchanged by the scale
+    scale: float = 1.0
 
     def __post_init__(self):
         # checked once here, so the metric functions below can trust a Spectrum (and a monitor that
@@ -65,12 +69,12 @@ def _row_chunks(x: torch.Tensor):
         yield x[start:start + CHUNK_ROWS]
 
 
-def column_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean row of ``x`` in float64, accumulated chunk by chunk (no float64 copy of ``x``)."""
+def column_mean(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Mean row of ``x / scale`` in float64, accumulated chunk by chunk (no float64 copy of ``x``)."""
     total = torch.zeros(x.shape[1], dtype=torch.float64)
     for rows in _row_chunks(x):
         total += rows.to("cpu", torch.float64).sum(dim=0)
-    return total / x.shape[0]
+    return total / x.shape[0] / scale if scale != 1.0 else total / x.shape[0]
 
 
 METHODS = ("auto", "covariance", "gram")
@@ -90,6 +94,11 @@ def spectrum(x, center: bool = True, name: str = "x", layer=None, method: str = 
     ``O(CHUNK_ROWS * d + d^2)`` float64 numbers, whatever n is; the Gram path holds the centred
     float64 copy of ``X`` and the ``n x n`` matrix.
 
+    Scale: every metric here is unchanged by ``X -> c X``. When the squares of the entries would
+    overflow float64 (entries near 1e200) or underflow it (near 1e-200), ``X`` is divided by a power
+    of two ``s`` (exact) before the products, and the spectrum is that of ``X / s`` (``Spectrum.scale
+    = s``); otherwise ``s = 1``.
+
     Raises :class:`BandwidthInputError` for malformed input and for data with zero variance (all
     rows identical after centring), where every ratio below would be 0/0.
     """
@@ -99,8 +108,19 @@ def spectrum(x, center: bool = True, name: str = "x", layer=None, method: str = 
     return _spectrum(x, center, name, layer, method)
 
 
-def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "auto") -> Spectrum:
-    """:func:`spectrum` of an already validated matrix (no second validation pass)."""
+def power_of_two_scale(x: torch.Tensor) -> float:
+    """``2**floor(log2(max |x_ij|))`` (1 for an all-zero ``x``): dividing by it is exact and brings
+    the entries near 1, so their squares neither overflow nor underflow float64."""
+    amax = 0.0
+    for rows in _row_chunks(x):
+        amax = max(amax, float(rows.abs().amax()))
+    return 2.0 ** math.floor(math.log2(amax)) if amax > 0 else 1.0
+
+
+def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "auto",
+              scale: float | None = None) -> Spectrum:
+    """:func:`spectrum` of an already validated matrix (no second validation pass). ``scale=None``:
+    first try without rescaling, and rescale only when the products did not fit float64."""
     n, d = x.shape
     side = min(n, d) if method == "auto" else (d if method == "covariance" else n)
     if side > MAX_SPECTRUM_SIDE:
@@ -108,16 +128,31 @@ def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "au
             f"{name}{f' (layer {layer})' if layer is not None else ''}: shape {tuple(x.shape)} needs a "
             f"{side} x {side} float64 matrix ({side * side * 8 / 2**30:.0f} GiB) to decompose; the limit is "
             f"{MAX_SPECTRUM_SIDE} per side. Subsample positions first")
-    mean = column_mean(x) if center else torch.zeros(d, dtype=torch.float64)
+    s = scale or 1.0
+    mean = column_mean(x, s) if center else torch.zeros(d, dtype=torch.float64)
     if method == "covariance" or (method == "auto" and n >= d):
         gram = torch.zeros(d, d, dtype=torch.float64)
         for rows in _row_chunks(x):  # never a float64 copy of all of X: O(chunk*d + d^2) memory
-            c = rows.to("cpu", torch.float64, copy=True).sub_(mean)  # copy: never edit the input
+            c = _scaled(rows, s).sub_(mean)
             gram.addmm_(c.T, c)
     else:
-        c = x.to("cpu", torch.float64, copy=True).sub_(mean)
+        c = _scaled(x, s).sub_(mean)
         gram = c @ c.T
-    return spectrum_of_scatter(gram, n, d, center, name=name, layer=layer)
+    if scale is None and not _representable(gram):
+        return _spectrum(x, center, name, layer, method, power_of_two_scale(x))
+    spec = spectrum_of_scatter(gram, n, d, center, name=name, layer=layer)
+    return spec if s == 1.0 else Spectrum(spec.eigenvalues, n, d, center, s)
+
+
+def _scaled(rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """A float64 CPU copy of ``rows / scale`` (a copy: the caller's tensor is never edited)."""
+    c = rows.to("cpu", torch.float64, copy=True)
+    return c if scale == 1.0 else c.div_(scale)
+
+
+def _representable(gram: torch.Tensor) -> bool:
+    """False when the products overflowed (inf/NaN) or every square underflowed to exactly 0."""
+    return bool(torch.isfinite(gram).all()) and bool(gram.abs().amax() > 0)
 
 
 def noise_floor(lam_max: float, n: int, d: int) -> float:
@@ -285,24 +320,27 @@ def anisotropy(x, name: str = "x", layer=None) -> float:
     return _norm_pass(x, name)[1]
 
 
-def _norm_pass(x: torch.Tensor, name: str) -> tuple[float, float]:
+def _norm_pass(x: torch.Tensor, name: str, scale: float | None = None) -> tuple[float, float]:
     """One pass over the rows: ``(mean_i ||x_i||, anisotropy)``, accumulated in float64.
 
     ``sum_i u_i`` is formed as the vector-matrix product ``(1 / ||x_i||)^T X`` per block, so no
-    normalised copy of the rows is made.
+    normalised copy of the rows is made. Norms are taken of ``x / scale`` (and multiplied back) when
+    the squares of the entries would overflow or underflow float64.
     """
     n = x.shape[0]
     unit_sum = torch.zeros(x.shape[1], dtype=torch.float64)
     norm_sum = 0.0
     for start, rows in zip(range(0, n, CHUNK_ROWS), _row_chunks(x)):
-        rows = rows.to("cpu", torch.float64)
+        rows = _scaled(rows, scale or 1.0)
         norms = torch.linalg.vector_norm(rows, dim=1)
+        if scale is None and (not bool(torch.isfinite(norms).all()) or bool((rows[norms == 0] != 0).any())):
+            return _norm_pass(x, name, power_of_two_scale(x))   # squares overflowed or underflowed
         if bool((norms == 0).any()):
             bad = ((norms == 0).nonzero().flatten()[:5] + start).tolist()
             raise BandwidthInputError(f"{name}: zero vector(s) at position(s) {bad} have no direction")
         unit_sum.addmv_(rows.T, norms.reciprocal())
         norm_sum += float(norms.sum())
-    return norm_sum / n, float((unit_sum @ unit_sum - n) / (n * (n - 1)))
+    return norm_sum * (scale or 1.0) / n, float((unit_sum @ unit_sum - n) / (n * (n - 1)))
 
 
 @dataclass

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import metrics as _m
-from .validation import BandwidthInputError, all_finite
+from .validation import BandwidthInputError, all_finite, check_dense
 
 
 class StreamingMoments:
@@ -89,6 +89,7 @@ class StreamingMoments:
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise BandwidthInputError(f"x: expected shape [rows, {self.d_model}], got {tuple(x.shape)}")
+        check_dense(x, "x")
         if not x.is_floating_point():
             raise BandwidthInputError(f"x: dtype {x.dtype} is not a floating type (activations are floats)")
         x = x.detach().to(device="cpu", dtype=torch.float64)
