@@ -34,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .validation import BandwidthInputError, as_matrix, check_prompts
+from .validation import BandwidthInputError, all_finite, as_matrix, check_prompts
 
 KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
@@ -124,6 +124,9 @@ class ResidualCapture:
     tokens: list[str]
     prompts: list[str] = field(default_factory=list)
     model_name: str | None = None
+    #: True when every tensor was validated (finite, float, 2-D) on the way in, so the analyses
+    #: downstream trust it instead of checking each layer again
+    checked: bool = False
 
     def __post_init__(self):
         if not self.acts:
@@ -211,7 +214,7 @@ class ResidualCapture:
         toks = list(tokens) if tokens is not None else [f"<{int(p)}>" for p in position]
         if len(toks) != n:
             raise BandwidthInputError(f"tokens: {len(toks)} given for {n} positions")
-        return cls(acts=acts, prompt_index=prompt_index, position=position, tokens=toks)
+        return cls(acts=acts, prompt_index=prompt_index, position=position, tokens=toks, checked=True)
 
     @classmethod
     def from_list(cls, states: Sequence[torch.Tensor], kind: str = "resid_post",
@@ -393,6 +396,9 @@ def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence
         for h in handles:
             h.remove()
     acts = {key: torch.cat(v) for key, v in chunks.items()}
+    for key, x in acts.items():   # validated once here; the analyses trust the capture
+        if not all_finite(x):
+            raise BandwidthInputError(f"{key}: the model produced NaN or Inf activations")
     return ResidualCapture(acts=acts, prompt_index=torch.tensor(prompt_index),
                            position=torch.tensor(position), tokens=tokens, prompts=prompts,
-                           model_name=getattr(model.config, "_name_or_path", None))
+                           model_name=getattr(model.config, "_name_or_path", None), checked=True)

@@ -72,17 +72,22 @@ def massive_mask(norms: torch.Tensor, ratio: float = DEFAULT_MASSIVE_RATIO, refe
 
 
 def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int = 3,
-                 prompt_index=None, position=None, tokens=None, name: str = "x"
+                 prompt_index=None, position=None, tokens=None, name: str = "x", check: bool = True
                  ) -> list[MassiveActivation]:
-    """Rows of ``x`` whose norm is at least ``ratio`` times the median row norm (see module doc)."""
+    """Rows of ``x`` whose norm is at least ``ratio`` times the median row norm (see module doc).
+
+    ``check=False`` trusts an already validated matrix. Norms are accumulated in float64 without a
+    float64 copy of ``x``."""
     ratio = check_positive(ratio, "ratio")
-    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
-    norms = x.norm(dim=1)
+    if check:
+        x = as_matrix(x, name=name, layer=layer, min_rows=1)
+    x = x.detach().cpu()
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
     typical = float(norms.median())
     r = norms / typical if typical > 0 else torch.full_like(norms, float("inf"))
     out = []
     for i in torch.nonzero(massive_mask(norms, ratio)).flatten().tolist():
-        v = x[i]
+        v = x[i].to(torch.float64)
         energy = float(v @ v)
         top = torch.topk(v.abs(), k=min(top_k, v.numel())).indices.tolist()
         out.append(MassiveActivation(
@@ -96,15 +101,19 @@ def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int
 
 
 def outlier_dimensions(x, ratio: float = DEFAULT_OUTLIER_DIM_RATIO, exclude_rows=None, layer=None,
-                       name: str = "x") -> list[OutlierDimension]:
-    """Coordinates whose RMS over (non-excluded) rows is ``ratio`` times the median coordinate RMS."""
+                       name: str = "x", check: bool = True) -> list[OutlierDimension]:
+    """Coordinates whose RMS over (non-excluded) rows is ``ratio`` times the median coordinate RMS.
+
+    ``check=False`` trusts an already validated matrix."""
     ratio = check_positive(ratio, "ratio")
-    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
+    if check:
+        x = as_matrix(x, name=name, layer=layer, min_rows=1)
+    x = x.detach().cpu()
     if exclude_rows is not None:
         keep = ~torch.as_tensor(exclude_rows, dtype=torch.bool)
-        if int(keep.sum()) > 0:
+        if int(keep.sum()) > 0 and not bool(keep.all()):
             x = x[keep]
-    rms = x.pow(2).mean(dim=0).sqrt()
+    rms = torch.linalg.vector_norm(x, dim=0, dtype=torch.float64) / x.shape[0] ** 0.5
     typical = float(rms.median())
     if typical == 0:
         return []

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..analyzer import ResidualBandwidthAnalyzer
-from ..capture import capture_residuals, model_dims
+from ..capture import KINDS, capture_residuals, model_dims
 from ..compression import CALIBRATION_PROMPTS
 from .models import load_model
 
@@ -171,7 +171,9 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     t0 = time.perf_counter()
     prompts = list(prompts or DEFAULT_PROMPTS)
     lm = loaded or load_model(model)
-    cap = capture_residuals(lm.model, lm.tokenizer, prompts, progress=progress)
+    # store only what is read: the report's kind, and resid_pre / resid_post for the analytics
+    kinds = sorted({kind, "resid_pre", "resid_post"} if analytics else {kind}, key=KINDS.index)
+    cap = capture_residuals(lm.model, lm.tokenizer, prompts, kinds=kinds, progress=progress)
     analyzer = ResidualBandwidthAnalyzer(variance_threshold, massive_ratio=massive_ratio,
                                          exclude_massive=exclude_massive)
     rep = analyzer.analyze_layers(cap, kind=kind)
