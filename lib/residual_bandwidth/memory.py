@@ -247,6 +247,9 @@ class ErasureReport:
     mlp_massive: torch.Tensor
     n_tokens: int
     massive_ratio: float
+    #: ``[n, n_heads]`` mean attention to the current token (as :func:`current_token_attention`),
+    #: measured in the same forward pass when asked for (``attention=True``), else None
+    current_attention: torch.Tensor | None = None
 
     def records(self, neurons: int = 0) -> list[dict]:
         """``{layer, component, index, label, projection, projection_massive}`` for attention, MLP,
@@ -274,14 +277,19 @@ class ErasureReport:
 @torch.no_grad()
 def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
                              batch_size: int = 8, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
-                             progress: bool = True, weights: Sequence[LayerWeights] | None = None
-                             ) -> ErasureReport:
+                             progress: bool = True, weights: Sequence[LayerWeights] | None = None,
+                             attention: bool = False) -> ErasureReport:
     """Measure ``mean_t <write_t, read_t> / ||read_t||^2`` for attention, each head, the MLP and each
     neuron of every block in ``layers`` on ``prompts`` (module docstring).
 
     Head ``h``'s write is ``z_h W_O[h]`` with ``z`` the input of the attention output projection;
     neuron ``n``'s write is ``a_n W_out[n]`` with ``a`` the input of the MLP output projection. Both
     are taken with forward pre-hooks (removed afterwards, also on errors). Padding is masked out.
+
+    ``attention=True`` also measures every head's mean attention to the current token in the same
+    forward pass (eager attention; with right padding and the causal mask the probabilities of the
+    real queries are those of the prompt alone), instead of :func:`current_token_attention`'s one
+    forward pass per prompt.
     """
     prompts = check_prompts(prompts)
     massive_ratio = check_positive(massive_ratio, "massive_ratio")
@@ -305,13 +313,27 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
                  "z": (o_proj, "input"), "act": (down, "input")}
         handles += [add_hook(module, where, functools.partial(store.__setitem__, (what, L)))
                     for what, (module, where) in spots.items()]
+        if attention:
+            def diag(mod, args, out, L=L):
+                if not isinstance(out, (tuple, list)) or len(out) < 2 or out[1] is None:
+                    raise RuntimeError("the attention module returned no probabilities in eager mode")
+                store[("diag", L)] = out[1].diagonal(dim1=-2, dim2=-1)          # [B, H, T]
+            handles.append(arch.attn(blocks[L]).register_forward_hook(diag))
 
     rows = defaultdict(list)   # (quantity, layer) -> one tensor per batch
+    cta_sum, cta_count = torch.zeros(len(layers), H, dtype=torch.float64), 0
     try:
         for _, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length=None,
                                             progress=progress, desc="write-vs-read projections"):
             store.clear()
-            model(**enc, use_cache=False)
+            with eager_attention(model) if attention else contextlib.nullcontext():
+                model(**enc, use_cache=False)
+            if attention:   # query positions t >= 1 of real tokens (position 0 only sees itself)
+                q = mask.clone()
+                q[:, 0] = False
+                for i, L in enumerate(layers):
+                    cta_sum[i] += (store[("diag", L)].double() * q[:, None, :]).sum(dim=(0, 2)).cpu()
+                cta_count += int(q.sum())
             for L in layers:
                 pre, mid = store[("pre", L)][mask].float(), store[("mid", L)][mask].float()
                 z, act = store[("z", L)][mask].float(), store[("act", L)][mask].float()
@@ -341,7 +363,8 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
         neurons=torch.stack([cat[("neurons", L)].mean(0) for L in layers]),
         attn_massive=torch.stack([massive_mean(cat[("attn", L)], cat[("rpre", L)]) for L in layers]),
         mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
-        n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=massive_ratio)
+        n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=massive_ratio,
+        current_attention=(cta_sum / cta_count).float() if attention and cta_count else None)
 
 
 def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
@@ -502,10 +525,13 @@ def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[
             raise BandwidthInputError("tokenizer: needed together with prompts")
         prompts = check_prompts(prompts)
     weights = all_layer_weights(model, layers)   # extracted once per layer, shared below
-    if prompts is not None:
-        cta = current_token_attention(model, tokenizer, prompts, layers, progress=progress)
+    if prompts is not None:   # one batched forward pass feeds the erasure and the attention evidence
         erasure = erasure_from_activations(model, tokenizer, prompts, layers, batch_size=batch_size,
-                                           progress=progress, weights=weights)
+                                           progress=progress, weights=weights, attention=True)
+        cta = erasure.current_attention
+        if cta is None:
+            raise BandwidthInputError("prompts: every prompt is a single token; current-token attention "
+                                      "needs at least two positions")
     else:
         notes.append("no prompts: head scores use the OV eigenvalues only")
     heads = head_records(model, layers=layers, current_attention=cta, weights=weights)
