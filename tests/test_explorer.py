@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from residual_bandwidth import BandwidthInputError, ResidualBandwidthAnalyzer, capture_residuals
-from residual_bandwidth.explorer import (STATIC_ENV, BandwidthExplorer, analyse_capture, as_loaded,
+from residual_bandwidth.course.explorer import (STATIC_ENV, BandwidthExplorer, analyse_capture, as_loaded,
                                          capture_prompt, explore, explorer_update,
                                          widget_frontend_available)
 from residual_bandwidth.viz import AccessibleFigure, format_percent

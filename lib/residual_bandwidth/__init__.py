@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 # Plotting and the widget explorer import matplotlib / ipywidgets: load them on first use only.
 _LAZY = {
     "AccessibleFigure": "viz", "BandwidthVisualizer": "compat",
-    "explore": "explorer", "explorer_update": "explorer",
+    "explore": "course.explorer", "explorer_update": "course.explorer",
 }
 
 
