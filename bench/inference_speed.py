@@ -121,7 +121,7 @@ def part_report(lm, sizes, repeat):
     print(load())
 
 
-def part_stream100k(lm, n_tokens):
+def part_stream100k(lm, n_tokens, floor_tokens=None):
     print(f"\n## Streamed per-layer statistics over ~{n_tokens:,} tokens; {load()}")
     prompts = prompts_for(lm.tokenizer, n_tokens)
     start = rss_mib()
@@ -130,7 +130,13 @@ def part_stream100k(lm, n_tokens):
     st.metrics()
     took = time.perf_counter() - t
     end = rss_mib()
-    fwd = bare_forward(lm, prompts)
+    if floor_tokens:   # a busy machine: time the bare forward on a prefix and scale it per token
+        sub = prompts_for(lm.tokenizer, floor_tokens)
+        n_sub = sum(len(lm.tokenizer(p)["input_ids"]) for p in sub)
+        fwd = bare_forward(lm, sub) * st.n_rows / n_sub
+        print(f"(forward floor extrapolated from {n_sub:,} tokens)")
+    else:
+        fwd = bare_forward(lm, prompts)
     d = lm.model.config.hidden_size
     x = torch.randn(st.n_rows, d)   # the floor's covariance cost depends on the shape only
     spectra = floor_spectra([x] * len(st.layers))
@@ -187,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[512, 2048, 8192])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--stream-tokens", type=int, default=100_000)
+    ap.add_argument("--stream-floor-tokens", type=int, default=None,
+                    help="time the floor's forward pass on this many tokens and scale it (busy machines)")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     random.seed(0)
@@ -200,7 +208,7 @@ def main(argv=None) -> int:
         elif part == "lesson":
             part_lesson(lm)
         else:
-            part_stream100k(lm, args.stream_tokens)
+            part_stream100k(lm, args.stream_tokens, args.stream_floor_tokens)
     return 0
 
 
