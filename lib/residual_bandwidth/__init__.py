@@ -25,13 +25,13 @@ from .composition import CompositionScores, component_subspaces, composition_sco
 from .compression import CompressionCurve, compression_curve, project_residual
 from .memory import MemoryReport, erasure_from_activations, head_records, memory_management, neuron_cosines
 from .metrics import (BandwidthMetrics, Spectrum, anisotropy, compute_metrics, entropy_effective_rank,
-                      participation_ratio, spectral_entropy, spectrum, stable_rank,
-                      variance_threshold_rank)
+                      participation_ratio, principal_directions, rank_family, spectral_entropy, spectrum,
+                      stable_rank, variance_threshold_rank)
 from .compat import ProductionBandwidthMonitor
 from .course.models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
 from .monitor import BandwidthMonitor
-from .outliers import MassiveActivation, OutlierDimension, massive_rows, outlier_dimensions
-from .streaming import StreamingMoments
+from .outliers import MassiveActivation, OutlierDimension, massive_mask, massive_rows, outlier_dimensions
+from .streaming import StreamedLayers, StreamingMoments, stream_layer_statistics
 from .validation import BandwidthInputError
 from .weights import LayerWeights, all_layer_weights, layer_weights
 
