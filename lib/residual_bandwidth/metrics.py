@@ -136,19 +136,19 @@ def power_of_two_scale(x: torch.Tensor) -> float:
 
 
 def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "auto",
-              scale: float | None = None, precision: str = "float64") -> Spectrum:
+              scale: float | None = None, precision: str = "float64",
+              mean: torch.Tensor | None = None) -> Spectrum:
     """:func:`spectrum` of an already validated matrix (no second validation pass). ``scale=None``:
-    first try without rescaling, and rescale only when the products did not fit float64."""
+    first try without rescaling, and rescale only when the products did not fit float64. ``mean``:
+    the float64 mean row of ``x / scale`` when the caller has it already (saves a pass)."""
     n, d = x.shape
-    side = min(n, d) if method == "auto" else (d if method == "covariance" else n)
-    if side > MAX_SPECTRUM_SIDE:
-        raise BandwidthInputError(
-            f"{name}{f' (layer {layer})' if layer is not None else ''}: shape {tuple(x.shape)} needs a "
-            f"{side} x {side} float64 matrix ({side * side * 8 / 2**30:.0f} GiB) to decompose; the limit is "
-            f"{MAX_SPECTRUM_SIDE} per side. Subsample positions first")
+    _check_side(x, name, layer, method)
     s = scale or 1.0
     dtype = PRECISIONS[precision] if s == 1.0 else torch.float64   # rescaled data: float64 always
-    mean = column_mean(x, s) if center else torch.zeros(d, dtype=torch.float64)
+    if not center:
+        mean = torch.zeros(d, dtype=torch.float64)
+    elif mean is None:
+        mean = column_mean(x, s)
     mean_t = mean.to(dtype)
     if method == "covariance" or (method == "auto" and n >= d):
         gram = torch.zeros(d, d, dtype=dtype)
@@ -162,6 +162,16 @@ def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "au
         return _spectrum(x, center, name, layer, method, power_of_two_scale(x))
     spec = spectrum_of_scatter(gram.to(torch.float64), n, d, center, name=name, layer=layer)
     return spec if s == 1.0 else Spectrum(spec.eigenvalues, n, d, center, s)
+
+
+def _check_side(x: torch.Tensor, name: str, layer, method: str = "auto") -> None:
+    n, d = x.shape
+    side = min(n, d) if method == "auto" else (d if method == "covariance" else n)
+    if side > MAX_SPECTRUM_SIDE:
+        raise BandwidthInputError(
+            f"{name}{f' (layer {layer})' if layer is not None else ''}: shape {tuple(x.shape)} needs a "
+            f"{side} x {side} float64 matrix ({side * side * 8 / 2**30:.0f} GiB) to decompose; the limit is "
+            f"{MAX_SPECTRUM_SIDE} per side. Subsample positions first")
 
 
 def _scaled(rows: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -337,30 +347,42 @@ def anisotropy(x, name: str = "x", layer=None) -> float:
     rejected.
     """
     x = as_matrix(x, name=name, layer=layer).detach()
-    return _norm_pass(x, name)[1]
+    return _norms_of(_row_pass(x), name)[1]
 
 
-def _norm_pass(x: torch.Tensor, name: str, scale: float | None = None) -> tuple[float, float]:
-    """One pass over the rows: ``(mean_i ||x_i||, anisotropy)``, accumulated in float64.
+def _row_pass(x: torch.Tensor, scale: float | None = None) -> dict:
+    """One pass over the rows, accumulated in float64: the column sum, ``sum_i ||x_i||``,
+    ``sum_i x_i / ||x_i||`` and the first rows of norm 0, all of ``x / scale``.
 
     ``sum_i u_i`` is formed as the vector-matrix product ``(1 / ||x_i||)^T X`` per block, so no
-    normalised copy of the rows is made. Norms are taken of ``x / scale`` (and multiplied back) when
-    the squares of the entries would overflow or underflow float64.
+    normalised copy of the rows is made. ``scale=None``: 1, unless the squares of the entries
+    overflow or underflow float64, then the pass is redone with :func:`power_of_two_scale`.
     """
     n = x.shape[0]
+    col_sum = torch.zeros(x.shape[1], dtype=torch.float64)
     unit_sum = torch.zeros(x.shape[1], dtype=torch.float64)
-    norm_sum = 0.0
+    norm_sum, zero = 0.0, []
     for start, rows in zip(range(0, n, CHUNK_ROWS), _row_chunks(x)):
         rows = _scaled(rows, scale or 1.0)
         norms = torch.linalg.vector_norm(rows, dim=1)
         if scale is None and (not bool(torch.isfinite(norms).all()) or bool((rows[norms == 0] != 0).any())):
-            return _norm_pass(x, name, power_of_two_scale(x))   # squares overflowed or underflowed
+            return _row_pass(x, power_of_two_scale(x))   # squares overflowed or underflowed
+        col_sum += rows.sum(dim=0)
         if bool((norms == 0).any()):
-            bad = ((norms == 0).nonzero().flatten()[:5] + start).tolist()
-            raise BandwidthInputError(f"{name}: zero vector(s) at position(s) {bad} have no direction")
+            zero += ((norms == 0).nonzero().flatten() + start).tolist()[:5]
+            norms = torch.where(norms == 0, torch.ones_like(norms), norms)
         unit_sum.addmv_(rows.T, norms.reciprocal())
         norm_sum += float(norms.sum())
-    return norm_sum * (scale or 1.0) / n, float((unit_sum @ unit_sum - n) / (n * (n - 1)))
+    return {"scale": scale or 1.0, "col_sum": col_sum, "norm_sum": norm_sum, "unit_sum": unit_sum,
+            "zero_rows": zero[:5], "n": n}
+
+
+def _norms_of(rp: dict, name: str) -> tuple[float, float]:
+    """``(mean_i ||x_i||, anisotropy)`` from a :func:`_row_pass`; rows of norm 0 are an error."""
+    if rp["zero_rows"]:
+        raise BandwidthInputError(f"{name}: zero vector(s) at position(s) {rp['zero_rows']} have no direction")
+    n, u = rp["n"], rp["unit_sum"]
+    return rp["norm_sum"] * rp["scale"] / n, float((u @ u - n) / (n * (n - 1)))
 
 
 @dataclass
@@ -413,8 +435,11 @@ def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, la
     if check:
         x = as_matrix(x, name=name, layer=layer)  # validated once; the passes below trust it
     x = x.detach()
-    spec = _spectrum(x, center, name, layer, precision=precision)
-    mean_norm, aniso = _norm_pass(x, name)
+    _check_side(x, name, layer)
+    rp = _row_pass(x)   # one pass gives the mean row, the norms and the unit-vector sum
+    spec = _spectrum(x, center, name, layer, precision=precision,
+                     scale=None if rp["scale"] == 1.0 else rp["scale"], mean=rp["col_sum"] / x.shape[0])
+    mean_norm, aniso = _norms_of(rp, name)
     n, d = x.shape
     return BandwidthMetrics(
         layer=layer,
