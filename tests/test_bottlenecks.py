@@ -146,3 +146,25 @@ def test_bad_input_is_named(rng):
         find_bottlenecks([torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [9.0, 0.0]])])
     with pytest.raises(BandwidthInputError, match="single array"):
         find_bottlenecks(torch.zeros(5, 4))
+
+
+def test_spread_matches_an_svd_reference(rng):
+    """The PCA of the typical rows is metrics.principal_directions (eigh of the covariance, one noise
+    floor) instead of bottlenecks' own SVD: the spread agrees with an SVD computed here to round-off."""
+    x = make_stack(rng)[1]
+    s = layer_scores(x, loud_ratio=2.0)
+    x64 = torch.as_tensor(x, dtype=torch.float64)
+    t = x64[s["typical"]]
+    mu = t.mean(0)
+    _, sv, vh = torch.linalg.svd(t - mu, full_matrices=False)
+    c2 = ((x64 - mu) @ vh[sv > sv[0] * 1e-6].T) ** 2
+    pr = c2.sum(1) ** 2 / (c2 ** 2).sum(1)
+    assert torch.allclose(s["spread"], pr / pr[s["typical"]].median(), rtol=1e-8)
+
+
+def test_massive_rule_when_most_rows_are_zero():
+    """One massive rule (outliers.massive_mask): with a median norm of 0 every non-zero row is massive
+    and a zero row is not (the old massive_rows flagged the zero rows too, as inf >= ratio)."""
+    x = torch.zeros(5, 4, dtype=torch.float64)
+    x[3, 0], x[4, 1] = 1.0, 2.0
+    assert [m.row for m in massive_rows(x)] == [3, 4]

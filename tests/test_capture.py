@@ -123,3 +123,29 @@ def test_from_hook_dict_and_from_list():
     with pytest.raises(BandwidthInputError, match="d_model"):
         ResidualCapture.from_hook_dict({hook_name("resid_pre", 0): torch.randn(4, 8),
                                         hook_name("resid_pre", 1): torch.randn(4, 9)})
+
+
+def test_missing_tokenizer_is_named(tiny_gpt2):
+    model, _ = tiny_gpt2
+    with pytest.raises(BandwidthInputError, match="tokenizer: expected a Hugging Face tokenizer.*NoneType"):
+        capture_residuals(model, None, ["hello"], progress=False)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "512"])
+def test_max_length_must_be_a_positive_int(tiny_gpt2, bad):
+    model, tok = tiny_gpt2
+    with pytest.raises(BandwidthInputError, match="max_length: expected a positive int"):
+        capture_residuals(model, tok, ["hello world"], max_length=bad, progress=False)
+
+
+def test_prompts_longer_than_the_context_are_clamped_and_named(tiny_gpt2):
+    """A prompt longer than the model's position embeddings (tiny GPT-2: 256) used to end in torch's
+    embedding IndexError; it is truncated to the model's maximum, with a warning naming the limit."""
+    model, tok = tiny_gpt2
+    long_prompt = "the cat sat on the mat and " * 60
+    assert len(tok(long_prompt)["input_ids"]) > 256
+    with pytest.warns(UserWarning, match="maximum of 256 positions.*max_length=2048"):
+        cap = capture_residuals(model, tok, [long_prompt, "short"], kinds=["resid_post"],
+                                max_length=2048, progress=False)
+    assert int((cap.prompt_index == 0).sum()) == 256
+    assert cap.get("resid_post", 0).shape == (256 + len(tok("short")["input_ids"]), 64)

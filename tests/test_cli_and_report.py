@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from residual_bandwidth.cli import main
-from residual_bandwidth.report import bottleneck_ratios, run_bandwidth_job
+from residual_bandwidth.course.cli import main
+from residual_bandwidth.course.report import bottleneck_ratios, run_bandwidth_job
 
 
 def test_bottleneck_ratios_for_gpt2_and_smollm2():

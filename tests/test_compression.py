@@ -6,8 +6,9 @@ import torch
 
 from residual_bandwidth import BandwidthInputError
 from residual_bandwidth.compression import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, _smallest_k,
-                                            compression_curve, fit_principal_directions, project_residual,
+                                            compression_curve, project_residual,
                                             random_subspace)
+from residual_bandwidth.metrics import principal_directions
 from conftest import PROMPTS
 
 RECORD_KEYS = {"layer", "k", "subspace", "loss", "kl", "delta_loss"}
@@ -122,7 +123,7 @@ def test_massive_rows_pass_the_projection_unchanged(tiny_gpt2):
 
 def test_fit_and_random_subspace_are_orthonormal(rng):
     x = torch.tensor(rng.normal(size=(50, 10)) * [5, 4, 3, 2, 1, 1, 1, 1, 1, 1])
-    mu, V, lam = fit_principal_directions(x)
+    mu, V, lam = principal_directions(x)
     assert torch.allclose(V.T @ V, torch.eye(10, dtype=V.dtype), atol=1e-10)
     assert bool((lam[:-1] >= lam[1:]).all())
     from sklearn.decomposition import PCA
@@ -168,7 +169,7 @@ def test_bad_input_is_named(tiny_gpt2):
 def test_lesson_job_reports_the_analytics(embedded, tmp_path):
     """``make lesson``'s job (fast plan) writes the analytics section and the figure inputs."""
     import json
-    from residual_bandwidth.report import analytics_lines, run_bandwidth_job
+    from residual_bandwidth.course.report import analytics_lines, run_bandwidth_job
     rep = run_bandwidth_job(loaded=embedded, out_dir=tmp_path, progress=False, figures=False, fast=True)
     a = json.loads((tmp_path / "report.json").read_text())["analytics"]
     assert set(a) >= {"bottlenecks", "memory", "composition", "compression", "seconds", "plan"}

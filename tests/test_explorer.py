@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from residual_bandwidth import BandwidthInputError, ResidualBandwidthAnalyzer, capture_residuals
-from residual_bandwidth.explorer import (STATIC_ENV, BandwidthExplorer, analyse_capture, as_loaded,
+from residual_bandwidth.course.explorer import (STATIC_ENV, BandwidthExplorer, analyse_capture, as_loaded,
                                          capture_prompt, explore, explorer_update,
                                          fit_to_container, widget_frontend_available,
                                          widget_view_bundle)

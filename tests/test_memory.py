@@ -228,3 +228,15 @@ def test_bad_input_is_named(embedded, tiny_gpt2):
         erasure_from_activations(embedded.model, embedded.tokenizer, ["  "], layers=[0])
     with pytest.raises(BandwidthInputError, match="top_per_kind"):
         rank_candidates([], top_per_kind=0)
+
+
+def test_one_batched_pass_gives_the_per_prompt_current_token_attention(embedded):
+    """memory_management now takes current-token attention from the erasure pass (batched, right
+    padded, eager attention) instead of one forward pass per prompt: the same numbers."""
+    from residual_bandwidth.memory import erasure_from_activations
+    from conftest import PROMPTS
+    m, tok = embedded.model, embedded.tokenizer
+    layers = [0, 9, 29]
+    ref = current_token_attention(m, tok, PROMPTS[:5], layers)
+    er = erasure_from_activations(m, tok, PROMPTS[:5], layers, batch_size=5, progress=False, attention=True)
+    assert torch.allclose(er.current_attention, ref.float(), atol=1e-5)

@@ -227,3 +227,53 @@ def test_mean_norm_matches_numpy(rng, monkeypatch):
     monkeypatch.setattr(M, "CHUNK_ROWS", 5)
     assert M.compute_metrics(torch.tensor(x, dtype=torch.float32)).mean_norm == pytest.approx(
         np.linalg.norm(x.astype(np.float32).astype(np.float64), axis=1).mean(), rel=1e-12)
+
+
+def test_one_noise_floor_for_spectra_and_principal_directions(rng):
+    """principal_directions and spectrum zero the same round-off eigenvalues (metrics.noise_floor);
+    before, principal directions only clamped negatives to 0 and kept round-off as variance."""
+    x = torch.tensor(low_rank(rng, 40, 16, 5))
+    mu, V, lam = M.principal_directions(x)
+    spec = M.spectrum(x)
+    assert int((lam > 0).sum()) == int((spec.eigenvalues > 0).sum()) == 5
+    assert torch.allclose(V.T @ V, torch.eye(16, dtype=V.dtype), atol=1e-10)
+    assert np.allclose(lam[:5].numpy() * 40, spec.eigenvalues[:5], rtol=1e-9)
+
+
+def test_rank_family_is_assembled_once(rng):
+    """compute_metrics, StreamingMoments.summary and the monitor read the same metrics.rank_family."""
+    from residual_bandwidth.streaming import StreamingMoments
+    x = torch.tensor(low_rank(rng, 300, 32, 10, noise=0.1))
+    fam = M.rank_family(M.spectrum(x), 0.9)
+    m = M.compute_metrics(x, variance_threshold=0.9)
+    s = StreamingMoments(32).update(x).summary(0.9)
+    for key in M.RANK_FAMILY:
+        assert getattr(m, key) == pytest.approx(fam[key], rel=1e-12)
+        assert s[key] == pytest.approx(fam[key], rel=1e-9)
+
+
+def test_effective_rank_is_a_deprecated_name_for_the_variance_rank(rng):
+    """The field's "effective rank" is the entropy rank; the seed's attribute warns and says which."""
+    import residual_bandwidth  # noqa: F401  (installs the compat alias)
+    m = M.compute_metrics(torch.tensor(low_rank(rng, 100, 16, 4, noise=0.1)))
+    with pytest.warns(DeprecationWarning, match="variance_rank.*entropy_rank"):
+        assert m.effective_rank == m.variance_rank
+    assert m.entropy_rank != m.variance_rank
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300])
+def test_huge_and_tiny_values_are_rescaled_not_a_convergence_failure(rng, scale):
+    """Entries near 1e200 overflowed float64 in the covariance (eigh failed to converge), near 1e-200
+    they underflowed to a zero spectrum. The metrics are scale-invariant, so X is divided by a power
+    of two first: every metric equals the reference computed on the scaled-down matrix."""
+    ref_x = low_rank(rng, 300, 24, 8, noise=0.05)
+    x = torch.tensor(ref_x * scale)
+    ref = M.compute_metrics(torch.tensor(ref_x))
+    got = M.compute_metrics(x)
+    for key in M.RANK_FAMILY + ("anisotropy",):
+        assert getattr(got, key) == pytest.approx(getattr(ref, key), rel=1e-9), key
+    assert got.mean_norm == pytest.approx(ref.mean_norm * scale, rel=1e-9)
+    spec = M.spectrum(x)
+    assert spec.scale != 1.0
+    assert np.allclose(spec.eigenvalues * (spec.scale / scale) ** 2, ref.eigenvalues, rtol=1e-9)
+    assert M.spectrum(torch.tensor(ref_x)).scale == 1.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from residual_bandwidth import ModelUnavailableError, load_model
-from residual_bandwidth import models
+from residual_bandwidth.course import models
 
 
 def test_embedded_model_generates_paris(embedded):

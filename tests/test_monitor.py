@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from residual_bandwidth import capture_residuals
 from residual_bandwidth.metrics import compute_metrics
-from residual_bandwidth.monitor import (DEFAULT_THRESHOLDS, BandwidthMonitor, ProductionBandwidthMonitor,
-                                        default_layers)
+from residual_bandwidth.compat import ProductionBandwidthMonitor
+from residual_bandwidth.monitor import DEFAULT_THRESHOLDS, BandwidthMonitor, default_layers
 from residual_bandwidth.validation import BandwidthInputError
 
 PROMPTS = [

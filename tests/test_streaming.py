@@ -176,3 +176,46 @@ def test_buffered_rows_count_and_show_in_every_read_out(rng):
     assert s._pending == 0
     with pytest.raises(BandwidthInputError):
         StreamingMoments(6, buffer_rows=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# float32 products and statistics accumulated inside the forward pass, on the model's residuals
+def test_float32_products_keep_the_float64_ranks_on_the_models_residuals(embedded_capture):
+    """precision="float32" is used only because, on the embedded model's own residuals (every layer
+    and kind, massive rows included), every variance rank equals the float64 reference at five
+    thresholds, PR and stable rank agree to 1e-5, and the entropy measures (which see the float32
+    round-off left in the tail) to 2 %."""
+    from residual_bandwidth.metrics import variance_threshold_rank
+    cap = embedded_capture
+    for kind in cap.kinds:
+        for L in cap.layers:
+            x = cap.get(kind, L)
+            ref = compute_metrics(x, variance_threshold=0.95)
+            f32 = compute_metrics(x, variance_threshold=0.95, precision="float32")
+            a, b = spectrum(x), spectrum(x, precision="float32")
+            for p in (0.5, 0.8, 0.9, 0.95, 0.99):
+                assert variance_threshold_rank(a, p) == variance_threshold_rank(b, p), (kind, L, p)
+            for key, rel in (("participation_ratio", 1e-5), ("stable_rank", 1e-5), ("entropy_rank", 2e-2),
+                             ("spectral_entropy", 2e-2)):
+                assert getattr(f32, key) == pytest.approx(getattr(ref, key), rel=rel), (kind, L, key)
+            mom = StreamingMoments(x.shape[1], precision="float32").update(x[: len(x) // 2]).update(x[len(x) // 2:])
+            assert mom.variance_threshold_rank(0.95) == ref.variance_rank, (kind, L)
+
+
+def test_statistics_streamed_in_the_forward_pass_equal_the_stored_analysis(embedded):
+    """stream_layer_statistics keeps no activations, yet gives the analyzer's numbers (one batch, so
+    the massive rows are the same set; float64 products)."""
+    from conftest import PROMPTS
+    from residual_bandwidth import ResidualBandwidthAnalyzer, capture_residuals
+    from residual_bandwidth.streaming import stream_layer_statistics
+    prompts = PROMPTS[:4]
+    st = stream_layer_statistics(embedded.model, embedded.tokenizer, prompts, batch_size=len(prompts))
+    cap = capture_residuals(embedded.model, embedded.tokenizer, prompts, kinds=["resid_post"],
+                            batch_size=len(prompts), progress=False)
+    rep = ResidualBandwidthAnalyzer().analyze_layers(cap)
+    all_m, clean_m = st.metrics()
+    assert st.n_rows == cap.n_rows and st.n_massive_rows == len(rep.excluded_rows)
+    for got, want in zip(all_m + clean_m, rep.all_positions + rep.without_massive):
+        assert got.n_positions == want.n_positions and got.variance_rank == want.variance_rank
+        for key in ("participation_ratio", "stable_rank", "entropy_rank", "anisotropy", "mean_norm"):
+            assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-6), key

@@ -107,3 +107,13 @@ def test_size_limit_is_about_absurd_inputs_not_long_traffic():
         compute_metrics(wide)
     with pytest.raises(BandwidthInputError, match="too large"):
         as_matrix(torch.empty(4, 70_000, device="meta"))
+
+
+def test_sparse_tensors_are_named_not_a_torch_internal_error():
+    from residual_bandwidth.streaming import StreamingMoments
+    dense = torch.randn(20, 8, dtype=torch.float64)
+    for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
+        with pytest.raises(BandwidthInputError, match=r"sparse tensor .*to_dense\(\)"):
+            compute_metrics(sparse)
+        with pytest.raises(BandwidthInputError, match=r"sparse tensor .*to_dense\(\)"):
+            StreamingMoments(8).update(sparse)

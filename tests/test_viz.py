@@ -13,6 +13,8 @@ import torch
 
 from residual_bandwidth import BandwidthInputError, ResidualBandwidthAnalyzer, ResidualCapture
 from residual_bandwidth import viz
+from residual_bandwidth.bottlenecks import SEVERITIES
+from residual_bandwidth.compat import BandwidthVisualizer
 from residual_bandwidth.viz import (AccessibleFigure, format_number, format_percent, format_ranges,
                                     plot_bottleneck_heatmap, plot_composition_scores,
                                     plot_compression_curve, plot_cumulative_variance,
@@ -284,7 +286,7 @@ def test_bottleneck_heatmap(rng):
     af = plot_bottleneck_heatmap(recs)
     mine = [r for r in recs if r["prompt"] == 0]
     assert af.table == sorted(mine, key=lambda r: (r["layer"], r["position"]))
-    counts = {s: sum(r["severity"] == s for r in mine) for s in viz.SEVERITIES}
+    counts = {s: sum(r["severity"] == s for r in mine) for s in SEVERITIES}
     assert counts["critical"] and counts["warning"] and counts["massive"]
     assert (f"{counts['none']} none, {counts['warning']} warning, {counts['critical']} critical, "
             f"{counts['massive']} massive") in af.alt_text
@@ -562,8 +564,8 @@ def test_write_figures_with_analytics_and_monitor(synth, rng, tmp_path):
 
 
 def test_cli_figures_writes_pngs_and_markdown(embedded, monkeypatch, rng, tmp_path, capsys):
-    from residual_bandwidth import models
-    from residual_bandwidth.cli import main
+    from residual_bandwidth.course import models
+    from residual_bandwidth.course.cli import main
     monkeypatch.setattr(models, "load_model", lambda name: embedded)  # the session's copy: no reload
     analytics = tmp_path / "analytics.json"
     analytics.write_text(json.dumps({"memory_ranking": ranking_records(5)}))
@@ -583,9 +585,9 @@ def test_cli_figures_writes_pngs_and_markdown(embedded, monkeypatch, rng, tmp_pa
 
 def test_seed_name_is_a_thin_namespace(synth):
     report, _ = synth
-    af = viz.BandwidthVisualizer.plot_rank_by_layer(report)
+    af = BandwidthVisualizer.plot_rank_by_layer(report)
     assert isinstance(af, AccessibleFigure)
-    assert viz.BandwidthVisualizer.plot_bandwidth_utilization_timeline is plot_monitor_timeline
+    assert BandwidthVisualizer.plot_bandwidth_utilization_timeline is plot_monitor_timeline
     af.close()
 
 
@@ -601,3 +603,22 @@ def test_alt_texts_state_numbers_not_just_names(synth, rng):
         assert not af.alt_text.lower().startswith(("a plot", "plot of", "figure of"))
         assert math.isfinite(len(af.table)) and af.table, name
         af.close()
+
+
+def test_importing_viz_leaves_rcparams_unchanged():
+    """Styling goes through matplotlib.rc_context while a figure is made, never a global change."""
+    import subprocess
+    import sys
+    code = ("import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; "
+            "before = dict(plt.rcParams); import residual_bandwidth.viz as v; "
+            "assert dict(plt.rcParams) == before, 'import changed rcParams'; "
+            "af = v.plot_compression_curve([]); af.close(); "
+            "assert dict(plt.rcParams) == before, 'a figure changed rcParams'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_figures_are_drawn_with_the_package_style():
+    fig = plot_compression_curve([]).figure
+    assert fig.dpi == viz.STYLE["figure.dpi"]
+    assert fig.axes[0].title.get_fontsize() == viz.STYLE["axes.titlesize"]

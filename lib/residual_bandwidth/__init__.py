@@ -1,23 +1,22 @@
 """residual_bandwidth: measure how a transformer uses its residual stream (lesson 03.2).
 
-One module per idea:
-  validation  strict input checks with messages that name the problem
-  models      load the embedded offline model, a hub id or a local path
-  capture     resid_pre / resid_mid / resid_post / attn_out / mlp_out per layer
-  metrics     the effective-rank family (formulas in the docstrings)
-  outliers    massive activations and outlier dimensions
-  analyzer    per-layer bandwidth reports (ResidualBandwidthAnalyzer)
-  weights     per-head / per-neuron weights in the residual basis (W_OV, W_QK; norms folded)
-  bottlenecks crowded (layer, position) cells: energy x spread, basis-free
-  memory      memory management: eraser heads and neurons, write-vs-read erasure
-  composition Q/K/V composition scores with a random baseline, principal angles
-  compression the measured compression curve (loss and KL vs k)
-  streaming   running mean and covariance (Welford / Chan) in constant memory
-  monitor     BandwidthMonitor on live inference: alerts, JSON lines, Prometheus
-  viz         accessible figures (alt text + data table with every plot)
-  explorer    the interactive widget explorer (static fallback)
-  course      lesson metadata (objectives, assessment items, threshold)
-  report      the lesson's main job (make lesson)
+The lesson's ideas, one module each:
+  capture      resid_pre / resid_mid / resid_post / attn_out / mlp_out per layer (the one hook table)
+  metrics      the effective-rank family, spectra, principal directions, the noise floor
+  outliers     massive activations (the one massive rule) and outlier dimensions
+  analyzer     per-layer bandwidth reports (ResidualBandwidthAnalyzer)
+  weights      per-head / per-neuron weights in the residual basis (W_OV, W_QK; norms folded)
+  bottlenecks  crowded (layer, position) cells: energy x spread, basis-free
+  memory       memory management: eraser heads and neurons, write-vs-read erasure
+  composition  Q/K/V composition scores with a random baseline, principal angles
+  compression  the measured compression curve (loss and KL vs k)
+  streaming    running mean and covariance (Welford / Chan) in constant memory
+  validation   strict input checks with messages that name the problem
+Plumbing, in subpackages:
+  monitor/     BandwidthMonitor on live inference: core, alerts, export (JSON lines, Prometheus)
+  viz/         accessible figures: core (container, palette, styling), then the figure families
+  course/      lesson metadata, model loading, the report job (make lesson), the CLI, the explorer
+  compat       the seed lesson's names (ProductionBandwidthMonitor, BandwidthVisualizer, effective_rank)
 """
 from .analyzer import BandwidthReport, ResidualBandwidthAnalyzer
 from .bottlenecks import BottleneckReport, find_bottlenecks
@@ -26,12 +25,13 @@ from .composition import CompositionScores, component_subspaces, composition_sco
 from .compression import CompressionCurve, compression_curve, project_residual
 from .memory import MemoryReport, erasure_from_activations, head_records, memory_management, neuron_cosines
 from .metrics import (BandwidthMetrics, Spectrum, anisotropy, compute_metrics, entropy_effective_rank,
-                      participation_ratio, spectral_entropy, spectrum, stable_rank,
-                      variance_threshold_rank)
-from .models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
-from .monitor import BandwidthMonitor, ProductionBandwidthMonitor
-from .outliers import MassiveActivation, OutlierDimension, massive_rows, outlier_dimensions
-from .streaming import StreamingMoments
+                      participation_ratio, principal_directions, rank_family, spectral_entropy, spectrum,
+                      stable_rank, variance_threshold_rank)
+from .compat import ProductionBandwidthMonitor
+from .course.models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
+from .monitor import BandwidthMonitor
+from .outliers import MassiveActivation, OutlierDimension, massive_mask, massive_rows, outlier_dimensions
+from .streaming import StreamedLayers, StreamingMoments, stream_layer_statistics
 from .validation import BandwidthInputError
 from .weights import LayerWeights, all_layer_weights, layer_weights
 
@@ -39,8 +39,8 @@ __version__ = "0.1.0"
 
 # Plotting and the widget explorer import matplotlib / ipywidgets: load them on first use only.
 _LAZY = {
-    "AccessibleFigure": "viz", "BandwidthVisualizer": "viz",
-    "explore": "explorer", "explorer_update": "explorer",
+    "AccessibleFigure": "viz", "BandwidthVisualizer": "compat",
+    "explore": "course.explorer", "explorer_update": "course.explorer",
 }
 
 

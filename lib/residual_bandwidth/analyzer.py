@@ -89,11 +89,17 @@ class ResidualBandwidthAnalyzer:
         exclude_massive: leave massive positions out of the spectra reported as "without_massive"
             and of the pooled metrics. A position flagged at *any* layer is removed from *every*
             layer, so all layers are measured on the same tokens.
+        precision: of the covariance products (``"float64"`` default, or ``"float32"``; see
+            :func:`residual_bandwidth.metrics.spectrum`).
     """
 
     def __init__(self, variance_threshold: float = 0.95, center: bool = True,
-                 massive_ratio: float = DEFAULT_MASSIVE_RATIO, exclude_massive: bool = True):
+                 massive_ratio: float = DEFAULT_MASSIVE_RATIO, exclude_massive: bool = True,
+                 precision: str = "float64"):
         self.variance_threshold = check_fraction(variance_threshold, "variance_threshold")
+        self.precision = precision
+        if precision not in ("float64", "float32"):
+            raise BandwidthInputError(f"precision: expected 'float64' or 'float32', got {precision!r}")
         self.center = bool(center)
         self.massive_ratio = check_positive(massive_ratio, "massive_ratio")
         self.exclude_massive = bool(exclude_massive)
@@ -109,7 +115,8 @@ class ResidualBandwidthAnalyzer:
         found = []
         for layer, x in zip(cap.layers, cap.layer_stack(kind)):
             found += massive_rows(x, self.massive_ratio, layer=layer, prompt_index=cap.prompt_index,
-                                  position=cap.position, tokens=cap.tokens, name=hook_name(kind, layer))
+                                  position=cap.position, tokens=cap.tokens, name=hook_name(kind, layer),
+                                  check=not cap.checked)
         return found
 
     def massive_mask(self, states, kind: str = "resid_post") -> torch.Tensor:
@@ -133,12 +140,14 @@ class ResidualBandwidthAnalyzer:
             raise BandwidthInputError(f"after excluding {int(mask.sum())} massive position(s) fewer "
                                       "than 2 positions remain; pass more text or exclude_massive=False")
         all_m, clean_m, dims = [], [], []
+        full = bool(keep.all())
         for layer, x in zip(cap.layers, cap.layer_stack(kind)):
             name = hook_name(kind, layer)
-            all_m.append(compute_metrics(x, self.center, self.variance_threshold, layer, name))
-            clean_m.append(compute_metrics(x[keep], self.center, self.variance_threshold, layer, name,
-                                           excluded_positions=int((~keep).sum())))
-            dims += outlier_dimensions(x, exclude_rows=mask, layer=layer, name=name)
+            trust = dict(precision=self.precision, check=not cap.checked)
+            all_m.append(compute_metrics(x, self.center, self.variance_threshold, layer, name, **trust))
+            clean_m.append(compute_metrics(x if full else x[keep], self.center, self.variance_threshold,
+                                           layer, name, excluded_positions=int((~keep).sum()), **trust))
+            dims += outlier_dimensions(x, exclude_rows=mask, layer=layer, name=name, check=not cap.checked)
         if mask.any() and not self.exclude_massive:
             notes.append("exclude_massive=False: 'without_massive' equals 'all_positions'")
         return BandwidthReport(kind=kind, layers=list(cap.layers), all_positions=all_m,
@@ -161,4 +170,5 @@ class ResidualBandwidthAnalyzer:
         pooled = torch.cat(cap.layer_stack(kind, rows=keep))
         return compute_metrics(pooled, self.center,
                                self.variance_threshold, layer="all", name="residual_states (pooled)",
-                               excluded_positions=int((~keep).sum()))
+                               excluded_positions=int((~keep).sum()), precision=self.precision,
+                               check=not cap.checked)

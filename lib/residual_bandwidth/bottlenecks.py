@@ -60,11 +60,13 @@ import numpy as np
 import torch
 
 from .capture import as_capture, hook_name
-from .metrics import compute_metrics
-from .outliers import DEFAULT_MASSIVE_RATIO
+from .metrics import compute_metrics, principal_directions
+from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, as_matrix, check_fraction, check_positive
 
 SEVERITIES = ("none", "warning", "critical", "massive")
+#: the keys of one (layer, row) record of :meth:`BottleneckReport.grid_records`
+GRID_KEYS = ("layer", "prompt", "position", "token", "norm_ratio", "spread", "score", "severity", "massive")
 
 
 def seed_abs_participation_ratio(x) -> torch.Tensor:
@@ -73,14 +75,6 @@ def seed_abs_participation_ratio(x) -> torch.Tensor:
     x = as_matrix(x, name="x", min_rows=1).detach().double()
     a = x.abs()
     return a.sum(1) ** 2 / (a**2).sum(1)
-
-
-def _pca(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean, principal directions (rows, only those with non-zero variance) and variances."""
-    mu = x.mean(0)
-    _, s, vh = torch.linalg.svd(x - mu, full_matrices=False)
-    keep = s > s[0] * 1e-9 if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
-    return mu, vh[keep], s[keep] ** 2
 
 
 @dataclass
@@ -156,7 +150,8 @@ def layer_scores(x, loud_ratio: float = 2.0, layer=None) -> dict:
         raise BandwidthInputError(f"residual_states (layer {layer}): median row norm is 0")
     ratio = norms / med
     typical = ratio < loud_ratio     # loud_ratio > 1, so every row at or below the median: >= 2 rows
-    mu, v, _ = _pca(x[typical])
+    mu, basis, variances = principal_directions(x[typical], layer=layer)
+    v = basis[:, variances > 0].T    # the principal directions with variance, as rows
     if v.shape[0] == 0:
         raise BandwidthInputError(f"residual_states (layer {layer}): the typical rows are identical; "
                                   "no principal directions")
@@ -169,7 +164,8 @@ def layer_scores(x, loud_ratio: float = 2.0, layer=None) -> dict:
 
 def severity(norm_ratio: float, spread: float, loud_ratio: float = 2.0,
              massive_ratio: float = DEFAULT_MASSIVE_RATIO, critical_score: float = 4.0) -> str:
-    """The severity rule of the module docstring for one row."""
+    """The severity rule of the module docstring for one row (``norm_ratio >= massive_ratio`` is
+    :func:`.outliers.massive_mask` on a ratio already divided by the median)."""
     if norm_ratio >= massive_ratio:
         return "massive"
     if norm_ratio >= loud_ratio and spread >= 1.0:
@@ -201,6 +197,7 @@ def find_bottlenecks(states, kind: str = "resid_post", loud_ratio: float = 2.0,
     for L in use:
         x = cap.get(kind, L)
         s = layer_scores(x, loud_ratio, layer=L)
+        massive = massive_mask(x.to(torch.float64).norm(dim=1), massive_ratio)
         n_flag = 0
         for i in range(len(x)):
             nr, sp = float(s["norm_ratio"][i]), float(s["spread"][i])
@@ -208,8 +205,8 @@ def find_bottlenecks(states, kind: str = "resid_post", loud_ratio: float = 2.0,
             n_flag += sev in ("warning", "critical")
             rows.append({"layer": L, "prompt": int(cap.prompt_index[i]), "position": int(cap.position[i]),
                          "token": cap.tokens[i], "norm_ratio": nr, "spread": sp, "score": nr * sp,
-                         "severity": sev, "massive": nr >= massive_ratio})
-        keep = s["norm_ratio"] < massive_ratio
+                         "severity": sev, "massive": bool(massive[i])})
+        keep = ~massive
         if int(keep.sum()) < 2:
             raise BandwidthInputError(f"{hook_name(kind, L)}: fewer than 2 non-massive rows")
         m = compute_metrics(x[keep], center=True, variance_threshold=variance_threshold, layer=L,

@@ -24,13 +24,17 @@ is an ``[N, d_model]`` matrix over all real tokens of all prompts, and ``capture
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import operator
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .validation import BandwidthInputError, as_matrix, check_prompts
+from .validation import BandwidthInputError, all_finite, as_matrix, check_prompts
 
 KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
@@ -58,24 +62,16 @@ class Architecture:
     final_norm: Callable[[torch.nn.Module], torch.nn.Module]
 
 
-LLAMA = Architecture(
-    family="llama",
-    blocks=lambda m: m.model.layers,
-    attn=lambda b: b.self_attn,
-    mlp=lambda b: b.mlp,
-    norm1=lambda b: b.input_layernorm,
-    norm2=lambda b: b.post_attention_layernorm,
-    final_norm=lambda m: m.model.norm,
-)
-GPT2 = Architecture(
-    family="gpt2",
-    blocks=lambda m: m.transformer.h,
-    attn=lambda b: b.attn,
-    mlp=lambda b: b.mlp,
-    norm1=lambda b: b.ln_1,
-    norm2=lambda b: b.ln_2,
-    final_norm=lambda m: m.transformer.ln_f,
-)
+def _adapter(family: str, **paths: str) -> Architecture:
+    """An :class:`Architecture` from dotted attribute paths (``blocks`` from the model, the others
+    from a block, ``final_norm`` from the model)."""
+    return Architecture(family, **{part: operator.attrgetter(path) for part, path in paths.items()})
+
+
+LLAMA = _adapter("llama", blocks="model.layers", attn="self_attn", mlp="mlp", norm1="input_layernorm",
+                 norm2="post_attention_layernorm", final_norm="model.norm")
+GPT2 = _adapter("gpt2", blocks="transformer.h", attn="attn", mlp="mlp", norm1="ln_1", norm2="ln_2",
+                final_norm="transformer.ln_f")
 # model_type -> adapter. Only sequential pre-norm decoders whose blocks are exactly
 # x + attn(norm1(x)) then x + mlp(norm2(x)); parallel-residual (GPT-NeoX, GPT-J), post-norm
 # (BERT) and sandwich-norm (Gemma 2/3) models do not have this residual stream.
@@ -128,6 +124,9 @@ class ResidualCapture:
     tokens: list[str]
     prompts: list[str] = field(default_factory=list)
     model_name: str | None = None
+    #: True when every tensor was validated (finite, float, 2-D) on the way in, so the analyses
+    #: downstream trust it instead of checking each layer again
+    checked: bool = False
 
     def __post_init__(self):
         if not self.acts:
@@ -215,7 +214,7 @@ class ResidualCapture:
         toks = list(tokens) if tokens is not None else [f"<{int(p)}>" for p in position]
         if len(toks) != n:
             raise BandwidthInputError(f"tokens: {len(toks)} given for {n} positions")
-        return cls(acts=acts, prompt_index=prompt_index, position=position, tokens=toks)
+        return cls(acts=acts, prompt_index=prompt_index, position=position, tokens=toks, checked=True)
 
     @classmethod
     def from_list(cls, states: Sequence[torch.Tensor], kind: str = "resid_post",
@@ -247,6 +246,103 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def hook_point(arch: Architecture, block: torch.nn.Module, kind: str) -> tuple[torch.nn.Module, str]:
+    """Where ``kind`` is read in one block: ``(module, "input" | "output")`` (the module docstring's
+    diagram). The one hook table of the package: capture, the monitor and the memory measurements
+    all find the residual stream here."""
+    hook_name(kind, 0)  # validates the kind
+    return {"resid_pre": (block, "input"), "resid_mid": (arch.norm2(block), "input"),
+            "resid_post": (block, "output"), "attn_out": (arch.attn(block), "output"),
+            "mlp_out": (arch.mlp(block), "output")}[kind]
+
+
+def add_hook(module: torch.nn.Module, where: str, fn: Callable[[torch.Tensor], None]):
+    """Register ``fn(tensor)`` on ``module``'s first input (``where="input"``, positional or
+    ``hidden_states=`` keyword) or first output (``"output"``). Returns the handle; ``fn``'s return
+    value is ignored, so the model's computation is never changed."""
+    if where == "output":
+        return module.register_forward_hook(lambda m, a, o: fn(_first(o)) and None)
+    if where != "input":
+        raise BandwidthInputError(f"where: expected 'input' or 'output', got {where!r}")
+
+    def pre(m, args, kwargs):
+        fn(args[0] if args else kwargs.get("hidden_states"))
+    return module.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def check_tokenizer(tokenizer) -> None:
+    """A callable Hugging Face tokenizer (``None`` and other objects are named as the problem)."""
+    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise BandwidthInputError(f"tokenizer: expected a Hugging Face tokenizer (the model's own), got "
+                                  f"{type(tokenizer).__name__}")
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (``max_position_embeddings`` or
+    GPT-2's ``n_positions``), or None when the config has no such limit."""
+    c = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        v = getattr(c, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_max_length(model: torch.nn.Module, max_length) -> tuple[int | None, str | None]:
+    """``(length, note)``: the token limit to truncate prompts to, clamped to :func:`max_positions`.
+
+    ``max_length`` must be a positive int or None (no limit of our own). When it exceeds the model's
+    maximum positions (or is None and the model has one) the model's limit is used, and ``note``
+    names it so the caller can say so when a prompt was actually cut there.
+    """
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise BandwidthInputError(f"max_length: expected a positive int (tokens per prompt) or None, "
+                                  f"got {max_length!r}")
+    limit = max_positions(model)
+    if limit is not None and (max_length is None or max_length > limit):
+        return limit, (f"prompts longer than the model's maximum of {limit} positions (config "
+                       f"max_position_embeddings / n_positions) were truncated to {limit} tokens"
+                       + (f" (max_length={max_length} asked for more)" if max_length else ""))
+    return max_length, None
+
+
+@contextlib.contextmanager
+def right_padding(tokenizer):
+    """Pad on the right inside the block (so real tokens sit at positions ``0..len-1``); the
+    tokenizer's own padding side is restored on exit, also on errors. Names a missing tokenizer."""
+    check_tokenizer(tokenizer)
+    before = getattr(tokenizer, "padding_side", "right")
+    tokenizer.padding_side = "right"
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = before
+
+
+def forward_batches(model: torch.nn.Module, tokenizer, prompts: Sequence[str], batch_size: int = 8,
+                    max_length: int | None = 512, progress: bool = False, desc: str = "forward"):
+    """Tokenize ``prompts`` in right-padded batches for ``model``: yields ``(start, enc, mask)`` with
+    ``enc`` on the model's device and ``mask`` the boolean attention mask (real tokens). The caller
+    runs the model (with its own hooks). Prompts are truncated to ``max_length`` tokens, and never
+    beyond the model's maximum positions (:func:`check_max_length`; a ``UserWarning`` names the limit
+    when a prompt was cut there). ``max_length=None``: only the model's limit."""
+    check_tokenizer(tokenizer)
+    max_length, note = check_max_length(model, max_length)
+    device = next(model.parameters()).device
+    from tqdm.auto import tqdm
+    starts = range(0, len(prompts), batch_size)
+    with right_padding(tokenizer):
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2):
+            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
+                            **({"truncation": True, "max_length": max_length} if max_length else {}))
+            if note and enc["input_ids"].shape[1] >= max_length:
+                warnings.warn(note, UserWarning, stacklevel=3)
+                note = None  # once per call
+            enc = {k: v.to(device) for k, v in enc.items()}
+            yield start, enc, enc["attention_mask"].bool()
+
+
 @torch.no_grad()
 def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence[str],
                       kinds: Sequence[str] = KINDS, layers: Sequence[int] | None = None,
@@ -255,11 +351,14 @@ def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence
     """Run ``prompts`` through ``model`` and record the residual stream with forward hooks.
 
     ``kinds`` picks from ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``;
-    ``layers`` picks blocks (default all). Prompts longer than ``max_length`` tokens are truncated.
+    ``layers`` picks blocks (default all). Prompts longer than ``max_length`` tokens are truncated,
+    and never run beyond the model's maximum positions (see :func:`forward_batches`).
     Hooks are always removed, also when the forward pass raises.
     """
     prompts = check_prompts(prompts)
     arch = architecture_of(model)
+    check_tokenizer(tokenizer)
+    check_max_length(model, max_length)
     blocks = arch.blocks(model)
     layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
     for i in layers:
@@ -272,43 +371,20 @@ def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence
         raise BandwidthInputError(f"batch_size: expected a positive int, got {batch_size!r}")
 
     store: dict[str, torch.Tensor] = {}
-
     handles = []
-
-    def add(module, key, where):
-        if where == "output":
-            handles.append(module.register_forward_hook(lambda m, a, o: store.__setitem__(key, _first(o))))
-        else:  # the first input, positional or keyword
-            def pre(m, args, kwargs):
-                store[key] = args[0] if args else kwargs["hidden_states"]
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-
     for L in layers:
-        b = blocks[L]
-        spots = {"resid_pre": (b, "input"), "resid_mid": (arch.norm2(b), "input"),
-                 "resid_post": (b, "output"), "attn_out": (arch.attn(b), "output"),
-                 "mlp_out": (arch.mlp(b), "output")}
         for k in kinds:
-            add(spots[k][0], hook_name(k, L), spots[k][1])
+            module, where = hook_point(arch, blocks[L], k)
+            handles.append(add_hook(module, where, functools.partial(store.__setitem__, hook_name(k, L))))
 
-    pad_side = getattr(tokenizer, "padding_side", "right")
-    tokenizer.padding_side = "right"
     chunks: dict[str, list[torch.Tensor]] = {key: [] for key in
                                              (hook_name(k, L) for L in layers for k in kinds)}
     prompt_index, position, tokens = [], [], []
-    device = next(model.parameters()).device
     try:
-        from tqdm.auto import tqdm
-        starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="capturing residual stream", unit="batch",
-                          disable=not progress or len(starts) < 2):
-            batch = prompts[start:start + batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True,
-                            max_length=max_length)
-            enc = {k: v.to(device) for k, v in enc.items()}
+        for start, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length,
+                                                progress=progress, desc="capturing residual stream"):
             store.clear()
             model(**enc, use_cache=False)
-            mask = enc["attention_mask"].bool()
             for key in chunks:
                 chunks[key].append(store[key][mask].detach().float().cpu())
             for j, (ids, m) in enumerate(zip(enc["input_ids"], mask)):
@@ -319,8 +395,10 @@ def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence
     finally:
         for h in handles:
             h.remove()
-        tokenizer.padding_side = pad_side
     acts = {key: torch.cat(v) for key, v in chunks.items()}
+    for key, x in acts.items():   # validated once here; the analyses trust the capture
+        if not all_finite(x):
+            raise BandwidthInputError(f"{key}: the model produced NaN or Inf activations")
     return ResidualCapture(acts=acts, prompt_index=torch.tensor(prompt_index),
                            position=torch.tensor(position), tokens=tokens, prompts=prompts,
-                           model_name=getattr(model.config, "_name_or_path", None))
+                           model_name=getattr(model.config, "_name_or_path", None), checked=True)

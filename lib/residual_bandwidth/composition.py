@@ -44,7 +44,7 @@ from .capture import architecture_of
 from .validation import BandwidthInputError, as_matrix
 from .weights import LayerWeights, all_layer_weights, check_layer_weights, check_layers, factored_svd
 
-KINDS = ("Q", "K", "V")
+COMPOSITION_KINDS = ("Q", "K", "V")
 
 
 def principal_angles(a, b) -> torch.Tensor:
@@ -226,8 +226,8 @@ def composition_scores(model_or_weights, kind: str = "Q", layers=None, n_baselin
     ``model_or_weights``: a supported model, or a list of :class:`LayerWeights` (e.g. from
     :func:`all_layer_weights`, to reuse them across kinds). Row/column labels are ``"L{layer}.H{head}"``.
     """
-    if kind not in KINDS:
-        raise BandwidthInputError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if kind not in COMPOSITION_KINDS:
+        raise BandwidthInputError(f"kind: expected one of {COMPOSITION_KINDS}, got {kind!r}")
     if isinstance(model_or_weights, torch.nn.Module):
         architecture_of(model_or_weights)
         weights = all_layer_weights(model_or_weights, check_layers(model_or_weights, layers))

@@ -45,9 +45,10 @@ from typing import Sequence
 
 import torch
 
-from .capture import architecture_of, capture_residuals, model_dims
-from .outliers import DEFAULT_MASSIVE_RATIO
-from .validation import BandwidthInputError, as_matrix, check_positive, check_prompts
+from .capture import architecture_of, capture_residuals, forward_batches, model_dims
+from .metrics import principal_directions
+from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
+from .validation import BandwidthInputError, check_positive, check_prompts
 from .weights import check_layers
 
 DEFAULT_TOLERANCE = 0.05
@@ -107,19 +108,6 @@ HELDOUT_PROMPTS = [
 ]
 
 
-def fit_principal_directions(x, name: str = "calibration residuals",
-                             layer=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mu [d], V [d, d], variances [d])``: mean and all eigenvectors of the covariance of ``x``,
-    columns by decreasing variance (float64). ``V`` is a complete orthonormal basis, so ``k = d``
-    reproduces ``x`` exactly."""
-    x = as_matrix(x, name=name, layer=layer).detach().to("cpu", torch.float64)
-    mu = x.mean(0)
-    xc = x - mu
-    lam, vec = torch.linalg.eigh(xc.T @ xc / len(x))
-    order = torch.argsort(lam, descending=True)
-    return mu, vec[:, order], lam[order].clamp_min(0)
-
-
 def random_subspace(d: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """An orthonormal ``[d, k]`` basis of a uniformly random k-dimensional subspace (QR of a Gaussian)."""
     q, r = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))
@@ -150,8 +138,7 @@ def project_residual(model: torch.nn.Module, layer: int, mu: torch.Tensor, basis
         m, b = mu.to(x.device, x.dtype), basis.to(x.device, x.dtype)
         y = m + ((x - m) @ b) @ b.T
         if massive_ratio is not None:
-            norms = x.norm(dim=-1, keepdim=True)                          # [batch, T, 1]
-            loud = norms >= massive_ratio * norms.median(dim=-2, keepdim=True).values
+            loud = massive_mask(x.norm(dim=-1, keepdim=True), massive_ratio, dim=-2)   # [batch, T, 1]
             y = torch.where(loud, x, y)
         if isinstance(out, tuple):
             return (y, *out[1:])
@@ -286,16 +273,7 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
 
     cap = capture_residuals(model, tokenizer, calibration, kinds=["resid_post"], layers=layers,
                             batch_size=batch_size, progress=False)
-    device = next(model.parameters()).device
-    pad_side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        batches = []
-        for s in range(0, len(heldout), batch_size):
-            enc = tokenizer(heldout[s:s + batch_size], return_tensors="pt", padding=True)
-            batches.append({k: v.to(device) for k, v in enc.items()})
-    finally:
-        tokenizer.padding_side = pad_side
+    batches = [enc for _, enc, _ in forward_batches(model, tokenizer, heldout, batch_size, max_length=None)]
     n_heldout = sum(int((e["attention_mask"][:, 1:] * e["attention_mask"][:, :-1]).sum()) for e in batches)
     if n_heldout == 0:
         raise BandwidthInputError("heldout_prompts: every prompt is a single token; nothing to predict")
@@ -310,8 +288,8 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
         for L in layers:
             x = cap.get("resid_post", L)
             if skip_massive:
-                x = x[x.norm(dim=1) < massive_ratio * x.norm(dim=1).median()]
-            mu, V, _ = fit_principal_directions(x, layer=L)
+                x = x[~massive_mask(x.norm(dim=1), massive_ratio)]
+            mu, V, _ = principal_directions(x, name="calibration residuals", layer=L)
             explained[L] = _explained(x, mu, V, ks)
             for k in ks:
                 with project_residual(model, L, mu, V[:, :k], keep_ratio):

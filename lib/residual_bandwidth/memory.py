@@ -46,17 +46,23 @@ top ``top_per_kind`` of each kind are merged and sorted by score.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .capture import architecture_of, as_capture, hook_name, model_dims
-from .outliers import DEFAULT_MASSIVE_RATIO
+from .capture import add_hook, architecture_of, as_capture, forward_batches, hook_name, hook_point, model_dims
+from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_positive, check_prompts
-from .weights import (LayerWeights, all_layer_weights, check_layer_weights, check_layers, layer_weights,
+from .weights import (LayerWeights, all_layer_weights, check_layer_weights, check_layers,
                       out_projections)
+
+#: the keys of one (layer, head) record of :func:`head_records`
+HEAD_KEYS = ("layer", "head", "kv_head", "eig_real", "eig_imag", "neg_share", "current_token_attention")
+#: the keys of one entry of :func:`rank_candidates`
+RANKING_KEYS = ("rank", "component", "kind", "layer", "index", "score", "evidence")
 
 # ---------------------------------------------------------------------------------------------
 # Weights: W_OV eigenvalues, neuron cosines
@@ -88,16 +94,18 @@ def eigen_sign(eigs: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, eigs.real.sum(-1) / total.clamp_min(1e-300), torch.zeros_like(total))
 
 
-def neuron_cosines(model: torch.nn.Module, layers=None, direction: str = "in") -> torch.Tensor:
+def neuron_cosines(model: torch.nn.Module, layers=None, direction: str = "in",
+                   weights: Sequence[LayerWeights] | None = None) -> torch.Tensor:
     """``cos(input direction, output direction)`` of every MLP neuron: ``[len(layers), d_mlp]``.
 
     ``direction="in"`` uses ``W_in`` (gpt2's c_fc, llama's up projection); ``"gate"`` uses llama's
-    gate projection (an error for gpt2, which has none).
+    gate projection (an error for gpt2, which has none). ``weights``: the layers' already extracted
+    :class:`LayerWeights` (then ``model`` and ``layers`` are not read).
     """
     if direction not in ("in", "gate"):
         raise BandwidthInputError(f"direction: expected 'in' or 'gate', got {direction!r}")
     out = []
-    for lw in all_layer_weights(model, layers):
+    for lw in (weights if weights is not None else all_layer_weights(model, layers)):
         w_in = lw.W_in if direction == "in" else lw.W_gate
         if w_in is None:
             raise BandwidthInputError(f"direction='gate': the {lw.family} MLP has no gate projection")
@@ -186,15 +194,18 @@ def current_token_attention(model: torch.nn.Module, tokenizer, prompts: Sequence
 
 
 def head_records(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
-                 layers=None, current_attention: torch.Tensor | None = None) -> list[dict]:
+                 layers=None, current_attention: torch.Tensor | None = None,
+                 weights: Sequence[LayerWeights] | None = None) -> list[dict]:
     """One record per (layer, head): ``{layer, head, kv_head, eig_real, eig_imag, neg_share,
     current_token_attention}``.
 
     ``current_token_attention`` is measured on ``prompts`` (needs ``tokenizer``), or taken from a
     precomputed ``current_attention`` tensor ``[len(layers), n_heads]``; ``None`` when neither is given.
-    Eigenvalues are sorted by real part (most negative first).
+    Eigenvalues are sorted by real part (most negative first). ``weights``: the layers' already
+    extracted :class:`LayerWeights`, in the order of ``layers``.
     """
     layers = check_layers(model, layers)
+    weights = list(weights) if weights is not None else all_layer_weights(model, layers)
     if current_attention is None and prompts is not None:
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed to measure attention on prompts")
@@ -203,8 +214,7 @@ def head_records(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] 
         raise BandwidthInputError(f"current_attention: expected shape {(len(layers), model_dims(model)['n_heads'])}, "
                                   f"got {tuple(current_attention.shape)}")
     out = []
-    for i, L in enumerate(layers):
-        lw = layer_weights(model, L)
+    for i, (L, lw) in enumerate(zip(layers, weights)):
         eigs = ov_eigenvalues(lw)
         share = neg_share(eigs)
         for h in range(lw.n_heads):
@@ -237,6 +247,9 @@ class ErasureReport:
     mlp_massive: torch.Tensor
     n_tokens: int
     massive_ratio: float
+    #: ``[n, n_heads]`` mean attention to the current token (as :func:`current_token_attention`),
+    #: measured in the same forward pass when asked for (``attention=True``), else None
+    current_attention: torch.Tensor | None = None
 
     def records(self, neurons: int = 0) -> list[dict]:
         """``{layer, component, index, label, projection, projection_massive}`` for attention, MLP,
@@ -264,13 +277,19 @@ class ErasureReport:
 @torch.no_grad()
 def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
                              batch_size: int = 8, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
-                             progress: bool = True) -> ErasureReport:
+                             progress: bool = True, weights: Sequence[LayerWeights] | None = None,
+                             attention: bool = False) -> ErasureReport:
     """Measure ``mean_t <write_t, read_t> / ||read_t||^2`` for attention, each head, the MLP and each
     neuron of every block in ``layers`` on ``prompts`` (module docstring).
 
     Head ``h``'s write is ``z_h W_O[h]`` with ``z`` the input of the attention output projection;
     neuron ``n``'s write is ``a_n W_out[n]`` with ``a`` the input of the MLP output projection. Both
     are taken with forward pre-hooks (removed afterwards, also on errors). Padding is masked out.
+
+    ``attention=True`` also measures every head's mean attention to the current token in the same
+    forward pass (eager attention; with right padding and the causal mask the probabilities of the
+    real queries are those of the prompt alone), instead of :func:`current_token_attention`'s one
+    forward pass per prompt.
     """
     prompts = check_prompts(prompts)
     massive_ratio = check_positive(massive_ratio, "massive_ratio")
@@ -282,46 +301,39 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
     dims = model_dims(model)
     H, dh = dims["n_heads"], dims["d_head"]
     W_O, W_out = {}, {}
-    for L in layers:
-        lw = layer_weights(model, L)
+    for L, lw in zip(layers, weights if weights is not None else all_layer_weights(model, layers)):
         W_O[L] = lw.W_O.reshape(H * dh, -1).float()     # [H*dh, d]: row block h is W_O[h]
         W_out[L] = lw.W_out.float()                     # [d_mlp, d]
 
     store, handles = {}, []
-
-    def keep_input(key):
-        def pre(mod, args, kwargs):
-            store[key] = args[0] if args else kwargs["hidden_states"]
-        return pre
-
-    def keep_output(key):
-        def post(mod, args, out):
-            store[key] = out[0] if isinstance(out, (tuple, list)) else out
-        return post
-
     for L in layers:
-        b = blocks[L]
         o_proj, down = out_projections(model, L)
-        handles += [b.register_forward_pre_hook(keep_input(("pre", L)), with_kwargs=True),
-                    arch.norm2(b).register_forward_pre_hook(keep_input(("mid", L)), with_kwargs=True),
-                    arch.attn(b).register_forward_hook(keep_output(("attn", L))),
-                    arch.mlp(b).register_forward_hook(keep_output(("mlp", L))),
-                    o_proj.register_forward_pre_hook(keep_input(("z", L)), with_kwargs=True),
-                    down.register_forward_pre_hook(keep_input(("act", L)), with_kwargs=True)]
+        spots = {"pre": hook_point(arch, blocks[L], "resid_pre"), "mid": hook_point(arch, blocks[L], "resid_mid"),
+                 "attn": hook_point(arch, blocks[L], "attn_out"), "mlp": hook_point(arch, blocks[L], "mlp_out"),
+                 "z": (o_proj, "input"), "act": (down, "input")}
+        handles += [add_hook(module, where, functools.partial(store.__setitem__, (what, L)))
+                    for what, (module, where) in spots.items()]
+        if attention:
+            def diag(mod, args, out, L=L):
+                if not isinstance(out, (tuple, list)) or len(out) < 2 or out[1] is None:
+                    raise RuntimeError("the attention module returned no probabilities in eager mode")
+                store[("diag", L)] = out[1].diagonal(dim1=-2, dim2=-1)          # [B, H, T]
+            handles.append(arch.attn(blocks[L]).register_forward_hook(diag))
 
     rows = defaultdict(list)   # (quantity, layer) -> one tensor per batch
-    device = _device(model)
-    pad_side = getattr(tokenizer, "padding_side", "right")
-    tokenizer.padding_side = "right"
-    from tqdm.auto import tqdm
+    cta_sum, cta_count = torch.zeros(len(layers), H, dtype=torch.float64), 0
     try:
-        starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="write-vs-read projections", disable=not progress or len(starts) < 2):
-            enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
+        for _, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length=None,
+                                            progress=progress, desc="write-vs-read projections"):
             store.clear()
-            model(**enc, use_cache=False)
-            mask = enc["attention_mask"].bool()
+            with eager_attention(model) if attention else contextlib.nullcontext():
+                model(**enc, use_cache=False)
+            if attention:   # query positions t >= 1 of real tokens (position 0 only sees itself)
+                q = mask.clone()
+                q[:, 0] = False
+                for i, L in enumerate(layers):
+                    cta_sum[i] += (store[("diag", L)].double() * q[:, None, :]).sum(dim=(0, 2)).cpu()
+                cta_count += int(q.sum())
             for L in layers:
                 pre, mid = store[("pre", L)][mask].float(), store[("mid", L)][mask].float()
                 z, act = store[("z", L)][mask].float(), store[("act", L)][mask].float()
@@ -336,12 +348,11 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
     finally:
         for h in handles:
             h.remove()
-        tokenizer.padding_side = pad_side
 
     cat = {k: torch.cat(v).cpu() for k, v in rows.items()}
 
     def massive_mean(ratio, norms):
-        big = norms >= massive_ratio * norms.median()
+        big = massive_mask(norms, massive_ratio)
         return ratio[big].mean() if bool(big.any()) else torch.tensor(float("nan"))
 
     return ErasureReport(
@@ -352,7 +363,8 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
         neurons=torch.stack([cat[("neurons", L)].mean(0) for L in layers]),
         attn_massive=torch.stack([massive_mean(cat[("attn", L)], cat[("rpre", L)]) for L in layers]),
         mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
-        n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=massive_ratio)
+        n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=massive_ratio,
+        current_attention=(cta_sum / cta_count).float() if attention and cta_count else None)
 
 
 def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
@@ -386,8 +398,7 @@ def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAUL
         keep = torch.ones(len(x_in), dtype=torch.bool)
         if exclude_massive:
             for x in (x_in, x_out):
-                n = x.norm(dim=1)
-                keep &= n < massive_ratio * n.median()
+                keep &= ~massive_mask(x.norm(dim=1), massive_ratio)
         if int(keep.sum()) < 2:
             raise BandwidthInputError(f"states (layer {L}): fewer than 2 non-massive rows")
         x_in, x_out = x_in[keep], x_out[keep]
@@ -513,13 +524,18 @@ def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed together with prompts")
         prompts = check_prompts(prompts)
-        cta = current_token_attention(model, tokenizer, prompts, layers, progress=progress)
+    weights = all_layer_weights(model, layers)   # extracted once per layer, shared below
+    if prompts is not None:   # one batched forward pass feeds the erasure and the attention evidence
         erasure = erasure_from_activations(model, tokenizer, prompts, layers, batch_size=batch_size,
-                                           progress=progress)
+                                           progress=progress, weights=weights, attention=True)
+        cta = erasure.current_attention
+        if cta is None:
+            raise BandwidthInputError("prompts: every prompt is a single token; current-token attention "
+                                      "needs at least two positions")
     else:
         notes.append("no prompts: head scores use the OV eigenvalues only")
-    heads = head_records(model, layers=layers, current_attention=cta)
-    ncos = neuron_cosines(model, layers)
+    heads = head_records(model, layers=layers, current_attention=cta, weights=weights)
+    ncos = neuron_cosines(model, layers, weights=weights)
     loss = []
     if states is not None:
         cap = as_capture(states, "resid_pre")

@@ -57,26 +57,37 @@ class OutlierDimension:
         return asdict(self)
 
 
-def norm_ratios(x, name: str = "x", layer=None) -> tuple[torch.Tensor, float]:
-    """``(||x_i|| / median_k ||x_k||`` for every row, the median norm)``."""
-    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
-    norms = x.norm(dim=1)
-    typical = float(norms.median())
-    if typical == 0:
-        return torch.full_like(norms, float("inf")), 0.0
-    return norms / typical, typical
+def massive_mask(norms: torch.Tensor, ratio: float = DEFAULT_MASSIVE_RATIO, reference=None,
+                 dim: int = -1) -> torch.Tensor:
+    """The massive-activation rule, on row norms: ``||x_i|| >= ratio * m`` (boolean, shape of ``norms``).
+
+    ``m`` is ``median_i ||x_i||`` along ``dim`` (kept as a dimension, so a ``[batch, T, 1]`` tensor of
+    norms gives one median per sequence), or the caller's ``reference`` norm (a number, or a tensor
+    that broadcasts). When ``m`` is 0 (more than half the rows are zero vectors) every non-zero row
+    counts as massive. Every module that flags massive activations calls this function.
+    """
+    m = norms.median(dim=dim, keepdim=True).values if reference is None else reference
+    m = torch.as_tensor(m, dtype=norms.dtype, device=norms.device)
+    return torch.where(m > 0, norms >= ratio * m, norms > 0)
 
 
 def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int = 3,
-                 prompt_index=None, position=None, tokens=None, name: str = "x"
+                 prompt_index=None, position=None, tokens=None, name: str = "x", check: bool = True
                  ) -> list[MassiveActivation]:
-    """Rows of ``x`` whose norm is at least ``ratio`` times the median row norm (see module doc)."""
+    """Rows of ``x`` whose norm is at least ``ratio`` times the median row norm (see module doc).
+
+    ``check=False`` trusts an already validated matrix. Norms are accumulated in float64 without a
+    float64 copy of ``x``."""
     ratio = check_positive(ratio, "ratio")
-    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
-    r, typical = norm_ratios(x, name=name, layer=layer)
+    if check:
+        x = as_matrix(x, name=name, layer=layer, min_rows=1)
+    x = x.detach().cpu()
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    typical = float(norms.median())
+    r = norms / typical if typical > 0 else torch.full_like(norms, float("inf"))
     out = []
-    for i in torch.nonzero(r >= ratio).flatten().tolist():
-        v = x[i]
+    for i in torch.nonzero(massive_mask(norms, ratio)).flatten().tolist():
+        v = x[i].to(torch.float64)
         energy = float(v @ v)
         top = torch.topk(v.abs(), k=min(top_k, v.numel())).indices.tolist()
         out.append(MassiveActivation(
@@ -90,15 +101,19 @@ def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int
 
 
 def outlier_dimensions(x, ratio: float = DEFAULT_OUTLIER_DIM_RATIO, exclude_rows=None, layer=None,
-                       name: str = "x") -> list[OutlierDimension]:
-    """Coordinates whose RMS over (non-excluded) rows is ``ratio`` times the median coordinate RMS."""
+                       name: str = "x", check: bool = True) -> list[OutlierDimension]:
+    """Coordinates whose RMS over (non-excluded) rows is ``ratio`` times the median coordinate RMS.
+
+    ``check=False`` trusts an already validated matrix."""
     ratio = check_positive(ratio, "ratio")
-    x = as_matrix(x, name=name, layer=layer, min_rows=1).detach().to("cpu", torch.float64)
+    if check:
+        x = as_matrix(x, name=name, layer=layer, min_rows=1)
+    x = x.detach().cpu()
     if exclude_rows is not None:
         keep = ~torch.as_tensor(exclude_rows, dtype=torch.bool)
-        if int(keep.sum()) > 0:
+        if int(keep.sum()) > 0 and not bool(keep.all()):
             x = x[keep]
-    rms = x.pow(2).mean(dim=0).sqrt()
+    rms = torch.linalg.vector_norm(x, dim=0, dtype=torch.float64) / x.shape[0] ** 0.5
     typical = float(rms.median())
     if typical == 0:
         return []

@@ -29,18 +29,19 @@ does the ``M2_B + (n m / N) delta delta^T`` part as one in-place matrix product 
 ``d x d`` GEMM and no d x d temporary. :meth:`StreamingMoments.merge` combines two accumulators
 (e.g. one per thread or per process) with the same formula.
 
-Eigenvalues are computed lazily (``eigvalsh`` of a d x d matrix, ~10 ms for d = 576) and cached
+Eigenvalues are computed lazily (one ``eigvalsh`` of a d x d matrix) and cached
 until the next update.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import metrics as _m
-from .validation import BandwidthInputError, all_finite
+from .validation import BandwidthInputError, all_finite, check_dense
 
 
 class StreamingMoments:
@@ -51,6 +52,9 @@ class StreamingMoments:
     ``eigenvalues()`` equal the batch computation on the concatenation of all chunks, up to float64
     round-off. Memory: ``d + d*d`` float64 numbers (plus ``buffer_rows * d`` when buffering),
     independent of how many rows were seen.
+
+    ``precision="float32"`` forms each chunk's centred product in float32 (the state, the means and
+    the merge stay float64): about twice as fast; use it where the ranks equal float64's.
 
     ``buffer_rows > 0`` collects small chunks in a fixed buffer and merges them ``buffer_rows`` at a
     time. The flops are the same, but the d x d matrix (2.6 MB for d = 576) is read and written once
@@ -63,13 +67,15 @@ class StreamingMoments:
     :meth:`merge` them.
     """
 
-    def __init__(self, d_model: int, buffer_rows: int = 0):
+    def __init__(self, d_model: int, buffer_rows: int = 0, precision: str = "float64"):
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
             raise BandwidthInputError(f"d_model: expected a positive int, got {d_model!r}")
         if isinstance(buffer_rows, bool) or not isinstance(buffer_rows, int) or buffer_rows < 0:
             raise BandwidthInputError(f"buffer_rows: expected an int >= 0, got {buffer_rows!r}")
         self.d_model = d_model
         self.buffer_rows = buffer_rows
+        self.precision = precision
+        self._dtype = _m._check_precision(precision)
         self._n = 0
         self._mean = torch.zeros(d_model, dtype=torch.float64)
         self._m2 = torch.zeros(d_model, d_model, dtype=torch.float64)
@@ -89,6 +95,7 @@ class StreamingMoments:
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self.d_model:
             raise BandwidthInputError(f"x: expected shape [rows, {self.d_model}], got {tuple(x.shape)}")
+        check_dense(x, "x")
         if not x.is_floating_point():
             raise BandwidthInputError(f"x: dtype {x.dtype} is not a floating type (activations are floats)")
         x = x.detach().to(device="cpu", dtype=torch.float64)
@@ -132,18 +139,24 @@ class StreamingMoments:
 
     def _merge_chunk(self, x: torch.Tensor) -> None:
         m = x.shape[0]
-        mu_b = x.mean(dim=0)
-        xc = x - mu_b
+        if self._dtype == torch.float64:
+            x = x.to(torch.float64)
+        mu_b = x.mean(dim=0, dtype=torch.float64)
+        xc = x - mu_b.to(x.dtype)
         n_a, n = self._n, self._n + m
         if n_a > 0:
             delta = mu_b - self._mean
             # M2 += Xc_B^T Xc_B + (n_a m / n) delta delta^T, as ONE product [Xc_B; r]^T [Xc_B; r]
             r = math.sqrt(n_a * m / n) * delta
-            xc = torch.cat([xc, r[None, :]], dim=0)
+            xc = torch.cat([xc, r[None, :].to(xc.dtype)], dim=0)
             self._mean.add_(delta, alpha=m / n)
         else:
             self._mean.copy_(mu_b)
-        self._m2.addmm_(xc.T, xc)
+        if self._dtype == torch.float64:
+            self._m2.addmm_(xc.T, xc)
+        else:  # the chunk's product in float32, summed into the float64 state
+            xc = xc.to(self._dtype)
+            self._m2.add_(xc.T @ xc)
         self._n = n
 
     def merge(self, other: "StreamingMoments") -> "StreamingMoments":
@@ -189,7 +202,7 @@ class StreamingMoments:
     def copy(self) -> "StreamingMoments":
         """An independent snapshot without a buffer (used to compute eigenvalues outside a lock)."""
         self.flush()
-        out = StreamingMoments(self.d_model)
+        out = StreamingMoments(self.d_model, precision=self.precision)
         out._n, out._mean, out._m2, out.version = self._n, self._mean.clone(), self._m2.clone(), self.version
         out._eig_cache = self._eig_cache
         return out
@@ -247,12 +260,10 @@ class StreamingMoments:
             return self._eig_cache[1].copy()
         if self.n < 2:
             raise BandwidthInputError(f"eigenvalues: {self.n} row(s) seen; at least 2 are needed")
-        lam = torch.linalg.eigvalsh(self.scatter).flip(0).numpy()[: min(self.n, self.d_model)]
-        lam_max = float(lam[0]) if lam.size else 0.0
-        if not lam_max > 0:
-            raise BandwidthInputError("eigenvalues: zero variance (all rows seen are identical)")
-        floor = lam_max * max(self.n, self.d_model) * np.finfo(np.float64).eps * 10
-        lam = np.where(lam > floor, lam, 0.0)
+        try:
+            lam = _m.spectrum_of_scatter(self.scatter, self.n, self.d_model, name="eigenvalues").eigenvalues
+        except BandwidthInputError:
+            raise BandwidthInputError("eigenvalues: zero variance (all rows seen are identical)") from None
         self._eig_cache = (self.version, lam)
         return lam.copy()
 
@@ -298,20 +309,125 @@ class StreamingMoments:
         ``utilization_d_model = r_p / d`` and ``utilization_available = r_p / min(n, d)``.
         """
         out = {"n": self.n, "d_model": self.d_model, "variance_threshold": p,
-               "total_variance": self.total_variance, "variance_rank": None,
-               "participation_ratio": None, "stable_rank": None, "entropy_rank": None,
-               "spectral_entropy": None, "utilization_d_model": None,
-               "utilization_available": None}
+               "total_variance": self.total_variance, **dict.fromkeys(_m.RANK_FAMILY)}
         try:
             lam = self.eigenvalues()
         except BandwidthInputError:
             return out
-        r = _m.variance_threshold_rank(lam, p)
-        out.update(variance_rank=r, participation_ratio=_m.participation_ratio(lam),
-                   stable_rank=_m.stable_rank(lam), entropy_rank=_m.entropy_effective_rank(lam),
-                   spectral_entropy=_m.spectral_entropy(lam), utilization_d_model=r / self.d_model,
-                   utilization_available=r / min(self.n, self.d_model))
+        out.update(_m.rank_family(_m.Spectrum(eigenvalues=lam, n_samples=self.n, d_model=self.d_model,
+                                              centered=True), p))
         return out
 
     def __repr__(self) -> str:
         return f"StreamingMoments(d_model={self.d_model}, n={self.n}, buffer_rows={self.buffer_rows})"
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer statistics accumulated inside the forward pass
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StreamedLayers:
+    """What :func:`stream_layer_statistics` accumulated: per layer, the moments of every real token
+    and of the non-massive ones, and the sums behind ``mean_norm`` and ``anisotropy``. Constant
+    memory in the number of tokens (``2 (d + d^2) + d`` float64 numbers per layer)."""
+    kind: str
+    layers: list[int]
+    all_rows: dict[int, StreamingMoments]
+    clean_rows: dict[int, StreamingMoments]
+    sums: dict[int, dict]            # per layer and subset: norm sum, unit-vector sum, rows
+    massive_ratio: float
+    n_rows: int = 0
+    n_massive_rows: int = 0
+
+    def metrics(self, variance_threshold: float = 0.95) -> tuple[list, list]:
+        """``(all_positions, without_massive)``: one :class:`~residual_bandwidth.metrics.BandwidthMetrics`
+        per layer, from the streamed spectra (:func:`~residual_bandwidth.metrics.rank_family`)."""
+        out = ([], [])
+        for L in self.layers:
+            for i, (subset, mom) in enumerate((("all", self.all_rows[L]), ("clean", self.clean_rows[L]))):
+                s = self.sums[L][subset]
+                spec = mom.spectrum()
+                n = s["n"]
+                out[i].append(_m.BandwidthMetrics(
+                    layer=L, n_positions=n, d_model=mom.d_model, centered=True,
+                    variance_threshold=float(variance_threshold), **_m.rank_family(spec, variance_threshold),
+                    anisotropy=float((s["unit"] @ s["unit"] - n) / (n * (n - 1))),
+                    mean_norm=s["norm"] / n, excluded_positions=self.n_rows - n if i else 0,
+                    eigenvalues=spec.eigenvalues))
+        return out
+
+
+@torch.no_grad()
+def stream_layer_statistics(model, tokenizer, prompts, kind: str = "resid_post", layers=None,
+                            batch_size: int = 8, max_length: int | None = 512,
+                            massive_ratio: float = 4.0, precision: str = "float64",
+                            progress: bool = False) -> StreamedLayers:
+    """The per-layer bandwidth statistics of ``prompts``, accumulated by hooks *inside* the forward
+    pass: nothing of size ``tokens x d`` is kept beyond one batch, whatever the number of prompts.
+
+    Per batch, the hooks hand each layer's real-token rows to that layer's
+    :class:`StreamingMoments` (all rows, and the rows that are massive at no layer of this batch)
+    and add ``||x_i||`` and ``x_i / ||x_i||`` to running sums. The massive rule is
+    :func:`~residual_bandwidth.outliers.massive_mask` with the monitor's reference norm, the smaller
+    of the batch's median and the layer's running typical norm (the stored-capture analyzer uses the
+    median over all tokens, so the two can differ at the margin).
+    """
+    from .capture import (add_hook, architecture_of, check_tokenizer, forward_batches, hook_name,
+                          hook_point)
+    from .outliers import massive_mask
+    from .validation import check_positive, check_prompts
+    prompts = check_prompts(prompts)
+    massive_ratio = check_positive(massive_ratio, "massive_ratio")
+    _m._check_precision(precision)
+    arch = architecture_of(model)
+    check_tokenizer(tokenizer)
+    blocks = arch.blocks(model)
+    layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
+    hook_name(kind, 0)
+    d = model.get_input_embeddings().weight.shape[1]
+    out = StreamedLayers(kind, layers, {L: StreamingMoments(d, precision=precision) for L in layers},
+                         {L: StreamingMoments(d, precision=precision) for L in layers},
+                         {L: {s: {"n": 0, "norm": 0.0, "unit": torch.zeros(d, dtype=torch.float64)}
+                              for s in ("all", "clean")} for L in layers}, massive_ratio)
+    typical = {L: None for L in layers}         # running mean norm of the non-massive rows
+    held: dict[int, torch.Tensor] = {}
+    handles = []
+    for L in layers:
+        module, where = hook_point(arch, blocks[L], kind)
+        handles.append(add_hook(module, where, lambda h, L=L: held.__setitem__(L, h)))
+
+    def add(sums, x, norms):
+        sums["n"] += x.shape[0]
+        sums["norm"] += float(norms.sum())
+        sums["unit"] += (x.T @ (1.0 / norms).to(x.dtype)).to(torch.float64)
+
+    try:
+        for _, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length,
+                                            progress=progress, desc="streaming layer statistics"):
+            held.clear()
+            model(**enc, use_cache=False)
+            rows = {L: held[L][mask].detach().float().cpu() for L in layers}
+            norms = {L: torch.linalg.vector_norm(rows[L], dim=1, dtype=torch.float64) for L in layers}
+            loud = torch.zeros(int(mask.sum()), dtype=torch.bool)
+            for L in layers:
+                med = float(norms[L].median())
+                ref = min(med, typical[L][0] / typical[L][1]) if typical[L] else med
+                loud |= massive_mask(norms[L], massive_ratio, reference=ref)
+            for L in layers:
+                x, nrm = rows[L], norms[L]
+                if not all_finite(x):
+                    raise BandwidthInputError(f"{hook_name(kind, L)}: the model produced NaN or Inf")
+                out.all_rows[L].update(x, check=False)
+                add(out.sums[L]["all"], x, nrm)
+                keep = ~loud
+                if int(keep.sum()):
+                    out.clean_rows[L].update(x[keep], check=False)
+                    add(out.sums[L]["clean"], x[keep], nrm[keep])
+                    t = typical[L] or (0.0, 0)
+                    typical[L] = (t[0] + float(nrm[keep].sum()), t[1] + int(keep.sum()))
+            out.n_rows += int(mask.sum())
+            out.n_massive_rows += int(loud.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return out

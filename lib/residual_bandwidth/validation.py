@@ -46,6 +46,7 @@ def as_matrix(x, name: str = "residual_states", layer: int | str | None = None,
         raise BandwidthInputError(
             f"{where}: expected a torch.Tensor or numpy.ndarray of shape [positions, d_model], "
             f"got {type(x).__name__}")
+    check_dense(x, where)
     if x.is_complex():
         raise BandwidthInputError(f"{where}: complex dtype {x.dtype} is not supported; "
                                   "residual activations are real")
@@ -76,6 +77,14 @@ def as_matrix(x, name: str = "residual_states", layer: int | str | None = None,
         raise BandwidthInputError(
             f"{where}: contains {n_nan} NaN and {n_inf} Inf value(s), first at position(s) {rows}")
     return x
+
+
+def check_dense(x: torch.Tensor, where: str) -> None:
+    """Reject sparse (and other non-strided) tensors by name: the metrics read rows in blocks."""
+    if x.layout != torch.strided:
+        raise BandwidthInputError(
+            f"{where}: sparse tensor (layout {x.layout}); residual activations are dense, convert "
+            "with x.to_dense() first")
 
 
 def all_finite(x: torch.Tensor) -> bool:

@@ -84,21 +84,11 @@ class LayerWeights:
     mlp_act: str = "gelu"
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def n_heads(self) -> int:
-        return self.W_Q.shape[0]
-
-    @property
-    def d_model(self) -> int:
-        return self.W_Q.shape[1]
-
-    @property
-    def d_head(self) -> int:
-        return self.W_Q.shape[2]
-
-    @property
-    def d_mlp(self) -> int:
-        return self.W_in.shape[1]
+    # sizes, read off the shapes above
+    n_heads = property(lambda self: self.W_Q.shape[0])
+    d_model = property(lambda self: self.W_Q.shape[1])
+    d_head = property(lambda self: self.W_Q.shape[2])
+    d_mlp = property(lambda self: self.W_in.shape[1])
 
     @property
     def W_OV(self) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 ``run_bandwidth_job`` is what ``make lesson`` and ``python -m residual_bandwidth analyze`` run. It
 writes ``report.json`` (every number), ``table.txt`` (the per-layer table), and figures with their
-alt texts into an output folder, and returns the report dict. Its ``"analytics"`` section (issue 3:
-bottlenecks, memory management, composition, measured compression curve) comes from
+alt texts into an output folder, and returns the report dict. Its ``"analytics"`` section (bottlenecks,
+memory management, composition, measured compression curve) comes from
 :func:`run_analytics`; the full analytics records go to ``analytics.json``.
 """
 from __future__ import annotations
@@ -14,21 +14,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .analyzer import ResidualBandwidthAnalyzer
-from .capture import capture_residuals, model_dims
+from ..analyzer import ResidualBandwidthAnalyzer
+from ..capture import KINDS, capture_residuals, model_dims
+from ..compression import CALIBRATION_PROMPTS
 from .models import load_model
 
-# The seed lesson's sentence first; the others add code, numbers and a question so the spectrum is
-# not estimated from one register of English only.
-DEFAULT_PROMPTS = [
-    "The transformer architecture revolutionized natural language processing by introducing "
-    "attention mechanisms.",
-    "The capital of France is Paris, and the capital of Italy is Rome.",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
-    "In 1969, Apollo 11 landed on the Moon; Neil Armstrong stepped out at 02:56 UTC on July 21.",
-    "Why does ice float on water? Because solid water is less dense than liquid water.",
-    "She opened the old wooden door slowly, and the smell of rain and pine filled the room.",
-]
+# The first six calibration prompts: the seed lesson's sentence first; the others add code, numbers
+# and a question so the spectrum is not estimated from one register of English only.
+DEFAULT_PROMPTS = CALIBRATION_PROMPTS[:6]
 
 
 def bottleneck_ratios(dims: dict) -> dict:
@@ -93,7 +86,7 @@ def torch_threads(n: int | None):
 
 def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_ratio: float = 4.0,
                   progress: bool = True, threads: int | None = 1) -> tuple[dict, dict]:
-    """The bandwidth analytics of issue 3 on a loaded model and its capture (all kinds, all layers):
+    """The bandwidth analytics on a loaded model and its capture (all kinds, all layers):
     bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
 
     Returns ``(summary, figure_inputs)``: ``summary`` is the ``"analytics"`` section of report.json;
@@ -102,20 +95,20 @@ def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_r
     written to ``analytics.json``.
 
     ``threads``: torch intra-op threads while it runs (restored afterwards; ``None`` keeps the current
-    setting). Default 1: on a 2-core machine shared with other jobs, two OpenMP threads made this
-    step about 4x more expensive in CPU time (measured: ``make lesson`` used 154 s of CPU with two
-    threads, 37 s with one); on an idle machine one thread leaves the second core unused.
+    setting). Default 1: on a small machine shared with other jobs, two OpenMP threads cost several
+    times the CPU time of one (BENCHMARKS.md); on an idle machine one thread leaves the second core
+    unused.
     """
     with torch_threads(threads):
         return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress)
 
 
 def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress):
-    from .bottlenecks import find_bottlenecks
-    from .composition import composition_scores
-    from .compression import compression_curve
-    from .memory import memory_management
-    from .weights import all_layer_weights
+    from ..bottlenecks import find_bottlenecks
+    from ..composition import composition_scores
+    from ..compression import compression_curve
+    from ..memory import memory_management
+    from ..weights import all_layer_weights
 
     plan = analytics_plan(model_dims(lm.model), fast)
     seconds, out = {}, {"fast": fast, "plan": plan}
@@ -178,7 +171,9 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     t0 = time.perf_counter()
     prompts = list(prompts or DEFAULT_PROMPTS)
     lm = loaded or load_model(model)
-    cap = capture_residuals(lm.model, lm.tokenizer, prompts, progress=progress)
+    # store only what is read: the report's kind, and resid_pre / resid_post for the analytics
+    kinds = sorted({kind, "resid_pre", "resid_post"} if analytics else {kind}, key=KINDS.index)
+    cap = capture_residuals(lm.model, lm.tokenizer, prompts, kinds=kinds, progress=progress)
     analyzer = ResidualBandwidthAnalyzer(variance_threshold, massive_ratio=massive_ratio,
                                          exclude_massive=exclude_massive)
     rep = analyzer.analyze_layers(cap, kind=kind)
@@ -200,7 +195,7 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     table = rep.table()
     (out / "table.txt").write_text(table + "\n")
     if figures:
-        from .viz import write_figures
+        from ..viz import write_figures
         report["figures"] = write_figures(rep, cap, out, analytics=figure_inputs)
     if analytics:
         report["analytics"] = summary

@@ -1,5 +1,6 @@
 """Watch the residual stream of a model while it serves requests: per-request measurements,
-streaming statistics over all traffic, alerts, a JSON-lines log and Prometheus metrics.
+streaming statistics over all traffic, alerts (:mod:`.alerts`), a JSON-lines log and Prometheus
+metrics (:mod:`.export`).
 
 The seed lesson's ``ProductionBandwidthMonitor`` re-analysed stored states per batch and printed
 advice built on invented latency multipliers. This one measures, and says only what it measured.
@@ -75,60 +76,27 @@ every layer's statistics cover the same requests); it is counted (``bad_requests
 written to the log and raises the request-level alert ``bad_input`` (layer ``None``); the next
 request is served as usual.
 
-Alerts and de-duplication
-=========================
-``thresholds = {metric: {"warning": w, "critical": c}}`` on any per-layer metric above (either level
-may be ``None``). If ``c >= w`` larger values are worse (alert when ``value >= threshold``), if
-``c < w`` smaller values are worse (alert when ``value <= threshold``). Thresholds are reached
-*inclusively*: a value exactly at the threshold alerts.
 
-Each ``(metric, layer)`` has a state ``ok < warning < critical``. After every request the state
-becomes the highest level whose threshold the value reaches, except that it stays at a level until
-the value has cleared that level's threshold by the hysteresis margin ``hysteresis * |threshold|``
-(default 0: no band). **An alert record is written only when the state changes**: once when a
-condition starts (``warning`` or ``critical``), once when it escalates or de-escalates, and once
-(``resolved``) when it clears. A sustained condition therefore alerts once, however many requests
-it lasts. Requests where the metric is undefined (e.g. a rank for a too-short request) leave the
-state unchanged. ``bad_input`` follows the same rule with value 1 (bad) / 0 (good) and a critical
-threshold of 1.
-
-Cost, and the default configuration (measured with ``bench/monitor_overhead.py``; target <= 3 %)
-================================================================================================
+Cost and defaults
+=================
 Everything runs synchronously in the request's thread, after the forward pass; the hooks only copy
 the real-token rows. Per request and watched layer the monitor does O(n d) work for the norms and
 one small ``m x m`` eigendecomposition for the per-request ranks (``m <= max_positions``). The
 streaming update costs ``2 m d^2`` flops per request and layer (the one cost that grows with
 traffic, hence the sampling); the rows are collected in a per-layer buffer and merged
-``covariance_batch_rows`` at a time, because the forward pass evicts the d x d matrices (2.6 MB
-each for d = 576) from the CPU caches between requests, and reading and writing them per request
-cost more than the arithmetic. The price is that one request in every ``covariance_batch_rows / m``
-runs the merge (a few ms per watched layer for d = 576). Nothing of size ``d^3`` runs per request:
-the traffic's eigenvalues are computed only when asked for (:meth:`BandwidthMonitor.traffic_summary`,
-:meth:`BandwidthMonitor.recommendations`, a Prometheus scrape) and cached until the next update.
-No background thread: on a small CPU it would take the same cycles from the next forward pass.
+``covariance_batch_rows`` at a time, because the forward pass evicts the d x d matrices from the
+CPU caches between requests. Nothing of size ``d^3`` runs per request: the traffic's eigenvalues are
+computed only when asked for and cached until the next update. No background thread.
 
-Defaults: ``layers`` = the last block of each third of the network (:func:`default_layers`:
-blocks 9, 19, 29 of SmolLM2's 30: before, inside and after its massive-activation layers 12-28),
+Defaults: ``layers`` = the last block of each third of the network (:func:`default_layers`),
 ``max_positions=32`` sampled rows per request and layer, ``covariance_batch_rows=256``,
-``min_tokens_for_rank=8``, logging off. Pass ``layers="all"`` and
-``max_positions=None`` to see everything (and pay for it: run the benchmark with ``--compare``).
-
-Measured on SmolLM2-135M on 2 CPU cores shared with other jobs (two runs, load average ~1.6 and
-~2.6; interleaved repetitions; overhead as the median of paired ratios, ratio of means in brackets,
-the means include the requests that run a buffered merge):
-
-* default (3 layers, at most 32 rows): batch 1 (11 tokens) +1.6 % (+1.0 %) and +2.4 % (+5.3 %);
-  batch 8 (103 tokens) +1.7 % (+1.4 %) and +1.6 % (+0.1 %);
-* all 30 layers, 32 rows: batch 1 +8.6 % (+7.9 %), batch 8 +5.8 % (+8.5 %);
-* all 30 layers, every row: batch 1 +8.0 % (+7.3 %), batch 8 +28 % (+30 %).
-
-The monitor's own time per request (``processing_seconds``): 1.5-2.0 ms at batch 1 and 3.1-3.8 ms
-at batch 8 with the defaults. Re-measure on your machine: ``python bench/monitor_overhead.py --compare``.
+``min_tokens_for_rank=8``, logging off. Pass ``layers="all"`` and ``max_positions=None`` to see
+everything. The measured overhead is in BENCHMARKS.md (``python bench/monitor_overhead.py --compare``).
 """
 from __future__ import annotations
 
+import functools
 import itertools
-import json
 import logging
 import math
 import threading
@@ -141,26 +109,16 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .capture import KINDS, _first, architecture_of, model_dims
-from .metrics import (Spectrum, entropy_effective_rank, participation_ratio, spectrum, stable_rank,
-                      variance_threshold_rank)
-from .outliers import DEFAULT_MASSIVE_RATIO
-from .streaming import StreamingMoments
-from .validation import BandwidthInputError, check_fraction, check_positive
+from ..capture import KINDS, add_hook, architecture_of, hook_point, model_dims
+from ..metrics import rank_family, spectrum
+from ..outliers import DEFAULT_MASSIVE_RATIO, massive_mask
+from ..streaming import StreamingMoments
+from ..validation import BandwidthInputError, check_fraction, check_positive
+from .alerts import DEFAULT_THRESHOLDS, AlertRecord, AlertsMixin, check_thresholds
+from .export import ExportMixin
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("residual_bandwidth.monitor")
 
-#: Default alert thresholds. These are conventions to start from, not measured consequences:
-#: set your own from your traffic (``traffic_summary()`` shows what is normal for your model).
-#: ``massive_other_fraction``: share of a request's tokens, other than the first token of each
-#: sequence (the attention sink), whose norm is >= 4x the reference norm (module docstring).
-#: ``participation_ratio`` (lower is worse): the request's variance, with massive rows left out,
-#: sits in about one direction (e.g. a repeated token, or a new loud direction under the 4x bar).
-DEFAULT_THRESHOLDS: dict[str, dict[str, float | None]] = {
-    "massive_other_fraction": {"warning": 0.1, "critical": 0.25},
-    "participation_ratio": {"warning": 1.5, "critical": 1.1},
-}
-LEVELS = ("ok", "warning", "critical")
 #: rows per request and layer that enter the rank measures and the streaming covariance (a random
 #: sample when the request has more): the d x d update costs 2 d^2 rows flops, the one cost that grows
 DEFAULT_MAX_POSITIONS = 32
@@ -168,7 +126,6 @@ DEFAULT_MAX_POSITIONS = 32
 #: read-out merges what is pending first, so results always cover all traffic
 DEFAULT_COVARIANCE_BATCH_ROWS = 256
 BAD_REASONS = ("empty", "nonfinite", "d_model", "shape", "missing_layer", "forward_error")
-
 
 def default_layers(n_layers: int, count: int = 3) -> list[int]:
     """The last block of each of ``count`` equal slices of the network: ``[9, 19, 29]`` of 30."""
@@ -226,29 +183,8 @@ class RequestRecord:
         d["layers"] = {str(k): v for k, v in d["layers"].items()}
         return d
 
-
-@dataclass
-class AlertRecord:
-    """A change of alert state (see the de-duplication rule in the module docstring)."""
-    request: int
-    timestamp: float
-    layer: int | None                # None for the request-level ``bad_input``
-    metric: str
-    level: str                       # "warning", "critical" or "resolved"
-    value: float
-    threshold: float
-
-    @property
-    def message(self) -> str:
-        where = f"layer {self.layer}" if self.layer is not None else "request"
-        if self.level == "resolved":
-            return (f"{where}: {self.metric} = {self.value:.4g} cleared its threshold "
-                    f"{self.threshold:.4g} (request {self.request})")
-        return (f"{where}: {self.metric} = {self.value:.4g} reached the {self.level} threshold "
-                f"{self.threshold:.4g} (request {self.request})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+#: the keys of one entry of :meth:`BandwidthMonitor.timeline_records`
+TIMELINE_KEYS = ("request", "timestamp", "layer", "metric", "value")
 
 
 @dataclass
@@ -318,27 +254,10 @@ class _Request:
         rows = h.reshape(b * t, h.shape[-1]).clone() if keep is None else h[keep]
         self.acts[layer], self.first[layer] = rows, first
 
-
-def _finite_or_none(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    return _finite_or_none(obj)
-
-
 # --------------------------------------------------------------------------------------------
 # The monitor
 # --------------------------------------------------------------------------------------------
-class BandwidthMonitor:
+class BandwidthMonitor(AlertsMixin, ExportMixin):
     """Residual-bandwidth monitor for a live Hugging Face causal LM (llama and gpt2 families).
 
     Parameters (all keyword except ``model``)
@@ -405,8 +324,8 @@ class BandwidthMonitor:
         self.model_name = model_name
         self.compression_curve = compression_curve
         self.clock = clock
-        self._thresholds, self._directions = self._check_thresholds(
-            DEFAULT_THRESHOLDS if thresholds is None else thresholds)
+        self._thresholds, self._directions = check_thresholds(
+            DEFAULT_THRESHOLDS if thresholds is None else thresholds, LAYER_METRICS)
 
         self._lock = threading.RLock()
         self._tls = threading.local()
@@ -449,36 +368,6 @@ class BandwidthMonitor:
                 raise BandwidthInputError(f"layers: {v!r} is not a block index (int >= 0)")
             out.append(int(v))
         return sorted(set(out))
-
-    @staticmethod
-    def _check_thresholds(thresholds):
-        if not isinstance(thresholds, Mapping):
-            raise BandwidthInputError("thresholds: expected {metric: {'warning': w, 'critical': c}}")
-        out, directions = {}, {}
-        for metric, levels in thresholds.items():
-            if metric not in LAYER_METRICS:
-                raise BandwidthInputError(f"thresholds: unknown metric {metric!r}; choose from {LAYER_METRICS}")
-            if not isinstance(levels, Mapping) or set(levels) - {"warning", "critical"}:
-                raise BandwidthInputError(f"thresholds[{metric!r}]: expected {{'warning': w, 'critical': c}}")
-            w, c = levels.get("warning"), levels.get("critical")
-            for name, v in (("warning", w), ("critical", c)):
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                    raise BandwidthInputError(f"thresholds[{metric!r}][{name!r}]: expected a finite number or None, got {v!r}")
-            if w is None and c is None:
-                raise BandwidthInputError(f"thresholds[{metric!r}]: set at least one of warning/critical")
-            out[metric] = {"warning": None if w is None else float(w), "critical": None if c is None else float(c)}
-            directions[metric] = "below" if (w is not None and c is not None and c < w) else "above"
-        return out, directions
-
-    @property
-    def thresholds(self) -> dict[str, dict[str, float | None]]:
-        """``{metric: {"warning": w, "critical": c}}`` (a copy). Direction: :attr:`threshold_directions`."""
-        return {m: dict(v) for m, v in self._thresholds.items()}
-
-    @property
-    def threshold_directions(self) -> dict[str, str]:
-        """``{metric: "above" | "below"}``: whether large or small values are bad."""
-        return dict(self._directions)
 
     # ---- attach / detach -------------------------------------------------------------------
     @property
@@ -530,21 +419,8 @@ class BandwidthMonitor:
         return self
 
     def _register_layer_hook(self, arch, block, layer: int):
-        def out_hook(module, args, output):
-            self._capture(layer, _first(output))
-
-        def in_hook(module, args, kwargs):
-            self._capture(layer, args[0] if args else kwargs.get("hidden_states"))
-
-        if self.kind == "resid_post":
-            return block.register_forward_hook(out_hook)
-        if self.kind == "resid_pre":
-            return block.register_forward_pre_hook(in_hook, with_kwargs=True)
-        if self.kind == "resid_mid":
-            return arch.norm2(block).register_forward_pre_hook(in_hook, with_kwargs=True)
-        if self.kind == "attn_out":
-            return arch.attn(block).register_forward_hook(out_hook)
-        return arch.mlp(block).register_forward_hook(out_hook)
+        module, where = hook_point(arch, block, self.kind)
+        return add_hook(module, where, functools.partial(self._capture, layer))
 
     def detach(self) -> None:
         """Remove every hook this monitor registered (safe to call twice)."""
@@ -705,11 +581,10 @@ class BandwidthMonitor:
         median = float(norms.median())
         max_norm = float(norms.max())
         ref = min(median, typical) if typical else median
+        massive = massive_mask(norms, self.massive_ratio, reference=ref)
         if ref > 0:
-            massive = norms >= self.massive_ratio * ref
             max_ratio = max_norm / ref
         else:  # more than half the rows are zero vectors: every non-zero row is loud
-            massive = norms > 0
             max_ratio = math.inf if max_norm > 0 else 1.0
         n_massive = int(massive.sum())
         n_first = int((massive & first.to(massive.device)).sum()) if (n_massive and first is not None
@@ -730,7 +605,9 @@ class BandwidthMonitor:
             except BandwidthInputError:  # zero variance (identical rows): no spectrum to report
                 spec = None
             if spec is not None:
-                _rank_family(spec, self.variance_threshold, rec, min(m, d), d)
+                for key, value in rank_family(spec, self.variance_threshold).items():
+                    if hasattr(rec, key):
+                        setattr(rec, key, value)
         typical_sum = float(norms[~massive].sum()) if n_massive else float(norms.sum())
         return rec, rows, typical_sum
 
@@ -738,8 +615,8 @@ class BandwidthMonitor:
         """Process one finished request (see :meth:`_process_request`) on one intra-op thread.
 
         The monitor's arithmetic is small (matrices of a few hundred rows). On a CPU shared with
-        other processes an OpenMP team of 2+ threads waits for a descheduled member, which made
-        this step 10-50x slower in our measurements, so it runs with ``torch.set_num_threads(1)``
+        other processes an OpenMP team of 2+ threads waits for a descheduled member (BENCHMARKS.md
+        has the measurement), so it runs with ``torch.set_num_threads(1)``
         and restores the caller's setting afterwards (``single_thread=False`` to keep it). Caveat:
         torch's default for threads that have not used it yet is global, so a thread that starts
         torch work during this window (about a millisecond) starts with one thread.
@@ -829,68 +706,12 @@ class BandwidthMonitor:
         record.processing_seconds = time.perf_counter() - t0
         self._processing.observe(record.processing_seconds)
         return record
-
-    # ---- alerts ----------------------------------------------------------------------------
-    def _reached(self, metric: str, value: float, thr: float | None) -> bool:
-        if thr is None:
-            return False
-        return value >= thr if self._directions[metric] == "above" else value <= thr
-
-    def _cleared(self, metric: str, value: float, thr: float) -> bool:
-        margin = self.hysteresis * abs(thr)
-        return value < thr - margin if self._directions[metric] == "above" else value > thr + margin
-
-    def _new_level(self, metric: str, value: float, current: int) -> int:
-        thr = self._thresholds[metric]
-        raw = 2 if self._reached(metric, value, thr["critical"]) else (
-            1 if self._reached(metric, value, thr["warning"]) else 0)
-        if raw >= current:
-            return raw
-        # dropping: stay at the highest level (<= current) whose threshold is not yet cleared
-        for level in range(current, raw, -1):
-            t = thr[LEVELS[level]]
-            if t is not None and not self._cleared(metric, value, t):
-                return level
-        return raw
-
-    def _update_alert(self, metric: str, layer: int | None, value, request: int, now: float) -> list[AlertRecord]:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return []
-        key = (metric, layer)
-        current = self._alert_state.get(key, 0)
-        new = self._new_level(metric, float(value), current)
-        if new == current:
-            return []
-        self._alert_state[key] = new
-        thr = self._thresholds[metric]
-        if new == 0:
-            threshold = thr[LEVELS[current]]
-            level = "resolved"
-        else:
-            threshold, level = thr[LEVELS[new]], LEVELS[new]
-        return [AlertRecord(request, now, layer, metric, level, float(value), float(threshold))]
-
-    def _update_bad_alert(self, value: float, request: int, now: float) -> list[AlertRecord]:
-        key = ("bad_input", None)
-        current = self._alert_state.get(key, 0)
-        new = 2 if value >= 1 else 0
-        if new == current:
-            return []
-        self._alert_state[key] = new
-        return [AlertRecord(request, now, None, "bad_input", "critical" if new else "resolved", value, 1.0)]
-
     # ---- read-outs -------------------------------------------------------------------------
     @property
     def history(self) -> list[RequestRecord]:
         """The last ``history_size`` request records, oldest first (a copy)."""
         with self._lock:
             return list(self._history)
-
-    def alert_records(self) -> list[dict]:
-        """``[{request, timestamp, layer, metric, level, value, threshold}, ...]`` (ring buffer)."""
-        with self._lock:
-            return [a.to_dict() for a in self._alerts]
-
     def timeline_records(self, metrics: Sequence[str] | None = None) -> list[dict]:
         """``[{request, timestamp, layer, metric, value}, ...]`` over the history ring buffer.
 
@@ -968,241 +789,7 @@ class BandwidthMonitor:
                     self._summary_cache[L] = cached
             out.append({**counts, **cached[1]})
         return out[0] if layer is not None else out
-
-    # ---- recommendations -------------------------------------------------------------------
-    def recommendations(self, curve=None) -> list[str]:
-        """Plain sentences stating what was measured, per watched layer (nothing invented).
-
-        ``curve`` (or the monitor's ``compression_curve``): an object with ``records()`` ->
-        ``[{layer, k, subspace, loss, kl, delta_loss}]``, ``base_loss``, ``tolerance`` and
-        ``smallest_k: {layer: k or None}``; its measured cost of compressing a layer is quoted.
-        """
-        curve = curve if curve is not None else self.compression_curve
-        p = round(100 * self.variance_threshold)
-        out = []
-        tot = self.totals()
-        if tot["requests_bad"]:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(tot["bad_reasons"].items()))
-            out.append(f"{tot['requests_bad']} of {tot['requests']} requests were rejected as bad input "
-                       f"({reasons}); they are in no statistic.")
-        curve_recs = self._curve_records(curve)
-        for s in self.traffic_summary():
-            L = s["layer"]
-            if s["variance_rank"] is None:
-                out.append(f"layer {L}: {s['n']} sampled position(s) so far; not enough for a spectrum.")
-                continue
-            sampled = (f"at most {self.max_positions} sampled positions per request"
-                       if self.max_positions is not None else "all positions")
-            excl = (f", massive-activation rows left out" if self.exclude_massive and s["massive_tokens"] else "")
-            text = (f"layer {L}: {p} % of traffic variance in {s['variance_rank']} of {s['d_model']} "
-                    f"directions (participation ratio {s['participation_ratio']:.1f}, stable rank "
-                    f"{s['stable_rank']:.2f}; {s['n']:,} positions from {s['requests']:,} requests, "
-                    f"{sampled}{excl}).")
-            if s["massive_tokens"]:
-                text += (f" {s['massive_tokens']:,} of {s['tokens']:,} tokens "
-                         f"({100 * s['massive_tokens'] / s['tokens']:.1f} %) had a norm >= "
-                         f"{self.massive_ratio:g}x the reference norm (min of the request's median and the "
-                         f"layer's typical norm; largest ratio "
-                         f"{s['max_norm_ratio']:.0f}x); {s['massive_first_tokens']:,} of them were the "
-                         f"first token of their sequence.")
-            if curve is not None:
-                text += " " + self._curve_sentence(curve, curve_recs.get(L, []), L)
-            out.append(text)
-        return out
-
-    @staticmethod
-    def _curve_records(curve) -> dict[int, list[dict]]:
-        if curve is None:
-            return {}
-        by_layer: dict[int, list[dict]] = {}
-        for r in curve.records():
-            by_layer.setdefault(int(r["layer"]), []).append(r)
-        return by_layer
-
-    @staticmethod
-    def _curve_sentence(curve, recs: list[dict], layer: int) -> str:
-        if not recs:
-            return "The compression curve has no measurement for this layer."
-        principal = [r for r in recs if r.get("subspace") == "pca"]
-        recs = principal or recs  # smallest_k is about the principal subspace, not random baselines
-        smallest = (getattr(curve, "smallest_k", None) or {}).get(layer)
-        base = float(curve.base_loss)
-        tol = getattr(curve, "tolerance", None)
-        tol_txt = f" (delta loss <= {tol:g})" if isinstance(tol, (int, float)) else ""
-        if smallest is None:
-            best = min(recs, key=lambda r: r["delta_loss"])
-            return (f"Compression curve: no tested k stays within tolerance{tol_txt}; the best, "
-                    f"k = {best['k']}, costs {_pct(best, base)} loss (delta {best['delta_loss']:+.4f}, "
-                    f"KL {best['kl']:.4f}).")
-        at_k = [r for r in recs if int(r["k"]) == int(smallest)]
-        if not at_k:
-            return f"Compression curve says k = {smallest} is the smallest within tolerance{tol_txt}."
-        r = min(at_k, key=lambda r: r["delta_loss"])
-        return (f"Compression curve says k = {smallest} costs {_pct(r, base)} loss "
-                f"(delta {r['delta_loss']:+.4f}, KL {r['kl']:.4f}, {r['subspace']} subspace; "
-                f"the smallest k within tolerance{tol_txt}).")
-
-    # ---- logging ---------------------------------------------------------------------------
-    def _write_log(self, obj: dict) -> None:
-        if self._log is None:
-            return
-        line = json.dumps(_json_safe(obj), allow_nan=False)
-        try:
-            with self._log_lock:
-                self._log.write(line + "\n")
-        except Exception:  # a full disk must not stop serving
-            logger.exception("bandwidth monitor: could not write the log")
-
-    # ---- Prometheus ------------------------------------------------------------------------
-    def _init_prometheus(self, registry, ns: str) -> None:
-        from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, Info
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r, self.namespace = self.registry, ns
-        self._requests = PCounter(f"{ns}_requests", "Requests seen, by status (ok or bad input)", ["status"], registry=r)
-        self._bad = PCounter(f"{ns}_bad_requests", "Bad requests by reason", ["reason"], registry=r)
-        self._internal_errors = PCounter(f"{ns}_internal_errors", "Errors inside the monitor (requests were still served)", registry=r)
-        self._tokens = PCounter(f"{ns}_tokens", "Real (unpadded) tokens seen per layer", ["layer"], registry=r)
-        self._massive = PCounter(f"{ns}_massive_activations", "Tokens with norm >= massive_ratio x request median", ["layer"], registry=r)
-        self._last = {m: Gauge(f"{ns}_last_{m}", f"{m} of the last good request", ["layer"], registry=r)
-                      for m in ("mean_norm", "max_norm_ratio", "massive_fraction", "massive_other_fraction",
-                                "participation_ratio", "variance_rank")}
-        exp_buckets = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-        self._h_pr = Histogram(f"{ns}_request_participation_ratio", "Per-request participation ratio (sum lambda)^2/sum lambda^2",
-                               ["layer"], buckets=exp_buckets, registry=r)
-        self._h_ratio = Histogram(f"{ns}_request_max_norm_ratio", "Per-request max/median token norm",
-                                  ["layer"], buckets=exp_buckets, registry=r)
-        self._alerts_total = PCounter(f"{ns}_alerts", "Alert state changes", ["layer", "metric", "level"], registry=r)
-        self._alert_level = Gauge(f"{ns}_alert_level", "Current alert state (0 ok, 1 warning, 2 critical)",
-                                  ["layer", "metric"], registry=r)
-        self._processing = Histogram(f"{ns}_processing_seconds", "Time spent in the monitor per request, after the forward pass",
-                                     buckets=[1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25],
-                                     registry=r)
-        self._children: dict[int, dict] = {}
-        self._info = Info(f"{ns}_monitor", "Monitor configuration", registry=r)
-        r.register(_TrafficCollector(self))
-
-    def _layer_children(self, L: int) -> dict:
-        """The per-layer Prometheus children, looked up once (``labels()`` takes a lock each call)."""
-        ch = self._children.get(L)
-        if ch is None:
-            lab = str(L)
-            ch = {"tokens": self._tokens.labels(layer=lab), "massive": self._massive.labels(layer=lab),
-                  "pr": self._h_pr.labels(layer=lab), "ratio": self._h_ratio.labels(layer=lab),
-                  "last": {m: g.labels(layer=lab) for m, g in self._last.items()}}
-            self._children[L] = ch
-        return ch
-
-    def _export(self, record: RequestRecord, alerts: list[AlertRecord]) -> None:
-        self._requests.labels(status=record.status).inc()
-        for reason in record.reasons:
-            self._bad.labels(reason=reason).inc()
-        for L, lr in record.layers.items():
-            ch = self._layer_children(L)
-            ch["tokens"].inc(lr.n_tokens)
-            if lr.massive_count:
-                ch["massive"].inc(lr.massive_count)
-            for m, g in ch["last"].items():
-                v = getattr(lr, m)
-                if v is not None:
-                    g.set(v)
-            if lr.participation_ratio is not None:
-                ch["pr"].observe(lr.participation_ratio)
-            ch["ratio"].observe(lr.max_norm_ratio)
-        for a in alerts:
-            lab = "all" if a.layer is None else str(a.layer)
-            self._alerts_total.labels(layer=lab, metric=a.metric, level=a.level).inc()
-            self._alert_level.labels(layer=lab, metric=a.metric).set(
-                0 if a.level == "resolved" else LEVELS.index(a.level))
-
-    def prometheus_text(self) -> str:
-        """The Prometheus text exposition of this monitor's registry."""
-        from prometheus_client import generate_latest
-        return generate_latest(self.registry).decode("utf-8")
-
-    def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` over HTTP on ``addr:port`` (loopback by default; 0 = a free port).
-
-        Returns the bound port. :meth:`stop_server` (or :meth:`close`) shuts it down.
-        """
-        from prometheus_client import start_http_server
-        if self._server is not None:
-            raise BandwidthInputError("serve: already serving; stop_server() first")
-        self._server, self._server_thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(self._server.server_port)
-
-    def stop_server(self) -> None:
-        """Stop the HTTP server started by :meth:`serve` (no-op when none)."""
-        server, thread = self._server, self._server_thread
-        self._server = self._server_thread = None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
         return (f"BandwidthMonitor({state}, kind={self.kind!r}, layers={self.layers}, "
                 f"requests={self.totals()['requests']})")
-
-
-def _rank_family(spec: Spectrum, p: float, rec: LayerRecord, available: int, d: int) -> None:
-    """Fill ``rec``'s rank fields from a request's spectrum (formulas: :mod:`residual_bandwidth.metrics`)."""
-    r = variance_threshold_rank(spec, p)
-    rec.variance_rank = r
-    rec.participation_ratio = participation_ratio(spec)
-    rec.stable_rank = stable_rank(spec)
-    rec.entropy_rank = entropy_effective_rank(spec)
-    rec.utilization_available = r / available
-    rec.utilization_d_model = r / d
-
-
-def _pct(rec: dict, base: float) -> str:
-    if base and math.isfinite(base):
-        return f"{100 * (float(rec['loss']) - base) / base:+.1f} %"
-    return f"{float(rec['delta_loss']):+.4f} (absolute)"
-
-
-class _TrafficCollector:
-    """Prometheus collector for the streaming (all-traffic) statistics, computed at scrape time."""
-
-    def __init__(self, monitor: BandwidthMonitor):
-        self.monitor = monitor
-
-    def _families(self):
-        from prometheus_client.core import GaugeMetricFamily
-        ns = self.monitor.namespace
-        fams = {
-            "n": GaugeMetricFamily(f"{ns}_traffic_rows", "Positions in the streaming covariance", labels=["layer"]),
-            "variance_rank": GaugeMetricFamily(
-                f"{ns}_traffic_variance_rank", "Directions holding p of all traffic variance", labels=["layer"]),
-            "participation_ratio": GaugeMetricFamily(
-                f"{ns}_traffic_participation_ratio", "(sum lambda)^2 / sum lambda^2 of all traffic", labels=["layer"]),
-            "stable_rank": GaugeMetricFamily(
-                f"{ns}_traffic_stable_rank", "sum lambda / lambda_max of all traffic", labels=["layer"]),
-            "utilization_d_model": GaugeMetricFamily(
-                f"{ns}_traffic_utilization_d_model", "variance rank / d_model of all traffic", labels=["layer"]),
-            "mean_norm": GaugeMetricFamily(
-                f"{ns}_traffic_mean_norm", "Mean token norm over all traffic", labels=["layer"]),
-        }
-        return fams
-
-    def describe(self):
-        return list(self._families().values())
-
-    def collect(self):
-        fams = self._families()
-        try:
-            summaries = self.monitor.traffic_summary()
-        except Exception:  # a scrape must not fail because of one layer
-            logger.exception("bandwidth monitor: traffic summary failed during a scrape")
-            summaries = []
-        for s in summaries:
-            for key, fam in fams.items():
-                v = s.get(key)
-                if v is not None:
-                    fam.add_metric([str(s["layer"])], float(v))
-        return list(fams.values())
-
-
-#: The seed lesson's name.
-ProductionBandwidthMonitor = BandwidthMonitor

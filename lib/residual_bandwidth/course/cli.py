@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .models import ModelUnavailableError
-from .validation import BandwidthInputError
+from ..validation import BandwidthInputError
 
 
 def _prompts(args) -> list[str] | None:
@@ -113,11 +113,11 @@ def _read_json(path: str | None, flag: str):
 
 def _figures(args) -> int:
     """``figures``: capture, analyse and write every plot the inputs allow."""
-    from .analyzer import ResidualBandwidthAnalyzer
-    from .capture import capture_residuals
+    from ..analyzer import ResidualBandwidthAnalyzer
+    from ..capture import capture_residuals
     from .models import load_model
     from .report import DEFAULT_PROMPTS
-    from .viz import write_figures
+    from ..viz import write_figures
     try:
         prompts = _prompts(args) or list(DEFAULT_PROMPTS)
         analytics = _read_json(args.analytics_json, "--analytics-json")

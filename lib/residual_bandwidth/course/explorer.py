@@ -42,10 +42,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .analyzer import ResidualBandwidthAnalyzer
-from .capture import KINDS, capture_residuals
-from .validation import BandwidthInputError, check_fraction, check_positive, check_prompts
-from .viz import AccessibleFigure, plot_layer_explorer
+from ..analyzer import ResidualBandwidthAnalyzer
+from ..capture import KINDS, capture_residuals
+from ..validation import BandwidthInputError, check_fraction, check_positive, check_prompts
+from ..viz import AccessibleFigure, plot_layer_explorer
 
 DEFAULT_PROMPT = ("The transformer architecture revolutionized natural language processing by "
                   "introducing attention mechanisms.")

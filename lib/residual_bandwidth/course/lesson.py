@@ -65,7 +65,7 @@ def item_of(grade_id: str) -> str:
 
 
 def _schema() -> dict:
-    return json.loads(resources.files(__package__).joinpath("lessons/lesson.schema.json").read_text())
+    return json.loads(resources.files("residual_bandwidth").joinpath("lessons/lesson.schema.json").read_text())
 
 
 def validate_lesson(raw: dict) -> LessonMeta:
@@ -96,7 +96,7 @@ def validate_lesson(raw: dict) -> LessonMeta:
 
 def load_lesson(lesson_id: str = DEFAULT_LESSON) -> LessonMeta:
     """Load and validate ``lessons/<lesson_id>.yaml`` from the package."""
-    path = resources.files(__package__).joinpath(f"lessons/{lesson_id}.yaml")
+    path = resources.files("residual_bandwidth").joinpath(f"lessons/{lesson_id}.yaml")
     if not path.is_file():
         raise LessonMetadataError(f"no metadata for lesson {lesson_id!r} (expected {path})")
     try:

@@ -1,0 +1,216 @@
+"""Bandwidth analysis at the speed of inference: measured ratios against the floor of the job.
+
+The floor of a per-layer report of a model over a set of prompts is the bare forward pass plus, per
+spectrum, one float32 centred covariance and its eigenvalues (two spectra per layer: all positions
+and without massive activations). This script prints the cost of each way of producing the report
+as a ratio to that floor, from about 512 to 8,192 tokens:
+
+* ``stored``: ``capture_residuals(kinds=["resid_post"])`` + ``ResidualBandwidthAnalyzer().analyze_layers``
+  (float64 products, the default);
+* ``stored32``: the same with ``precision="float32"``;
+* ``streamed32``: ``streaming.stream_layer_statistics(precision="float32")`` + ``.metrics()``: the
+  statistics are accumulated by hooks inside the forward pass, nothing of size tokens x d is kept.
+
+Further parts: ``stream100k`` (the streamed path over ~100k tokens: RSS at start and end, ratio to its
+floor), ``lo1`` (pooled 13 x 1024 x 768 metrics vs one float32 covariance pass, ranks vs float64) and
+``lesson`` (``make lesson``'s analytics vs one forward pass of its prompts plus the compression-curve
+evaluations).
+
+The machine is shared, so every ratio is the median of paired, interleaved repetitions (the floor and
+each variant timed back to back in a random order), and the load average is printed with it.
+
+    python bench/inference_speed.py                 # every part
+    python bench/inference_speed.py --parts report lo1 --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe_machine, machine, rss_mib  # noqa: E402
+
+from residual_bandwidth import ResidualBandwidthAnalyzer, capture_residuals, load_model  # noqa: E402
+from residual_bandwidth import metrics as M  # noqa: E402
+from residual_bandwidth.capture import forward_batches  # noqa: E402
+from residual_bandwidth.compression import CALIBRATION_PROMPTS  # noqa: E402
+from residual_bandwidth.streaming import stream_layer_statistics  # noqa: E402
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def prompts_for(tokenizer, n_tokens: int) -> list[str]:
+    """The built-in prompts repeated until they hold about ``n_tokens`` tokens."""
+    out, total, i = [], 0, 0
+    while total < n_tokens:
+        p = CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]
+        out.append(p)
+        total += len(tokenizer(p)["input_ids"])
+        i += 1
+    return out
+
+
+@torch.no_grad()
+def bare_forward(lm, prompts, batch_size=8) -> float:
+    t = time.perf_counter()
+    for _, enc, _ in forward_batches(lm.model, lm.tokenizer, prompts, batch_size, 512):
+        lm.model(**enc, use_cache=False)
+    return time.perf_counter() - t
+
+
+def covariance_eig32(x: torch.Tensor) -> None:
+    """One float32 centred covariance and its eigenvalues (the floor's unit of work per spectrum)."""
+    c = x - x.mean(0)
+    torch.linalg.eigvalsh(c.T @ c)
+
+
+def floor_spectra(mats: list[torch.Tensor]) -> float:
+    t = time.perf_counter()
+    for x in mats:
+        covariance_eig32(x)   # all positions
+        covariance_eig32(x)   # without massive positions (the same size, to within a few rows)
+    return time.perf_counter() - t
+
+
+def stored(lm, prompts, precision="float64") -> float:
+    t = time.perf_counter()
+    cap = capture_residuals(lm.model, lm.tokenizer, prompts, kinds=["resid_post"], progress=False)
+    ResidualBandwidthAnalyzer(precision=precision).analyze_layers(cap)
+    return time.perf_counter() - t
+
+
+def streamed(lm, prompts) -> float:
+    t = time.perf_counter()
+    stream_layer_statistics(lm.model, lm.tokenizer, prompts, precision="float32").metrics()
+    return time.perf_counter() - t
+
+
+def part_report(lm, sizes, repeat):
+    print(f"\n## Per-layer report vs floor (forward + 2 float32 covariance+eigvalsh per layer); {load()}")
+    print("| tokens | forward s | floor s | stored (float64) | stored32 | streamed32 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        prompts = prompts_for(lm.tokenizer, n)
+        cap = capture_residuals(lm.model, lm.tokenizer, prompts, kinds=["resid_post"], progress=False)
+        mats = cap.layer_stack("resid_post")
+        tokens = cap.n_rows
+        del cap
+        ratios = {"stored": [], "stored32": [], "streamed32": []}
+        fwd, flo = [], []
+        for _ in range(repeat):
+            jobs = [("stored", lambda: stored(lm, prompts)), ("stored32", lambda: stored(lm, prompts, "float32")),
+                    ("streamed32", lambda: streamed(lm, prompts))]
+            random.shuffle(jobs)
+            for name, job in jobs:   # each variant paired with a floor measured right before it
+                f = bare_forward(lm, prompts) + floor_spectra(mats)
+                ratios[name].append(job() / f)
+                flo.append(f)
+            fwd.append(bare_forward(lm, prompts))
+        med = {k: statistics.median(v) for k, v in ratios.items()}
+        print(f"| {tokens:,} | {statistics.median(fwd):.2f} | {statistics.median(flo):.2f} | "
+              f"{med['stored']:.2f}x | {med['stored32']:.2f}x | {med['streamed32']:.2f}x |", flush=True)
+    print(load())
+
+
+def part_stream100k(lm, n_tokens, floor_tokens=None):
+    print(f"\n## Streamed per-layer statistics over ~{n_tokens:,} tokens; {load()}")
+    prompts = prompts_for(lm.tokenizer, n_tokens)
+    start = rss_mib()
+    t = time.perf_counter()
+    st = stream_layer_statistics(lm.model, lm.tokenizer, prompts, precision="float32")
+    st.metrics()
+    took = time.perf_counter() - t
+    end = rss_mib()
+    if floor_tokens:   # a busy machine: time the bare forward on a prefix and scale it per token
+        sub = prompts_for(lm.tokenizer, floor_tokens)
+        n_sub = sum(len(lm.tokenizer(p)["input_ids"]) for p in sub)
+        fwd = bare_forward(lm, sub) * st.n_rows / n_sub
+        print(f"(forward floor extrapolated from {n_sub:,} tokens)")
+    else:
+        fwd = bare_forward(lm, prompts)
+    d = lm.model.config.hidden_size
+    x = torch.randn(st.n_rows, d)   # the floor's covariance cost depends on the shape only
+    spectra = floor_spectra([x] * len(st.layers))
+    del x
+    print(f"tokens {st.n_rows:,}; streamed {took:.1f} s; floor {fwd:.1f} s forward + {spectra:.1f} s spectra "
+          f"= {fwd + spectra:.1f} s; ratio {took / (fwd + spectra):.2f}x; RSS start {start:.0f} MiB, "
+          f"end {end:.0f} MiB; {load()}")
+
+
+def part_lo1(repeat):
+    print(f"\n## LO1 pooled metrics of 13 x 1024 x 768 vs one float32 covariance pass; {load()}")
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(768, 768, generator=g)
+    x = (torch.randn(13 * 1024, 768, generator=g) * torch.linspace(3, 0.01, 768)) @ basis / 30
+    ref = M.compute_metrics(x.double())
+    r64, r32, base = [], [], []
+    for _ in range(repeat):
+        t = time.perf_counter(); c = x - x.mean(0); c.T @ c; base.append(time.perf_counter() - t)
+        t = time.perf_counter(); m64 = M.compute_metrics(x); r64.append((time.perf_counter() - t) / base[-1])
+        t = time.perf_counter(); c = x - x.mean(0); c.T @ c; base.append(time.perf_counter() - t)
+        t = time.perf_counter(); m32 = M.compute_metrics(x, precision="float32")
+        r32.append((time.perf_counter() - t) / base[-1])
+    same = all(getattr(m32, k) == getattr(ref, k) for k in ("variance_rank",)) and \
+        all(M.variance_threshold_rank(M.spectrum(x, precision="float32"), p) ==
+            M.variance_threshold_rank(M.spectrum(x), p) for p in (0.5, 0.9, 0.95, 0.99))
+    print(f"float32 covariance pass {statistics.median(base):.3f} s; compute_metrics float64 "
+          f"{statistics.median(r64):.2f}x, float32 {statistics.median(r32):.2f}x; float32 ranks equal "
+          f"float64 (p = 0.5, 0.9, 0.95, 0.99): {same}; float64 variance rank {m64.variance_rank}; {load()}")
+
+
+def part_lesson(lm):
+    from residual_bandwidth.course.report import DEFAULT_PROMPTS, analytics_plan, run_analytics
+    from residual_bandwidth.capture import model_dims
+    from residual_bandwidth.compression import HELDOUT_PROMPTS
+    print(f"\n## make lesson's analytics vs one forward pass + the compression evaluations; {load()}")
+    cap = capture_residuals(lm.model, lm.tokenizer, DEFAULT_PROMPTS, kinds=["resid_pre", "resid_post"],
+                            progress=False)
+    plan = analytics_plan(model_dims(lm.model), fast=False)
+    evals = 1 + len(plan["compression_layers"]) * len(plan["compression_ks"]) * (1 + plan["compression_n_random"])
+    fwd = bare_forward(lm, DEFAULT_PROMPTS)
+    held = bare_forward(lm, HELDOUT_PROMPTS)
+    t = time.perf_counter()
+    summary, _ = run_analytics(lm, cap, DEFAULT_PROMPTS, progress=False)
+    took = time.perf_counter() - t
+    floor = fwd + evals * held
+    print(f"analytics {took:.1f} s ({summary['seconds']}); floor {fwd:.2f} s forward + {evals} x {held:.2f} s "
+          f"held-out forward = {floor:.1f} s; ratio {took / floor:.2f}x; {load()}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["report", "lo1", "lesson", "stream100k"],
+                    choices=["report", "lo1", "lesson", "stream100k"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[512, 2048, 8192])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--stream-tokens", type=int, default=100_000)
+    ap.add_argument("--stream-floor-tokens", type=int, default=None,
+                    help="time the floor's forward pass on this many tokens and scale it (busy machines)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    random.seed(0)
+    print(describe_machine(machine()))
+    lm = load_model("embedded") if set(args.parts) - {"lo1"} else None
+    for part in args.parts:
+        if part == "report":
+            part_report(lm, args.sizes, args.repeat)
+        elif part == "lo1":
+            part_lo1(args.repeat)
+        elif part == "lesson":
+            part_lesson(lm)
+        else:
+            part_stream100k(lm, args.stream_tokens, args.stream_floor_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
