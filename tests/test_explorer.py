@@ -168,7 +168,7 @@ def test_slow_render_of_older_input_never_overwrites_newer(embedded, prompt_capt
     """The issue's report: after quick slider + checkbox input the view showed layer 16 with the
     slider at 17. Here the render of layer 16 is slow; while it runs (in another thread, as a
     comm message on another kernel thread would), the checkbox and the slider move on."""
-    import residual_bandwidth.explorer as explorer_module
+    import residual_bandwidth.course.explorer as explorer_module
 
     real_update = explorer_module.explorer_update
     slow_started, release = threading.Event(), threading.Event()

@@ -118,7 +118,7 @@ import torch
 from IPython.display import Markdown, display
 
 import residual_bandwidth as rb
-from residual_bandwidth.models import resolve_model
+from residual_bandwidth.course.models import resolve_model
 
 MODEL_NAME, why = resolve_model(MODEL)
 print("Model:", MODEL_NAME, "-", why)
@@ -221,7 +221,7 @@ def seed_rank(x):
 
 # %%
 from transformers import GPT2Config
-from residual_bandwidth.report import bottleneck_ratios
+from residual_bandwidth.course.report import bottleneck_ratios
 
 gpt2_small = GPT2Config()  # the published GPT-2 small configuration (no download needed)
 configs = {
@@ -252,7 +252,7 @@ for name, d in configs.items():
 # padded batch; padding positions are dropped before anything is stored.
 
 # %%
-from residual_bandwidth.report import DEFAULT_PROMPTS
+from residual_bandwidth.course.report import DEFAULT_PROMPTS
 
 prompts = DEFAULT_PROMPTS if not FAST else DEFAULT_PROMPTS[:6]
 cap = rb.capture_residuals(model, tokenizer, prompts, progress=False)
@@ -472,7 +472,7 @@ print(f"the mean vector carries {mean_share:.0%} of the average squared norm at 
 # exported HTML page, you see a static figure with its table instead.)
 
 # %%
-from residual_bandwidth.explorer import explore
+from residual_bandwidth.course.explorer import explore
 explore(lm, prompt=prompts[0], layer=L)
 
 # %% [markdown]
