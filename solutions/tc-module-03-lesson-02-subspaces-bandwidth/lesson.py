@@ -956,9 +956,10 @@ claims.say(
     f"**{sig.n_significant} of {sig.n_pairs}** K-composition pairs stay above the family-wise threshold "
     f"({sig.threshold:.4f}; under the null, the chance that even one pair exceeds it is about "
     f"{sig.alpha:.0%}). But the real scores are shifted up "
-    f"as a whole (median {float(kv.median()):.4f} against a null mean of {sig.null_mean:.4f}): most pairs exceed "
-    f"chance because heads of these layers write into and read from a *shared* part of the stream, not because "
-    f"there are {sig.n_significant} separate circuits. A high score says two heads' subspaces overlap more than "
+    f"as a whole (median {float(kv.median()):.4f} against a null mean of {sig.null_mean:.4f}). A whole "
+    f"distribution shifted up is what heads that write into and read from a *shared* part of the stream "
+    f"produce (Section 11 measures that heads' write subspaces overlap more than random ones); it does not "
+    f"mean there are {sig.n_significant} separate circuits. A high score says two heads' subspaces overlap more than "
     f"random orientation allows; whether the reader uses what the writer wrote needs an intervention "
     f"(module 04). The Gaussian baseline's standard deviation ({comps['K'].baseline_std:.4f}) is narrower than "
     f"the real heads' chance spread ({sig.null_std:.4f}), which is why counting 'standard deviations above "
@@ -1881,7 +1882,7 @@ claims.say(
 #   to the current token, anti-aligned neuron directions, and writes anti-aligned with the residual
 #   they read, and rank them on the weights and the activations together (Section 6).
 # * Components communicate through overlapping subspaces; composition scores mean something only
-#   next to a random baseline (Section 7).
+#   next to a random baseline, with a threshold that accounts for the number of pairs (Section 7).
 # * A monitor must know what its utilization is relative to, and refuse to judge from too few
 #   tokens; streaming statistics give the whole traffic's spectrum in constant memory (Section 8).
 # * The cost of squeezing the stream is measured (loss and KL against k, beside random subspaces),
