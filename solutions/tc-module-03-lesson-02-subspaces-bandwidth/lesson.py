@@ -1014,10 +1014,10 @@ all_avail = [v for a_, _ in noise_util.values() for v in a_]
 claims.say(
     "noise_utilization",
     max(seed_width) <= 14 / 48 + 1e-9 and max(all_avail) < 1.0 and min(seed_avail) > 0.5,
-    f"On pure noise of the original shape (15 x 48), $r_{{95}}/\\min(n, d)$ reads "
+    f"On pure noise of the original shape (15 x 48), r95 / min(n, d) reads "
     f"**{min(seed_avail):.0%} to {max(seed_avail):.0%}** over 100 draws, and "
     f"{min(all_avail):.0%} to {max(all_avail):.0%} over all four shapes: high for data with no structure at "
-    f"all, though never 100 % (centred, 15 vectors span at most 14 directions). $r_{{95}}/d$ stays at or below "
+    f"all, though never 100 % (centred, 15 vectors span at most 14 directions). r95 / d stays at or below "
     f"14/48 = {14 / 48:.0%} (measured at most {max(seed_width):.0%}): no alert at 90 % of the width can fire.",
     seed_available_min=min(seed_avail), seed_available_max=max(seed_avail), all_available_max=max(all_avail),
     seed_width_max=max(seed_width))
