@@ -65,3 +65,22 @@ def random_orthogonal(d: int, rng) -> np.ndarray:
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: the real-browser test (JupyterLab in headless Chromium, "
                                        "about 1.5-3 minutes); deselect with -m 'not browser'")
+
+
+@pytest.fixture(scope="session")
+def executed_source(tmp_path_factory):
+    """The lesson's source notebook executed once per test session with papermill on the embedded
+    model (shared by tests/test_lesson.py and tests/test_lesson_claims.py)."""
+    from pathlib import Path
+
+    import nbformat
+    import papermill as pm
+
+    from residual_bandwidth.course import load_lesson
+    meta = load_lesson()
+    source = Path(__file__).resolve().parents[1] / "solutions" / meta.lesson_id / meta.notebook
+    os.environ.setdefault("RESIDUAL_BANDWIDTH_STATIC", "1")
+    out = tmp_path_factory.mktemp("pm") / "executed.ipynb"
+    pm.execute_notebook(str(source), str(out), parameters={"MODEL": "embedded"}, kernel_name="python3",
+                        progress_bar=False, cwd=str(source.parent))
+    return nbformat.read(out, 4)

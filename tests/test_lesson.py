@@ -117,15 +117,7 @@ def test_validation_passes_on_source_and_on_the_untouched_student_version():
     assert not result.get("failed"), result
 
 
-# ---- execution ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def executed_source(tmp_path_factory):
-    import papermill as pm
-    out = tmp_path_factory.mktemp("pm") / "executed.ipynb"
-    pm.execute_notebook(str(SOURCE), str(out), parameters={"MODEL": "embedded"}, kernel_name="python3",
-                        progress_bar=False, cwd=str(SOURCE.parent))
-    return nbformat.read(out, 4)
-
+# ---- execution (the executed_source fixture is in conftest.py, shared with test_lesson_claims.py) ------
 
 def test_source_runs_end_to_end_and_passes_visible_tests(executed_source):
     text = "\n".join(o.get("text", "") for c in executed_source.cells for o in c.get("outputs", []))

@@ -240,3 +240,29 @@ def test_one_batched_pass_gives_the_per_prompt_current_token_attention(embedded)
     ref = current_token_attention(m, tok, PROMPTS[:5], layers)
     er = erasure_from_activations(m, tok, PROMPTS[:5], layers, batch_size=5, progress=False, attention=True)
     assert torch.allclose(er.current_attention, ref.float(), atol=1e-5)
+
+
+def test_combined_ranking_needs_weight_and_activation_evidence(planted_gpt2, tiny_gpt2):
+    """score = weight score x activation score: the planted eraser head and neuron (both kinds of
+    evidence) lead; on the unmodified random model nothing scores high; without prompts it refuses."""
+    from residual_bandwidth.memory import combined_ranking
+    model, tok = planted_gpt2
+    rep = memory_management(model, tok, PROMPTS, progress=False)
+    ranked = combined_ranking(rep, top=5)
+    assert {r["component"] for r in ranked[:2]} == {f"L{HEAD_LAYER}.H{HEAD}", f"L{NEURON_LAYER}.N{NEURON}"}
+    for r in ranked:
+        e = r["evidence"]
+        assert r["score"] == pytest.approx(e["weight_score"] * e["activation_score"])
+        assert e["activation_score"] == pytest.approx(min(1.0, max(0.0, -e["activation_projection"])))
+        assert set(r) == {"rank", "component", "kind", "layer", "index", "score", "evidence"}
+    assert [r["rank"] for r in ranked] == list(range(1, len(ranked) + 1))
+    # a neuron with a perfect weight cosine but no activation evidence scores 0
+    rep.erasure.neurons[rep.erasure.layers.index(NEURON_LAYER), NEURON] = 0.0
+    again = {r["component"]: r["score"] for r in combined_ranking(rep, top=50)}
+    assert again.get(f"L{NEURON_LAYER}.N{NEURON}", 0.0) == 0.0
+    plain = memory_management(tiny_gpt2[0], tiny_gpt2[1], PROMPTS[:2], progress=False)
+    assert max(r["score"] for r in combined_ranking(plain)) < 0.1
+    with pytest.raises(BandwidthInputError, match="activation evidence"):
+        combined_ranking(memory_management(model, progress=False))
+    with pytest.raises(BandwidthInputError, match="top"):
+        combined_ranking(rep, top=0)

@@ -659,3 +659,22 @@ def test_processing_restores_the_callers_thread_setting(rng):
         assert seen == [1, 2]
     finally:
         torch.set_num_threads(before)
+
+
+def test_width_is_judged_only_from_a_sample_that_can_span_it(rng):
+    """The lesson's sample-size rule: n centred positions span at most n - 1 directions, so the width
+    (r_p / d) is judged only when n - 1 >= d; before that the summary and the recommendations say so."""
+    from residual_bandwidth.monitor import width_rule
+    assert width_rule(48, 48) == {"can_judge_width": False, "positions_needed": 49, "positions_missing": 1}
+    assert width_rule(49, 48)["can_judge_width"] and width_rule(49, 48)["positions_missing"] == 0
+    d = 16
+    mon = BandwidthMonitor(layers=[0], exclude_massive=False, max_positions=None, thresholds={})
+    mon.observe({0: torch.from_numpy(rng.normal(size=(1, 10, d)))})
+    s = mon.traffic_summary(0)
+    assert s["n"] == 10 and s["variance_rank"] <= 9 and not s["can_judge_width"] and s["positions_missing"] == 7
+    line = next(r for r in mon.recommendations() if r.startswith("layer 0:"))
+    assert "describes the sample, not the width of 16" in line and "at least 17 positions (7 more)" in line
+    mon.observe({0: torch.from_numpy(rng.normal(size=(1, 7, d)))})
+    s = mon.traffic_summary(0)
+    assert s["n"] == 17 and s["can_judge_width"]
+    assert not any("describes the sample" in r for r in mon.recommendations())

@@ -166,7 +166,10 @@ def test_accessible_figure_html_csv_markdown(synth, tmp_path):
     report, _ = synth
     af = plot_rank_by_layer(report)
     page = af._repr_html_()
-    assert 'alt="' + af.alt_text.replace("'", "&#x27;")[:60] in page
+    # described once: the image's alt text names the figure, the caption holds the description
+    assert f'alt="Figure: {af.title} (described in the caption)"' in page
+    assert "<figcaption>" + af.alt_text.replace("'", "&#x27;")[:60] in page
+    assert page.count(af.alt_text.replace("'", "&#x27;")[:60]) == 1
     assert "<figcaption>" in page and '<th scope="col">layer</th>' in page
     assert page.count("<tr>") == len(af.table) + 1
     rows = (tmp_path / "t.csv")

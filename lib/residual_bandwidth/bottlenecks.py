@@ -1,13 +1,21 @@
 """Bottlenecks per (layer, position): which residual vectors crowd the stream.
 
-Why the seed's detector could never fire
-----------------------------------------
+Why the seed's detector cannot find loud positions
+--------------------------------------------------
 The seed flags a position when the participation ratio of ``|x|``, ``(sum_j |x_j|)^2 / sum_j x_j^2``,
 exceeds ``0.8 d``. That number ignores the scale of ``x`` (multiply ``x`` by 100 and it does not
-change), so it cannot tell a loud position from a quiet one; and for any row with i.i.d. Gaussian
-coordinates it is ``~ d (E|x_j|)^2 / E x_j^2 = (2/pi) d ~ 0.64 d`` - below the threshold for every
-row, loud or quiet (:func:`seed_abs_participation_ratio` shows it). It is also about the
-coordinate basis, which the residual stream does not privilege.
+change), so it cannot tell a loud position from a quiet one: loudness never changes its verdict.
+For a row with i.i.d. Gaussian coordinates it is ``~ d (E|x_j|)^2 / E x_j^2 = (2/pi) d ~ 0.64 d``,
+below the threshold, loud or quiet (:func:`seed_abs_participation_ratio` shows it). It does fire on
+rows whose coordinates have nearly equal magnitudes (a ``+-c`` sign pattern reads exactly ``d``),
+quiet or loud: it measures how flat a row is in the coordinate basis, a basis the residual stream
+does not privilege, not crowding.
+
+What the detector below guarantees, exactly: a row is ``"warning"`` or ``"critical"`` only if
+``norm_ratio >= loud_ratio`` and ``spread >= 1``; the severities do not change under a rotation
+``X -> X Q`` or a common rescaling ``X -> c X`` of the layer (both quantities are ratios of
+basis-free numbers). The thresholds are conventions: a flag does not say the model is hurt (the
+compression curve, :mod:`.compression`, measures what narrowing the stream costs).
 
 The definition used here (basis-free)
 -------------------------------------

@@ -269,3 +269,100 @@ def composition_scores(model_or_weights, kind: str = "Q", layers=None, n_baselin
 def expected_random_score(d_model: int) -> float:
     """A rough guide to the baseline: ``1 / sqrt(d_model)`` (the measured baseline is what counts)."""
     return 1.0 / math.sqrt(d_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# How many pairs exceed the baseline by chance: a threshold for all pairs at once
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PairSignificance:
+    """Which composition scores exceed chance once the number of pairs is accounted for.
+
+    ``null_max``: for each of ``n_draws`` draws, the largest score over all pairs after every writer
+    is rotated by one random orthogonal matrix (:func:`max_statistic_null`). ``threshold`` is the
+    ``1 - alpha`` quantile of ``null_max`` (family-wise: under the null, the chance that *any* of the
+    ``n_pairs`` pairs exceeds it is about ``alpha``). ``expected_by_chance_3std`` is what the
+    Gaussian baseline's "mean + 3 std" rule predicts by chance, ``n_pairs * P(Z > 3)``, and
+    ``above_3std`` what it flags.
+    """
+    kind: str
+    n_pairs: int
+    n_draws: int
+    alpha: float
+    null_max: list[float]
+    threshold: float
+    n_significant: int
+    above_3std: int
+    expected_by_chance_3std: float
+    null_mean: float
+    null_std: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _rotation(d: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 0) -> tuple[list[float], float, float]:
+    """Null distribution of composition scores with each pair's orientation destroyed.
+
+    Hypothesis: a writer's output subspace is oriented independently of what later heads read. For
+    each draw one random orthogonal ``Q`` (``d x d``) rotates every writer's write directions
+    (``V_A -> Q V_A``); singular values, the writers' geometry among themselves and the readers are
+    unchanged, so the draw keeps everything except writer-reader alignment. Returns the largest score
+    over all (writer, later reader) pairs per draw, and the mean and std of all null scores (pooled).
+    Unlike :func:`random_baseline` (Gaussian matrices), this null has the real heads' singular
+    values, whose few large values widen the spread of chance scores.
+    """
+    if kind not in KINDS:
+        raise BandwidthInputError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
+        raise BandwidthInputError(f"n_draws: expected a positive int, got {n_draws!r}")
+    weights = list(weights)
+    svds = [circuit_svd(w) for w in weights]
+    layer_of = torch.tensor([w.layer for w in weights for _ in range(w.n_heads)])
+    if kind == "Q":
+        read_U, read_s = torch.cat([c.qk_U for c in svds]), torch.cat([c.qk_S for c in svds])
+    elif kind == "K":
+        read_U, read_s = torch.cat([c.qk_V for c in svds]), torch.cat([c.qk_S for c in svds])
+    else:
+        read_U, read_s = torch.cat([c.ov_U for c in svds]), torch.cat([c.ov_S for c in svds])
+    g = torch.Generator().manual_seed(seed)
+    d = weights[0].d_model
+    maxima, pooled = [], []
+    for _ in range(n_draws):
+        Q = _rotation(d, g)
+        best = -1.0
+        for w, c in zip(weights, svds):
+            later = layer_of > w.layer
+            if bool(later.any()):
+                s = _pair_scores(c.ov_S, Q @ c.ov_V, read_U[later], read_s[later])
+                best = max(best, float(s.max()))
+                pooled.append(s.reshape(-1))
+        maxima.append(best)
+    allv = torch.cat(pooled) if pooled else torch.zeros(1)
+    return maxima, float(allv.mean()), float(allv.std())
+
+
+def pair_significance(scores: CompositionScores, weights, alpha: float = 0.05, n_draws: int = 20,
+                      seed: int = 0) -> PairSignificance:
+    """Count the pairs whose score exceeds the family-wise threshold of :func:`max_statistic_null`.
+
+    ``threshold`` = the ``1 - alpha`` quantile of the per-draw maxima (with ``n_draws = 20`` and
+    ``alpha = 0.05`` that is the largest maximum but one, interpolated). ``weights`` must be the
+    :class:`LayerWeights` the scores were computed from.
+    """
+    if not 0 < alpha < 1:
+        raise BandwidthInputError(f"alpha: expected a number in (0, 1), got {alpha!r}")
+    maxima, mean, std = max_statistic_null(weights, scores.kind, n_draws, seed)
+    thr = float(torch.quantile(torch.tensor(maxima, dtype=torch.float64), 1 - alpha))
+    v = scores.valid()
+    above3 = int((v > scores.baseline_mean + 3 * scores.baseline_std).sum())
+    p3 = 0.5 * math.erfc(3 / math.sqrt(2))
+    return PairSignificance(kind=scores.kind, n_pairs=int(v.numel()), n_draws=n_draws, alpha=alpha,
+                            null_max=maxima, threshold=thr, n_significant=int((v > thr).sum()),
+                            above_3std=above3, expected_by_chance_3std=v.numel() * p3,
+                            null_mean=mean, null_std=std)

@@ -41,7 +41,9 @@ From activations (one forward pass, real tokens only):
 Ranking (:func:`rank_candidates`): every candidate gets a score in [0, 1] meaning "fraction of an
 ideal eraser": heads ``max(0, -eigen_sign) * current_token_attention`` (the eigen term alone when no
 activations were given), neurons ``max(0, -cos)``, activations ``clip(-projection, 0, 1)``. The
-top ``top_per_kind`` of each kind are merged and sorted by score.
+top ``top_per_kind`` of each kind are merged and sorted by score: each kind on its own evidence.
+:func:`combined_ranking` ranks heads and neurons by weight *and* activation evidence together
+(``score = weight score x activation score``), so a component needs both to rank high.
 """
 from __future__ import annotations
 
@@ -543,3 +545,61 @@ def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[
     ranking = rank_candidates(heads, ncos, layers, erasure, top_per_kind)
     return MemoryReport(layers=layers, heads=heads, neuron_cos=ncos, erasure=erasure, energy_loss=loss,
                         ranking=ranking, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# One ranking from both kinds of evidence
+# ---------------------------------------------------------------------------------------------
+def combined_ranking(report: MemoryReport, top: int = 10) -> list[dict]:
+    """Heads and neurons ranked by weight evidence *and* activation evidence together.
+
+    :func:`rank_candidates` scores each kind of evidence on its own, so a neuron with a strongly
+    negative weight cosine ranks high even if, on real text, its write removes nothing. Here a
+    component must show both:
+
+    * **weights** ``w`` in [0, 1]: it *can* erase. Heads ``max(0, -eigen_sign(W_OV))``; neurons
+      ``max(0, -cos(W_in[:, n], W_out[n]))``;
+    * **activations** ``a`` in [0, 1]: it *does* erase on this text. ``clip(-projection, 0, 1)`` with
+      ``projection = mean_t <w_t, r_t> / ||r_t||^2`` (the share of the residual it read that its write
+      removes, per token; current-token attention is already inside this number: a head that attends
+      elsewhere does not write against the residual it reads at the current position).
+
+    ``score = w * a``: 0 if either kind of evidence is absent, 1 for an ideal eraser (``W_OV = -c P``
+    whose write deletes everything it read). Records ``{rank, component, kind, layer, index, score,
+    evidence}`` (the same keys as :func:`rank_candidates`; ``evidence`` holds ``weight_score``,
+    ``activation_score``, the raw measurements and, for heads, the current-token attention), sorted by
+    score, the ``top`` best. Needs a report measured with prompts (activation evidence).
+    """
+    if report.erasure is None:
+        raise BandwidthInputError("report: no activation evidence (run memory_management with prompts)")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise BandwidthInputError(f"top: expected a positive int, got {top!r}")
+    er = report.erasure
+    row = {L: i for i, L in enumerate(er.layers)}
+    cands = []
+    for r in report.heads:
+        if r["layer"] not in row:
+            continue
+        eigs = torch.complex(torch.tensor(r["eig_real"]), torch.tensor(r["eig_imag"]))
+        sign = float(eigen_sign(eigs))
+        w = max(0.0, -sign)
+        proj = float(er.heads[row[r["layer"]], r["head"]])
+        a = min(1.0, max(0.0, -proj))
+        cands.append((w * a, f"L{r['layer']}.H{r['head']}", "head", r["layer"], r["head"],
+                      {"weight_score": w, "activation_score": a, "eigen_sign": sign,
+                       "neg_share": r["neg_share"], "activation_projection": proj,
+                       "current_token_attention": r["current_token_attention"]}))
+    for i, L in enumerate(report.layers):
+        if L not in row:
+            continue
+        cos = report.neuron_cos[i].double()
+        proj = er.neurons[row[L]].double()
+        score = (-cos).clamp(min=0) * (-proj).clamp(0, 1)
+        for n in torch.argsort(score, descending=True)[:top].tolist():
+            w, a = max(0.0, -float(cos[n])), min(1.0, max(0.0, -float(proj[n])))
+            cands.append((w * a, f"L{L}.N{n}", "neuron", L, n,
+                          {"weight_score": w, "activation_score": a, "cos_in_out": float(cos[n]),
+                           "activation_projection": float(proj[n])}))
+    cands.sort(key=lambda c: -c[0])
+    return [{"rank": i + 1, "component": comp, "kind": kind, "layer": L, "index": idx, "score": float(s),
+             "evidence": ev} for i, (s, comp, kind, L, idx, ev) in enumerate(cands[:top])]

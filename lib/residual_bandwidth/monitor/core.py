@@ -127,6 +127,19 @@ DEFAULT_MAX_POSITIONS = 32
 DEFAULT_COVARIANCE_BATCH_ROWS = 256
 BAD_REASONS = ("empty", "nonfinite", "d_model", "shape", "missing_layer", "forward_error")
 
+
+def width_rule(n: int, d: int) -> dict:
+    """The sample-size rule for judging the residual *width* from ``n`` positions of dimension ``d``.
+
+    ``n`` centred vectors span at most ``n - 1`` directions, so ``r_p <= n - 1`` whatever the model
+    does: a rank (or ``utilization_d_model = r_p / d``) from fewer than ``d + 1`` positions measures
+    the sample, not the width. ``{"can_judge_width": n - 1 >= d, "positions_needed": d + 1,
+    "positions_missing": max(0, d + 1 - n)}``. (``min_tokens_for_rank`` is a different, smaller bar: the
+    per-request rank family describes that request's own tokens and never judges the width.)
+    """
+    return {"can_judge_width": n - 1 >= d, "positions_needed": d + 1, "positions_missing": max(0, d + 1 - n)}
+
+
 def default_layers(n_layers: int, count: int = 3) -> list[int]:
     """The last block of each of ``count`` equal slices of the network: ``[9, 19, 29]`` of 30."""
     if n_layers < 1:
@@ -765,7 +778,8 @@ class BandwidthMonitor(AlertsMixin, ExportMixin):
         Keys: ``layer, requests, tokens, massive_tokens, massive_first_tokens, mean_norm,
         max_norm_ratio`` and, over the
         covariance rows (``n``), ``variance_rank, participation_ratio, stable_rank, entropy_rank,
-        spectral_entropy, utilization_d_model, utilization_available, total_variance``.
+        spectral_entropy, utilization_d_model, utilization_available, total_variance``, and the
+        sample-size rule of :func:`width_rule` (``can_judge_width, positions_needed, positions_missing``).
         """
         with self._lock:
             layers = sorted(self._traffic) if layer is None else [layer]
@@ -787,7 +801,7 @@ class BandwidthMonitor(AlertsMixin, ExportMixin):
                 cached = (version, snap.summary(self.variance_threshold))
                 with self._lock:
                     self._summary_cache[L] = cached
-            out.append({**counts, **cached[1]})
+            out.append({**counts, **cached[1], **width_rule(cached[1]["n"], cached[1]["d_model"])})
         return out[0] if layer is not None else out
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

@@ -74,6 +74,10 @@ class ExportMixin:
                          f"layer's typical norm; largest ratio "
                          f"{s['max_norm_ratio']:.0f}x); {s['massive_first_tokens']:,} of them were the "
                          f"first token of their sequence.")
+            if not s["can_judge_width"]:
+                text += (f" These {s['n']:,} positions span at most {s['n'] - 1:,} directions, so this rank "
+                         f"describes the sample, not the width of {s['d_model']}: judging the width needs "
+                         f"at least {s['positions_needed']:,} positions ({s['positions_missing']:,} more).")
             if curve is not None:
                 text += " " + self._curve_sentence(curve, curve_recs.get(L, []), L)
             out.append(text)

@@ -156,7 +156,8 @@ class AccessibleFigure:
         buf = io.BytesIO()
         self.figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         img = base64.b64encode(buf.getvalue()).decode()
-        alt = html.escape(self.alt_text, quote=True)
+        # the image's alt text names the figure; the full description is the caption, read once
+        alt = html.escape(f"Figure: {self.title or 'untitled'} (described in the caption)", quote=True)
         return (f'<figure><img src="data:image/png;base64,{img}" alt="{alt}"/>'
                 f"<figcaption>{html.escape(self.alt_text)}</figcaption></figure>"
                 f"<details><summary>Data table for: {html.escape(self.title)}</summary>"

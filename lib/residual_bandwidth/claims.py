@@ -1,0 +1,204 @@
+"""Claims: the lesson's quantitative sentences, with their truth computed where they are made.
+
+Every sentence of the lesson that states a number or a comparison is one of two kinds:
+
+* **generated**: a code cell builds the sentence from the values it just computed and displays it
+  (:meth:`Claims.say`); the numbers in it cannot disagree with the printed output beside it;
+* **registered**: the sentence is typed in a markdown cell that names a claim in an invisible marker
+  ``<!-- claims: some_id, other_id -->``, and a code cell of the same section computes whether the
+  sentence holds (:meth:`Claims.check`).
+
+Each claim records its id, the statement, the computed truth value ``holds`` and the numbers it rests
+on; the cell that made it is the one whose source calls ``claims.say("id", ...)`` or
+``claims.check("id", ...)`` (ids are unique in the lesson source, which the tests check). :meth:`Claims.show` (the lesson's last cell)
+displays all of them as a table and as JSON; the course's tests execute the notebook once and fail
+on any claim that does not hold, on a marker naming an unknown claim, and on typed prose that
+states a number or a comparison without a marker (:func:`unchecked_prose` is that rule).
+
+When a claim does not hold on a run (another model, other prompts), :meth:`Claims.say` shows the
+sentence under a visible warning instead of hiding it, so a reader never sees an unflagged
+statement that the numbers beside it contradict.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+#: the marker a typed markdown cell uses to name the claims that check its sentences
+MARKER = re.compile(r"<!--\s*claims:\s*([\w\s,.-]+?)\s*-->")
+_ID = re.compile(r"^[a-z][a-z0-9_]*$")
+
+#: words that make a sentence quantitative or comparative (whole words, case-insensitive)
+COMPARATIVES = (
+    "more", "less", "fewer", "larger", "largest", "smaller", "smallest", "higher", "highest", "lower",
+    "lowest", "bigger", "biggest", "greater", "louder", "loudest", "quieter", "most", "least", "never",
+    "always", "thousands", "hundreds", "dozens", "tens", "twice", "half", "majority", "understates",
+    "overstates", "exceeds", "exceed",
+)
+_COMPARATIVE = re.compile(r"\b(" + "|".join(COMPARATIVES) + r")\b|[×%]", re.IGNORECASE)
+_DIGIT = re.compile(r"\d")
+
+# what a typed number may be without a claim: structure and notation, not a finding
+_STRIP = [
+    re.compile(r"```.*?```", re.S),                       # fenced code
+    re.compile(r"\$\$.*?\$\$", re.S),                     # display math
+    re.compile(r"\$[^$\n]+\$"),                           # inline math
+    re.compile(r"`[^`\n]+`"),                             # inline code
+    re.compile(r"<!--.*?-->", re.S),                      # comments (the markers themselves)
+    re.compile(r"<[^>\n]+>"),                             # html tags (<details>, <summary>)
+    re.compile(r"^\s{0,3}#{1,6} .*$", re.M),              # headings
+    re.compile(r"\]\([^)]*\)"),                           # link targets
+    re.compile(r"^\s*\d+\.\s", re.M),                     # numbered-list markers
+    re.compile(r"\b(?:et al\.|[A-Z][a-z]+(?: & [A-Z][a-z]+)?)\s*,?\s*\(?(?:19|20)\d\d\)?"),  # citations
+    re.compile(r'"[^"]{1,120}"'),                           # quotations of the original lesson
+    re.compile(r"\b[A-Za-z][\w.]*\d[\w.]*(?:-[\w.]+)*\b|\b[A-Za-z]+-\d[\w.-]*\b"),  # names: GPT-2, SmolLM2-135M
+    re.compile(r"\b(?:Sections?|Checkpoints?|Q|LO|[Mm]odule|[Ll]esson|layer|block)\s*\d+(?:\.\d+)?"
+               r"(?:\s*(?:and|-|–|,)\s*\d+)*"),           # cross-references
+]
+
+
+def _plain(value):
+    """JSON-safe copy of a value (numpy / torch scalars and arrays become Python numbers / lists)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    return str(value)
+
+
+@dataclass
+class Claim:
+    """One claim: ``holds`` is computed, ``values`` are the numbers it rests on."""
+    id: str
+    statement: str
+    holds: bool
+    values: dict = field(default_factory=dict)
+    generated: bool = False
+
+
+class Claims:
+    """The lesson's claims, by id (a re-run cell replaces its own claims)."""
+
+    def __init__(self):
+        self._items: dict[str, Claim] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, cid: str) -> Claim:
+        return self._items[cid]
+
+    def __iter__(self):
+        return iter(self._items.values())
+
+    def _add(self, cid: str, holds, statement: str, values: dict, generated: bool) -> Claim:
+        if not isinstance(cid, str) or not _ID.match(cid):
+            raise ValueError(f"claim id: expected lower_snake_case, got {cid!r}")
+        if not isinstance(statement, str) or not statement.strip():
+            raise ValueError(f"claim {cid!r}: the statement is empty")
+        if not isinstance(holds, bool):
+            if hasattr(holds, "item"):
+                holds = holds.item()
+            if not isinstance(holds, bool):
+                raise TypeError(f"claim {cid!r}: holds must be a bool, got {type(holds).__name__}")
+        c = Claim(cid, statement.strip(), holds, _plain(dict(values)), generated)
+        self._items[cid] = c
+        return c
+
+    def check(self, cid: str, holds, statement: str, **values) -> None:
+        """Register a claim that typed prose makes (its cell names ``cid`` in a marker). Returns nothing,
+        so a check at the end of a cell prints nothing; read it back with ``claims[cid]``."""
+        self._add(cid, holds, statement, values, generated=False)
+
+    def say(self, cid: str, holds, text: str, **values) -> None:
+        """Register a generated claim and display its markdown ``text`` (with a warning if it does not hold)."""
+        c = self._add(cid, holds, text, values, generated=True)
+        shown = text if c.holds else (f"**Warning: on this run the following statement does not hold "
+                                      f"(claim `{cid}`); read the numbers above instead.** {text}")
+        _display_markdown(shown, {"claim": cid, "holds": c.holds})
+
+    def failed(self) -> list[Claim]:
+        return [c for c in self if not c.holds]
+
+    def to_dict(self) -> dict:
+        return {"claims": [asdict(c) for c in self]}
+
+    def table_markdown(self) -> str:
+        rows = ["| claim | kind | holds | numbers it rests on |", "|---|---|---|---|"]
+        for c in self:
+            nums = "; ".join(f"{k} = {_short(v)}" for k, v in c.values.items())
+            rows.append(f"| `{c.id}` | {'generated' if c.generated else 'typed, checked'} | "
+                        f"{'yes' if c.holds else '**NO**'} | {nums.replace('|', '/')} |")
+        return "\n".join(rows)
+
+    def show(self) -> None:
+        """Display every claim as a markdown table, with the same data as JSON for the tests."""
+        head = (f"{len(self)} claims, {len(self.failed())} not holding on this run"
+                + (": " + ", ".join(f"`{c.id}`" for c in self.failed()) if self.failed() else "") + ".")
+        try:
+            from IPython.display import display
+        except ImportError:  # pragma: no cover
+            print(head)
+            print(json.dumps(self.to_dict(), indent=1))
+            return
+        display({"text/markdown": head + "\n\n" + self.table_markdown(),
+                 "application/json": self.to_dict()}, raw=True, metadata={"claims_summary": True})
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list) and len(v) > 8:
+        return "[" + ", ".join(_short(x) for x in v[:8]) + ", ...]"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+def _display_markdown(text: str, metadata: dict) -> None:
+    try:
+        from IPython.display import Markdown, display
+    except ImportError:  # pragma: no cover
+        print(text)
+        return
+    display(Markdown(text), metadata=metadata)
+
+
+# ---- the prose rule --------------------------------------------------------------------------------
+def markers(markdown: str) -> list[str]:
+    """Claim ids named by ``<!-- claims: a, b -->`` markers in a markdown cell."""
+    out = []
+    for m in MARKER.finditer(markdown):
+        out += [s.strip() for s in m.group(1).split(",") if s.strip()]
+    return out
+
+
+def unchecked_prose(markdown: str) -> list[str]:
+    """The rule for typed prose: quantitative fragments of a markdown cell that no claim checks.
+
+    After removing what is notation or structure (code, math, headings, HTML tags and comments, link
+    targets, list markers, citation years, quotations in double quotes, names that contain digits such
+    as GPT-2, cross-references such as "Section 4" or "layer 12"), a
+    cell that still contains a digit or a comparative word (:data:`COMPARATIVES`, "×", "%") must
+    name at least one claim in a marker. Returns the offending fragments (empty when the cell has a
+    marker or states nothing quantitative).
+    """
+    if markers(markdown):
+        return []
+    text = markdown
+    for pat in _STRIP:
+        text = pat.sub(" ", text)
+    found = []
+    for sentence in re.split(r"(?<=[.!?:;])\s+|\n\s*\n|\n\s*[*-]\s", text):
+        s = " ".join(sentence.split())
+        if s and (_DIGIT.search(s) or _COMPARATIVE.search(s)):
+            found.append(s[:160])
+    return found

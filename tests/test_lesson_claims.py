@@ -1,0 +1,181 @@
+"""The lesson says nothing its own numbers contradict (residual_bandwidth.claims).
+
+Rule for the prose (``claims.unchecked_prose``): a typed markdown cell that states a number or a
+comparison must name the claims that check it in a marker ``<!-- claims: id, ... -->``, unless the
+number is notation or structure (math, code, headings, citations, cross-references, quotations of the
+original lesson). Generated sentences (``claims.say``) are built from the values of the cell that
+displays them. The notebook is executed once per session (``executed_source`` in conftest.py) and:
+
+* every claim holds;
+* every marker names a claim that was registered, by a cell of the same numbered section (cells of the
+  introduction, section 11, the accessibility notes and the summary may cite any section);
+* every generated claim is displayed by the cell that computed it.
+
+Exercise cells (their markdown and hints) belong to the graded items and are left to their own tests.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from bs4 import BeautifulSoup
+
+from residual_bandwidth.claims import Claims, markers, unchecked_prose
+from residual_bandwidth.course import load_lesson
+
+ROOT = Path(__file__).resolve().parents[1]
+META = load_lesson()
+SOURCE = ROOT / "solutions" / META.lesson_id / META.notebook
+TEXT_SOURCE = ROOT / "solutions" / META.lesson_id / "lesson.py"
+# cells of these parts summarise the lesson and may cite claims of any section
+SUMMARY_PARTS = {"intro", "11", "Accessibility", "Summary", "Claims checked in this run"}
+
+
+def is_exercise(cell) -> bool:
+    return cell.cell_type == "markdown" and "Exercise:" in cell.source
+
+
+def parts(nb) -> list[str]:
+    """The part of the notebook each cell belongs to: "intro", a section number, or a named ## heading."""
+    part, out = "intro", []
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            m = re.match(r"## (?:(\d+)\.|([^\n]+))", c.source)
+            if m:
+                part = m.group(1) or m.group(2).strip()
+        out.append(part)
+    return out
+
+
+def claims_of(nb) -> dict[str, dict]:
+    found = [o for c in nb.cells for o in c.get("outputs", [])
+             if o.get("metadata", {}).get("claims_summary") and "application/json" in o.get("data", {})]
+    assert len(found) == 1, f"expected one claims summary output, found {len(found)}"
+    data = found[0]["data"]["application/json"]
+    return {c["id"]: c for c in data["claims"]}
+
+
+def registering_cell(nb, cid: str) -> int:
+    """Index of the code cell that calls claims.say("cid", ...) or claims.check("cid", ...)."""
+    pat = re.compile(r"claims\.(?:say|check)\(\s*\"" + re.escape(cid) + r"\"")
+    found = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and pat.search(c.source)]
+    assert len(found) == 1, f"claim {cid!r} is registered by {len(found)} cells"
+    return found[0]
+
+
+# ---- the executed notebook ---------------------------------------------------------------------------
+def test_every_claim_holds(executed_source):
+    claims = claims_of(executed_source)
+    assert len(claims) >= 20, sorted(claims)
+    bad = {cid: (c["statement"][:200], c["values"]) for cid, c in claims.items() if not c["holds"]}
+    assert not bad, f"claims that the notebook's own numbers contradict: {bad}"
+
+
+def test_markers_name_claims_registered_in_their_section(executed_source):
+    claims = claims_of(executed_source)
+    where = parts(executed_source)
+    cited = set()
+    for i, c in enumerate(executed_source.cells):
+        if c.cell_type != "markdown":
+            continue
+        for cid in markers(c.source):
+            cited.add(cid)
+            assert cid in claims, f"markdown cell {i} ({where[i]}) names claim {cid!r}, which no cell registered"
+            made_in = where[registering_cell(executed_source, cid)]
+            if where[i] not in SUMMARY_PARTS:
+                assert made_in == where[i], (f"claim {cid!r} is cited in section {where[i]} but computed in "
+                                             f"section {made_in}")
+    typed = {cid for cid, c in claims.items() if not c["generated"]}
+    assert typed <= cited, f"checked claims that no typed sentence cites: {sorted(typed - cited)}"
+
+
+def test_generated_claims_are_displayed_by_the_cell_that_computed_them(executed_source):
+    claims = claims_of(executed_source)
+    for cid, c in claims.items():
+        if not c["generated"]:
+            continue
+        cell = executed_source.cells[registering_cell(executed_source, cid)]
+        shown = [o for o in cell.outputs if o.get("metadata", {}).get("claim") == cid]
+        assert len(shown) == 1, f"claim {cid!r} is not displayed by its cell"
+        text = shown[0]["data"]["text/markdown"]
+        assert text.endswith(c["statement"]), cid
+        # a generated sentence's numbers come from the cell: at least one number is in it
+        assert re.search(r"\d", text), f"generated claim {cid!r} states no number"
+
+
+def test_figures_are_described_once(executed_source):
+    """Alt text names the figure; the caption holds the description: a screen reader reads it once."""
+    figures = [o["data"]["text/html"] for c in executed_source.cells for o in c.get("outputs", [])
+               if "text/html" in o.get("data", {}) and "<figure>" in o["data"]["text/html"]]
+    assert len(figures) >= 8, len(figures)
+    for page in figures:
+        soup = BeautifulSoup(page, "html.parser")
+        for fig in soup.find_all("figure"):
+            alt = fig.find("img")["alt"]
+            caption = fig.find("figcaption").get_text()
+            assert alt and caption and len(caption) > len(alt), (alt, caption[:80])
+            assert alt not in caption and caption not in alt, f"alt text and caption repeat each other: {alt!r}"
+            assert len(alt) <= 160, f"alt text should name the figure, the caption describes it: {alt!r}"
+
+
+# ---- the source, without executing it --------------------------------------------------------------
+def test_typed_prose_states_no_unchecked_number_or_comparison():
+    nb = nbformat.read(SOURCE, 4)
+    offending = {}
+    for i, c in enumerate(nb.cells):
+        if c.cell_type == "markdown" and not is_exercise(c):
+            found = unchecked_prose(c.source)
+            if found:
+                offending[f"cell {i}: {c.source.splitlines()[0][:50]}"] = found
+    assert not offending, ("typed sentences with numbers or comparisons but no <!-- claims: ... --> marker "
+                           f"(generate them in a code cell, or register a check): {offending}")
+
+
+def test_claim_ids_are_unique_in_the_source():
+    ids = re.findall(r"claims\.(?:say|check)\(\s*\"(\w+)\"", TEXT_SOURCE.read_text())
+    assert ids and len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+
+
+# ---- the rule and the registry themselves (these can fail) ---------------------------------------------
+@pytest.mark.parametrize("text,flagged", [
+    ("The loudest vector is 162x the median.", True),
+    ("One vector thousands of times larger than the rest.", True),
+    ("Most pairs exceed the baseline.", True),
+    ("It reads 100 % on noise.", True),
+    ("This test can never fire.", True),
+    ("The residual stream has no privileged basis.", False),
+    ("## 3. Massive activations", False),
+    ("The variance is $\\sigma_1^2 + 0.5$ and `x[0:256]`.", False),
+    ("(Elhage et al. 2021) and Roy & Vetterli (2007), see Section 4 and Checkpoint 2.", False),
+    ('The original lesson said "16,384 dims".', False),
+    ("Without the hub it uses SmolLM2-135M, otherwise GPT-2.", False),
+    ("It is 162x larger. <!-- claims: some_claim -->", False),
+])
+def test_prose_rule(text, flagged):
+    assert bool(unchecked_prose(text)) is flagged, unchecked_prose(text)
+
+
+def test_markers_are_parsed():
+    assert markers("text <!-- claims: a_b, c -->\n<!--claims:d-->") == ["a_b", "c", "d"]
+    assert markers("no marker") == []
+
+
+def test_registry_records_values_and_flags_a_false_claim(monkeypatch):
+    shown = []
+    monkeypatch.setattr("residual_bandwidth.claims._display_markdown", lambda text, meta: shown.append((text, meta)))
+    reg = Claims()
+    assert reg.check("typed_one", np.bool_(True), "a typed sentence", value=np.float64(1.5)) is None
+    assert reg["typed_one"].holds is True and not reg["typed_one"].generated
+    reg.say("said_one", False, "It is 3x larger.", ratio=np.array([3.0]))
+    assert reg["typed_one"].values == {"value": 1.5} and reg["said_one"].values == {"ratio": [3.0]}
+    assert [c.id for c in reg.failed()] == ["said_one"]
+    text, meta = shown[0]
+    assert text.startswith("**Warning") and text.endswith("It is 3x larger.") and meta == {"claim": "said_one", "holds": False}
+    with pytest.raises(ValueError, match="lower_snake_case"):
+        reg.check("Bad Id", True, "x")
+    with pytest.raises(TypeError, match="bool"):
+        reg.check("not_bool", 1.0, "x")
+    assert "| `said_one` | generated | **NO** |" in reg.table_markdown()
