@@ -317,8 +317,8 @@ def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 
     Unlike :func:`random_baseline` (Gaussian matrices), this null has the real heads' singular
     values, whose few large values widen the spread of chance scores.
     """
-    if kind not in KINDS:
-        raise BandwidthInputError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if kind not in COMPOSITION_KINDS:
+        raise BandwidthInputError(f"kind: expected one of {COMPOSITION_KINDS}, got {kind!r}")
     if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
         raise BandwidthInputError(f"n_draws: expected a positive int, got {n_draws!r}")
     weights = list(weights)
