@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-work", action="store_true", help="keep the per-submission work folders (debugging)")
     g.add_argument("--work-root", type=Path, default=None,
                    help="where per-run work folders go (default: autograder/work/runs, git-ignored)")
+    g.add_argument("--sandbox", choices=("on", "off"), default="on",
+                   help="on (default): every process running student code runs in a bubblewrap sandbox, and grading "
+                        "refuses to start if `bwrap` does not work; off: no OS sandbox (machines without user "
+                        "namespaces), prints what is then not guaranteed")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return ap
 
@@ -65,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .discover import InputError
     from .notebook import SpecError
-    from .pipeline import Options, grade
+    from .pipeline import Options, SandboxUnavailable, grade
+    from .sandbox import NOT_GUARANTEED
     from residual_bandwidth.course import LessonMetadataError
     if args.jobs < 1:
         print("error: --jobs must be at least 1", file=sys.stderr)
@@ -74,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                    submission_timeout=args.timeout, memory_gb=args.memory_gb, max_notebook_mb=args.max_notebook_mb,
                    max_output_mb=args.max_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
                    feedback=not args.no_feedback, keep_work=args.keep_work, progress=not args.quiet,
-                   roster=args.roster)
+                   roster=args.roster, sandbox=args.sandbox == "on")
     if args.work_root:
         opts.work_root = args.work_root.resolve()
+    if not opts.sandbox:
+        print(f"WARNING {NOT_GUARANTEED}", file=sys.stderr)
     try:
         run = grade(args.submissions, opts)
-    except (InputError, SpecError, LessonMetadataError) as e:
+    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

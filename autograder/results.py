@@ -19,6 +19,19 @@ from pathlib import Path
 GRADED, FLAGGED, ERRORED = "graded", "flagged", "errored"
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One piece of integrity evidence about a submission."""
+    kind: str      # "structure" | "static" | "runtime" | "recheck"
+    rule: str      # short machine-readable name, e.g. "edited-test-cell"
+    where: str     # cell / line
+    detail: str    # what was seen
+    flag: bool = True  # False: informational only (does not make the student "flagged")
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "rule": self.rule, "where": self.where, "detail": self.detail, "flag": self.flag}
+
+
 @dataclass
 class ItemResult:
     """One assessment item (``<item>__visible`` + ``<item>__hidden`` cells) for one student."""

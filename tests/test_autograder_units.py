@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from autograder import recheck  # noqa: E402
 from autograder.discover import InputError, discover, sanitize  # noqa: E402
+from autograder.integrity import structural_findings  # noqa: E402
 from autograder.notebook import (SubmissionError, drop_demo_cells, grade_id, load_spec, read_submission,  # noqa: E402
-                                 repair, strip_solution_markers, structural_findings)
+                                 repair, strip_solution_markers)
 from autograder.probes import PROBES, compare_fields  # noqa: E402
 from autograder.results import ERRORED, FLAGGED, GRADED, RunResult, StudentResult, write_results  # noqa: E402
 from autograder.static import scan_notebook, scan_source  # noqa: E402
@@ -194,10 +195,27 @@ def test_solutions_and_the_released_notebook_raise_no_flags():
     ("p = 'sol' + 'utions'", "reads-protected"),
     ("!cat ../solutions/lesson.ipynb", "reads-protected"),
     ("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)", "signal-handling"),
+    ("import builtins\nvars(builtins)['abs'] = lambda x: 0", "patch-module"),
+    ("import builtins\nb = vars(builtins)\nb['abs'] = lambda x: 0", "patch-module"),
+    ("import builtins as B\nns = B.__dict__\nns['abs'] = lambda x: 0", "patch-module"),
 ])
 def test_static_rules_catch_each_technique(code, rule):
-    findings = scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports)
+    sandboxed = rule not in ("reads-protected", "signal-handling")   # notes under the sandbox, flags without it
+    findings = scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports, sandboxed=sandboxed)
     assert rule in {f.rule for f in findings if f.flag}, findings
+
+
+@pytest.mark.parametrize("code,rule", [
+    ("raise ValueError('see the solutions of checkpoint 1: use sigma squared')", "reads-protected"),
+    ("msg = 'compare with ' + 'solutions'", "reads-protected"),
+    ("import importlib\nimportlib.reload(rb)", "dynamic-import"),
+    ("import signal\nsignal.alarm(0)\nsignal.signal(signal.SIGALRM, lambda *a: None)", "signal-handling"),
+])
+def test_with_the_sandbox_rules_about_reaching_the_grader_are_notes(code, rule):
+    """Honest code that names 'solutions' in a message, or reloads a module, is never flagged."""
+    findings = scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports, sandboxed=True)
+    assert rule in {f.rule for f in findings if not f.flag}, findings
+    assert not [f for f in findings if f.flag], findings
 
 
 @pytest.mark.parametrize("code", [
@@ -284,7 +302,7 @@ def test_recheck_passes_the_solution_and_catches_wrong_and_always_equal_answers(
 def test_plain_conversion_strips_always_equal_objects():
     import numpy as np
     import torch
-    from autograder.sandbox import make_plain
+    from autograder.recheck_runner import make_plain
     plain = make_plain(torch, np)
 
     class Eq(int):
