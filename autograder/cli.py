@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
                         "refuses to start if `bwrap` does not work; off: no OS sandbox (machines without user "
                         "namespaces), prints what is then not guaranteed")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    m = sub.add_parser("merge", help="combine results folders graded separately (shards) into one",
+                       description="Merge the --out folders of several grading runs (e.g. one per machine) into "
+                                   "OUT, refusing students graded twice and shards of another lesson version.")
+    m.add_argument("out", type=Path, help="new (or empty) results folder")
+    m.add_argument("shards", type=Path, nargs="+", help="results folders of the grading runs")
     return ap
 
 
@@ -67,6 +72,16 @@ def _summary(run) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, grade, print a summary; return the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "merge":
+        from .merge import MergeError, merge
+        try:
+            run = merge(args.out, args.shards)
+        except MergeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"merged {len(args.shards)} shards into {args.out}: {len(run.students)} students "
+              f"({', '.join(f'{v} {k}' for k, v in run.counts.items())})")
+        return run.exit_code()
     from .discover import InputError
     from .notebook import SpecError
     from .pipeline import Options, SandboxUnavailable, grade

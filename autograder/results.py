@@ -88,6 +88,7 @@ class RunResult:
     seconds: float = 0.0
     jobs: int = 1
     warnings: list[str] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)   # set by `autograder merge`: the merged runs
 
     @property
     def counts(self) -> dict[str, int]:
@@ -103,6 +104,15 @@ class RunResult:
         d["counts"] = self.counts
         d["students"] = [s.as_dict() for s in self.students]
         return d
+
+
+def student_from_dict(d: dict) -> StudentResult:
+    """A :class:`StudentResult` from its ``results.json`` form (the inverse of ``as_dict``)."""
+    d = dict(d)
+    d["passed"] = d.pop("pass", None)
+    d["items"] = [ItemResult(**i) for i in d.get("items", [])]
+    known = StudentResult.__dataclass_fields__
+    return StudentResult(**{k: v for k, v in d.items() if k in known})
 
 
 def _fmt(x: float | None) -> str:
