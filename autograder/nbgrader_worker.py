@@ -5,8 +5,11 @@ over a private pipe, one JSON line each; the worker answers on a second private 
 nbgrader takes seconds, so reusing the worker saves that on every submission; isolation comes from
 each submission having its *own* course folders and gradebook, and from the grader killing the
 whole worker (and its kernels) when a submission exceeds its wall-clock or memory limit — a fresh
-worker is started for the next one. Kernels never see the pipes (they are started with
-``close_fds``), so student code cannot forge an answer.
+worker is started for the next one. The worker runs *outside* the sandbox and is the only writer
+of the submission's gradebook copy and executed notebook; the kernel it starts runs inside it
+(:mod:`autograder.kernel`, ZeroMQ over Unix sockets when the request carries an ``ipc`` folder), never
+sees the pipes (kernels are started with ``close_fds``) and cannot see the worker's files or process,
+so student code cannot forge an answer.
 
 Requests (``op``):
 

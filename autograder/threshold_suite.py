@@ -429,7 +429,7 @@ def generate(out: Path, spec: LessonSpec, results: Path | None = None) -> list[V
         if name == "tamper_ipython":
             nb, rules = copy.deepcopy(spec.release), ["ipython-hooks"]
         elif name == "tamper_read_solutions":
-            nb, rules = copy.deepcopy(spec.release), ["blocked-access", "reads-protected"]
+            nb, rules = copy.deepcopy(spec.release), ["blocked-access"]   # reads-protected is a note
             for cell in nb.cells:
                 if grade_id(cell) in spec.answer_cells:
                     cell.source = f"exec(_stolen[{grade_id(cell)!r}])"
