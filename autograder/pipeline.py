@@ -1,19 +1,26 @@
 """The grading pipeline: submissions in, results, feedback and a merged gradebook out.
 
-For each submission (``--jobs N`` at a time, each in its own thread with its own nbgrader worker):
+For each submission (``--jobs N`` at a time, each in its own thread with its own nbgrader worker),
+:func:`grade_one` runs these steps, one function each:
 
-1. read and check the notebook (corrupt, empty, oversized → ``errored``);
-2. collect integrity evidence: structure (edited / deleted / forged nbgrader cells) and static
-   analysis of the student's code (:mod:`autograder.static`);
-3. put back deleted nbgrader cells; in ``fast`` mode drop the source notebook's demo cells;
-4. start the out-of-kernel re-check (:mod:`autograder.recheck`) in parallel with
-5. the real ``nbgrader autograde`` in the submission's *own* course folders and gradebook (copied
-   from the run's template), in the guarded kernel, under per-cell and per-submission limits;
-6. read nbgrader's grades; zero the items whose in-kernel hidden tests passed but whose re-check
-   failed; add the guard's log of blocked reads to the evidence;
-7. ``nbgrader generate_feedback`` (hidden test code and tracebacks removed);
-8. the main thread — the only writer — replaces the student's entry in ``<out>/gradebook.db`` and
-   copies the autograded notebook and feedback, or removes them if the student errored.
+1. :func:`read_and_prepare`: read and check the notebook (corrupt, empty, oversized → ``errored``);
+   put back deleted nbgrader cells; in ``fast`` mode drop the source notebook's demo cells. Integrity
+   evidence about the submitted file (structure, static rules) comes from :mod:`autograder.integrity`;
+2. :func:`make_folders`: the submission's own course folders and copy of the template gradebook;
+3. :func:`start_recheck`: the out-of-kernel re-check (:mod:`autograder.recheck`), in its own
+   sandbox, in parallel with
+4. :func:`autograde`: the real ``nbgrader autograde`` by a worker outside the sandbox, with the
+   kernel inside it (:mod:`autograder.sandbox`, :mod:`autograder.kernel`), under per-cell and
+   per-submission limits; afterwards nothing of the sandbox is left;
+5. :func:`read_grades`: the executed notebook and nbgrader's grades, checked against the lesson;
+6. :func:`score_items`: zero the items whose in-kernel hidden tests passed but whose re-check failed;
+7. :func:`decide_status`: score and evidence → totals, pass, ``graded`` or ``flagged``;
+8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed).
+
+Then :func:`publish`, in the main thread — the only writer of the results folder — replaces the
+student's entry in ``<out>/gradebook.db`` and copies the autograded notebook and feedback, or removes
+them if the student errored. Nothing in the results folder is written by a process that runs
+student code.
 """
 from __future__ import annotations
 
