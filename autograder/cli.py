@@ -42,7 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-work", action="store_true", help="keep the per-submission work folders (debugging)")
     g.add_argument("--work-root", type=Path, default=None,
                    help="where per-run work folders go (default: autograder/work/runs, git-ignored)")
+    g.add_argument("--sandbox", choices=("on", "off"), default="on",
+                   help="on (default): every process running student code runs in a bubblewrap sandbox, and grading "
+                        "refuses to start if `bwrap` does not work; off: no OS sandbox (machines without user "
+                        "namespaces), prints what is then not guaranteed")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    m = sub.add_parser("merge", help="combine results folders graded separately (shards) into one",
+                       description="Merge the --out folders of several grading runs (e.g. one per machine) into "
+                                   "OUT, refusing students graded twice and shards of another lesson version.")
+    m.add_argument("out", type=Path, help="new (or empty) results folder")
+    m.add_argument("shards", type=Path, nargs="+", help="results folders of the grading runs")
     return ap
 
 
@@ -63,9 +72,20 @@ def _summary(run) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, grade, print a summary; return the exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "merge":
+        from .merge import MergeError, merge
+        try:
+            run = merge(args.out, args.shards)
+        except MergeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"merged {len(args.shards)} shards into {args.out}: {len(run.students)} students "
+              f"({', '.join(f'{v} {k}' for k, v in run.counts.items())})")
+        return run.exit_code()
     from .discover import InputError
     from .notebook import SpecError
-    from .pipeline import Options, grade
+    from .pipeline import Options, SandboxUnavailable, grade
+    from .sandbox import NOT_GUARANTEED
     from residual_bandwidth.course import LessonMetadataError
     if args.jobs < 1:
         print("error: --jobs must be at least 1", file=sys.stderr)
@@ -74,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                    submission_timeout=args.timeout, memory_gb=args.memory_gb, max_notebook_mb=args.max_notebook_mb,
                    max_output_mb=args.max_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
                    feedback=not args.no_feedback, keep_work=args.keep_work, progress=not args.quiet,
-                   roster=args.roster)
+                   roster=args.roster, sandbox=args.sandbox == "on")
     if args.work_root:
         opts.work_root = args.work_root.resolve()
+    if not opts.sandbox:
+        print(f"WARNING {NOT_GUARANTEED}", file=sys.stderr)
     try:
         run = grade(args.submissions, opts)
-    except (InputError, SpecError, LessonMetadataError) as e:
+    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

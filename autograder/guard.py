@@ -144,11 +144,13 @@ def install_from_env() -> bool:
     return True
 
 
-def read_log(path) -> list[dict]:
+def read_log(path, max_bytes: int = 64 * 1024**2) -> list[dict]:
     """The JSON objects of a JSON-lines file, one per line: the guard's blocked/recorded events, or
-    the re-check's results (missing file: none; lines that are not a JSON object: skipped)."""
+    the re-check's results (missing file: none; lines that are not a JSON object: skipped; only the
+    first ``max_bytes`` are read, the file is written by untrusted code)."""
     try:
-        text = open(path, encoding="utf-8", errors="replace").read()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(max_bytes)
     except OSError:
         return []
     out = []

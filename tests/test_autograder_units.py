@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from autograder import recheck  # noqa: E402
 from autograder.discover import InputError, discover, sanitize  # noqa: E402
+from autograder.integrity import structural_findings  # noqa: E402
 from autograder.notebook import (SubmissionError, drop_demo_cells, grade_id, load_spec, read_submission,  # noqa: E402
-                                 repair, strip_solution_markers, structural_findings)
+                                 repair, strip_solution_markers)
 from autograder.probes import PROBES, compare_fields  # noqa: E402
 from autograder.results import ERRORED, FLAGGED, GRADED, RunResult, StudentResult, write_results  # noqa: E402
 from autograder.static import scan_notebook, scan_source  # noqa: E402
@@ -194,10 +197,27 @@ def test_solutions_and_the_released_notebook_raise_no_flags():
     ("p = 'sol' + 'utions'", "reads-protected"),
     ("!cat ../solutions/lesson.ipynb", "reads-protected"),
     ("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)", "signal-handling"),
+    ("import builtins\nvars(builtins)['abs'] = lambda x: 0", "patch-module"),
+    ("import builtins\nb = vars(builtins)\nb['abs'] = lambda x: 0", "patch-module"),
+    ("import builtins as B\nns = B.__dict__\nns['abs'] = lambda x: 0", "patch-module"),
 ])
 def test_static_rules_catch_each_technique(code, rule):
-    findings = scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports)
+    sandboxed = rule not in ("reads-protected", "signal-handling")   # notes under the sandbox, flags without it
+    findings = scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports, sandboxed=sandboxed)
     assert rule in {f.rule for f in findings if f.flag}, findings
+
+
+@pytest.mark.parametrize("code,rule", [
+    ("raise ValueError('see the solutions of checkpoint 1: use sigma squared')", "reads-protected"),
+    ("msg = 'compare with ' + 'solutions'", "reads-protected"),
+    ("import importlib\nimportlib.reload(rb)", "dynamic-import"),
+    ("import signal\nsignal.alarm(0)\nsignal.signal(signal.SIGALRM, lambda *a: None)", "signal-handling"),
+])
+def test_with_the_sandbox_rules_about_reaching_the_grader_are_notes(code, rule):
+    """Honest code that names 'solutions' in a message, or reloads a module, is never flagged."""
+    findings = scan_source(code, "cell", SPEC.protected_names, SPEC.protected_imports, sandboxed=True)
+    assert rule in {f.rule for f in findings if not f.flag}, findings
+    assert not [f for f in findings if f.flag], findings
 
 
 @pytest.mark.parametrize("code", [
@@ -284,7 +304,7 @@ def test_recheck_passes_the_solution_and_catches_wrong_and_always_equal_answers(
 def test_plain_conversion_strips_always_equal_objects():
     import numpy as np
     import torch
-    from autograder.sandbox import make_plain
+    from autograder.recheck_runner import make_plain
     plain = make_plain(torch, np)
 
     class Eq(int):
@@ -319,3 +339,132 @@ def test_exit_codes_and_csv(tmp_path):
     assert rows[0].startswith("student,submitted_as,status,score,max_score,percent,pass,LO1_score,LO1_max")
     assert rows[1].startswith("s0,s0,graded,18,24,75.00,yes,8,8") and rows[2].startswith("s1,s1,errored,,,,,")
     assert json.loads(j.read_text())["counts"] == {"graded": 1, "flagged": 0, "errored": 1}
+
+
+# ---- the operating-system sandbox (bubblewrap) -----------------------------------------------------------
+from autograder import sandbox  # noqa: E402
+
+needs_bwrap = pytest.mark.skipif(not sandbox.probe(Path("/tmp"))[0], reason="bubblewrap does not work here")
+
+
+def _in_box(tmp_path, code: str, limits: "sandbox.Limits | None" = None, timeout: float = 60):
+    box = sandbox.Box(tmp_path / "scratch", "/tmp/work", limits or sandbox.Limits())
+    sandbox.prepare_scratch(box)
+    return subprocess.run(sandbox.command([sys.executable, "-c", textwrap.dedent(code)], box), capture_output=True,
+                          text=True, timeout=timeout), box
+
+
+@needs_bwrap
+def test_sandbox_view_holds_only_what_the_code_needs(tmp_path):
+    r, box = _in_box(tmp_path, f"""
+        import json, os, socket
+        import numpy, torch, residual_bandwidth
+        out = {{"uid": os.getuid(), "cwd": os.getcwd(), "pid": os.getpid(), "ppid": os.getppid(),
+               "repo": sorted(os.listdir({str(ROOT)!r})), "package": sorted(os.listdir({str(ROOT / "autograder")!r})),
+               "solutions": os.path.exists({str(ROOT / "solutions")!r}), "git": os.path.exists({str(ROOT / ".git")!r}),
+               "procs": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}}
+        open("mine.txt", "w").write("ok")
+        for target in ("/usr/pwned", {str(ROOT / "lib" / "pwned.py")!r}, "/etc/pwned"):
+            try:
+                open(target, "w")
+                out[target] = "written"
+            except OSError as e:
+                out[target] = type(e).__name__
+        try:
+            socket.create_connection(("127.0.0.1", 22), timeout=2)
+            out["net"] = "connected"
+        except OSError as e:
+            out["net"] = type(e).__name__
+        try:
+            os.kill(1, 9)
+            out["kill1"] = "sent"
+        except OSError as e:
+            out["kill1"] = type(e).__name__
+        print(json.dumps(out))
+    """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["uid"] == box.uid and sandbox.UID_RANGE[0] <= out["uid"] < sandbox.UID_RANGE[1]
+    assert out["cwd"] == "/tmp/work" and (tmp_path / "scratch" / "mine.txt").read_text() == "ok"
+    assert out["repo"] == ["autograder", "lib"] and out["package"] == sorted(sandbox.PACKAGE_FILES)
+    assert not out["solutions"] and not out["git"]
+    assert out["pid"] <= 3 and len(out["procs"]) <= 3, out["procs"]   # its own PID namespace: bwrap init + itself
+    assert out["/usr/pwned"] != "written" and out[str(ROOT / "lib" / "pwned.py")] != "written"
+    assert out["/etc/pwned"] != "written"
+    assert out["net"] != "connected" and out["kill1"] == "PermissionError"
+
+
+@needs_bwrap
+def test_sandbox_limits_bind(tmp_path):
+    limits = sandbox.Limits(memory_bytes=1 * 1024**3, processes=40, file_bytes=1024**2, cpu_seconds=2)
+    r, _ = _in_box(tmp_path, """
+        import json, os, time
+        out = {}
+        try:
+            bytearray(2 * 1024**3)
+            out["memory"] = "allocated"
+        except MemoryError:
+            out["memory"] = "MemoryError"
+        try:
+            open("big", "wb").write(b"x" * (2 * 1024**2))
+            out["file"] = "written"
+        except OSError as e:
+            out["file"] = type(e).__name__
+        kids = 0
+        for i in range(200):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(5)
+                os._exit(0)
+            kids += 1
+        out["forks"] = kids
+        print(json.dumps(out), flush=True)
+        while True:   # CPU time limit: killed by SIGXCPU
+            pass
+    """, limits)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["memory"] == "MemoryError" and out["file"] == "OSError", out
+    assert 0 < out["forks"] < 40, out     # RLIMIT_NPROC binds (it would not for root)
+    assert r.returncode != 0              # the busy loop was stopped by RLIMIT_CPU
+
+
+@needs_bwrap
+def test_everything_in_a_sandbox_dies_with_it(tmp_path):
+    """A setsid double fork inside outlives its parent but not the sandbox."""
+    marker = f"sandbox-orphan-{os.getpid()}"
+    box = sandbox.Box(tmp_path / "scratch", "/tmp/work")
+    sandbox.prepare_scratch(box)
+    code = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            f"        os.execv('/usr/bin/sleep', ['sleep', '300'])\n    os._exit(0)\nos.wait()\ntime.sleep(0.5)")
+    r = subprocess.run(sandbox.command([sys.executable, "-c", code], box), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    import psutil
+    time.sleep(0.3)
+    left = [p for p in psutil.process_iter(["uids", "name"]) if p.info["uids"] and p.info["uids"].real == box.uid]
+    assert not left, (marker, left)
+
+
+def test_grading_refuses_to_run_without_a_working_sandbox(tmp_path):
+    """Fail closed: no bwrap on PATH and no --sandbox off -> exit 1 naming the problem, nothing graded."""
+    (tmp_path / "subs").mkdir()
+    (tmp_path / "subs" / "ann.ipynb").write_text(SPEC.release_path.read_text())
+    venv_bin = str(Path(sys.executable).parent)
+    r = subprocess.run([sys.executable, "-m", "autograder", "grade", str(tmp_path / "subs"), "--out", str(tmp_path / "out"),
+                        "--quiet"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PATH": venv_bin},
+                       timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "sandbox does not work" in r.stderr and "--sandbox off" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_sandbox_off_says_what_is_not_guaranteed(tmp_path):
+    (tmp_path / "subs").mkdir()
+    (tmp_path / "subs" / "ann.ipynb").write_text('{"cells": [')    # corrupt: no kernel needed
+    r = subprocess.run([sys.executable, "-m", "autograder", "grade", str(tmp_path / "subs"), "--out", str(tmp_path / "out"),
+                        "--quiet", "--sandbox", "off", "--no-recheck"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "WITHOUT the operating-system sandbox" in r.stderr and "setsid" in r.stderr

@@ -1,12 +1,15 @@
-"""The nbgrader worker: a long-lived child process that runs the real nbgrader for the grader.
+"""The nbgrader glue. The worker: a long-lived child process that runs the real nbgrader for the grader.
 
 The grader (:mod:`autograder.pipeline`) starts one worker per ``--jobs`` slot and sends it requests
 over a private pipe, one JSON line each; the worker answers on a second private pipe. Importing
 nbgrader takes seconds, so reusing the worker saves that on every submission; isolation comes from
 each submission having its *own* course folders and gradebook, and from the grader killing the
 whole worker (and its kernels) when a submission exceeds its wall-clock or memory limit — a fresh
-worker is started for the next one. Kernels never see the pipes (they are started with
-``close_fds``), so student code cannot forge an answer.
+worker is started for the next one. The worker runs *outside* the sandbox and is the only writer
+of the submission's gradebook copy and executed notebook; the kernel it starts runs inside it
+(:mod:`autograder.kernel`, ZeroMQ over Unix sockets when the request carries an ``ipc`` folder), never
+sees the pipes (kernels are started with ``close_fds``) and cannot see the worker's files or process,
+so student code cannot forge an answer.
 
 Requests (``op``):
 
@@ -39,9 +42,9 @@ from nbgrader.preprocessors.execute import UnresponsiveKernelError
 from nbclient.util import ensure_async
 from nbgrader.utils import capture_log
 
+from .notebook import HIDDEN_BEGIN, OUTPUT_CAP_MARK
+
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUT_CAP_MARK = "[autograder] output limit exceeded"
-HIDDEN_BEGIN = "BEGIN HIDDEN TESTS"
 
 
 class OutputLimitExceeded(RuntimeError):
@@ -142,6 +145,9 @@ def build_config(req: dict) -> Config:
     c.Execute.kernel_name = req["kernel_name"]
     c.Execute.extra_arguments = ["--HistoryManager.hist_file=:memory:"]
     c.Execute.shutdown_kernel = "immediate"
+    if req.get("ipc"):   # a sandboxed kernel: Unix sockets in a folder bound into the sandbox (no TCP)
+        c.KernelManager.transport = "ipc"
+        c.KernelManager.ip = str(Path(req["ipc"]) / "k")
     c.GuardedExecute.max_output_bytes = int(req["max_output_bytes"])
     c.GuardedExecute.interrupt_grace = int(req.get("interrupt_grace", 10))
     c.OverwriteCells.add_missing_cells = True

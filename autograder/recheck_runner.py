@@ -1,0 +1,173 @@
+"""The out-of-kernel re-check process (run as ``python -m autograder.recheck_runner REQUEST RESULT``).
+
+It is started fresh for each submission by :mod:`autograder.recheck`, inside the operating-system
+sandbox (:mod:`autograder.sandbox`; its scratch folder holds REQUEST and RESULT). In order:
+
+1. load the request (pickled by the grader: trusted helper code, the student's cells, the probe
+   inputs) and turn the probe inputs into torch tensors — before any student code exists;
+2. install the guard (:mod:`autograder.guard`), forget the grader's modules;
+3. run the locked helper cells from the *instructor source*, then the student's answer cells and
+   added cells, each on its own (an error in one cell is recorded, the rest still run);
+4. for each probed item call the target on every case (each under a SIGALRM time limit), convert the
+   result to plain JSON here and append one JSON line per item to the result file.
+
+The grader compares those plain values with its own references; nothing the student's code returns
+is ever trusted as an object. This process never sees the expected values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+import traceback
+
+MAX_RESULT_CHARS = 5_000_000
+
+
+class _CaseTimeout(BaseException):
+    """Raised by SIGALRM when one probe call runs too long."""
+
+
+def _alarm(signum, frame):
+    raise _CaseTimeout()
+
+
+def _decode(obj, torch):
+    if isinstance(obj, dict) and "__tensor__" in obj and len(obj) == 1:
+        return torch.from_numpy(obj["__tensor__"].copy())
+    if isinstance(obj, dict):
+        return {k: _decode(v, torch) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, torch) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_decode(v, torch) for v in obj)
+    return obj
+
+
+def make_plain(torch, np):
+    """A converter from the student's result to JSON-able builtins (raises TypeError otherwise)."""
+
+    def plain(x, depth=0):
+        if depth > 20:
+            raise TypeError("result nested too deeply")
+        if x is None or type(x) in (bool, int, float, str):
+            return x
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu()
+            t = torch.Tensor.double(t) if t.is_floating_point() else t
+            return plain(torch.Tensor.tolist(t), depth + 1)
+        if isinstance(x, (np.ndarray, np.generic)):
+            return plain(np.asarray(x).tolist(), depth + 1)
+        if isinstance(x, bool):
+            return bool.__bool__(x) if type(x) is bool else bool(int.__int__(x))
+        if isinstance(x, int):
+            return int.__int__(x)          # an int subclass becomes its real value, overrides ignored
+        if isinstance(x, float):
+            return float.__float__(x) + 0.0
+        if isinstance(x, str):
+            return str.__str__(x)[:10000] + ""
+        if isinstance(x, dict):
+            return {plain(k, depth + 1) if isinstance(k, str) else str(k): plain(v, depth + 1)
+                    for k, v in dict.items(x)}
+        if isinstance(x, (list, tuple)):
+            return [plain(v, depth + 1) for v in (list.__iter__(x) if isinstance(x, list) else tuple.__iter__(x))]
+        raise TypeError(f"returned a {type(x).__name__}, not plain data (numbers, strings, dicts, lists, tensors)")
+
+    return plain
+
+
+def _describe(e: BaseException) -> str:
+    """``Name: message`` of an exception, without trusting the student's ``__str__``."""
+    try:
+        msg = str(e)[:300]
+    except BaseException:
+        msg = "(unprintable)"
+    return f"{type(e).__name__}: {msg}"
+
+
+def main(argv: list[str]) -> int:
+    """Run the re-check described in the module docstring; 0 when it got to the end."""
+    req_path, result_path = argv[1], argv[2]
+    with open(req_path, "rb") as f:
+        req = pickle.load(f)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    probes = {item: {"target": p["target"], "cases": [
+        {"label": c["label"], "target": c["target"], "args": _decode(c["args"], torch), "kwargs": _decode(c["kwargs"], torch),
+         "calls": _decode(c["calls"], torch), "read": c["read"]} for c in p["cases"]]} for item, p in req["probes"].items()}
+    out_fd = os.open(result_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    dumps, write, plain = json.dumps, os.write, make_plain(torch, np)
+
+    def emit(record: dict) -> None:
+        text = dumps(record, allow_nan=True)
+        if len(text) > MAX_RESULT_CHARS:
+            text = dumps({**{k: v for k, v in record.items() if k != "results"},
+                          "results": [{"ok": False, "error": "result too large"}]})
+        write(out_fd, (text + "\n").encode())
+
+    from autograder import guard
+    guard.install(req["guard"]["protect"], req["guard"]["allow"], req["guard"].get("log"))
+    for name in [m for m in sys.modules if m == "autograder" or m.startswith("autograder.")]:
+        del sys.modules[name]
+    del guard
+
+    ns: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+    for label, code in req["setup"]:
+        try:
+            exec(compile(code, label, "exec"), ns)
+        except BaseException as e:  # the instructor's helper cell failing is a grader problem
+            emit({"setup_error": f"{label}: {_describe(e)}"})
+            return 3
+    signal.signal(signal.SIGALRM, _alarm)
+    cell_timeout = int(req.get("cell_timeout", 30))
+    for label, code in req["cells"]:
+        try:
+            try:
+                compiled = compile(code, label, "exec")
+            except SyntaxError:
+                from IPython.core.inputtransformer2 import TransformerManager
+                compiled = compile(TransformerManager().transform_cell(code), label, "exec")
+            signal.alarm(cell_timeout)
+            try:
+                exec(compiled, ns)
+            finally:
+                signal.alarm(0)
+        except _CaseTimeout:
+            emit({"cell": label, "error": f"the cell ran longer than {cell_timeout} s"})
+        except BaseException as e:
+            emit({"cell": label, "error": _describe(e)})
+
+    case_timeout = int(req.get("case_timeout", 20))
+    for item, probe in probes.items():
+        missing = sorted({c["target"] for c in probe["cases"] if not callable(ns.get(c["target"]))})
+        if missing:
+            emit({"item": item, "missing": f"the answer code does not define {', '.join(map(repr, missing))}"})
+            continue
+        results = []
+        for case in probe["cases"]:
+            signal.alarm(case_timeout)
+            try:
+                obj = ns[case["target"]](*case["args"], **case["kwargs"])
+                for method, args, kwargs in case["calls"]:
+                    getattr(obj, method)(*args, **kwargs)
+                value = {a: getattr(obj, a) for a in case["read"]} if case["read"] else obj
+                results.append({"ok": True, "value": plain(value)})
+            except _CaseTimeout:
+                results.append({"ok": False, "error": f"took longer than {case_timeout} s"})
+            except BaseException as e:
+                tb = traceback.extract_tb(e.__traceback__)
+                where = f" (line {tb[-1].lineno} of {tb[-1].filename})" if tb else ""
+                results.append({"ok": False, "error": f"{_describe(e)}{where}"})
+            finally:
+                signal.alarm(0)
+        emit({"item": item, "results": results})
+    emit({"done": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
