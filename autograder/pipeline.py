@@ -9,8 +9,8 @@ For each submission (``--jobs N`` at a time, each in its own thread with its own
 4. start the out-of-kernel re-check (:mod:`autograder.recheck`) in parallel with
 5. the real ``nbgrader autograde`` in the submission's *own* course folders and gradebook (copied
    from the run's template), in the guarded kernel, under per-cell and per-submission limits;
-6. read nbgrader's grades; zero the items whose in-kernel hidden tests passed but whose re-check
-   failed; add the guard's log of blocked reads to the evidence;
+6. read nbgrader's grades; score the items (:mod:`autograder.scoring`: hidden points need the
+   re-check's pass); add the guard's log of blocked reads to the evidence;
 7. ``nbgrader generate_feedback`` (hidden test code and tracebacks removed);
 8. the main thread — the only writer — replaces the student's entry in ``<out>/gradebook.db`` and
    copies the autograded notebook and feedback, or removes them if the student errored.
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import nbformat
 
-from . import gradebook
+from . import gradebook, scoring
+from .offering import probe_seed as offering_probe_seed
 from .discover import Submission, discover, sanitize
 from .feedback_html import make_accessible
 from .guard import read_log
@@ -41,7 +42,7 @@ from .kernel import KERNEL_NAME, write_kernelspec
 from .notebook import (Finding, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair,
                        structural_findings)
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
-from .recheck import ProbeSet, Verdict, finish, start
+from .recheck import ProbeSet, finish, start
 from .results import ERRORED, FLAGGED, GRADED, ItemResult, RunResult, StudentResult, write_results
 from .static import scan_notebook
 
@@ -64,7 +65,7 @@ class Options:
     max_notebook_mb: float = 50.0
     max_output_mb: float = 8.0
     interrupt_grace: int = 10
-    probe_seed: int | None = None         # None: a fresh random seed (recorded in results.json)
+    probe_seed: int | None = None         # None: the offering's seed (autograder/offering.toml; recorded in results.json)
     recheck: bool = True
     feedback: bool = True
     keep_work: bool = False
@@ -310,21 +311,10 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
             return _errored(res, f"{', '.join(timed_out)} exceeded the {ctx.cell_timeout} s per-cell time limit "
                                  f"(infinite loop?) and was interrupted; nbgrader's partial score "
                                  f"{res.autograde_score:g}/{spec.total_points:g} is not counted")
-        zero: list[str] = []
-        for item in spec.items:
-            gids = [g for g in spec.grade_cells if spec.grade_cells[g].item == item]
-            parts = {g: float(grades[g].auto_score or 0.0) if g in grades else 0.0 for g in gids}
-            v = verdicts.get(item, Verdict(item, "not-run"))
-            hidden = [g for g in gids if spec.grade_cells[g].hidden] or gids
-            item_res = ItemResult(item, spec.objective(item), sum(parts.values()), spec.item_points(item), parts,
-                                  v.verdict, v.detail)
-            if v.verdict in ("mismatch", "error") and any(parts[g] > 0 for g in hidden):
-                item_res.zeroed, item_res.score = True, 0.0
-                zero.extend(gids)
-                findings.append(Finding("recheck", "recheck-contradicts-kernel", item,
-                                        f"in-kernel hidden tests passed, but outside the kernel: {v.detail}"))
-            res.items.append(item_res)
+        res.items, zero, disagreements = scoring.score_items(spec, grades, verdicts)
+        findings += disagreements
         gradebook.zero_cells(db, spec.lesson_id, sub.student, zero)
+        scoring.annotate_feedback(graded_nb_path, spec, res.items, verdicts)
         res.evidence = [f.as_dict() for f in findings]
 
         res.max_score = spec.total_points
@@ -338,8 +328,7 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         if flags:
             res.status = FLAGGED
             rules = sorted({f.rule for f in flags})
-            res.reason = f"integrity evidence: {', '.join(rules)}" + (
-                f"; items scored 0: {', '.join(i.item for i in res.items if i.zeroed)}" if zero else "")
+            res.reason = f"integrity evidence: {', '.join(rules)}"
 
         if opts.feedback:
             worker = ctx.pool.take()
@@ -419,7 +408,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
                         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))})
         pool = WorkerPool(max(1, opts.jobs), run_dir, env)   # importing nbgrader overlaps with what follows
         tmpl = template(spec)
-        seed = opts.probe_seed if opts.probe_seed is not None else secrets.randbelow(2**31)
+        seed = opts.probe_seed if opts.probe_seed is not None else offering_probe_seed()
         probes = ProbeSet.build(spec, seed) if opts.recheck else None
         subs = _roster(opts.roster, discover(Path(submissions), spec.lesson_id, spec.notebook_name, run_dir))
         out_db = opts.out / "gradebook.db"
