@@ -31,7 +31,7 @@ Tolerances follow each quantity's conditioning: ranks and levels are exact, and 
 drawn so that no cumulative variance share, norm ratio or spread lies near a decision threshold
 (a float32 computation cannot land on the other side); real-valued results are compared with the
 relative tolerance a correct float32 computation meets (``REL_F32``), except where the exercise asks
-for float64 accuracy (streaming covariance, eraser share on float64 weights). Correct answers
+for float64 accuracy because the question needs it (the streaming covariance with a large mean). Correct answers
 written with numpy, scikit-learn, ``eigvalsh`` of the covariance or float32 arithmetic pass
 (``tests/test_fair_grading.py`` grades such answers through the real pipeline).
 """
@@ -46,7 +46,6 @@ import numpy as np
 RANK_SLACK = 1e-9    # ranks computed at p +- this are accepted (exact ties in floating point)
 MARGIN = 1e-3        # inputs keep every decision quantity this far (relative) from its threshold
 REL_F32 = 1e-4       # relative accuracy of a correct float32 computation of a well-conditioned quantity
-REL_F64 = 1e-7       # where the exercise asks for float64
 
 
 @dataclass(frozen=True)
@@ -497,7 +496,7 @@ def _clear_head(rng, d, dh):
 def _q3_cases(rng) -> list[Case]:
     cases = []
 
-    def head(prop, w_v, w_o, rel=REL_F64, **extra):
+    def head(prop, w_v, w_o, rel=REL_F32, **extra):   # a share in [0, 1]: float32 accuracy answers the question
         d, dh = w_v.shape
         cases.append(Case(f"head {d}x{dh} {w_v.dtype}", args=(T(w_v), T(w_o)),
                           extra={"kind": "eig", "W_V": w_v.astype(np.float64), "W_O": w_o.astype(np.float64), "rel": rel},
@@ -509,7 +508,7 @@ def _q3_cases(rng) -> list[Case]:
     head("a head that erases a subspace exactly (W_OV = -U U^T)", u, -u.T)
     head("a head that copies a subspace (W_OV = +U U^T)", u, u.T.copy())
     w_v, w_o = _clear_head(rng, 48, 12)
-    head("float32 weights", w_v.astype(np.float32), w_o.astype(np.float32), rel=REL_F32)
+    head("float32 weights", w_v.astype(np.float32), w_o.astype(np.float32))
     q = np.linalg.qr(rng.standard_normal((48, 48)))[0]
     head("a rotated residual basis (W_V -> Q^T W_V, W_O -> W_O Q)", q.T @ w_v, w_o @ q)
 

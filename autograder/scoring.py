@@ -34,6 +34,14 @@ FAILED = ("mismatch", "error")
 FEEDBACK_ENAME = "HiddenTestFailed"
 
 
+def is_hidden_part(grade_id: str) -> bool:
+    """``<item>__hidden``: the cell whose points the out-of-kernel check awards.
+
+    (``GradeCell.hidden`` says whether a cell *contains* hidden test code; since every visible test
+    cell also holds a hidden "is it attempted" call, the part name is what tells them apart.)"""
+    return grade_id.rsplit("__", 1)[-1] == "hidden"
+
+
 def score_items(spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[ItemResult], list[str], list[Finding]]:
     """Item results, grade ids to set to 0 in the gradebook, and non-flag findings (disagreements)."""
     from .recheck import Verdict
@@ -42,7 +50,7 @@ def score_items(spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[It
         gids = [g for g in spec.grade_cells if spec.grade_cells[g].item == item]
         parts = {g: float(grades[g].auto_score or 0.0) if g in grades else 0.0 for g in gids}
         v = verdicts.get(item, Verdict(item, "not-run"))
-        hidden = [g for g in gids if spec.grade_cells[g].hidden]
+        hidden = [g for g in gids if is_hidden_part(g)]
         detail = f"{v.prop} — {v.detail}" if v.prop and v.verdict in FAILED else v.detail
         res = ItemResult(item, spec.objective(item), sum(parts.values()), spec.item_points(item), parts, v.verdict, detail)
         if v.verdict in FAILED:
@@ -65,7 +73,7 @@ def annotate_feedback(nb_path: Path, spec: LessonSpec, items: list[ItemResult], 
     nb = nbformat.read(str(nb_path), as_version=4)
     for cell in nb.cells:
         gid = grade_id(cell)
-        if gid in spec.grade_cells and spec.grade_cells[gid].hidden and spec.grade_cells[gid].item in failed:
+        if gid in spec.grade_cells and is_hidden_part(gid) and spec.grade_cells[gid].item in failed:
             prop = failed[spec.grade_cells[gid].item] or "fails on a hidden input"
             cell.setdefault("outputs", []).append(nbformat.v4.new_output(
                 "error", ename=FEEDBACK_ENAME, evalue=f"hidden tests: {prop}",

@@ -405,8 +405,9 @@ else:
           "(divide by min(n, d): n = 20 positions < d = 64)")
     print("Checkpoint 1 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-analyze_bandwidth(seed_states)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = analyze_bandwidth(seed_states)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="checkpoint_1__hidden" points=3
@@ -414,7 +415,7 @@ analyze_bandwidth(seed_states)
 # offering: other shapes (n < d and n > d), data with a large mean, other thresholds p, a single layer,
 # float32 input. Your feedback names the property that failed. This cell only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-analyze_bandwidth(seed_checkpoint_1_data(1), p=0.9)
+_ = analyze_bandwidth(seed_checkpoint_1_data(1), p=0.9)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -658,6 +659,8 @@ even = vh.sum(0) / vh.sum(0).norm()       # equal weight on every principal dire
 X[10] = X.mean(0) + 3.0 * typical_norm * even                       # loud AND spread: crowded
 X[20] = X.mean(0) + 3.0 * typical_norm * vh[0]                      # loud, one direction only
 X[30] = 50.0 * typical_norm * torch.nn.functional.one_hot(torch.tensor(5), 32).double()  # massive
+X[40] = 30.0 * typical_norm * torch.nn.functional.one_hot(torch.tensor(9), 32).double()  # massive
+# 201 rows, 4 loud ones, 197 typical: odd counts, so every definition of the median agrees here
 found = attempt(find_crowded_positions, X)
 if found is NOT_ATTEMPTED:
     not_attempted("Checkpoint 2", "find_crowded_positions")
@@ -675,11 +678,13 @@ else:
           "the typical rows' median PR")
     check(found[10]["severity"] in ("warning", "critical"), f"row 10 is crowded. Got {found.get(10)}")
     check(20 not in found, f"row 20 is loud but lies along ONE principal direction: not crowded. Got {found.get(20)}")
-    check(set(found) == {10, 30}, f"only rows 10 and 30 should be reported, got {sorted(found)}")
+    check(found.get(40, {}).get("severity") == "massive", f"row 40 is 30x the typical norm: 'massive'. Got {found.get(40)}")
+    check(set(found) == {10, 30, 40}, f"only rows 10, 30 and 40 should be reported, got {sorted(found)}")
     print("Checkpoint 2 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-find_crowded_positions(X)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = find_crowded_positions(X)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="checkpoint_2__hidden" points=3
@@ -688,7 +693,7 @@ find_crowded_positions(X)
 # loud_ratio, a rotated basis, float32 input. Your feedback names the property that failed. This cell
 # only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-find_crowded_positions(X @ torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0], loud_ratio=2.5)
+_ = find_crowded_positions(X @ torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0], loud_ratio=2.5)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -901,8 +906,9 @@ else:
                            f"got {at!r}: compare with >=, not >")
     print("Checkpoint 3 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-utilization_alert(short)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = utilization_alert(short)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="checkpoint_3__hidden" points=3
@@ -911,7 +917,7 @@ utilization_alert(short)
 # too few positions (n < d and n == d) and the smallest sample that can span the stream (n - 1 == d). Your
 # feedback names the property that failed. This cell only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-utilization_alert(torch.randn(60, 24, generator=g), warning=0.5, critical=0.8, p=0.9)
+_ = utilization_alert(torch.randn(60, 24, generator=g), warning=0.5, critical=0.8, p=0.9)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -1040,8 +1046,9 @@ else:
         check(close(rot[key], want[key], rel=1e-4), f"{key} changed when the basis was rotated (X -> X Q)")
     print("Q1 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-effective_rank_family(X)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = effective_rank_family(X)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="summative_q1__hidden" points=3
@@ -1050,7 +1057,7 @@ effective_rank_family(X)
 # values), a rotated basis, float32 input. Your feedback names the property that failed. This cell only
 # checks that the code runs.
 ### BEGIN HIDDEN TESTS
-effective_rank_family(torch.randn(12, 40, generator=g, dtype=torch.float64) + 5.0)
+_ = effective_rank_family(torch.randn(12, 40, generator=g, dtype=torch.float64) + 5.0)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -1134,11 +1141,13 @@ else:
     far = data + 1e6          # a mean a million times the spread
     rf = RunningCovariance(5).update(far[:12]).update(far[12:])
     check(torch.allclose(torch.as_tensor(rf.cov).double(), torch.cov(far.T), rtol=1e-6, atol=1e-6),
-          "with a large mean the covariance drifts: merge centred batch statistics (the update rule above), not raw sums")
+          "with a large mean the covariance drifts: keep the statistics in float64 and merge centred batch statistics "
+          "(the update rule above), not raw sums")
     print("Q2 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-RunningCovariance(5).update(data)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = RunningCovariance(5).update(data)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="summative_q2__hidden" points=3
@@ -1146,7 +1155,7 @@ RunningCovariance(5).update(data)
 # offering: one update, two, many of random sizes, single rows, and a mean 1e9 times the spread (float64
 # accuracy). Your feedback names the property that failed. This cell only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-RunningCovariance(3).update(torch.randn(7, 3, generator=g, dtype=torch.float64)).update(torch.randn(1, 3, dtype=torch.float64))
+_ = RunningCovariance(3).update(torch.randn(7, 3, generator=g, dtype=torch.float64)).update(torch.randn(1, 3, dtype=torch.float64))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -1224,21 +1233,22 @@ if proj is NOT_ATTEMPTED:
     not_attempted("Q3, part 2", "write_read_projection")
 else:
     check(close(proj, -1.0), f"writing -read deletes it: projection should be -1, got {proj}")
-    check(close(write_read_projection(read @ (U @ U.T), read),
-                float(((read @ U).pow(2).sum(1) / read.pow(2).sum(1)).mean())),
-          "write = the read's projection onto a subspace")
     loud = read * torch.linspace(0.2, 5.0, 50, dtype=torch.float64)[:, None]      # tokens of very different norms
     w = torch.randn(50, d, generator=g, dtype=torch.float64)
     want = float(((w * loud).sum(-1) / loud.pow(2).sum(-1)).mean())
     check(close(write_read_projection(w, loud), want, rel=1e-6),
           f"tokens of different norms: got {write_read_projection(w, loud)}, expected {want:.6g}: take each token's "
           "<w_t, r_t> / ||r_t||^2, then the mean over tokens (not a ratio of sums)")
+    check(close(write_read_projection(read @ (U @ U.T), read),
+                float(((read @ U).pow(2).sum(1) / read.pow(2).sum(1)).mean())),
+          "write = the read's projection onto a subspace")
 if share is not NOT_ATTEMPTED and proj is not NOT_ATTEMPTED:
     print("Q3 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-eraser_share(eraser_V, eraser_O)
-write_read_projection(-read, read)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = eraser_share(eraser_V, eraser_O)
+_ = write_read_projection(-read, read)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="summative_q3__hidden" points=3
@@ -1247,8 +1257,8 @@ write_read_projection(-read, read)
 # basis, tokens of different norms, float32 input. Your feedback names the property that failed. This cell
 # only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-eraser_share(torch.randn(32, 8, generator=g, dtype=torch.float64), torch.randn(8, 32, generator=g, dtype=torch.float64))
-write_read_projection(torch.randn(10, 32, generator=g), torch.randn(10, 32, generator=g) + 2.0)
+_ = eraser_share(torch.randn(32, 8, generator=g, dtype=torch.float64), torch.randn(8, 32, generator=g, dtype=torch.float64))
+_ = write_read_projection(torch.randn(10, 32, generator=g), torch.randn(10, 32, generator=g) + 2.0)
 ### END HIDDEN TESTS
 
 # %% [markdown]
