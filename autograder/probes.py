@@ -17,7 +17,8 @@ A probe (one per item, in :data:`PROBES`):
 * ``item``: the assessment item (grade ids ``<item>__visible`` / ``<item>__hidden``);
 * ``target``: the name the answer cell defines (a function or a class); a case may name another
   one with ``Case(target=...)`` (an item whose answer cell defines two functions);
-* ``cases(rng)``: a list of :class:`Case`, ordered from the plainest input to the special ones.
+* ``cases(rng)``: a list of :class:`Case` (synthetic inputs, plus real residual streams of the
+  embedded model recorded once by :mod:`autograder.record_probe_data`), ordered from the plainest input to the special ones.
   Each case names the **property** it checks (``prop``, e.g. "data with a large mean"); the first
   failing case's property is the student's feedback — never its inputs or code. Arrays the
   student's code should receive as torch tensors are wrapped in :func:`T`. A case calls
@@ -197,7 +198,20 @@ def _ck1_cases(rng) -> list[Case]:
         cases.append(Case(f"{layers} layers of {n}x{d}, rank {r}, mean size {size}, p={p}, {np.dtype(dtype).name}",
                           args=([T(s) for s in states],), kwargs={"p": p},
                           extra={"X": np.concatenate(states).astype(np.float64), "p": p}, prop=prop))
+    real = _recorded()           # the real model: blocks 3 and 6 of SmolLM2-135M on one paragraph
+    states = [real[3], real[6]]
+    if rank_is_clear(np.concatenate(states), 0.95):
+        cases.append(Case("recorded SmolLM2-135M resid_post, blocks 3 and 6 (62 x 576 each), p=0.95",
+                          args=([T(x) for x in states],), kwargs={"p": 0.95},
+                          extra={"X": np.concatenate(states).astype(np.float64), "p": 0.95},
+                          prop="two real layers of SmolLM2-135M (massive activations, fewer positions than dimensions)"))
     return cases
+
+
+def _recorded() -> dict[int, np.ndarray]:
+    """Real residual streams recorded once from the embedded model (:mod:`autograder.record_probe_data`)."""
+    from .record_probe_data import load
+    return load()
 
 
 def _ck1_expected(case: Case) -> dict:
@@ -302,6 +316,7 @@ def _ck2_cases(rng) -> list[Case]:
          lambda: _ck2_layer(rng, 160, 20, 2.0), 2.0, np.float64),
         ("data with a large mean", lambda: _ck2_layer(rng, 121, 16, 20.0, n_loud=3), 2.0, np.float64),
         ("float32 input", lambda: _ck2_layer(rng, 141, 28, 1.0), 2.0, np.float32),
+        ("a real layer of SmolLM2-135M (block 3: massive activations)", lambda: _recorded()[3], 2.0, np.float32),
     ]
     cases = []
     for prop, make, loud, dtype in plan:

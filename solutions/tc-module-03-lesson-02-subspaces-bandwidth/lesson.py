@@ -1226,7 +1226,7 @@ else:
     W_V = torch.randn(d, dh, generator=g, dtype=torch.float64)
     W_O = torch.randn(dh, d, generator=g, dtype=torch.float64)
     ref = float(neg_share(torch.linalg.eigvals(W_O @ W_V)))
-    check(close(eraser_share(W_V, W_O), ref, rel=1e-6),
+    check(close(eraser_share(W_V, W_O), ref, rel=1e-4),
           f"a random head: got {eraser_share(W_V, W_O)}, expected {ref:.6g}. W_OV is not symmetric, so its "
           "eigenvalues are complex: use torch.linalg.eigvals (not eigvalsh) and weigh each by |lambda|")
 if proj is NOT_ATTEMPTED:
@@ -1236,7 +1236,7 @@ else:
     loud = read * torch.linspace(0.2, 5.0, 50, dtype=torch.float64)[:, None]      # tokens of very different norms
     w = torch.randn(50, d, generator=g, dtype=torch.float64)
     want = float(((w * loud).sum(-1) / loud.pow(2).sum(-1)).mean())
-    check(close(write_read_projection(w, loud), want, rel=1e-6),
+    check(close(write_read_projection(w, loud), want, rel=1e-4),
           f"tokens of different norms: got {write_read_projection(w, loud)}, expected {want:.6g}: take each token's "
           "<w_t, r_t> / ||r_t||^2, then the mean over tokens (not a ratio of sums)")
     check(close(write_read_projection(read @ (U @ U.T), read),
