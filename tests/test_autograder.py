@@ -155,9 +155,10 @@ def test_tampering_is_flagged_and_never_scores_what_the_recheck_refutes(suite, n
 def test_techniques_that_fool_the_kernel_are_caught_by_the_recheck(suite, name):
     s = student(suite, name)
     # no hidden point survives a failing out-of-kernel check (autograder/scoring.py), whatever the kernel said
+    assert any(item["recheck"] in ("mismatch", "error") for item in s["items"]), s["items"]
     for item in s["items"]:
-        assert item["recheck"] in ("mismatch", "error"), item
-        assert item["score"] <= sum(p for g, p in item["parts"].items() if not g.endswith("__hidden")), item
+        if item["recheck"] in ("mismatch", "error"):   # (an answer the wrapper leaves correct passes)
+            assert item["score"] <= sum(p for g, p in item["parts"].items() if not g.endswith("__hidden")), item
     zeroed = [i["item"] for i in s["items"] if i["zeroed"]]
     if name != "tamper_ipython":   # its transformer blanks cells calling check(); the hidden cells call none
         assert zeroed, f"{name}: the kernel was fooled but no item was zeroed: {s['items']}"
