@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-notebook-mb", type=float, default=50.0, help="largest accepted notebook file")
     g.add_argument("--max-output-mb", type=float, default=8.0, help="most output one cell may print")
     g.add_argument("--probe-seed", type=int, default=None,
-                   help="seed of the re-check's hidden inputs (default: random, recorded in results.json)")
+                   help="seed of the re-check's hidden inputs (default: probe_seed in autograder/offering.toml; recorded in results.json)")
     g.add_argument("--no-recheck", action="store_true", help="skip the out-of-kernel re-check (not recommended)")
     g.add_argument("--no-feedback", action="store_true", help="skip generating feedback HTML")
     g.add_argument("--roster", type=Path, default=None,

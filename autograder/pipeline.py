@@ -13,7 +13,8 @@ For each submission (``--jobs N`` at a time, each in its own thread with its own
    kernel inside it (:mod:`autograder.sandbox`, :mod:`autograder.kernel`), under per-cell and
    per-submission limits; afterwards nothing of the sandbox is left;
 5. :func:`read_grades`: the executed notebook and nbgrader's grades, checked against the lesson;
-6. :func:`score_items`: zero the items whose in-kernel hidden tests passed but whose re-check failed;
+6. :func:`score_items`: item scores by :mod:`autograder.scoring` (hidden points need the re-check's
+   pass; a failing check is a wrong answer, not a flag), and the failed property into the feedback;
 7. :func:`decide_status`: score and evidence → totals, pass, ``graded`` or ``flagged``;
 8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed).
 
@@ -41,14 +42,15 @@ from pathlib import Path
 
 import nbformat
 
-from . import gradebook, sandbox
+from . import gradebook, sandbox, scoring
+from .offering import probe_seed as offering_probe_seed
 from .discover import Submission, discover, sanitize
 from .feedback_html import make_accessible
 from .integrity import runtime_findings, submission_findings
 from .kernel import KERNEL_NAME, write_kernelspec
 from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
-from .recheck import ProbeSet, Running, Verdict, finish, start
+from .recheck import ProbeSet, Running, finish, start
 from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ class Options:
     max_notebook_mb: float = 50.0
     max_output_mb: float = 8.0
     interrupt_grace: int = 10
-    probe_seed: int | None = None         # None: a fresh random seed (recorded in results.json)
+    probe_seed: int | None = None         # None: the offering's seed (autograder/offering.toml; recorded in results.json)
     recheck: bool = True
     feedback: bool = True
     keep_work: bool = False
@@ -366,23 +368,14 @@ def read_grades(f: SubmissionFolders, ctx: Context) -> tuple[nbformat.NotebookNo
 
 
 # step 6
-def score_items(spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[ItemResult], list[Finding]]:
-    """Per-item scores: nbgrader's points, and 0 for an item whose in-kernel hidden tests passed
-    while the out-of-kernel re-check refuted the answer (with that as evidence)."""
-    items, findings = [], []
-    for item in spec.items:
-        gids = [g for g in spec.grade_cells if spec.grade_cells[g].item == item]
-        parts = {g: float(grades[g].auto_score or 0.0) if g in grades else 0.0 for g in gids}
-        v = verdicts.get(item, Verdict(item, "not-run"))
-        hidden = [g for g in gids if spec.grade_cells[g].hidden] or gids
-        res = ItemResult(item, spec.objective(item), sum(parts.values()), spec.item_points(item), parts,
-                         v.verdict, v.detail)
-        if v.verdict in ("mismatch", "error") and any(parts[g] > 0 for g in hidden):
-            res.zeroed, res.score = True, 0.0
-            findings.append(Finding("recheck", "recheck-contradicts-kernel", item,
-                                    f"in-kernel hidden tests passed, but outside the kernel: {v.detail}"))
-        items.append(res)
-    return items, findings
+def score_items(f: SubmissionFolders, spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[ItemResult], list[Finding]]:
+    """Per-item scores by the one scoring rule (:func:`autograder.scoring.score_items`): the hidden
+    points need the out-of-kernel check's pass; a failing check sets them to 0 in the submission's
+    gradebook and names the failed property in its feedback. Disagreements are notes, not flags."""
+    items, zero, notes = scoring.score_items(spec, grades, verdicts)
+    gradebook.zero_cells(f.db, spec.lesson_id, f.student, zero)
+    scoring.annotate_feedback(f.notebook_dir / spec.notebook_name, spec, items, verdicts)
+    return items, notes
 
 
 # step 7
@@ -399,9 +392,7 @@ def decide_status(res: StudentResult, spec: LessonSpec, findings: list[Finding])
     flags = [f for f in findings if f.flag]
     if flags:
         res.status = FLAGGED
-        zeroed = [i.item for i in res.items if i.zeroed]
-        res.reason = f"integrity evidence: {', '.join(sorted({f.rule for f in flags}))}" + (
-            f"; items scored 0: {', '.join(zeroed)}" if zeroed else "")
+        res.reason = f"integrity evidence: {', '.join(sorted({f.rule for f in flags}))}"
 
 
 # step 8
@@ -452,10 +443,8 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
             return _errored(res, f"{', '.join(timed_out)} exceeded the {ctx.cell_timeout} s per-cell time limit "
                                  f"(infinite loop?) and was interrupted; nbgrader's partial score "
                                  f"{res.autograde_score:g}/{spec.total_points:g} is not counted")
-        res.items, recheck_findings = score_items(spec, grades, verdicts)
+        res.items, recheck_findings = score_items(f, spec, grades, verdicts)
         findings += recheck_findings
-        gradebook.zero_cells(f.db, spec.lesson_id, sub.student,
-                             [g for i in res.items if i.zeroed for g in i.parts])
         decide_status(res, spec, findings)
         if opts.feedback:
             make_feedback(f, ctx, res)
@@ -537,7 +526,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
                         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))})
         pool = WorkerPool(max(1, opts.jobs), run_dir, env)   # importing nbgrader overlaps with what follows
         tmpl = template(spec)
-        seed = opts.probe_seed if opts.probe_seed is not None else secrets.randbelow(2**31)
+        seed = opts.probe_seed if opts.probe_seed is not None else offering_probe_seed()
         probes = ProbeSet.build(spec, seed) if opts.recheck else None
         subs = _roster(opts.roster, discover(Path(submissions), spec.lesson_id, spec.notebook_name, run_dir))
         out_db = opts.out / "gradebook.db"

@@ -1,29 +1,40 @@
-"""Out-of-kernel probes: THE one place that says how each assessment item is re-checked.
+"""Out-of-kernel probes: THE one specification of each assessment item's hidden tests.
 
 For every item with a probe, the grader runs the student's answer code in a fresh subprocess (not
 the notebook's kernel, so nothing a student monkeypatched there applies), calls the function or
 class the answer cell defines on hidden inputs made here, converts the results to plain JSON in
 that subprocess (so always-equal objects cannot survive the trip) and compares them, in the grader,
-with references computed here from ``residual_bandwidth`` / numpy. See :mod:`autograder.recheck`.
+with references computed here. **This verdict is what awards an item's hidden-test points**; the
+``<item>__hidden`` cell in the notebook only checks that the answer runs (see
+:mod:`autograder.scoring` and ``autograder/README.md``, "Scoring and determinism").
 
-Adding a probe (e.g. for ``checkpoint_2`` or ``summative_q3``) means adding one :class:`Probe` to
-:data:`PROBES`:
+Inputs are **fixed per offering**: ``cases(rng)`` draws from a generator seeded with the offering's
+``probe_seed`` (``autograder/offering.toml``) and the item's name, so the same submission always
+meets the same inputs, and adding an item never changes another item's inputs.
+
+A probe (one per item, in :data:`PROBES`):
 
 * ``item``: the assessment item (grade ids ``<item>__visible`` / ``<item>__hidden``);
 * ``target``: the name the answer cell defines (a function or a class); a case may name another
   one with ``Case(target=...)`` (an item whose answer cell defines two functions);
-* ``cases(rng)``: a list of :class:`Case` — inputs drawn from ``rng`` (a ``numpy.random.Generator``
-  seeded per grading run, so nobody can precompute the answers). Arrays that the student's code
-  should receive as torch tensors are wrapped in :func:`T`. A case calls
+* ``cases(rng)``: a list of :class:`Case` (synthetic inputs, plus real residual streams of the
+  embedded model recorded once by :mod:`autograder.record_probe_data`), ordered from the plainest input to the special ones.
+  Each case names the **property** it checks (``prop``, e.g. "data with a large mean"); the first
+  failing case's property is the student's feedback — never its inputs or code. Arrays the
+  student's code should receive as torch tensors are wrapped in :func:`T`. A case calls
   ``target(*args, **kwargs)``; with ``calls`` it then calls those methods on the returned object
   (a class instance) in order; with ``read`` the result is ``{attr: getattr(obj, attr)}``.
-* ``expected(case)``: the reference result as plain data (dict / list / float / int / str),
-  computed in the grader process;
+* ``expected(case)``: the reference result as plain data, computed in the grader process;
 * ``compare(got, want, case)``: ``None`` when the student's plain result ``got`` agrees with
-  ``want``, else a short message (it becomes evidence). Helpers: :func:`compare_fields`.
+  ``want``, else a short message for the instructor (it names values; students never see it).
 
-Items without a probe are reported as ``no-probe``: they are graded by nbgrader alone (static
-checks still apply).
+Tolerances follow each quantity's conditioning: ranks and levels are exact, and the inputs are
+drawn so that no cumulative variance share, norm ratio or spread lies near a decision threshold
+(a float32 computation cannot land on the other side); real-valued results are compared with the
+relative tolerance a correct float32 computation meets (``REL_F32``), except where the exercise asks
+for float64 accuracy because the question needs it (the streaming covariance with a large mean). Correct answers
+written with numpy, scikit-learn, ``eigvalsh`` of the covariance or float32 arithmetic pass
+(``tests/test_fair_grading.py`` grades such answers through the real pipeline).
 """
 from __future__ import annotations
 
@@ -33,7 +44,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-RANK_SLACK = 1e-6   # ranks computed at p +- this are accepted (float32 inputs, exact ties)
+RANK_SLACK = 1e-9    # ranks computed at p +- this are accepted (exact ties in floating point)
+MARGIN = 1e-3        # inputs keep every decision quantity this far (relative) from its threshold
+REL_F32 = 1e-4       # relative accuracy of a correct float32 computation of a well-conditioned quantity
 
 
 @dataclass(frozen=True)
@@ -45,13 +58,14 @@ class T:
 @dataclass(frozen=True)
 class Case:
     """One probe call (see the module docstring)."""
-    label: str
+    label: str                     # instructor-facing: what the input is (sizes, seeds)
     args: tuple = ()
     target: str | None = None      # call this name instead of the probe's target (items with two functions)
     kwargs: dict = field(default_factory=dict)
     calls: tuple = ()              # ((method, args, kwargs), ...) on the returned object
     read: tuple | None = None      # attributes to read instead of the return value
     extra: dict = field(default_factory=dict)   # grader-side data for expected/compare (never sent)
+    prop: str = ""                 # student-facing: the property this case checks
 
 
 @dataclass(frozen=True)
@@ -119,39 +133,85 @@ def compare_fields(got, want: dict, *, exact=(), floats=(), arrays=(), rel=1e-6,
 def _metrics(x: np.ndarray, p: float = 0.95):
     import torch
     import residual_bandwidth as rb
-    return rb.compute_metrics(torch.as_tensor(x, dtype=torch.float64), variance_threshold=p)
+    return rb.compute_metrics(torch.as_tensor(np.asarray(x), dtype=torch.float64), variance_threshold=p)
+
+
+def variance_shares(x: np.ndarray) -> np.ndarray:
+    """Cumulative variance shares of the centred rows of ``x`` (float64), largest direction first."""
+    x = np.asarray(x, dtype=np.float64)
+    lam = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    return np.cumsum(lam) / lam.sum()
+
+
+def rank_is_clear(x: np.ndarray, p: float) -> bool:
+    """No cumulative share lies within ``MARGIN`` of ``p``: every correct method finds the same rank."""
+    return bool(np.all(np.abs(variance_shares(x) - p) > MARGIN))
 
 
 def _rank_range(x: np.ndarray, p: float) -> tuple[int, int]:
     """Ranks a correct implementation may report: r_p computed at p - slack and p + slack."""
     import torch
     import residual_bandwidth as rb
-    spec = rb.spectrum(torch.as_tensor(x, dtype=torch.float64))
+    spec = rb.spectrum(torch.as_tensor(np.asarray(x), dtype=torch.float64))
     lo = rb.variance_threshold_rank(spec, max(1e-9, p - RANK_SLACK))
     hi = rb.variance_threshold_rank(spec, min(1.0, p + RANK_SLACK))
     return lo, hi
 
 
-def _low_rank(rng, n, d, r, offset=0.0, noise=0.05, dtype=np.float32) -> np.ndarray:
+def _low_rank(rng, n, d, r, offset=0.0, noise=0.05, dtype=np.float64) -> np.ndarray:
     x = rng.standard_normal((n, r)) @ rng.standard_normal((r, d)) + offset + noise * rng.standard_normal((n, d))
     return x.astype(dtype)
+
+
+def _offset(rng, size: float, d: int) -> np.ndarray:
+    """A mean vector of norm about ``size`` times sqrt(d) (a real mean, not a constant on one axis)."""
+    return size * (1.0 + rng.random(d))
+
+
+def _clear(draw, p: float, tries: int = 200):
+    """Draw until the pooled data's rank at ``p`` is unambiguous (deterministic: same rng, same draws)."""
+    for _ in range(tries):
+        out = draw()
+        x = np.concatenate(out) if isinstance(out, list) else out
+        if rank_is_clear(x, p):
+            return out
+    raise RuntimeError("could not draw an input whose rank is clear of the threshold")
 
 
 # ---- checkpoint_1: analyze_bandwidth(residual_states, p) ------------------------------------------
 def _ck1_cases(rng) -> list[Case]:
     cases = []
-    shapes = [(int(rng.integers(8, 20)), int(rng.integers(32, 64))),      # n < d: rank capped by n
-              (int(rng.integers(150, 400)), int(rng.integers(16, 48))),
-              (int(rng.integers(60, 120)), int(rng.integers(24, 56)))]
-    for k, (n, d) in enumerate(shapes):
-        r = int(rng.integers(2, d + 1))
-        p = float(rng.choice([0.5, 0.8, 0.9, 0.95, 0.99]))
-        offset = float(rng.uniform(-60, 60))
-        layers = int(rng.integers(1, 4))
-        states = [_low_rank(rng, n, d, r, offset) for _ in range(layers)]
-        cases.append(Case(f"{layers} layers of {n}x{d}, rank {r}, p={p}", args=([T(s) for s in states],),
-                          kwargs={"p": p}, extra={"X": np.concatenate(states), "p": p}))
+    plan = [  # (property, layers, n, d, rank, offset size, p, dtype)
+        ("a typical stack of layers (more positions than dimensions)", 2, 120, 24, 6, 0.0, 0.95, np.float64),
+        ("data with a large mean (centre the pooled rows first)", 2, 150, 32, 8, 40.0, 0.95, np.float64),
+        ("fewer positions than dimensions (n < d: utilization_available divides by min(n, d))", 3, 6, 48, 20, 0.0, 0.95,
+         np.float64),
+        ("another threshold p (0.8)", 2, 100, 20, 12, 3.0, 0.8, np.float64),
+        ("another threshold p (0.5)", 1, 200, 16, 10, 0.0, 0.5, np.float64),
+        ("float32 input with a mean", 3, 60, 40, 12, 10.0, 0.9, np.float32),
+    ]
+    for prop, layers, n, d, r, size, p, dtype in plan:
+        def draw():
+            mean = _offset(rng, size, d) if size else 0.0
+            return [_low_rank(rng, n, d, r, mean, dtype=dtype) for _ in range(layers)]
+        states = _clear(draw, p)
+        cases.append(Case(f"{layers} layers of {n}x{d}, rank {r}, mean size {size}, p={p}, {np.dtype(dtype).name}",
+                          args=([T(s) for s in states],), kwargs={"p": p},
+                          extra={"X": np.concatenate(states).astype(np.float64), "p": p}, prop=prop))
+    real = _recorded()           # the real model: blocks 3 and 6 of SmolLM2-135M on one paragraph
+    states = [real[3], real[6]]
+    if rank_is_clear(np.concatenate(states), 0.95):
+        cases.append(Case("recorded SmolLM2-135M resid_post, blocks 3 and 6 (62 x 576 each), p=0.95",
+                          args=([T(x) for x in states],), kwargs={"p": 0.95},
+                          extra={"X": np.concatenate(states).astype(np.float64), "p": 0.95},
+                          prop="two real layers of SmolLM2-135M (massive activations, fewer positions than dimensions)"))
     return cases
+
+
+def _recorded() -> dict[int, np.ndarray]:
+    """Real residual streams recorded once from the embedded model (:mod:`autograder.record_probe_data`)."""
+    from .record_probe_data import load
+    return load()
 
 
 def _ck1_expected(case: Case) -> dict:
@@ -166,42 +226,189 @@ def _ck1_compare(got, want, case) -> str | None:
         return msg
     r, n, d = int(got["effective_rank"]), want["n"], want["total_dimensions"]
     return compare_fields(got, {"utilization_available": r / min(n, d), "utilization_d_model": r / d},
-                          floats=("utilization_available", "utilization_d_model"))
+                          floats=("utilization_available", "utilization_d_model"), rel=1e-9)
+
+
+# ---- checkpoint_2: find_crowded_positions(X, loud_ratio, massive_ratio, critical_score) --------------
+def _median(v: np.ndarray, kind: str) -> float:
+    """``lower``: the lower middle value (torch.median); ``mean``: the mean of the two (np.median)."""
+    v = np.sort(np.asarray(v, dtype=np.float64))
+    return float(v[(len(v) - 1) // 2]) if kind == "lower" else float(np.median(v))
+
+
+def crowded_reference(x: np.ndarray, loud: float = 2.0, massive: float = 4.0, critical: float = 4.0,
+                      norm_median: str = "lower", pr_median: str = "lower") -> tuple[dict, dict]:
+    """Section 5's definition, in numpy (checked against ``residual_bandwidth.bottlenecks``).
+
+    ``norm_ratio_i = ||x_i|| / median_j ||x_j||``; typical rows have ``norm_ratio < loud``; the
+    principal directions are those of the centred typical rows (singular value > 1e-9 s_max);
+    ``spread_i = PR(c_i^2) / median over typical rows``, with ``c_i`` the coordinates of
+    ``x_i - mean(typical)`` on those directions and ``PR(a) = (sum a)^2 / sum a^2``. Severity:
+    ``massive`` if ``norm_ratio >= massive``, else ``critical``/``warning`` if ``norm_ratio >= loud``
+    and ``spread >= 1`` (``critical`` when ``norm_ratio * spread >= critical``).
+    Returns (records by position, per-row arrays for the margin check).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    energy = norms / _median(norms, norm_median)
+    typical = energy < loud
+    mu = x[typical].mean(0)
+    _, s, vh = np.linalg.svd(x[typical] - mu, full_matrices=False)
+    c2 = ((x - mu) @ vh[s > 1e-9 * s[0]].T) ** 2
+    pr = c2.sum(1) ** 2 / (c2 ** 2).sum(1)
+    spread = pr / _median(pr[typical], pr_median)
+    out = {}
+    for i, (e, sp) in enumerate(zip(energy, spread)):
+        if e >= massive:
+            level = "massive"
+        elif e >= loud and sp >= 1.0:
+            level = "critical" if e * sp >= critical else "warning"
+        else:
+            continue
+        out[i] = {"severity": level, "norm_ratio": float(e), "spread": float(sp)}
+    return out, {"energy": energy, "spread": spread}
+
+
+MEDIANS = [(a, b) for a in ("lower", "mean") for b in ("lower", "mean")]
+
+
+def _ck2_clear(x: np.ndarray, loud: float) -> bool:
+    """No row's norm ratio, spread or score is near a threshold, under any median convention."""
+    for nm, pm in MEDIANS:
+        _, arr = crowded_reference(x, loud, norm_median=nm, pr_median=pm)
+        e, sp = arr["energy"], arr["spread"]
+        near = lambda v, t: np.abs(v / t - 1.0) < MARGIN  # noqa: E731
+        if near(e, loud).any() or near(e, 4.0).any():
+            return False
+        loud_rows = (e >= loud) & (e < 4.0)
+        if near(sp[loud_rows], 1.0).any() or near(e[loud_rows] * sp[loud_rows], 4.0).any():
+            return False
+    return True
+
+
+def _ck2_layer(rng, n, d, offset, n_loud=6):
+    x = rng.standard_normal((n, d)) * np.linspace(2.0, 0.2, d)
+    x = x @ np.linalg.qr(rng.standard_normal((d, d)))[0] + offset
+    for j, i in enumerate(rng.choice(n, size=n_loud, replace=False)):
+        x[i] *= 1.5 + j                                   # rows 1.5x .. 6.5x louder, spread as they were
+    return x
+
+
+def _ck2_planted(rng, n, d):
+    x = rng.standard_normal((n, d))
+    typical = float(np.median(np.linalg.norm(x, axis=1)))
+    vh = np.linalg.svd(x - x.mean(0), full_matrices=False)[2]
+    even = vh.sum(0) / np.linalg.norm(vh.sum(0))
+    x[11] = x.mean(0) + 3.0 * typical * even               # loud and spread: crowded
+    x[22] = x.mean(0) + 3.0 * typical * vh[0]              # loud along one direction only
+    x[33] = 0.0
+    x[33, 3] = 40.0 * typical                              # massive
+    return x
+
+
+def _ck2_cases(rng) -> list[Case]:
+    plan = [  # (property, maker, loud_ratio, dtype)
+        ("a crowded row, a loud one-directional row and a massive row",
+         lambda: _ck2_planted(rng, 151, int(rng.integers(20, 40))), 2.0, np.float64),
+        ("several loud rows in data with a mean", lambda: _ck2_layer(rng, 201, 24, 3.0), 2.0, np.float64),
+        ("another loud_ratio", lambda: _ck2_layer(rng, 181, 32, 1.0), 2.5, np.float64),
+        ("an even number of rows (either median convention is accepted)",
+         lambda: _ck2_layer(rng, 160, 20, 2.0), 2.0, np.float64),
+        ("data with a large mean", lambda: _ck2_layer(rng, 121, 16, 20.0, n_loud=3), 2.0, np.float64),
+        ("float32 input", lambda: _ck2_layer(rng, 141, 28, 1.0), 2.0, np.float32),
+        ("a real layer of SmolLM2-135M (block 3: massive activations)", lambda: _recorded()[3], 2.0, np.float32),
+    ]
+    cases = []
+    for prop, make, loud, dtype in plan:
+        for _ in range(200):
+            x = make().astype(dtype)
+            if _ck2_clear(x, loud):
+                break
+        else:
+            raise RuntimeError(f"checkpoint_2: no clear input for {prop!r}")
+        n, d = x.shape
+        cases.append(Case(f"{n}x{d} {np.dtype(dtype).name}, loud_ratio {loud}", args=(T(x),),
+                          kwargs={"loud_ratio": loud}, extra={"x": x, "loud": loud}, prop=prop))
+        if len(cases) == 2:   # the same layer in a rotated basis
+            q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+            xr = x @ q
+            cases.append(Case(f"case 2 rotated ({n}x{d})", args=(T(xr),), kwargs={"loud_ratio": loud},
+                              extra={"x": xr, "loud": loud},
+                              prop="a rotated basis (the answer must not depend on coordinates)"))
+    return cases
+
+
+def _ck2_expected(case: Case) -> list[dict]:
+    return [crowded_reference(case.extra["x"], case.extra["loud"], norm_median=nm, pr_median=pm)[0] for nm, pm in MEDIANS]
+
+
+def _ck2_compare(got, wants, case) -> str | None:
+    if not isinstance(got, list) or not all(isinstance(r, dict) for r in got):
+        return f"returned {type(got).__name__}, expected a list of dicts"
+    try:
+        by_pos = {int(r["position"]): r for r in got}
+    except (KeyError, TypeError, ValueError):
+        return "every record needs an integer 'position'"
+    first = None
+    for want in wants:     # any median convention is accepted
+        want = {int(k): v for k, v in want.items()}
+        msg = None
+        if set(by_pos) != set(want):
+            msg = f"positions {sorted(by_pos)}, expected {sorted(want)}"
+        else:
+            for i, w in want.items():
+                m = compare_fields(by_pos[i], w, exact=("severity",), floats=("norm_ratio", "spread"), rel=REL_F32)
+                if m:
+                    msg = f"position {i}: {m}"
+                    break
+        if msg is None:
+            return None
+        first = first or msg
+    return first
 
 
 # ---- checkpoint_3: utilization_alert(state, warning, critical, p) -----------------------------------
+def _spread_layer(rng, n, d, k, offset=0.0):
+    return rng.standard_normal((n, d)) @ np.diag(np.r_[np.ones(k), 0.02 * np.ones(d - k)]) + offset
+
+
 def _ck3_cases(rng) -> list[Case]:
     cases = []
-    for _ in range(3):
-        d = int(rng.integers(24, 64))
-        n = int(rng.integers(d + 40, 6 * d))
-        k = int(rng.integers(2, d + 1))
-        x = (rng.standard_normal((n, d)) @ np.diag(np.r_[np.ones(k), 0.01 * np.ones(d - k)])).astype(np.float32)
-        warning = float(rng.uniform(0.2, 0.6))
-        critical = float(rng.uniform(warning + 0.05, 0.95))
-        cases.append(Case(f"{n}x{d} with {k} strong directions", args=(T(x),),
-                          kwargs={"warning": warning, "critical": critical}, extra={"x": x, "w": warning, "c": critical}))
-    # exactly at the warning threshold: the alert must fire (>=)
-    d = int(rng.integers(20, 40))
-    x = (rng.standard_normal((4 * d, d)) @ np.diag(np.r_[np.ones(d // 2), 0.01 * np.ones(d - d // 2)])).astype(np.float32)
-    u = _metrics(x).variance_rank / d
-    cases.append(Case("utilization exactly at the warning threshold", args=(T(x),), kwargs={"warning": u, "critical": 1.01},
-                      extra={"x": x, "w": u, "c": 1.01}))
-    for n, d in ((int(rng.integers(5, 30)), 48), (49, 48)):   # n - 1 < d cannot span; n - 1 == d can
-        x = rng.standard_normal((n, d)).astype(np.float32)
-        cases.append(Case(f"{n}x{d} (n - 1 {'<' if n - 1 < d else '=='} d)", args=(T(x),), extra={"x": x, "w": 0.75, "c": 0.9}))
+
+    def add(prop, x, **kw):
+        n, d = x.shape
+        cases.append(Case(f"{n}x{d} {kw}", args=(T(x),), kwargs=kw, extra={"x": x, **kw}, prop=prop))
+
+    def clear(n, d, k, offset=0.0, p=0.95):
+        return _clear(lambda: _spread_layer(rng, n, d, k, _offset(rng, offset, d) if offset else 0.0), p)
+
+    add("a layer that uses few of its directions ('ok')", clear(400, 48, 8))
+    add("a layer that uses most of its directions ('critical')", clear(300, 32, 32))
+    add("between the two thresholds ('warning')", clear(300, 40, 30), warning=0.5, critical=0.9)
+    add("data with a large mean", clear(300, 32, 20, offset=50.0), warning=0.4, critical=0.8)
+    add("another p", clear(250, 24, 12, p=0.8), p=0.8, warning=0.3, critical=0.6)
+    x = clear(300, 40, 16)
+    u = _metrics(x).variance_rank / 40
+    add("utilization exactly at the warning threshold (an alert at the threshold fires: >=)", x, warning=u, critical=1.0)
+    x = clear(300, 40, 28)
+    u = _metrics(x).variance_rank / 40
+    add("utilization exactly at the critical threshold (>=)", x, warning=0.1, critical=u)
+    add("too few positions to span the stream (n - 1 < d, here n == d)", rng.standard_normal((32, 32)))
+    add("too few positions to span the stream (n < d)", rng.standard_normal((15, 48)))
+    add("the smallest sample that can span the stream (n - 1 == d)", rng.standard_normal((25, 24)))
     return cases
 
 
 def _ck3_expected(case: Case) -> dict:
-    x, w, c = case.extra["x"], case.extra["w"], case.extra["c"]
+    x = case.extra["x"]
+    w, c, p = case.extra.get("warning", 0.75), case.extra.get("critical", 0.9), case.extra.get("p", 0.95)
     n, d = x.shape
     if n - 1 < d:
         return {"level": "insufficient_data"}
-    m = _metrics(x)
-    u = m.variance_rank / d
+    r = _metrics(x, p).variance_rank
+    u = r / d
     level = "critical" if u >= c else "warning" if u >= w else "ok"
-    return {"level": level, "effective_rank": _rank_range(x, 0.95), "d": d}
+    return {"level": level, "effective_rank": (r, r), "d": d}
 
 
 def _ck3_compare(got, want, case) -> str | None:
@@ -212,19 +419,29 @@ def _ck3_compare(got, want, case) -> str | None:
     if msg:
         return msg
     return compare_fields(got, {"utilization_d_model": int(got["effective_rank"]) / want["d"]},
-                          floats=("utilization_d_model",))
+                          floats=("utilization_d_model",), rel=1e-9)
 
 
 # ---- summative_q1: effective_rank_family(X) ------------------------------------------------------
 def _q1_cases(rng) -> list[Case]:
+    plan = [  # (property, n, d, rank, mean size, noise, dtype)
+        ("a typical layer (more positions than dimensions, mean near zero)", 200, 24, 6, 0.0, 0.1, np.float64),
+        ("data with a large mean (centre first)", 150, 32, 8, 30.0, 0.1, np.float64),
+        ("fewer positions than dimensions (n < d)", 12, 48, 8, 2.0, 0.1, np.float64),
+        ("a square matrix", 64, 64, 10, 1.0, 0.1, np.float64),
+        ("exactly low rank (zero singular values: 0 log 0 = 0)", 100, 20, 5, 1.0, 0.0, np.float64),
+        ("float32 input", 120, 40, 12, 5.0, 0.1, np.float32),
+    ]
     cases = []
-    for n, d in ((int(rng.integers(8, 20)), int(rng.integers(30, 60))), (int(rng.integers(100, 300)), int(rng.integers(10, 40))),
-                 (int(rng.integers(40, 80)), int(rng.integers(40, 80)))):
-        r = int(rng.integers(2, min(n, d)))
-        x = _low_rank(rng, n, d, r, offset=float(rng.uniform(-10, 10)), noise=0.1, dtype=np.float64)
-        cases.append(Case(f"{n}x{d}, rank {r} + noise, offset", args=(T(x),), extra={"x": x}))
-        q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-        cases.append(Case(f"the same {n}x{d} rotated", args=(T(x @ q),), extra={"x": x}))
+    for prop, n, d, r, size, noise, dtype in plan:
+        mean = _offset(rng, size, d) if size else 0.0
+        x = _low_rank(rng, n, d, r, mean, noise=noise, dtype=dtype)
+        cases.append(Case(f"{n}x{d}, rank {r}, mean size {size}, noise {noise}, {np.dtype(dtype).name}", args=(T(x),),
+                          extra={"x": x}, prop=prop))
+        if len(cases) == 2:
+            q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+            cases.append(Case("case 2 rotated", args=(T(x @ q),), extra={"x": x},
+                              prop="a rotated basis (the family must not change under X -> XQ)"))
     return cases
 
 
@@ -234,23 +451,39 @@ def _q1_expected(case: Case) -> dict:
 
 
 def _q1_compare(got, want, case) -> str | None:
-    return compare_fields(got, want, floats=("participation_ratio", "stable_rank", "entropy_rank"), rel=1e-6)
+    return compare_fields(got, want, floats=("participation_ratio", "stable_rank", "entropy_rank"), rel=REL_F32)
 
 
 # ---- summative_q2: RunningCovariance(d).update(...) -----------------------------------------------
+def _chunks(rng, n, low, high):
+    sizes, i = [], 0
+    while i < n:
+        s = int(rng.integers(low, high + 1))
+        sizes.append((i, min(n, i + s)))
+        i += s
+    return sizes
+
+
 def _q2_cases(rng) -> list[Case]:
     cases = []
-    for label, n, d, offset, tol in (("random chunk sizes", int(rng.integers(300, 900)), int(rng.integers(3, 10)), 0.0, 1e-8),
-                                     ("a mean 1e9 times the spread", 400, 3, 1e9, 1e-4)):
-        data = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + offset
-        sizes, i = [], 0
-        while i < n:
-            s = int(rng.integers(1, 40))
-            sizes.append((i, min(n, i + s)))
-            i += s
-        calls = tuple(("update", (T(data[a:b]),), {}) for a, b in sizes)
-        cases.append(Case(f"{label}: {n}x{d} in {len(sizes)} updates", args=(d,), calls=calls, read=("n", "mean", "cov"),
-                          extra={"data": data, "tol": tol}))
+    plan = [  # (property, n, d, mean size, chunk sizes, tolerance)
+        ("one update with all the data", 200, 5, 1.0, None, 1e-8),
+        ("two updates", 60, 4, 1.0, [(0, 23), (23, 60)], 1e-8),
+        ("many updates of random sizes", 700, 6, 2.0, "random", 1e-8),
+        ("updates of a single row", 120, 3, 1.0, "ones", 1e-8),
+        ("a mean 1e9 times the spread (merge centred statistics)", 400, 3, 1e9, "random", 1e-4),
+    ]
+    for prop, n, d, size, chunks, tol in plan:
+        data = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + size * (1.0 + rng.random(d))
+        if chunks is None:
+            chunks = [(0, n)]
+        elif chunks == "random":
+            chunks = _chunks(rng, n, 1, 40)
+        elif chunks == "ones":
+            chunks = _chunks(rng, n, 1, 1)
+        calls = tuple(("update", (T(data[a:b]),), {}) for a, b in chunks)
+        cases.append(Case(f"{n}x{d} in {len(chunks)} updates, mean size {size:g}", args=(d,), calls=calls,
+                          read=("n", "mean", "cov"), extra={"data": data, "tol": tol}, prop=prop))
     return cases
 
 
@@ -264,83 +497,49 @@ def _q2_compare(got, want, case) -> str | None:
     return compare_fields(got, want, exact=("n",), arrays=("mean", "cov"), rtol=tol, atol=tol)
 
 
-
-# ---- checkpoint_2: find_crowded_positions(X, loud_ratio, ...) -------------------------------------
-def _ck2_cases(rng) -> list[Case]:
-    cases = []
-    for _ in range(2):
-        n = int(rng.integers(60, 200)) * 2 + 1          # odd: every definition of the median agrees
-        d = int(rng.integers(16, 48))
-        loud = float(rng.uniform(1.8, 2.6))
-        x = rng.standard_normal((n, d)) * np.linspace(2.0, 0.2, d)
-        x = x @ np.linalg.qr(rng.standard_normal((d, d)))[0] + float(rng.uniform(-3, 3))
-        for j, i in enumerate(rng.choice(n, size=6, replace=False)):
-            x[i] *= 1.5 + j                               # rows 1.5x .. 6.5x louder
-        cases.append(Case(f"{n}x{d}, six louder rows, loud_ratio {loud:.2f}", args=(T(x),),
-                          kwargs={"loud_ratio": loud}, extra={"x": x, "loud": loud}))
-        q = np.linalg.qr(rng.standard_normal((d, d)))[0]
-        cases.append(Case(f"the same {n}x{d} in a rotated basis", args=(T(x @ q),),
-                          kwargs={"loud_ratio": loud}, extra={"x": x @ q, "loud": loud}))
-    # planted: one crowded row, one loud one-dimensional row, one massive row
-    n, d = 151, int(rng.integers(20, 40))
-    x = rng.standard_normal((n, d))
-    typical = float(np.median(np.linalg.norm(x, axis=1)))
-    vh = np.linalg.svd(x - x.mean(0), full_matrices=False)[2]
-    even = vh.sum(0) / np.linalg.norm(vh.sum(0))
-    x[11] = x.mean(0) + 3.0 * typical * even
-    x[22] = x.mean(0) + 3.0 * typical * vh[0]
-    x[33] = 0.0
-    x[33, 3] = 40.0 * typical
-    cases.append(Case(f"planted crowded / one-dimensional / massive rows ({n}x{d})", args=(T(x),),
-                      extra={"x": x, "loud": 2.0}))
-    return cases
-
-
-def _ck2_expected(case: Case) -> dict:
-    import torch
-    from residual_bandwidth.bottlenecks import layer_scores, severity
-    loud = case.extra["loud"]
-    ref = layer_scores(torch.as_tensor(case.extra["x"], dtype=torch.float64), loud_ratio=loud)
-    out = {}
-    for i in range(len(ref["norm_ratio"])):
-        level = severity(float(ref["norm_ratio"][i]), float(ref["spread"][i]), loud_ratio=loud)
-        if level != "none":
-            out[i] = {"severity": level, "norm_ratio": float(ref["norm_ratio"][i]), "spread": float(ref["spread"][i])}
-    return out
-
-
-def _ck2_compare(got, want, case) -> str | None:
-    if not isinstance(got, list) or not all(isinstance(r, dict) for r in got):
-        return f"returned {type(got).__name__}, expected a list of dicts"
-    try:
-        by_pos = {int(r["position"]): r for r in got}
-    except (KeyError, TypeError, ValueError):
-        return "every record needs an integer 'position'"
-    if set(by_pos) != set(want):
-        return f"positions {sorted(by_pos)}, expected {sorted(want)}"
-    for i, w in want.items():
-        msg = compare_fields(by_pos[i], w, exact=("severity",), floats=("norm_ratio", "spread"), rel=1e-6)
-        if msg:
-            return f"position {i}: {msg}"
-    return None
-
-
 # ---- summative_q3: eraser_share(W_V, W_O), write_read_projection(write, read) ---------------------
+def _clear_head(rng, d, dh):
+    """A random head whose eigenvalues are all clearly left or right of the imaginary axis."""
+    for _ in range(200):
+        w_v, w_o = rng.standard_normal((d, dh)), rng.standard_normal((dh, d))
+        eig = np.linalg.eigvals(w_o @ w_v)
+        if np.all(np.abs(eig.real) > MARGIN * np.abs(eig).max()):
+            return w_v, w_o
+    raise RuntimeError("could not draw a clear head")
+
+
 def _q3_cases(rng) -> list[Case]:
     cases = []
-    for _ in range(2):
-        d = int(rng.integers(24, 80))
-        dh = int(rng.integers(4, max(5, d // 4)))
-        w_v, w_o = rng.standard_normal((d, dh)), rng.standard_normal((dh, d))
-        cases.append(Case(f"random head {d}x{dh}", args=(T(w_v), T(w_o)), extra={"kind": "eig", "W_V": w_v, "W_O": w_o}))
-    d, dh = int(rng.integers(24, 64)), int(rng.integers(4, 12))
-    u = np.linalg.qr(rng.standard_normal((d, dh)))[0]
-    cases.append(Case("planted eraser W_OV = -U U^T", args=(T(u), T(-u.T)), extra={"kind": "eig", "W_V": u, "W_O": -u.T}))
-    for _ in range(2):
-        t, d = int(rng.integers(10, 80)), int(rng.integers(16, 64))
-        write, read = rng.standard_normal((t, d)), rng.standard_normal((t, d)) + float(rng.uniform(-2, 2))
-        cases.append(Case(f"write/read projection over {t} tokens", args=(T(write), T(read)),
-                          target="write_read_projection", extra={"kind": "proj", "write": write, "read": read}))
+
+    def head(prop, w_v, w_o, rel=REL_F32, **extra):   # a share in [0, 1]: float32 accuracy answers the question
+        d, dh = w_v.shape
+        cases.append(Case(f"head {d}x{dh} {w_v.dtype}", args=(T(w_v), T(w_o)),
+                          extra={"kind": "eig", "W_V": w_v.astype(np.float64), "W_O": w_o.astype(np.float64), "rel": rel},
+                          prop=prop))
+
+    head("a random head (eigenvalues are complex: W_OV is not symmetric)", *_clear_head(rng, 32, 8))
+    head("a random head of another size", *_clear_head(rng, 64, 16))
+    u = np.linalg.qr(rng.standard_normal((40, 10)))[0]
+    head("a head that erases a subspace exactly (W_OV = -U U^T)", u, -u.T)
+    head("a head that copies a subspace (W_OV = +U U^T)", u, u.T.copy())
+    w_v, w_o = _clear_head(rng, 48, 12)
+    head("float32 weights", w_v.astype(np.float32), w_o.astype(np.float32))
+    q = np.linalg.qr(rng.standard_normal((48, 48)))[0]
+    head("a rotated residual basis (W_V -> Q^T W_V, W_O -> W_O Q)", q.T @ w_v, w_o @ q)
+
+    def proj(prop, write, read):
+        t, d = write.shape
+        cases.append(Case(f"write/read over {t} tokens, d={d}", args=(T(write), T(read)), target="write_read_projection",
+                          extra={"kind": "proj", "write": write.astype(np.float64), "read": read.astype(np.float64)},
+                          prop=prop))
+
+    read = rng.standard_normal((50, 32)) * (0.2 + 3 * rng.random((50, 1))) + 1.5
+    proj("tokens of different norms (the mean over tokens of each token's ratio)",
+         rng.standard_normal((50, 32)) - 0.5 * read, read)
+    read = rng.standard_normal((30, 24))
+    proj("a component that writes -0.7 x what it read", -0.7 * read, read)
+    read = (rng.standard_normal((40, 16)) + 2.0).astype(np.float32)
+    proj("float32 input", rng.standard_normal((40, 16)).astype(np.float32), read)
     return cases
 
 
@@ -354,7 +553,9 @@ def _q3_expected(case: Case) -> float:
 
 
 def _q3_compare(got, want, case) -> str | None:
-    return None if is_close(got, want, rel=1e-6, abs_=1e-9) else f"returned {got!r}, expected {want!r}"
+    rel = case.extra.get("rel", REL_F32)
+    return None if is_close(got, want, rel=rel, abs_=1e-9) else f"returned {got!r}, expected {want!r}"
+
 
 PROBES: dict[str, Probe] = {p.item: p for p in [
     Probe("checkpoint_1", "analyze_bandwidth", _ck1_cases, _ck1_expected, _ck1_compare),

@@ -11,8 +11,9 @@ submission, inside the operating-system sandbox (:mod:`autograder.sandbox`) unle
 * ``error``     the answer is missing, raised, timed out, or the process died;
 * ``no-probe``  no probe is defined for the item (nbgrader alone grades it).
 
-The grader zeroes an item whose in-kernel hidden tests passed while its verdict is ``mismatch`` or
-``error``, and flags the student (see :mod:`autograder.pipeline`).
+The verdict awards the item's hidden-test points (:mod:`autograder.scoring`). A failing verdict
+names, for the student, the *property* its first failing case checks (``Verdict.prop``) and, for
+the instructor, the case and what differed (``Verdict.detail``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import pickle
 import sys
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +43,10 @@ class Verdict:
     verdict: str          # pass | mismatch | error | no-probe
     detail: str = ""
     cases: int = 0
+    prop: str = ""        # student-facing: the property the first failing case checks
 
     def as_dict(self) -> dict:
-        return {"verdict": self.verdict, "detail": self.detail, "cases": self.cases}
+        return {"verdict": self.verdict, "detail": self.detail, "cases": self.cases, "prop": self.prop}
 
 
 def _encode(obj):
@@ -56,6 +59,11 @@ def _encode(obj):
     if isinstance(obj, tuple):
         return tuple(_encode(v) for v in obj)
     return obj
+
+
+def item_rng(seed: int, item: str) -> np.random.Generator:
+    """The generator of one item's hidden inputs: the offering's seed and the item's name only."""
+    return np.random.default_rng([seed, zlib.crc32(item.encode())])
 
 
 @dataclass
@@ -71,8 +79,8 @@ class ProbeSet:
     def build(cls, spec: LessonSpec, seed: int, probes: dict[str, Probe] = PROBES) -> "ProbeSet":
         active = {item: probes[item] for item in spec.items if item in probes}
         cases, expected, payload = {}, {}, {}
-        for k, (item, probe) in enumerate(sorted(active.items())):
-            rng = np.random.default_rng([seed, k])
+        for item, probe in sorted(active.items()):
+            rng = item_rng(seed, item)
             cases[item] = probe.cases(rng)
             expected[item] = [probe.expected(c) for c in cases[item]]
             payload[item] = {"target": probe.target, "cases": [
@@ -153,9 +161,9 @@ def finish(running: Running, probes: ProbeSet, spec: LessonSpec) -> tuple[dict[s
         rec = by_item.get(item)
         n = len(probes.cases[item])
         if rec is None:
-            verdicts[item] = Verdict(item, "error", ended, n)
+            verdicts[item] = Verdict(item, "error", ended, n, "the hidden tests could not run to this item")
         elif "missing" in rec:
-            verdicts[item] = Verdict(item, "error", rec["missing"], n)
+            verdicts[item] = Verdict(item, "error", rec["missing"], n, rec["missing"])
         else:
             verdicts[item] = _judge(item, rec.get("results", []), probes)
     return verdicts, notes
@@ -168,12 +176,14 @@ def _judge(item: str, results: list, probes: ProbeSet) -> Verdict:
     for case, want, res in zip(cases, expected, results):
         if not isinstance(res, dict) or not res.get("ok"):
             err = res.get("error", "failed") if isinstance(res, dict) else "failed"
-            return Verdict(item, "error", f"{case.target or probe.target} on hidden input ({case.label}): {err}", len(cases))
+            return Verdict(item, "error", f"{case.target or probe.target} on hidden input ({case.label}): {err}", len(cases),
+                           "not attempted (the answer still raises NotImplementedError)" if "NotImplementedError" in str(err)
+                           else f"raised an error on {case.prop}" if case.prop else "raised an error on a hidden input")
         try:
             msg = probe.compare(res.get("value"), want, case)
         except Exception as e:  # a comparator must not crash the grader on odd data
             msg = f"result could not be compared ({type(e).__name__}: {e})"
         if msg:
             return Verdict(item, "mismatch", f"{case.target or probe.target} on hidden input ({case.label}): {msg}",
-                           len(cases))
+                           len(cases), f"fails on {case.prop}" if case.prop else "fails on a hidden input")
     return Verdict(item, "pass", f"{len(cases)} hidden cases agree with the reference", len(cases))

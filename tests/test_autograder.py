@@ -191,18 +191,26 @@ def test_tampering_is_flagged_and_never_scores_what_the_recheck_refutes(suite, n
     rules = {e["rule"] for e in s["evidence"] if e["flag"]}
     assert set(v.evidence_rules) <= rules, (v.evidence_rules, rules)
     for item in s["items"]:
-        hidden = {g: p for g, p in item["parts"].items() if SPEC.grade_cells[g].hidden}
+        hidden = {g: p for g, p in item["parts"].items() if g.endswith("__hidden")}
+        visible = sum(p for g, p in item["parts"].items() if not g.endswith("__hidden"))
         if item["recheck"] in ("mismatch", "error") and any(p > 0 for p in hidden.values()):
-            assert item["zeroed"] and item["score"] == 0, item
+            # hidden points need the out-of-kernel check (autograder/scoring.py); visible points are the kernel's
+            assert item["zeroed"] and item["score"] <= visible, item
 
 
 @pytest.mark.parametrize("name", ["tamper_check", "tamper_ipython", "tamper_always_equal"])
 def test_techniques_that_fool_the_kernel_are_caught_by_the_recheck(suite, name):
     s = student(suite, name)
+    # no hidden point survives a failing out-of-kernel check (autograder/scoring.py), whatever the kernel said
+    assert any(item["recheck"] in ("mismatch", "error") for item in s["items"]), s["items"]
+    for item in s["items"]:
+        if item["recheck"] in ("mismatch", "error"):   # (an answer the wrapper leaves correct passes)
+            assert item["score"] <= sum(p for g, p in item["parts"].items() if not g.endswith("__hidden")), item
     zeroed = [i["item"] for i in s["items"] if i["zeroed"]]
-    assert zeroed, f"{name}: the kernel was fooled but no item was zeroed: {s['items']}"
-    assert s["score"] < s["autograde_score"]
-    assert any(e["rule"] == "recheck-contradicts-kernel" for e in s["evidence"])
+    if name != "tamper_ipython":   # its transformer blanks cells calling check(); the hidden cells call none
+        assert zeroed, f"{name}: the kernel was fooled but no item was zeroed: {s['items']}"
+        assert s["score"] < s["autograde_score"]
+        assert any(e["rule"] == "recheck-contradicts-kernel" for e in s["evidence"])
 
 
 def test_blocked_reads_are_evidence(suite):

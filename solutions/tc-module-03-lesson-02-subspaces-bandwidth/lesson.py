@@ -78,7 +78,7 @@ FIRST_DEFINED_IN = {
     **dict.fromkeys(["rb", "np", "torch", "lm", "model", "tokenizer", "dims", "MODEL_NAME", "display",
                      "Markdown", "claims"], "the set-up cell of section 0 (Setup)"),
     **dict.fromkeys(["check", "close", "attempt", "NOT_ATTEMPTED", "not_attempted", "PCA",
-                     "seed_checkpoint_1_data", "seed_rank"], "the read-only helper cell at the end of section 0 (Setup)"),
+                     "seed_checkpoint_1_data", "seed_rank", "variance_rank"], "the read-only helper cell at the end of section 0 (Setup)"),
     **dict.fromkeys(["prompts", "cap", "L"], "the first code cell of section 2 (Capturing the residual stream)"),
     **dict.fromkeys(["report", "analyzer"], "the first code cell of section 3 (Massive activations)"),
     **dict.fromkeys(["x_clean", "keep"], "the centring cell at the end of section 3"),
@@ -215,6 +215,13 @@ def seed_rank(x):
     """The original lesson's computation: cumulative *sigma* (not sigma^2), no centring."""
     s = torch.linalg.svdvals(torch.as_tensor(x).double())
     return int((torch.cumsum(s, 0) < 0.95 * s.sum()).sum()) + 1
+
+
+def variance_rank(state, p=0.95):
+    """The variance-threshold rank r_p of one centred [positions, d_model] state (for Checkpoint 3).
+
+    The library's reference computation, so Checkpoint 3 does not depend on your Checkpoint 1."""
+    return rb.compute_metrics(torch.as_tensor(state).double(), variance_threshold=p).variance_rank
 
 
 # %% [markdown]
@@ -417,7 +424,7 @@ def analyze_bandwidth(residual_states, p=0.95):
 
 
 # %% role="tests" grade_id="checkpoint_1__visible" points=1
-# Visible tests: the original lesson's checkpoint-1 data
+# Visible tests: the original lesson's checkpoint-1 data, the same data with a mean, and one layer alone
 seed_states = seed_checkpoint_1_data(0)
 res = attempt(analyze_bandwidth, seed_states)
 if res is NOT_ATTEMPTED:
@@ -426,37 +433,42 @@ else:
     check(isinstance(res, dict) and {"effective_rank", "utilization_available", "utilization_d_model",
                                      "total_dimensions"} <= set(res),
           f"return a dict with the four keys; got {res!r}")
-    expected = PCA(n_components=0.95, svd_solver="full").fit(torch.cat(seed_states).numpy()).n_components_
+    pooled = torch.cat(seed_states).double()
+    expected = PCA(n_components=0.95, svd_solver="full").fit(pooled.numpy()).n_components_
     got = res["effective_rank"]
-    if got == seed_rank(torch.cat(seed_states)):
-        hint = " That is the original lesson's number: square the singular values (variance is sigma^2) and centre."
-    elif got == rb.compute_metrics(torch.cat(seed_states), center=False).variance_rank:
-        hint = " That is the uncentred rank: subtract the mean row first."
-    else:
-        hint = ""
+    hint = (" That is the original lesson's number: square the singular values (variance is sigma^2) and centre."
+            if got == seed_rank(pooled) else "")
     check(got == expected, f"effective_rank = {got}, but {expected} principal directions hold 95% of the variance.{hint}")
     check(res["total_dimensions"] == 64, f"total_dimensions should be d_model = 64, got {res['total_dimensions']}")
+    check(not close(res["utilization_d_model"], 100 * expected / 64),
+          "utilization_d_model is a fraction (effective_rank / d_model), not a percentage")
     check(close(res["utilization_d_model"], expected / 64), "utilization_d_model should be effective_rank / d_model")
-    check(close(res["utilization_available"], expected / 64), "utilization_available should be effective_rank / min(n, d)")
+    # the same layers with a real mean (residual streams have one): the rank must not change
+    offset = 4.0 * torch.linspace(1.0, 2.0, 64, dtype=torch.float64)
+    shifted = analyze_bandwidth([s.double() + offset for s in seed_states])
+    check(shifted["effective_rank"] == expected,
+          f"adding the same mean vector to every row changed effective_rank from {expected} to {shifted['effective_rank']}: "
+          "centre the pooled rows (subtract X.mean(dim=0)) before the SVD")
+    # one layer alone: 20 positions in 64 dimensions, so at most 20 directions are available
+    one = analyze_bandwidth(seed_states[:1])
+    r1 = PCA(n_components=0.95, svd_solver="full").fit(seed_states[0].double().numpy()).n_components_
+    check(one["effective_rank"] == r1, f"one layer of 20 positions: effective_rank = {one['effective_rank']}, expected {r1}")
+    check(close(one["utilization_available"], r1 / 20),
+          f"one layer of 20 positions: utilization_available = {one['utilization_available']}, expected {r1}/20 "
+          "(divide by min(n, d): n = 20 positions < d = 64)")
     print("Checkpoint 1 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-analyze_bandwidth(seed_states)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = analyze_bandwidth(seed_states)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="checkpoint_1__hidden" points=3
-# Hidden tests (run by your instructor's grader): other shapes (n < d and n > d), data with a large mean,
-# and other thresholds p.
+# Hidden tests: your instructor's grader runs them outside this notebook, on inputs fixed for the course
+# offering: other shapes (n < d and n > d), data with a large mean, other thresholds p, a single layer,
+# float32 input. Your feedback names the property that failed. This cell only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-gen = torch.Generator().manual_seed(1234)
-for n, d, r, p, offset in [(12, 48, 48, 0.95, 0.0), (300, 32, 6, 0.9, 50.0), (90, 40, 40, 0.5, -3.0)]:
-    states = [torch.randn(n, r, generator=gen) @ torch.randn(r, d, generator=gen) + offset
-              + 0.05 * torch.randn(n, d, generator=gen) for _ in range(2)]
-    ref = rb.compute_metrics(torch.cat(states), variance_threshold=p)
-    res = analyze_bandwidth(states, p=p)
-    check(res["effective_rank"] == ref.variance_rank, f"n={n}, d={d}, p={p}: rank {res['effective_rank']} != {ref.variance_rank}")
-    check(close(res["utilization_available"], ref.utilization_available), "utilization_available")
-    check(close(res["utilization_d_model"], ref.utilization_d_model), "utilization_d_model")
+_ = analyze_bandwidth(seed_checkpoint_1_data(1), p=0.9)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -737,7 +749,7 @@ print(f"layer {L}: same severities after a random rotation: {same_rotated}; afte
 # <details>
 # <summary>Hint 1</summary>
 #
-# Norms: `X.norm(dim=1)`; the median: `torch.median` (the tests use an odd number of rows, so every definition of the median agrees).
+# Norms: `X.norm(dim=1)`; the median: `torch.median`. With an even number of values `torch.median` takes the lower of the two middle values and `np.median` their mean; the grader accepts either convention (for the norms and for the typical rows' PR).
 #
 # </details>
 #
@@ -785,6 +797,7 @@ def find_crowded_positions(X, loud_ratio=2.0, massive_ratio=4.0, critical_score=
 
 # %% role="tests" grade_id="checkpoint_2__visible" points=1
 # Visible tests: one crowded row, one loud-but-one-dimensional row, one massive row
+from residual_bandwidth.bottlenecks import layer_scores
 g = torch.Generator().manual_seed(2)
 X = torch.randn(201, 32, generator=g, dtype=torch.float64)          # typical tokens
 typical_norm = float(X.norm(dim=1).median())
@@ -793,48 +806,41 @@ even = vh.sum(0) / vh.sum(0).norm()       # equal weight on every principal dire
 X[10] = X.mean(0) + 3.0 * typical_norm * even                       # loud AND spread: crowded
 X[20] = X.mean(0) + 3.0 * typical_norm * vh[0]                      # loud, one direction only
 X[30] = 50.0 * typical_norm * torch.nn.functional.one_hot(torch.tensor(5), 32).double()  # massive
+X[40] = 30.0 * typical_norm * torch.nn.functional.one_hot(torch.tensor(9), 32).double()  # massive
+# 201 rows, 4 loud ones, 197 typical: odd counts, so every definition of the median agrees here
 found = attempt(find_crowded_positions, X)
 if found is NOT_ATTEMPTED:
     not_attempted("Checkpoint 2", "find_crowded_positions")
 else:
     found = {r["position"]: r for r in found}
-    check(10 in found and found[10]["severity"] in ("warning", "critical"),
-          f"row 10 is 3x the typical norm and spread evenly over every principal direction: it is crowded. Got {found.get(10)}")
-    check(20 not in found, f"row 20 is loud but lies along ONE principal direction: not crowded. Got {found.get(20)}")
+    ref = layer_scores(X)
     check(found.get(30, {}).get("severity") == "massive", f"row 30 is 50x the typical norm: 'massive'. Got {found.get(30)}")
-    check(set(found) == {10, 30}, f"only rows 10 and 30 should be reported, got {sorted(found)}")
-    check(close(found[10]["norm_ratio"], float(X[10].norm() / X.norm(dim=1).median()), rel=1e-6), "norm_ratio of row 10")
+    check(10 in found, f"row 10 is 3x the typical norm and spread evenly over every principal direction: it is crowded, "
+                       f"but it was not reported")
+    check(close(found[10]["norm_ratio"], float(X[10].norm() / X.norm(dim=1).median()), rel=1e-6),
+          "norm_ratio of row 10 should be its norm divided by the MEDIAN row norm")
+    check(close(found[10]["spread"], float(ref["spread"][10]), rel=1e-4),
+          f"spread of row 10 = {found[10]['spread']:.4g}, expected {float(ref['spread'][10]):.4g}: fit the PCA on the "
+          "typical rows centred on their own mean, take the PR of the SQUARED coordinates of each row, and divide by "
+          "the typical rows' median PR")
+    check(found[10]["severity"] in ("warning", "critical"), f"row 10 is crowded. Got {found.get(10)}")
+    check(20 not in found, f"row 20 is loud but lies along ONE principal direction: not crowded. Got {found.get(20)}")
+    check(found.get(40, {}).get("severity") == "massive", f"row 40 is 30x the typical norm: 'massive'. Got {found.get(40)}")
+    check(set(found) == {10, 30, 40}, f"only rows 10, 30 and 40 should be reported, got {sorted(found)}")
     print("Checkpoint 2 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-find_crowded_positions(X)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = find_crowded_positions(X)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="checkpoint_2__hidden" points=3
-# Hidden tests (run by your instructor's grader): other sizes, data with a large mean, several loud rows,
-# another loud_ratio, and a rotated basis (the answer must not depend on coordinates).
+# Hidden tests: your instructor's grader runs them outside this notebook, on inputs fixed for the course
+# offering: other sizes, an even number of rows, data with a (large) mean, several loud rows, another
+# loud_ratio, a rotated basis, float32 input. Your feedback names the property that failed. This cell
+# only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-from residual_bandwidth.bottlenecks import layer_scores, severity
-g = torch.Generator().manual_seed(22)
-for n, d, loud in [(151, 24, 2.0), (301, 48, 2.5)]:
-    X = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(2.0, 0.2, d, dtype=torch.float64)
-    X = X @ torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0] + 3.0
-    med = float(X.norm(dim=1).median())
-    picks = torch.randperm(n, generator=g)[:6].tolist()
-    for j, i in enumerate(picks):
-        X[i] = X[i] * (1.5 + j)        # rows 1.5x .. 6.5x louder, spread as they were
-    ref = layer_scores(X, loud_ratio=loud)
-    want = {i: severity(float(ref["norm_ratio"][i]), float(ref["spread"][i]), loud_ratio=loud)
-            for i in range(n)}
-    want = {i: s for i, s in want.items() if s != "none"}
-    got = {r["position"]: r for r in find_crowded_positions(X, loud_ratio=loud)}
-    check(set(got) == set(want), f"positions: got {sorted(got)}, expected {sorted(want)}")
-    for i, s in want.items():
-        check(got[i]["severity"] == s, f"row {i}: severity {got[i]['severity']} vs {s}")
-        check(close(got[i]["spread"], ref["spread"][i], rel=1e-6), f"row {i}: spread")
-    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
-    rotated = {r["position"]: r["severity"] for r in find_crowded_positions(X @ Q, loud_ratio=loud)}
-    check(rotated == {i: r["severity"] for i, r in got.items()}, "results changed under a rotation of the basis")
+_ = find_crowded_positions(X @ torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0], loud_ratio=2.5)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -1104,32 +1110,32 @@ print("\n".join(mon.prometheus_text().splitlines()[:12]))
 
 
 # %% [markdown]
-# ### Exercise: Checkpoint 3 — a utilization alert that can fire (LO3)
+# ### Exercise: Checkpoint 3 — a utilization alert that can fire (LO2)
 #
 # **Difficulty:** 2 of 5 · **Importance:** 4 of 5 · **Time:** about 10 minutes
 #
 # Implement `utilization_alert(state, warning=0.75, critical=0.9, p=0.95)` for one
-# `[positions, d_model]` tensor. Return a dict with `"effective_rank"` ($r_p$ of the centred
-# state), `"utilization_d_model"` ($r_p / d$) and `"level"`:
+# `[positions, d_model]` tensor. Get the rank from the helper `variance_rank(state, p)` of the
+# set-up cell ($r_p$ of the centred state; it is the library's computation, so this exercise does
+# not depend on your Checkpoint 1). Return a dict with `"effective_rank"` ($r_p$),
+# `"utilization_d_model"` ($r_p / d$) and `"level"`:
 #
 # * `"insufficient_data"` when the sample cannot span the stream: $n - 1 < d$ (centred, $n$
 #   vectors span at most $n - 1$ directions);
 # * otherwise `"critical"` if utilization $\ge$ `critical`, `"warning"` if $\ge$ `warning`,
 #   else `"ok"`.
 #
-# You may reuse your `analyze_bandwidth` from Checkpoint 1.
-#
 # <details>
 # <summary>Hint 1</summary>
 #
-# `analyze_bandwidth([state], p)` already gives the rank and both utilizations.
+# `n, d = state.shape`; `r = variance_rank(state, p)`; the utilization is `r / d`.
 #
 # </details>
 #
 # <details>
 # <summary>Hint 2</summary>
 #
-# Compare with `>=`: a utilization exactly at the threshold raises the alert.
+# Check for too little data first (`n - 1 < d`, which includes `n == d`), then `critical`, then `warning`. Compare with `>=`: a utilization exactly at a threshold raises the alert.
 #
 # </details>
 
@@ -1138,8 +1144,8 @@ def utilization_alert(state, warning=0.75, critical=0.9, p=0.95):
     """Alert level for the share of the residual width that `state` uses (see the exercise)."""
     ### BEGIN SOLUTION
     n, d = state.shape
-    res = analyze_bandwidth([state], p=p)
-    util = res["utilization_d_model"]
+    rank = variance_rank(state, p)
+    util = rank / d
     if n - 1 < d:
         level = "insufficient_data"
     elif util >= critical:
@@ -1148,7 +1154,7 @@ def utilization_alert(state, warning=0.75, critical=0.9, p=0.95):
         level = "warning"
     else:
         level = "ok"
-    return {"effective_rank": res["effective_rank"], "utilization_d_model": util, "level": level}
+    return {"effective_rank": rank, "utilization_d_model": util, "level": level}
     ### END SOLUTION
 
 
@@ -1162,38 +1168,37 @@ if res is NOT_ATTEMPTED:
 else:
     check(res["level"] == "insufficient_data",
           f"15 positions cannot span 48 dimensions, so the level must be 'insufficient_data', got {res['level']!r}")
+    square = torch.randn(48, 48, generator=g)
+    check(utilization_alert(square)["level"] == "insufficient_data",
+          "48 positions in 48 dimensions: centred, they span at most 47 directions, so the level must be "
+          "'insufficient_data' (the test is n - 1 < d, not n < d)")
     busy = torch.randn(2000, 48, generator=g)                     # every direction used equally
     res = utilization_alert(busy)
-    ref = rb.compute_metrics(busy)
-    check(res["effective_rank"] == ref.variance_rank,
-          f"effective_rank {res['effective_rank']} != {ref.variance_rank} (centre; variance is sigma^2)")
+    r = variance_rank(busy)
+    check(res["effective_rank"] == r, f"effective_rank {res['effective_rank']} != variance_rank(state) = {r}")
+    check(close(res["utilization_d_model"], r / 48), f"utilization_d_model should be {r}/48, got {res['utilization_d_model']}")
     check(res["level"] == "critical",
-          f"{ref.variance_rank} of 48 directions hold 95% of the variance ({ref.utilization_d_model:.0%}): expected 'critical', got {res['level']!r}")
+          f"{r} of 48 directions hold 95% of the variance ({r / 48:.0%}): expected 'critical', got {res['level']!r}")
     quiet = torch.randn(400, 48, generator=g) @ torch.diag(torch.cat([torch.ones(8), 0.01 * torch.ones(40)]))
     check(utilization_alert(quiet)["level"] == "ok", "8 of 48 directions used should be 'ok'")
+    u = variance_rank(quiet) / 48
+    at = utilization_alert(quiet, warning=u, critical=1.0)["level"]
+    check(at == "warning", f"utilization equals the warning threshold exactly, so the alert must fire ('warning'), "
+                           f"got {at!r}: compare with >=, not >")
     print("Checkpoint 3 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-utilization_alert(short)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = utilization_alert(short)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="checkpoint_3__hidden" points=3
-# Hidden tests (run by your instructor's grader): other shapes and thresholds, utilization exactly at a
-# threshold (>= alerts), and the smallest sample that can span the stream (n - 1 == d).
+# Hidden tests: your instructor's grader runs them outside this notebook, on inputs fixed for the course
+# offering: each level, other thresholds and p, data with a large mean, utilization exactly at a threshold,
+# too few positions (n < d and n == d) and the smallest sample that can span the stream (n - 1 == d). Your
+# feedback names the property that failed. This cell only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-g = torch.Generator().manual_seed(33)
-for n, d, k in [(200, 32, 26), (500, 64, 60), (100, 40, 10)]:
-    x = torch.randn(n, d, generator=g) @ torch.diag(torch.cat([torch.ones(k), 0.01 * torch.ones(d - k)]))
-    ref = rb.compute_metrics(x)
-    res = utilization_alert(x, warning=0.5, critical=0.8)
-    u = ref.utilization_d_model
-    want = "critical" if u >= 0.8 else "warning" if u >= 0.5 else "ok"
-    check(res["level"] == want and res["effective_rank"] == ref.variance_rank, f"{n}x{d}: {res} vs {want}")
-    # exactly at a threshold alerts (>=)
-    check(utilization_alert(x, warning=u, critical=1.01)["level"] == "warning", "utilization == warning must alert")
-    check(utilization_alert(x, warning=0.0, critical=u)["level"] == "critical", "utilization == critical must alert")
-check(utilization_alert(torch.randn(48, 48, generator=g))["level"] == "insufficient_data", "n - 1 < d (48 x 48)")
-check(utilization_alert(torch.randn(49, 48, generator=g))["level"] != "insufficient_data", "n - 1 == d is enough")
+_ = utilization_alert(torch.randn(60, 24, generator=g), warning=0.5, critical=0.8, p=0.9)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -1439,40 +1444,62 @@ def effective_rank_family(X):
 
 
 # %% role="tests" grade_id="summative_q1__visible" points=1
-# Visible test: k directions of equal variance give k for every member of the family
+# Visible test: a layer with a real mean and known singular values sigma = 6, 3, 2, 1, 1, 0.5
 g = torch.Generator().manual_seed(5)
-basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
-# rows are +u_j and -u_j for 5 orthonormal directions u_j: mean 0, equal variance along each
-X = torch.cat([sign * basis[:, j].repeat(20, 1) for j in range(5) for sign in (1.0, -1.0)])
+n, d = 40, 16
+sig = torch.tensor([6.0, 3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+A = torch.randn(n, len(sig), generator=g, dtype=torch.float64)
+U = torch.linalg.qr(A - A.mean(0))[0]                 # orthonormal columns with mean 0
+V = torch.linalg.qr(torch.randn(d, len(sig), generator=g, dtype=torch.float64))[0]
+X = U @ torch.diag(sig) @ V.T + 3.0 * torch.linspace(1.0, 2.0, d, dtype=torch.float64)   # + a mean row
 res = attempt(effective_rank_family, X)
 if res is NOT_ATTEMPTED:
     not_attempted("Q1", "effective_rank_family")
 else:
+    def family(s):
+        """The three ranks from singular values s, Section 2's formulas."""
+        lam, q = s ** 2, s[s > 0] / s.sum()
+        return {"participation_ratio": float(lam.sum() ** 2 / (lam ** 2).sum()),
+                "stable_rank": float(lam.sum() / lam.max()),
+                "entropy_rank": float(torch.exp(-(q * q.log()).sum()))}
+    want = family(sig)
+    uncentred = family(torch.linalg.svdvals(X))
+    on_sigma = {"participation_ratio": float(sig.sum() ** 2 / (sig ** 2).sum()), "stable_rank": float(sig.sum() / sig.max())}
+    lam = sig ** 2
+    q2 = lam / lam.sum()
+    on_lambda = float(torch.exp(-(q2 * q2.log()).sum()))
     for key in ("participation_ratio", "stable_rank", "entropy_rank"):
-        check(key in res and close(res[key], 5.0, rel=1e-6),
-              f"{key}: got {res.get(key)}, expected 5 (five directions of equal variance)")
+        got = res.get(key) if isinstance(res, dict) else None
+        check(got is not None, f"return a dict with the key {key!r}; got {res!r}")
+        why = ""
+        if close(got, uncentred[key], rel=1e-4):
+            why = " That is the value of the uncentred matrix: subtract the mean row first."
+        elif key in on_sigma and close(got, on_sigma[key], rel=1e-4):
+            why = " That is the formula applied to sigma: it needs the variances lambda = sigma^2."
+        elif key == "entropy_rank" and close(got, on_lambda, rel=1e-4):
+            why = (" That uses p_k = lambda_k / sum(lambda); this lesson's entropy rank (Roy & Vetterli) uses "
+                   "p_k = sigma_k / sum(sigma).")
+        elif key == "entropy_rank" and close(got, float(np.log(want[key])), rel=1e-4):
+            why = " That is the entropy itself: the effective rank is exp(entropy)."
+        check(close(got, want[key], rel=1e-4), f"{key}: got {got}, expected {want[key]:.6g}.{why}")
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    rot = effective_rank_family(X @ Q)
+    for key in want:
+        check(close(rot[key], want[key], rel=1e-4), f"{key} changed when the basis was rotated (X -> X Q)")
     print("Q1 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-effective_rank_family(X)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = effective_rank_family(X)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="summative_q1__hidden" points=3
-# Hidden tests (run by your instructor's grader): other shapes, n < d, data with a large mean, and a
-# rotated basis (the family must not change under X -> XQ).
+# Hidden tests: your instructor's grader runs them outside this notebook, on inputs fixed for the course
+# offering: other shapes, n < d, a square matrix, data with a large mean, exactly low rank (zero singular
+# values), a rotated basis, float32 input. Your feedback names the property that failed. This cell only
+# checks that the code runs.
 ### BEGIN HIDDEN TESTS
-g = torch.Generator().manual_seed(11)
-for n, d in [(10, 40), (200, 24), (64, 64)]:
-    X = torch.randn(n, 6, generator=g, dtype=torch.float64) @ torch.randn(6, d, generator=g, dtype=torch.float64) \
-        + 0.1 * torch.randn(n, d, generator=g, dtype=torch.float64) + 5.0
-    ref = rb.compute_metrics(X)
-    res = effective_rank_family(X)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    rot = effective_rank_family(X @ Q)
-    for key, want in [("participation_ratio", ref.participation_ratio), ("stable_rank", ref.stable_rank),
-                      ("entropy_rank", ref.entropy_rank)]:
-        check(close(res[key], want, rel=1e-6), f"{n}x{d} {key}: {res[key]} vs {want}")
-        check(close(rot[key], want, rel=1e-6), f"{key} changed under a rotation")
+_ = effective_rank_family(torch.randn(12, 40, generator=g, dtype=torch.float64) + 5.0)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -1544,35 +1571,33 @@ if rc is NOT_ATTEMPTED:
     not_attempted("Q2", "RunningCovariance.update")
 else:
     check(rc.n == 30, f"n should be 30 after two updates, got {rc.n}")
-    check(torch.allclose(rc.mean, data.mean(0)), "mean differs from data.mean(0)")
-    check(torch.allclose(rc.cov, torch.cov(data.T)), "cov differs from torch.cov(data.T) (sample covariance, n - 1)")
+    check(torch.allclose(torch.as_tensor(rc.mean).double(), data.mean(0)), "mean differs from data.mean(0)")
+    cov = torch.as_tensor(rc.cov).double()
+    check(not torch.allclose(cov, torch.cov(data.T, correction=0)),
+          "cov divides by n: the sample covariance divides by n - 1")
+    check(torch.allclose(cov, torch.cov(data.T)), "cov differs from torch.cov(data.T) (sample covariance, n - 1)")
+    ones = RunningCovariance(5)
+    for row in data:
+        ones.update(row[None])
+    check(torch.allclose(torch.as_tensor(ones.cov).double(), torch.cov(data.T)), "updates of one row at a time give another cov")
+    far = data + 1e6          # a mean a million times the spread
+    rf = RunningCovariance(5).update(far[:12]).update(far[12:])
+    check(torch.allclose(torch.as_tensor(rf.cov).double(), torch.cov(far.T), rtol=1e-6, atol=1e-6),
+          "with a large mean the covariance drifts: keep the statistics in float64 and merge centred batch statistics "
+          "(the update rule above), not raw sums")
     print("Q2 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-RunningCovariance(5).update(data)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = RunningCovariance(5).update(data)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="summative_q2__hidden" points=3
-# Hidden tests (run by your instructor's grader): many updates of random sizes (some of one row), and a
-# mean 1e9 times larger than the spread (the merge must stay accurate).
+# Hidden tests: your instructor's grader runs them outside this notebook, on inputs fixed for the course
+# offering: one update, two, many of random sizes, single rows, and a mean 1e9 times the spread (float64
+# accuracy). Your feedback names the property that failed. This cell only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-g = torch.Generator().manual_seed(77)
-data = torch.randn(1000, 8, generator=g, dtype=torch.float64) @ torch.randn(8, 8, generator=g, dtype=torch.float64)
-rc, i = RunningCovariance(8), 0
-sizes = torch.randint(1, 40, (200,), generator=g).tolist()
-for s in sizes:
-    if i >= len(data):
-        break
-    rc.update(data[i:i + s])
-    i += s
-seen = data[:i]
-check(rc.n == len(seen) and torch.allclose(rc.cov, torch.cov(seen.T), rtol=1e-8, atol=1e-10), "random chunk sizes")
-# stability: a mean 1e9 times the spread
-far = torch.randn(500, 3, generator=g, dtype=torch.float64) + 1e9
-rc = RunningCovariance(3)
-for k in range(0, 500, 7):
-    rc.update(far[k:k + 7])
-check(torch.allclose(rc.cov, torch.cov(far.T), rtol=1e-4, atol=1e-4), "unstable with a large mean: merge centred statistics")
+_ = RunningCovariance(3).update(torch.randn(7, 3, generator=g, dtype=torch.float64)).update(torch.randn(1, 3, dtype=torch.float64))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -1626,6 +1651,7 @@ def write_read_projection(write, read):
 
 
 # %% role="tests" grade_id="summative_q3__visible" points=1
+from residual_bandwidth.memory import neg_share
 g = torch.Generator().manual_seed(9)
 d, dh = 24, 6
 U = torch.linalg.qr(torch.randn(d, dh, generator=g, dtype=torch.float64))[0]   # an orthonormal d_head subspace
@@ -1639,38 +1665,42 @@ if share is NOT_ATTEMPTED:
 else:
     check(close(share, 1.0), f"W_OV = -projection: share should be 1, got {share}")
     check(close(eraser_share(copier_V, copier_O), 0.0, abs_=1e-9), "W_OV = +projection: share should be 0")
+    W_V = torch.randn(d, dh, generator=g, dtype=torch.float64)
+    W_O = torch.randn(dh, d, generator=g, dtype=torch.float64)
+    ref = float(neg_share(torch.linalg.eigvals(W_O @ W_V)))
+    check(close(eraser_share(W_V, W_O), ref, rel=1e-4),
+          f"a random head: got {eraser_share(W_V, W_O)}, expected {ref:.6g}. W_OV is not symmetric, so its "
+          "eigenvalues are complex: use torch.linalg.eigvals (not eigvalsh) and weigh each by |lambda|")
 if proj is NOT_ATTEMPTED:
     not_attempted("Q3, part 2", "write_read_projection")
 else:
     check(close(proj, -1.0), f"writing -read deletes it: projection should be -1, got {proj}")
+    loud = read * torch.linspace(0.2, 5.0, 50, dtype=torch.float64)[:, None]      # tokens of very different norms
+    w = torch.randn(50, d, generator=g, dtype=torch.float64)
+    want = float(((w * loud).sum(-1) / loud.pow(2).sum(-1)).mean())
+    check(close(write_read_projection(w, loud), want, rel=1e-4),
+          f"tokens of different norms: got {write_read_projection(w, loud)}, expected {want:.6g}: take each token's "
+          "<w_t, r_t> / ||r_t||^2, then the mean over tokens (not a ratio of sums)")
     check(close(write_read_projection(read @ (U @ U.T), read),
                 float(((read @ U).pow(2).sum(1) / read.pow(2).sum(1)).mean())),
           "write = the read's projection onto a subspace")
 if share is not NOT_ATTEMPTED and proj is not NOT_ATTEMPTED:
     print("Q3 visible tests passed.")
 ### BEGIN HIDDEN TESTS
-# while grading: an exercise that is not attempted raises here and scores 0
-eraser_share(eraser_V, eraser_O)
-write_read_projection(-read, read)
+# while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
+# nbgrader would read a number shown by a test cell as partial credit)
+_ = eraser_share(eraser_V, eraser_O)
+_ = write_read_projection(-read, read)
 ### END HIDDEN TESTS
 
 # %% role="tests" grade_id="summative_q3__hidden" points=3
-# Hidden tests (run by your instructor's grader): random heads of other sizes, float32 inputs, data with a
-# mean, and a rotated residual basis.
+# Hidden tests: your instructor's grader runs them outside this notebook, on inputs fixed for the course
+# offering: random heads of other sizes, exact erasers and copiers, float32 weights, a rotated residual
+# basis, tokens of different norms, float32 input. Your feedback names the property that failed. This cell
+# only checks that the code runs.
 ### BEGIN HIDDEN TESTS
-from residual_bandwidth.memory import neg_share
-g = torch.Generator().manual_seed(99)
-for d, dh in [(32, 8), (64, 16)]:
-    W_V = torch.randn(d, dh, generator=g, dtype=torch.float64)
-    W_O = torch.randn(dh, d, generator=g, dtype=torch.float64)
-    ref = float(neg_share(torch.linalg.eigvals(W_O @ W_V)))
-    check(close(eraser_share(W_V, W_O), ref, rel=1e-8), f"random head {d}x{dh}: {eraser_share(W_V, W_O)} vs {ref}")
-    check(close(eraser_share(W_V.float(), W_O.float()), ref, rel=1e-4), "float32 inputs")
-    write, read = torch.randn(40, d, generator=g), torch.randn(40, d, generator=g) + 2.0
-    want = float(((write.double() * read.double()).sum(-1) / read.double().pow(2).sum(-1)).mean())
-    check(close(write_read_projection(write, read), want, rel=1e-6), "write/read projection on random data")
-    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
-    check(close(eraser_share(Q.T @ W_V, W_O @ Q), ref, rel=1e-8), "a rotated residual basis (W_V -> Q^T W_V, W_O -> W_O Q)")
+_ = eraser_share(torch.randn(32, 8, generator=g, dtype=torch.float64), torch.randn(8, 32, generator=g, dtype=torch.float64))
+_ = write_read_projection(torch.randn(10, 32, generator=g), torch.randn(10, 32, generator=g) + 2.0)
 ### END HIDDEN TESTS
 
 # %% [markdown]
