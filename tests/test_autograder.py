@@ -231,10 +231,13 @@ def test_attacks_on_the_grader_keep_no_points(suite, name):
 def test_builtins_patched_through_an_alias_is_flagged_and_refuted(suite):
     s = student(suite, "attack_builtins_alias")
     assert s["status"] == "flagged" and "patch-module" in {e["rule"] for e in s["evidence"] if e["flag"]}, s["evidence"]
+    from autograder.scoring import is_hidden_part
     for item in s["items"]:
-        hidden = {g: p for g, p in item["parts"].items() if SPEC.grade_cells[g].hidden}
+        hidden = {g: p for g, p in item["parts"].items() if is_hidden_part(g)}
+        visible = sum(p for g, p in item["parts"].items() if not is_hidden_part(g))
         if item["recheck"] in ("mismatch", "error") and any(p > 0 for p in hidden.values()):
-            assert item["zeroed"] and item["score"] == 0, item
+            # the check refutes the answer: no hidden point is kept (visible points are nbgrader's, §6)
+            assert item["zeroed"] and item["score"] == visible, item
 
 
 def test_honest_code_naming_solutions_is_graded_in_full_and_not_flagged(suite):

@@ -844,6 +844,35 @@ _ = find_crowded_positions(X @ torch.linalg.qr(torch.randn(32, 32, generator=g, 
 ### END HIDDEN TESTS
 
 # %% [markdown]
+# #### Your detector on the real model
+#
+# Once the tests above pass, run your `find_crowded_positions` on the model's own residual stream:
+# the layer where the library's detector (above) found crowded positions, every captured token,
+# massive positions included. The cell compares your severities with the library's, row by row. It is
+# not graded here; the grader checks your function on residual streams recorded from this model.
+
+# %%
+from residual_bandwidth.bottlenecks import layer_scores, severity
+
+crowded = bn.flagged(("warning", "critical"))
+layer_try = crowded[0]["layer"] if crowded else L
+x_try = cap.get("resid_post", layer_try)
+mine = attempt(find_crowded_positions, x_try)
+if mine is NOT_ATTEMPTED:
+    not_attempted("Checkpoint 2 on the model", "find_crowded_positions")
+else:
+    ref = layer_scores(x_try)
+    want = {i: severity(float(ref["norm_ratio"][i]), float(ref["spread"][i])) for i in range(x_try.shape[0])}
+    want = {i: lvl for i, lvl in want.items() if lvl != "none"}
+    got = {r["position"]: r["severity"] for r in mine}
+    agree = sum(got.get(i) == lvl for i, lvl in want.items())
+    print(f"layer {layer_try}: {x_try.shape[0]} rows; the library flags {len(want)}, your function {len(got)}; "
+          f"same severity on {agree} of the library's {len(want)} rows")
+    for i in sorted(set(want) | set(got)):
+        print(f"  row {i:3d}: library {want.get(i, 'none'):<9} yours {got.get(i, 'none'):<9}"
+              f"{'' if want.get(i, 'none') == got.get(i, 'none') else '  <- differs'}")
+
+# %% [markdown]
 # ## 6. Memory management: who cleans up?
 #
 # If every component only ever added to the stream, it would fill up. Elhage et al. (2021) noted
