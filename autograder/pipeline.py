@@ -186,6 +186,7 @@ class Context:
     cell_timeout: int
     submission_timeout: float
     protect: list[str] = field(default_factory=list)
+    ipc_root: Path | None = None   # short folder for the kernels' socket folders (Unix socket paths <= 107 bytes)
 
 
 @dataclass
@@ -296,7 +297,7 @@ def make_folders(sub: Submission, prepared, ctx: Context) -> SubmissionFolders:
     shutil.copyfile(ctx.template_dir / "gradebook.db", f.db)
     if ctx.opts.sandbox:
         f.kernel_scratch.mkdir()
-        f.ipc = Path(tempfile.mkdtemp(prefix="agk-"))
+        f.ipc = Path(tempfile.mkdtemp(prefix="s-", dir=ctx.ipc_root))
     return f
 
 
@@ -512,7 +513,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     run_dir.mkdir(parents=True)
     warnings = [f"items in the lesson metadata without grade cells in the notebook (not graded): {', '.join(spec.missing_items)}"
                 ] if spec.missing_items else []
-    pool = None
+    pool = ipc_root = None
     try:
         if opts.sandbox:   # fail closed: no student code runs unless the sandbox demonstrably works
             ok, why = sandbox.probe(run_dir)
@@ -535,8 +536,9 @@ def grade(submissions: Path, opts: Options) -> RunResult:
             warnings.append(w)
         # the grader's own code is public; its work folder (gradebooks, other students' files) is not
         protect = [str(ROOT / "solutions"), str(ROOT / ".git"), str(WORK), str(run_dir), str(opts.out), str(tmpl)]
+        ipc_root = Path(tempfile.mkdtemp(prefix="agk-")) if opts.sandbox else None
         ctx = Context(spec, opts, run_dir, tmpl, probes, pool, opts.resolved_cell_timeout(),
-                      opts.resolved_submission_timeout(), protect)
+                      opts.resolved_submission_timeout(), protect, ipc_root)
         results: list[StudentResult] = []
         bar = None
         if opts.progress:
@@ -564,5 +566,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     finally:
         if pool:
             pool.stop()
+        if ipc_root is not None:
+            shutil.rmtree(ipc_root, ignore_errors=True)
         if not opts.keep_work:
             shutil.rmtree(run_dir, ignore_errors=True)
