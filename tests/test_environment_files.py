@@ -113,7 +113,8 @@ def binder_build(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "VIRTUAL_ENV", "CONDA"))}
     env.update(PATH=os.pathsep.join([str(shim), str(prefix / "bin"), "/usr/bin", "/bin"]),
                JUPYTER_CONFIG_DIR=str(tmp / "user-config"), JUPYTER_DATA_DIR=str(tmp / "user-data"),
-               HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+               HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf-home"),  # no hub and no cached gpt2
+               MPLBACKEND="Agg")
     before = sorted(p.relative_to(sys.prefix) for p in (Path(sys.prefix) / "etc" / "jupyter").rglob("*"))
     proc = subprocess.run(["bash", str(POSTBUILD)], cwd=tmp, env=env, capture_output=True, text=True,
                           timeout=600)
