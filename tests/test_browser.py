@@ -444,8 +444,10 @@ const ex = document.querySelector('.jp-Notebook .rb-explorer');
 if (!ex) return null;
 const status = ex.querySelector('.rb-explorer-status');
 const img = ex.querySelector('.rb-explorer-view img');
+const cap = ex.querySelector('.rb-explorer-view figcaption');
 const area = ex.closest('.jp-OutputArea-output');
 return {status: status ? status.textContent.trim() : null, alt: img ? img.getAttribute('alt') : null,
+        caption: cap ? cap.textContent.trim() : null,
         sliders: ex.querySelectorAll('.widget-slider, .widget-hslider').length,
         overflow: [ex.scrollWidth - ex.clientWidth, area.scrollWidth - area.clientWidth]};
 """
@@ -477,8 +479,10 @@ def test_explorer_is_live_and_follows_keyboard_input(lab_session):
     handle.send_keys(Keys.ARROW_RIGHT)
     after = _wait(lambda: (lambda st: st if st and f"layer {layer + 1}," in st["status"] else None)(
         d.execute_script(JS_EXPLORER)), 60, f"the caption to say layer {layer + 1}")
-    # the image is updated before the caption, so once the caption moved the image has too
-    assert after["alt"] != before["alt"] and f"layer {layer + 1}." in after["alt"], after["alt"]
+    # the image is updated before the status line, so once that moved the image has too: its alt text
+    # names the figure (layer included) and its caption, read once, describes it
+    assert after["alt"] != before["alt"] and f"Layer {layer + 1}:" in after["alt"], after["alt"]
+    assert f"layer {layer + 1}." in after["caption"], after["caption"]
     time.sleep(0.5)
     s.shot("04-explorer-after-slider")
     # keyboard: the checkbox toggles with the space bar
@@ -490,12 +494,12 @@ def test_explorer_is_live_and_follows_keyboard_input(lab_session):
     text = _explorer_control(d, "Prompt", "input[type=text]")
     text.send_keys(Keys.CONTROL, "a")
     text.send_keys("Paris is the capital of France, and Rome is the capital of Italy." + Keys.ENTER)
-    last_alt = d.execute_script(JS_EXPLORER)["alt"]
-    _wait(lambda: (d.execute_script(JS_EXPLORER) or {}).get("alt") not in (None, last_alt), 90,
+    last_caption = d.execute_script(JS_EXPLORER)["caption"]
+    _wait(lambda: (d.execute_script(JS_EXPLORER) or {}).get("caption") not in (None, last_caption), 90,
           "the figure to show the new prompt")
     final = d.execute_script(JS_EXPLORER)
     assert f"layer {layer + 1}," in final["status"] and "kept" in final["status"]
-    assert f"layer {layer + 1}." in final["alt"], final["alt"]
+    assert f"Layer {layer + 1}:" in final["alt"] and f"layer {layer + 1}." in final["caption"], final
     _wait(lambda: _kernel_ready(d), 60, "the kernel to finish the explorer's updates")
     s.shot("05-explorer-after-keyboard")
 

@@ -1903,8 +1903,7 @@ claims.say(
 # <!-- claims: seed_pressure_and_efficiency, specialization_measured, variance_understates_function, combined_ranking_uses_both -->
 #
 # **Next: module 04, attention heads as independent components.** This lesson treated heads as
-# readers and writers of one shared stream. Module 04
-# ([Attention Heads as Independent Components](../04-Attention-Heads-Independent-and-Additive/))
+# readers and writers of one shared stream. Module 04, *Attention Heads as Independent Components*,
 # looks at what each head does on its own, and at why adding their outputs lets us study them one at
 # a time.
 
