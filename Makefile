@@ -50,7 +50,7 @@ notebooks: $(STAMP)
 	$(NB_ENV) $(BIN)/nbgrader generate_assignment $(LESSON) --force --log-level WARN
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) .venv-lowest $(OUT) .pytest_cache
 
 # ---- grading (autograder/README.md) ---------------------------------------------------------------
 # make grade SUBMISSIONS=path/to/folder-or-lms.zip [RESULTS=results] [JOBS=2] [MODE=fast|full]
