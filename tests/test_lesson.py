@@ -145,8 +145,10 @@ def test_run_all_on_the_untouched_student_version_reaches_the_end(tmp_path):
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     said = [o["data"]["text/markdown"] for c in code for o in c.outputs if "text/markdown" in o.get("data", {})]
     not_attempted = [t for t in said if "not attempted yet" in t]
-    # one note per answer function (Q3 has two)
-    assert len(not_attempted) == len(META.items) + 1, not_attempted
+    # every not_attempted(...) call of the notebook runs once (one per answer function; Q3 has two, and
+    # Checkpoint 2 is also tried on the model), and every graded item has at least one
+    calls = sum(c.source.count("not_attempted(\"") for c in code)
+    assert len(not_attempted) == calls >= len(META.items), (calls, not_attempted)
 
 
 def test_untouched_student_version_scores_zero_under_nbgrader_autograde(tmp_path):
