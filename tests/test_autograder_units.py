@@ -386,7 +386,10 @@ def test_sandbox_view_holds_only_what_the_code_needs(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["uid"] == box.uid and sandbox.UID_RANGE[0] <= out["uid"] < sandbox.UID_RANGE[1]
     assert out["cwd"] == "/tmp/work" and (tmp_path / "scratch" / "mine.txt").read_text() == "ok"
-    assert out["repo"] == ["autograder", "lib"] and out["package"] == sorted(sandbox.PACKAGE_FILES)
+    # the venv is mounted read-only wherever it lives; `make` puts it inside the repository (.venv)
+    venv = Path(sys.prefix).resolve()
+    in_repo = [venv.relative_to(ROOT).parts[0]] if venv.is_relative_to(ROOT) else []
+    assert out["repo"] == sorted(["autograder", "lib", *in_repo]) and out["package"] == sorted(sandbox.PACKAGE_FILES)
     assert not out["solutions"] and not out["git"]
     assert out["pid"] <= 3 and len(out["procs"]) <= 3, out["procs"]   # its own PID namespace: bwrap init + itself
     assert out["/usr/pwned"] != "written" and out[str(ROOT / "lib" / "pwned.py")] != "written"
