@@ -219,6 +219,16 @@ class CompositionScores:
                 "top_pairs": self.top_pairs(5)}
 
 
+def _readers(svds, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each head reads with for ``kind``-composition, stacked over heads: its query side (Q),
+    key side (K) or value side (V) singular vectors and their singular values."""
+    if kind == "Q":
+        return torch.cat([c.qk_U for c in svds]), torch.cat([c.qk_S for c in svds])
+    if kind == "K":
+        return torch.cat([c.qk_V for c in svds]), torch.cat([c.qk_S for c in svds])
+    return torch.cat([c.ov_U for c in svds]), torch.cat([c.ov_S for c in svds])
+
+
 def composition_scores(model_or_weights, kind: str = "Q", layers=None, n_baseline: int = 50,
                        seed: int = 0, progress: bool = False) -> CompositionScores:
     """Composition scores of ``kind`` ("Q", "K" or "V") between all heads of ``layers`` (module doc).
@@ -243,13 +253,7 @@ def composition_scores(model_or_weights, kind: str = "Q", layers=None, n_baselin
     svds = [circuit_svd(w) for w in tqdm(weights, desc="circuit SVDs", disable=not progress)]
     labels = [f"L{w.layer}.H{h}" for w in weights for h in range(w.n_heads)]
     layer_of = torch.tensor([w.layer for w in weights for _ in range(w.n_heads)])
-    # destinations: what each later head reads with for this kind of composition
-    if kind == "Q":
-        read_U, read_s = torch.cat([c.qk_U for c in svds]), torch.cat([c.qk_S for c in svds])
-    elif kind == "K":
-        read_U, read_s = torch.cat([c.qk_V for c in svds]), torch.cat([c.qk_S for c in svds])
-    else:
-        read_U, read_s = torch.cat([c.ov_U for c in svds]), torch.cat([c.ov_S for c in svds])
+    read_U, read_s = _readers(svds, kind)
     n = len(labels)
     scores = torch.full((n, n), float("nan"), dtype=torch.float64)
     row = 0
@@ -324,12 +328,7 @@ def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 
     weights = list(weights)
     svds = [circuit_svd(w) for w in weights]
     layer_of = torch.tensor([w.layer for w in weights for _ in range(w.n_heads)])
-    if kind == "Q":
-        read_U, read_s = torch.cat([c.qk_U for c in svds]), torch.cat([c.qk_S for c in svds])
-    elif kind == "K":
-        read_U, read_s = torch.cat([c.qk_V for c in svds]), torch.cat([c.qk_S for c in svds])
-    else:
-        read_U, read_s = torch.cat([c.ov_U for c in svds]), torch.cat([c.ov_S for c in svds])
+    read_U, read_s = _readers(svds, kind)
     g = torch.Generator().manual_seed(seed)
     d = weights[0].d_model
     maxima, pooled = [], []
