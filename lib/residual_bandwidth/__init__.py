@@ -1,7 +1,8 @@
 """residual_bandwidth: measure how a transformer uses its residual stream (lesson 03.2).
 
 The lesson's ideas, one module each:
-  capture      resid_pre / resid_mid / resid_post / attn_out / mlp_out per layer (the one hook table)
+  capture      resid_pre / resid_mid / resid_post / attn_out / mlp_out per layer (the one hook table);
+               run_listeners: one forward pass feeds every analysis of the same prompts
   metrics      the effective-rank family, spectra, principal directions, the noise floor
   outliers     massive activations (the one massive rule) and outlier dimensions
   analyzer     per-layer bandwidth reports (ResidualBandwidthAnalyzer)
@@ -20,10 +21,12 @@ Plumbing, in subpackages:
 """
 from .analyzer import BandwidthReport, ResidualBandwidthAnalyzer
 from .bottlenecks import BottleneckReport, find_bottlenecks
-from .capture import KINDS, ResidualCapture, capture_residuals, hook_name, model_dims
+from .capture import (KINDS, Listener, ResidualCapture, ResidualRecorder, capture_residuals, hook_name,
+                      model_dims, run_listeners)
 from .composition import CompositionScores, component_subspaces, composition_scores, principal_angles
 from .compression import CompressionCurve, compression_curve, project_residual
-from .memory import MemoryReport, erasure_from_activations, head_records, memory_management, neuron_cosines
+from .memory import (ErasureMeter, MemoryReport, erasure_from_activations, head_records, memory_management,
+                     neuron_cosines)
 from .metrics import (BandwidthMetrics, Spectrum, anisotropy, compute_metrics, entropy_effective_rank,
                       participation_ratio, principal_directions, rank_family, spectral_entropy, spectrum,
                       stable_rank, variance_threshold_rank)
@@ -31,7 +34,7 @@ from .compat import ProductionBandwidthMonitor
 from .course.models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
 from .monitor import BandwidthMonitor
 from .outliers import MassiveActivation, OutlierDimension, massive_mask, massive_rows, outlier_dimensions
-from .streaming import StreamedLayers, StreamingMoments, stream_layer_statistics
+from .streaming import LayerStreamer, StreamedLayers, StreamingMoments, stream_layer_statistics
 from .validation import BandwidthInputError
 from .weights import LayerWeights, all_layer_weights, layer_weights
 

@@ -45,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-from .capture import architecture_of, capture_residuals, forward_batches, model_dims
+from .capture import architecture_of, as_capture, capture_residuals, forward_batches, model_dims
 from .metrics import principal_directions
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_positive, check_prompts
@@ -249,13 +249,15 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
                       heldout_prompts: Sequence[str] | None = None, n_random: int = 2,
                       tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, batch_size: int = 8,
                       skip_massive: bool = True, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
-                      progress: bool = True) -> CompressionCurve:
+                      progress: bool = True, states=None) -> CompressionCurve:
     """Measure loss and KL when block L's output is projected onto k directions (module docstring).
 
     ``layers``: block indices; ``ks``: subspace dimensions in ``1..d_model``; ``n_random``: random
     subspaces per (layer, k) (0 to skip the baseline); ``skip_massive``: leave massive-activation rows
     out of the fit and the projection. Defaults: the built-in calibration and held-out prompts,
-    tolerance 0.05 nats.
+    tolerance 0.05 nats. ``states``: a :class:`~residual_bandwidth.capture.ResidualCapture` of the
+    calibration prompts holding ``resid_post`` at ``layers`` (the caller's own forward pass over
+    them): the fit reads it instead of running the calibration prompts again.
     """
     architecture_of(model)
     layers = check_layers(model, layers)
@@ -271,8 +273,16 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BandwidthInputError(f"batch_size: expected a positive int, got {batch_size!r}")
 
-    cap = capture_residuals(model, tokenizer, calibration, kinds=["resid_post"], layers=layers,
-                            batch_size=batch_size, progress=False)
+    if states is None:
+        cap = capture_residuals(model, tokenizer, calibration, kinds=["resid_post"], layers=layers,
+                                batch_size=batch_size, progress=False)
+    else:
+        cap = as_capture(states)
+        if cap.prompts != calibration:
+            raise BandwidthInputError(f"states: captured on {len(cap.prompts)} other prompts than the "
+                                      f"{len(calibration)} calibration prompts")
+        for L in layers:
+            cap.get("resid_post", L)   # names a missing layer or kind
     batches = [enc for _, enc, _ in forward_batches(model, tokenizer, heldout, batch_size, max_length=None)]
     n_heldout = sum(int((e["attention_mask"][:, 1:] * e["attention_mask"][:, :-1]).sum()) for e in batches)
     if n_heldout == 0:

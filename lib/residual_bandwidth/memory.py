@@ -47,7 +47,6 @@ top ``top_per_kind`` of each kind are merged and sorted by score: each kind on i
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -55,7 +54,8 @@ from typing import Sequence
 
 import torch
 
-from .capture import add_hook, architecture_of, as_capture, forward_batches, hook_name, hook_point, model_dims
+from .capture import (Listener, add_hook, architecture_of, as_capture, eager_attention, hook_name,
+                      hook_point, model_dims, run_listeners)
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_positive, check_prompts
 from .weights import (LayerWeights, all_layer_weights, check_layer_weights, check_layers,
@@ -118,28 +118,15 @@ def neuron_cosines(model: torch.nn.Module, layers=None, direction: str = "in",
 # ---------------------------------------------------------------------------------------------
 # Running the model with hooks
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def eager_attention(model: torch.nn.Module):
-    """Temporarily switch to the "eager" attention implementation, which returns attention
-    probabilities (SDPA/flash kernels return ``None`` for them). Restored on exit, also on errors."""
-    prev = getattr(model.config, "_attn_implementation", None)
-    try:
-        if prev != "eager":
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation("eager")
-            else:  # older transformers
-                model.config._attn_implementation = "eager"
-        yield model
-    finally:
-        if prev is not None and prev != "eager":
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(prev)
-            else:
-                model.config._attn_implementation = prev
-
-
 def _device(model):
     return next(model.parameters()).device
+
+
+def _probabilities(out) -> torch.Tensor:
+    """The attention probabilities ``[B, H, T, T]`` an attention module returned in eager mode."""
+    if not isinstance(out, (tuple, list)) or len(out) < 2 or out[1] is None:
+        raise RuntimeError("the attention module returned no probabilities in eager mode")
+    return out[1]
 
 
 @torch.no_grad()
@@ -157,9 +144,7 @@ def attention_patterns(model: torch.nn.Module, tokenizer, prompt: str, layers=No
     store, handles = {}, []
     for L in layers:
         def hook(mod, args, out, L=L):
-            if not isinstance(out, (tuple, list)) or len(out) < 2 or out[1] is None:
-                raise RuntimeError("the attention module returned no probabilities in eager mode")
-            store[L] = out[1][0].detach().float().cpu()
+            store[L] = _probabilities(out)[0].detach().float().cpu()
         handles.append(arch.attn(blocks[L]).register_forward_hook(hook))
     enc = tokenizer(prompt, return_tensors="pt")
     try:
@@ -276,7 +261,82 @@ class ErasureReport:
                 "records": self.records(neurons=3)}
 
 
-@torch.no_grad()
+class ErasureMeter(Listener):
+    """The listener behind :func:`erasure_from_activations`: per batch, every real token's
+    write-vs-read projections (and, with ``attention``, each head's attention to the current token).
+    :meth:`report` turns the accumulated rows into an :class:`ErasureReport`."""
+
+    def __init__(self, model: torch.nn.Module, layers=None, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
+                 weights: Sequence[LayerWeights] | None = None, attention: bool = False):
+        self.massive_ratio = check_positive(massive_ratio, "massive_ratio")
+        self.arch = architecture_of(model)
+        self.model, self.layers, self.eager = model, check_layers(model, layers), bool(attention)
+        dims = model_dims(model)
+        self.H, self.dh = dims["n_heads"], dims["d_head"]
+        self.W_O, self.W_out = {}, {}
+        for L, lw in zip(self.layers, weights if weights is not None else all_layer_weights(model, self.layers)):
+            self.W_O[L] = lw.W_O.reshape(self.H * self.dh, -1).float()     # [H*dh, d]: row block h is W_O[h]
+            self.W_out[L] = lw.W_out.float()                                # [d_mlp, d]
+        self.store, self.rows = {}, defaultdict(list)   # (quantity, layer) -> one tensor per batch
+        self.cta_sum = torch.zeros(len(self.layers), self.H, dtype=torch.float64)
+        self.cta_count = 0
+
+    def attach(self) -> list:
+        blocks, handles = self.arch.blocks(self.model), []
+        for L in self.layers:
+            o_proj, down = out_projections(self.model, L)
+            spots = {"pre": hook_point(self.arch, blocks[L], "resid_pre"),
+                     "mid": hook_point(self.arch, blocks[L], "resid_mid"),
+                     "attn": hook_point(self.arch, blocks[L], "attn_out"),
+                     "mlp": hook_point(self.arch, blocks[L], "mlp_out"), "z": (o_proj, "input"), "act": (down, "input")}
+            handles += [add_hook(module, where, functools.partial(self.store.__setitem__, (what, L)))
+                        for what, (module, where) in spots.items()]
+            if self.eager:
+                def diag(mod, args, out, L=L):
+                    self.store[("diag", L)] = _probabilities(out).diagonal(dim1=-2, dim2=-1)   # [B, H, T]
+                handles.append(self.arch.attn(blocks[L]).register_forward_hook(diag))
+        return handles
+
+    def batch(self, start, enc, mask):
+        store, rows, H, dh = self.store, self.rows, self.H, self.dh
+        if self.eager:   # query positions t >= 1 of real tokens (position 0 only sees itself)
+            q = mask.clone()
+            q[:, 0] = False
+            for i, L in enumerate(self.layers):
+                self.cta_sum[i] += (store[("diag", L)].double() * q[:, None, :]).sum(dim=(0, 2)).cpu()
+            self.cta_count += int(q.sum())
+        for L in self.layers:
+            pre, mid = store[("pre", L)][mask].float(), store[("mid", L)][mask].float()
+            z, act = store[("z", L)][mask].float(), store[("act", L)][mask].float()
+            pre_sq, mid_sq = pre.pow(2).sum(-1), mid.pow(2).sum(-1)
+            rows[("attn", L)].append((store[("attn", L)][mask].float() * pre).sum(-1) / pre_sq)
+            rows[("mlp", L)].append((store[("mlp", L)][mask].float() * mid).sum(-1) / mid_sq)
+            # <z_h W_O[h], r> = z_h . (r W_O[h]^T): one matmul for all heads
+            rows[("heads", L)].append(((pre @ self.W_O[L].T) * z).reshape(-1, H, dh).sum(-1) / pre_sq[:, None])
+            rows[("neurons", L)].append(act * (mid @ self.W_out[L].T) / mid_sq[:, None])
+            rows[("rpre", L)].append(pre_sq.sqrt())
+            rows[("rmid", L)].append(mid_sq.sqrt())
+        store.clear()
+
+    def report(self) -> ErasureReport:
+        layers, cat = self.layers, {k: torch.cat(v).cpu() for k, v in self.rows.items()}
+
+        def massive_mean(ratio, norms):
+            big = massive_mask(norms, self.massive_ratio)
+            return ratio[big].mean() if bool(big.any()) else torch.tensor(float("nan"))
+
+        return ErasureReport(
+            layers=layers,
+            attn=torch.stack([cat[("attn", L)].mean() for L in layers]),
+            mlp=torch.stack([cat[("mlp", L)].mean() for L in layers]),
+            heads=torch.stack([cat[("heads", L)].mean(0) for L in layers]),
+            neurons=torch.stack([cat[("neurons", L)].mean(0) for L in layers]),
+            attn_massive=torch.stack([massive_mean(cat[("attn", L)], cat[("rpre", L)]) for L in layers]),
+            mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
+            n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=self.massive_ratio,
+            current_attention=(self.cta_sum / self.cta_count).float() if self.eager and self.cta_count else None)
+
+
 def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
                              batch_size: int = 8, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
                              progress: bool = True, weights: Sequence[LayerWeights] | None = None,
@@ -291,82 +351,14 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
     ``attention=True`` also measures every head's mean attention to the current token in the same
     forward pass (eager attention; with right padding and the causal mask the probabilities of the
     real queries are those of the prompt alone), instead of :func:`current_token_attention`'s one
-    forward pass per prompt.
+    forward pass per prompt. To share the pass with other analyses of the same prompts, put an
+    :class:`ErasureMeter` among their listeners (:func:`~residual_bandwidth.capture.run_listeners`).
     """
     prompts = check_prompts(prompts)
-    massive_ratio = check_positive(massive_ratio, "massive_ratio")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BandwidthInputError(f"batch_size: expected a positive int, got {batch_size!r}")
-    arch = architecture_of(model)
-    layers = check_layers(model, layers)
-    blocks = arch.blocks(model)
-    dims = model_dims(model)
-    H, dh = dims["n_heads"], dims["d_head"]
-    W_O, W_out = {}, {}
-    for L, lw in zip(layers, weights if weights is not None else all_layer_weights(model, layers)):
-        W_O[L] = lw.W_O.reshape(H * dh, -1).float()     # [H*dh, d]: row block h is W_O[h]
-        W_out[L] = lw.W_out.float()                     # [d_mlp, d]
-
-    store, handles = {}, []
-    for L in layers:
-        o_proj, down = out_projections(model, L)
-        spots = {"pre": hook_point(arch, blocks[L], "resid_pre"), "mid": hook_point(arch, blocks[L], "resid_mid"),
-                 "attn": hook_point(arch, blocks[L], "attn_out"), "mlp": hook_point(arch, blocks[L], "mlp_out"),
-                 "z": (o_proj, "input"), "act": (down, "input")}
-        handles += [add_hook(module, where, functools.partial(store.__setitem__, (what, L)))
-                    for what, (module, where) in spots.items()]
-        if attention:
-            def diag(mod, args, out, L=L):
-                if not isinstance(out, (tuple, list)) or len(out) < 2 or out[1] is None:
-                    raise RuntimeError("the attention module returned no probabilities in eager mode")
-                store[("diag", L)] = out[1].diagonal(dim1=-2, dim2=-1)          # [B, H, T]
-            handles.append(arch.attn(blocks[L]).register_forward_hook(diag))
-
-    rows = defaultdict(list)   # (quantity, layer) -> one tensor per batch
-    cta_sum, cta_count = torch.zeros(len(layers), H, dtype=torch.float64), 0
-    try:
-        for _, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length=None,
-                                            progress=progress, desc="write-vs-read projections"):
-            store.clear()
-            with eager_attention(model) if attention else contextlib.nullcontext():
-                model(**enc, use_cache=False)
-            if attention:   # query positions t >= 1 of real tokens (position 0 only sees itself)
-                q = mask.clone()
-                q[:, 0] = False
-                for i, L in enumerate(layers):
-                    cta_sum[i] += (store[("diag", L)].double() * q[:, None, :]).sum(dim=(0, 2)).cpu()
-                cta_count += int(q.sum())
-            for L in layers:
-                pre, mid = store[("pre", L)][mask].float(), store[("mid", L)][mask].float()
-                z, act = store[("z", L)][mask].float(), store[("act", L)][mask].float()
-                pre_sq, mid_sq = pre.pow(2).sum(-1), mid.pow(2).sum(-1)
-                rows[("attn", L)].append((store[("attn", L)][mask].float() * pre).sum(-1) / pre_sq)
-                rows[("mlp", L)].append((store[("mlp", L)][mask].float() * mid).sum(-1) / mid_sq)
-                # <z_h W_O[h], r> = z_h . (r W_O[h]^T): one matmul for all heads
-                rows[("heads", L)].append(((pre @ W_O[L].T) * z).reshape(-1, H, dh).sum(-1) / pre_sq[:, None])
-                rows[("neurons", L)].append(act * (mid @ W_out[L].T) / mid_sq[:, None])
-                rows[("rpre", L)].append(pre_sq.sqrt())
-                rows[("rmid", L)].append(mid_sq.sqrt())
-    finally:
-        for h in handles:
-            h.remove()
-
-    cat = {k: torch.cat(v).cpu() for k, v in rows.items()}
-
-    def massive_mean(ratio, norms):
-        big = massive_mask(norms, massive_ratio)
-        return ratio[big].mean() if bool(big.any()) else torch.tensor(float("nan"))
-
-    return ErasureReport(
-        layers=layers,
-        attn=torch.stack([cat[("attn", L)].mean() for L in layers]),
-        mlp=torch.stack([cat[("mlp", L)].mean() for L in layers]),
-        heads=torch.stack([cat[("heads", L)].mean(0) for L in layers]),
-        neurons=torch.stack([cat[("neurons", L)].mean(0) for L in layers]),
-        attn_massive=torch.stack([massive_mean(cat[("attn", L)], cat[("rpre", L)]) for L in layers]),
-        mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
-        n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=massive_ratio,
-        current_attention=(cta_sum / cta_count).float() if attention and cta_count else None)
+    meter = ErasureMeter(model, layers, massive_ratio, weights, attention)
+    run_listeners(model, tokenizer, prompts, [meter], batch_size, max_length=None, progress=progress,
+                  desc="write-vs-read projections")
+    return meter.report()
 
 
 def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
@@ -511,29 +503,36 @@ class MemoryReport:
 
 def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
                       layers=None, top_per_kind: int = 5, states=None, batch_size: int = 8,
-                      progress: bool = True) -> MemoryReport:
+                      progress: bool = True, erasure: ErasureReport | None = None) -> MemoryReport:
     """All memory-management evidence for ``layers`` (default all) and the ranked candidate list.
 
     Weights are always analysed. With ``prompts`` (and ``tokenizer``) the activation evidence is added:
     current-token attention and write-vs-read projections. ``states`` (a capture with resid_pre and
-    resid_post, e.g. from :func:`capture_residuals`) adds the energy-loss directions.
+    resid_post, e.g. from :func:`capture_residuals`) adds the energy-loss directions. ``erasure``: that
+    activation evidence measured already (an :class:`ErasureMeter` with ``attention=True`` that shared
+    the caller's forward pass over the same prompts), so no forward pass runs here.
     """
     architecture_of(model)
     layers = check_layers(model, layers)
     notes = []
-    cta = erasure = None
+    cta = None
     if prompts is not None:
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed together with prompts")
         prompts = check_prompts(prompts)
     weights = all_layer_weights(model, layers)   # extracted once per layer, shared below
-    if prompts is not None:   # one batched forward pass feeds the erasure and the attention evidence
+    if erasure is not None and (not isinstance(erasure, ErasureReport) or erasure.layers != layers):
+        raise BandwidthInputError(f"erasure: expected an ErasureReport measured at layers {layers}, got "
+                                  f"{getattr(erasure, 'layers', type(erasure).__name__)}")
+    if erasure is None and prompts is not None:   # one batched pass: erasure and attention evidence
         erasure = erasure_from_activations(model, tokenizer, prompts, layers, batch_size=batch_size,
                                            progress=progress, weights=weights, attention=True)
+    if erasure is not None:
         cta = erasure.current_attention
         if cta is None:
-            raise BandwidthInputError("prompts: every prompt is a single token; current-token attention "
-                                      "needs at least two positions")
+            raise BandwidthInputError("prompts: every prompt is a single token, or the erasure was measured "
+                                      "without attention=True; current-token attention needs at least two "
+                                      "positions")
     else:
         notes.append("no prompts: head scores use the OV eigenvalues only")
     heads = head_records(model, layers=layers, current_attention=cta, weights=weights)

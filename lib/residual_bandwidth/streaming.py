@@ -34,6 +34,7 @@ until the next update.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,7 +42,10 @@ import numpy as np
 import torch
 
 from . import metrics as _m
-from .validation import BandwidthInputError, all_finite, check_dense
+from .capture import (Listener, add_hook, architecture_of, check_tokenizer, hook_name, hook_point,
+                      run_listeners)
+from .outliers import massive_mask
+from .validation import BandwidthInputError, all_finite, check_dense, check_positive, check_prompts
 
 
 class StreamingMoments:
@@ -357,7 +361,64 @@ class StreamedLayers:
         return out
 
 
-@torch.no_grad()
+class LayerStreamer(Listener):
+    """The listener behind :func:`stream_layer_statistics`: per batch it hands each layer's real-token
+    rows to that layer's :class:`StreamingMoments` and running sums, then forgets them."""
+
+    def __init__(self, model, kind: str = "resid_post", layers=None, massive_ratio: float = 4.0,
+                 precision: str = "float64"):
+        self.massive_ratio = check_positive(massive_ratio, "massive_ratio")
+        _m._check_precision(precision)
+        self.arch = architecture_of(model)
+        self.model, self.kind = model, kind
+        blocks = self.arch.blocks(model)
+        layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
+        hook_name(kind, 0)
+        d = model.get_input_embeddings().weight.shape[1]
+        self.out = StreamedLayers(kind, layers, {L: StreamingMoments(d, precision=precision) for L in layers},
+                                  {L: StreamingMoments(d, precision=precision) for L in layers},
+                                  {L: {s: {"n": 0, "norm": 0.0, "unit": torch.zeros(d, dtype=torch.float64)}
+                                       for s in ("all", "clean")} for L in layers}, massive_ratio)
+        self.typical = {L: None for L in layers}         # running mean norm of the non-massive rows
+        self.held: dict[int, torch.Tensor] = {}
+
+    def attach(self) -> list:
+        blocks = self.arch.blocks(self.model)
+        return [add_hook(*hook_point(self.arch, blocks[L], self.kind), functools.partial(self.held.__setitem__, L))
+                for L in self.out.layers]
+
+    @staticmethod
+    def _add(sums, x, norms):
+        sums["n"] += x.shape[0]
+        sums["norm"] += float(norms.sum())
+        sums["unit"] += (x.T @ (1.0 / norms).to(x.dtype)).to(torch.float64)
+
+    def batch(self, start, enc, mask):
+        out, typical, layers = self.out, self.typical, self.out.layers
+        rows = {L: self.held[L][mask].detach().float().cpu() for L in layers}
+        self.held.clear()
+        norms = {L: torch.linalg.vector_norm(rows[L], dim=1, dtype=torch.float64) for L in layers}
+        loud = torch.zeros(int(mask.sum()), dtype=torch.bool)
+        for L in layers:
+            med = float(norms[L].median())
+            ref = min(med, typical[L][0] / typical[L][1]) if typical[L] else med
+            loud |= massive_mask(norms[L], self.massive_ratio, reference=ref)
+        keep = ~loud
+        for L in layers:
+            x, nrm = rows[L], norms[L]
+            if not all_finite(x):
+                raise BandwidthInputError(f"{hook_name(self.kind, L)}: the model produced NaN or Inf")
+            out.all_rows[L].update(x, check=False)
+            self._add(out.sums[L]["all"], x, nrm)
+            if int(keep.sum()):
+                out.clean_rows[L].update(x[keep], check=False)
+                self._add(out.sums[L]["clean"], x[keep], nrm[keep])
+                t = typical[L] or (0.0, 0)
+                typical[L] = (t[0] + float(nrm[keep].sum()), t[1] + int(keep.sum()))
+        out.n_rows += int(mask.sum())
+        out.n_massive_rows += int(loud.sum())
+
+
 def stream_layer_statistics(model, tokenizer, prompts, kind: str = "resid_post", layers=None,
                             batch_size: int = 8, max_length: int | None = 512,
                             massive_ratio: float = 4.0, precision: str = "float64",
@@ -370,64 +431,13 @@ def stream_layer_statistics(model, tokenizer, prompts, kind: str = "resid_post",
     and add ``||x_i||`` and ``x_i / ||x_i||`` to running sums. The massive rule is
     :func:`~residual_bandwidth.outliers.massive_mask` with the monitor's reference norm, the smaller
     of the batch's median and the layer's running typical norm (the stored-capture analyzer uses the
-    median over all tokens, so the two can differ at the margin).
+    median over all tokens, so the two can differ at the margin). To share the pass with other
+    analyses, put a :class:`LayerStreamer` among their listeners
+    (:func:`~residual_bandwidth.capture.run_listeners`).
     """
-    from .capture import (add_hook, architecture_of, check_tokenizer, forward_batches, hook_name,
-                          hook_point)
-    from .outliers import massive_mask
-    from .validation import check_positive, check_prompts
     prompts = check_prompts(prompts)
-    massive_ratio = check_positive(massive_ratio, "massive_ratio")
-    _m._check_precision(precision)
-    arch = architecture_of(model)
     check_tokenizer(tokenizer)
-    blocks = arch.blocks(model)
-    layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
-    hook_name(kind, 0)
-    d = model.get_input_embeddings().weight.shape[1]
-    out = StreamedLayers(kind, layers, {L: StreamingMoments(d, precision=precision) for L in layers},
-                         {L: StreamingMoments(d, precision=precision) for L in layers},
-                         {L: {s: {"n": 0, "norm": 0.0, "unit": torch.zeros(d, dtype=torch.float64)}
-                              for s in ("all", "clean")} for L in layers}, massive_ratio)
-    typical = {L: None for L in layers}         # running mean norm of the non-massive rows
-    held: dict[int, torch.Tensor] = {}
-    handles = []
-    for L in layers:
-        module, where = hook_point(arch, blocks[L], kind)
-        handles.append(add_hook(module, where, lambda h, L=L: held.__setitem__(L, h)))
-
-    def add(sums, x, norms):
-        sums["n"] += x.shape[0]
-        sums["norm"] += float(norms.sum())
-        sums["unit"] += (x.T @ (1.0 / norms).to(x.dtype)).to(torch.float64)
-
-    try:
-        for _, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length,
-                                            progress=progress, desc="streaming layer statistics"):
-            held.clear()
-            model(**enc, use_cache=False)
-            rows = {L: held[L][mask].detach().float().cpu() for L in layers}
-            norms = {L: torch.linalg.vector_norm(rows[L], dim=1, dtype=torch.float64) for L in layers}
-            loud = torch.zeros(int(mask.sum()), dtype=torch.bool)
-            for L in layers:
-                med = float(norms[L].median())
-                ref = min(med, typical[L][0] / typical[L][1]) if typical[L] else med
-                loud |= massive_mask(norms[L], massive_ratio, reference=ref)
-            for L in layers:
-                x, nrm = rows[L], norms[L]
-                if not all_finite(x):
-                    raise BandwidthInputError(f"{hook_name(kind, L)}: the model produced NaN or Inf")
-                out.all_rows[L].update(x, check=False)
-                add(out.sums[L]["all"], x, nrm)
-                keep = ~loud
-                if int(keep.sum()):
-                    out.clean_rows[L].update(x[keep], check=False)
-                    add(out.sums[L]["clean"], x[keep], nrm[keep])
-                    t = typical[L] or (0.0, 0)
-                    typical[L] = (t[0] + float(nrm[keep].sum()), t[1] + int(keep.sum()))
-            out.n_rows += int(mask.sum())
-            out.n_massive_rows += int(loud.sum())
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+    streamer = LayerStreamer(model, kind, layers, massive_ratio, precision)
+    run_listeners(model, tokenizer, prompts, [streamer], batch_size, max_length, progress=progress,
+                  desc="streaming layer statistics")
+    return streamer.out

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Sequence
 
 from ..analyzer import ResidualBandwidthAnalyzer
-from ..capture import KINDS, capture_residuals, model_dims
+from ..capture import KINDS, ResidualRecorder, model_dims, run_listeners
 from ..compression import CALIBRATION_PROMPTS
+from ..memory import ErasureMeter
+from ..validation import check_prompts
 from .models import load_model
 
 # The first six calibration prompts: the seed lesson's sentence first; the others add code, numbers
@@ -85,9 +87,15 @@ def torch_threads(n: int | None):
 
 
 def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_ratio: float = 4.0,
-                  progress: bool = True, threads: int | None = 1) -> tuple[dict, dict]:
+                  progress: bool = True, threads: int | None = 1, erasure=None) -> tuple[dict, dict]:
     """The bandwidth analytics on a loaded model and its capture (all kinds, all layers):
     bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
+
+    Forward passes: ``erasure`` (an :class:`~residual_bandwidth.memory.ErasureReport` of every layer
+    with attention, measured in the caller's pass over ``prompts``, as :func:`run_bandwidth_job`
+    does) spares the memory module its own pass; when ``prompts`` are the compression curve's
+    calibration prompts, the fit reads ``cap`` instead of running them again. What remains are the
+    compression curve's held-out evaluations.
 
     Returns ``(summary, figure_inputs)``: ``summary`` is the ``"analytics"`` section of report.json;
     ``figure_inputs`` holds the full records in the shape :func:`viz.build_figures` takes
@@ -100,10 +108,10 @@ def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_r
     unused.
     """
     with torch_threads(threads):
-        return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress)
+        return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure)
 
 
-def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress):
+def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure):
     from ..bottlenecks import find_bottlenecks
     from ..composition import composition_scores
     from ..compression import compression_curve
@@ -119,7 +127,7 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress):
     seconds["bottlenecks"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress)
+    mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress, erasure=erasure)
     heads_by_neg = sorted(mem.heads, key=lambda r: -r["neg_share"])[:10]
     out["memory"] = {
         "ranking": mem.ranking,
@@ -138,8 +146,10 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress):
     seconds["composition"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    shared = cap.prompts == CALIBRATION_PROMPTS and "resid_post" in cap.kinds
     curve = compression_curve(lm.model, lm.tokenizer, plan["compression_layers"], plan["compression_ks"],
-                              n_random=plan["compression_n_random"], progress=progress)
+                              n_random=plan["compression_n_random"], progress=progress,
+                              states=cap if shared else None)
     out["compression"] = curve.to_dict()
     seconds["compression"] = time.perf_counter() - t
     out["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
@@ -169,11 +179,17 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     figures; ``fast`` measures fewer layers and subspace sizes there.
     """
     t0 = time.perf_counter()
-    prompts = list(prompts or DEFAULT_PROMPTS)
+    prompts = check_prompts(list(prompts or DEFAULT_PROMPTS))
     lm = loaded or load_model(model)
     # store only what is read: the report's kind, and resid_pre / resid_post for the analytics
     kinds = sorted({kind, "resid_pre", "resid_post"} if analytics else {kind}, key=KINDS.index)
-    cap = capture_residuals(lm.model, lm.tokenizer, prompts, kinds=kinds, progress=progress)
+    # one forward pass: the stored capture and (for the analytics) the memory module's erasure meter
+    listeners = [ResidualRecorder(lm.model, lm.tokenizer, kinds)]
+    if analytics:
+        listeners.append(ErasureMeter(lm.model, attention=True, massive_ratio=massive_ratio))
+    run_listeners(lm.model, lm.tokenizer, prompts, listeners, progress=progress,
+                  desc="residual stream" + (" + write-vs-read projections" if analytics else ""))
+    cap = listeners[0].capture(prompts)
     analyzer = ResidualBandwidthAnalyzer(variance_threshold, massive_ratio=massive_ratio,
                                          exclude_massive=exclude_massive)
     rep = analyzer.analyze_layers(cap, kind=kind)
@@ -183,7 +199,7 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     figure_inputs = None
     if analytics:
         summary, figure_inputs = run_analytics(lm, cap, prompts, fast=fast, massive_ratio=massive_ratio,
-                                               progress=progress)
+                                               progress=progress, erasure=listeners[1].report())
         (out / "analytics.json").write_text(json.dumps(figure_inputs))
     report = {
         "model": {"name": lm.name, "source": lm.source, "load_seconds": round(lm.load_seconds, 2), **dims},
