@@ -1,4 +1,4 @@
-"""The lesson says nothing its own numbers contradict (residual_bandwidth.claims).
+"""The lesson says nothing its own numbers contradict (residual_bandwidth.course.claims).
 
 Rule for the prose (``claims.unchecked_prose``): a typed markdown cell that states a number or a
 comparison must name the claims that check it in a marker ``<!-- claims: id, ... -->``, unless the
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from bs4 import BeautifulSoup
 
-from residual_bandwidth.claims import Claims, markers, unchecked_prose
+from residual_bandwidth.course.claims import Claims, markers, unchecked_prose
 from residual_bandwidth.course import load_lesson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_markers_are_parsed():
 
 def test_registry_records_values_and_flags_a_false_claim(monkeypatch):
     shown = []
-    monkeypatch.setattr("residual_bandwidth.claims._display_markdown", lambda text, meta: shown.append((text, meta)))
+    monkeypatch.setattr("residual_bandwidth.course.claims._display_markdown", lambda text, meta: shown.append((text, meta)))
     reg = Claims()
     assert reg.check("typed_one", np.bool_(True), "a typed sentence", value=np.float64(1.5)) is None
     assert reg["typed_one"].holds is True and not reg["typed_one"].generated

@@ -16,7 +16,8 @@ The lesson's ideas, one module each:
 Plumbing, in subpackages:
   monitor/     BandwidthMonitor on live inference: core, alerts, export (JSON lines, Prometheus)
   viz/         accessible figures: core (container, palette, styling), then the figure families
-  course/      lesson metadata, model loading, the report job (make lesson), the CLI, the explorer
+  course/      lesson metadata, model loading, the report job (make lesson), the CLI, the explorer,
+               the lesson's checked claims
   compat       the seed lesson's names (ProductionBandwidthMonitor, BandwidthVisualizer, effective_rank)
 """
 from .analyzer import BandwidthReport, ResidualBandwidthAnalyzer

