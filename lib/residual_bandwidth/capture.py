@@ -112,6 +112,25 @@ def model_dims(model: torch.nn.Module) -> dict:
     }
 
 
+def check_layers(model, layers, name: str = "layers") -> list[int]:
+    """``None`` -> every block; else a list of valid block indices (errors name the bad one)."""
+    n = len(architecture_of(model).blocks(model))
+    if layers is None:
+        return list(range(n))
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    out = []
+    for L in layers:
+        if isinstance(L, bool) or not isinstance(L, int):
+            raise BandwidthInputError(f"{name}: expected block indices (int), got {L!r}")
+        if not -n <= L < n:
+            raise BandwidthInputError(f"{name}: layer {L} is out of range for a {n}-layer model")
+        out.append(L % n)
+    if not out:
+        raise BandwidthInputError(f"{name}: empty list of layers")
+    return sorted(set(out))
+
+
 # --------------------------------------------------------------------------------------------
 # The captured activations
 # --------------------------------------------------------------------------------------------
@@ -426,10 +445,7 @@ class ResidualRecorder(Listener):
         arch = architecture_of(model)
         check_tokenizer(tokenizer)
         blocks = arch.blocks(model)
-        layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
-        for i in layers:
-            if not 0 <= i < len(blocks):
-                raise BandwidthInputError(f"layers: {i} is out of range for a {len(blocks)}-layer model")
+        layers = check_layers(model, layers)
         self.model, self.tokenizer = model, tokenizer
         self.points = {hook_name(k, L): hook_point(arch, blocks[L], k) for L in layers for k in kinds}
         self.store: dict[str, torch.Tensor] = {}

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .capture import architecture_of
+from .capture import architecture_of, check_layers
 from .validation import BandwidthInputError, as_matrix
-from .weights import LayerWeights, all_layer_weights, check_layer_weights, check_layers, factored_svd
+from .weights import LayerWeights, all_layer_weights, check_layer_weights, factored_svd
 
 COMPOSITION_KINDS = ("Q", "K", "V")
 

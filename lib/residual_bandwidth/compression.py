@@ -45,11 +45,10 @@ from typing import Sequence
 
 import torch
 
-from .capture import architecture_of, as_capture, capture_residuals, forward_batches, model_dims
+from .capture import architecture_of, as_capture, capture_residuals, check_layers, forward_batches, model_dims
 from .metrics import principal_directions
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_positive, check_prompts
-from .weights import check_layers
 
 DEFAULT_TOLERANCE = 0.05
 

@@ -54,12 +54,11 @@ from typing import Sequence
 
 import torch
 
-from .capture import (Listener, add_hook, architecture_of, as_capture, eager_attention, hook_name,
-                      hook_point, model_dims, run_listeners)
+from .capture import (Listener, add_hook, architecture_of, as_capture, check_layers, eager_attention,
+                      hook_name, hook_point, model_dims, run_listeners)
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_positive, check_prompts
-from .weights import (LayerWeights, all_layer_weights, check_layer_weights, check_layers,
-                      out_projections)
+from .weights import LayerWeights, all_layer_weights, check_layer_weights, out_projections
 
 #: the keys of one (layer, head) record of :func:`head_records`
 HEAD_KEYS = ("layer", "head", "kv_head", "eig_real", "eig_imag", "neg_share", "current_token_attention")

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from . import metrics as _m
-from .capture import (Listener, add_hook, architecture_of, check_tokenizer, hook_name, hook_point,
-                      run_listeners)
+from .capture import (Listener, add_hook, architecture_of, check_layers, check_tokenizer, hook_name,
+                      hook_point, run_listeners)
 from .outliers import massive_mask
 from .validation import BandwidthInputError, all_finite, check_dense, check_positive, check_prompts
 
@@ -371,8 +371,7 @@ class LayerStreamer(Listener):
         _m._check_precision(precision)
         self.arch = architecture_of(model)
         self.model, self.kind = model, kind
-        blocks = self.arch.blocks(model)
-        layers = list(range(len(blocks))) if layers is None else [int(i) for i in layers]
+        layers = check_layers(model, layers)
         hook_name(kind, 0)
         d = model.get_input_embeddings().weight.shape[1]
         self.out = StreamedLayers(kind, layers, {L: StreamingMoments(d, precision=precision) for L in layers},

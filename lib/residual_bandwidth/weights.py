@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .capture import architecture_of, model_dims
+from .capture import architecture_of, check_layers, model_dims
 from .validation import BandwidthInputError
 
 
@@ -189,25 +189,6 @@ def check_layer_weights(lw, name: str = "lw") -> LayerWeights:
         raise BandwidthInputError(f"{name}: expected LayerWeights (from layer_weights(model, layer)), "
                                   f"got {type(lw).__name__}")
     return lw
-
-
-def check_layers(model, layers, name: str = "layers") -> list[int]:
-    """``None`` -> every block; else a list of valid block indices (errors name the bad one)."""
-    n = len(architecture_of(model).blocks(model))
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    out = []
-    for L in layers:
-        if isinstance(L, bool) or not isinstance(L, int):
-            raise BandwidthInputError(f"{name}: expected block indices (int), got {L!r}")
-        if not -n <= L < n:
-            raise BandwidthInputError(f"{name}: layer {L} is out of range for a {n}-layer model")
-        out.append(L % n)
-    if not out:
-        raise BandwidthInputError(f"{name}: empty list of layers")
-    return sorted(set(out))
 
 
 def layer_weights(model: torch.nn.Module, layer: int) -> LayerWeights:

@@ -109,7 +109,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..capture import KINDS, add_hook, architecture_of, hook_point, model_dims
+from ..capture import KINDS, add_hook, architecture_of, check_layers, hook_point, model_dims
 from ..metrics import rank_family, spectrum
 from ..outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from ..streaming import StreamingMoments
@@ -402,10 +402,7 @@ class BandwidthMonitor(AlertsMixin, ExportMixin):
         elif self._layers_arg == "all":
             layers = list(range(n_layers))
         else:
-            layers = self._check_layers(self._layers_arg)
-        for L in layers:
-            if L >= n_layers:
-                raise BandwidthInputError(f"layers: {L} is out of range for a {n_layers}-layer model")
+            layers = check_layers(model, self._layers_arg)
         dims = model_dims(model)
         with self._lock:
             if self.d_model is None:
