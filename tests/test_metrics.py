@@ -212,14 +212,16 @@ def test_covariance_and_gram_paths_agree_with_numpy_svd(rng, n, d):
 
 
 def test_metrics_never_modify_their_input(rng):
-    """The float64 path centres a block in place; it must be a copy, not the caller's tensor."""
+    """A converted block is centred in place; a block already in the working dtype must not be: .to()
+    returns the caller's tensor itself (float64 in float64, float32 in float32)."""
     for n, d in [(50, 8), (8, 50)]:
-        x = torch.tensor(rng.normal(size=(n, d)) + 3.0)  # float64: .to(float64) alone would alias
-        before = x.clone()
-        M.compute_metrics(x)
-        for method in ("covariance", "gram"):
-            M.spectrum(x, method=method)
-        assert torch.equal(x, before)
+        for dtype, precision in ((torch.float64, "float64"), (torch.float32, "float32")):
+            x = torch.tensor(rng.normal(size=(n, d)) + 3.0, dtype=dtype)
+            before = x.clone()
+            M.compute_metrics(x, precision=precision)
+            for method in ("covariance", "gram"):
+                M.spectrum(x, method=method, precision=precision)
+            assert torch.equal(x, before)
 
 
 def test_mean_norm_matches_numpy(rng, monkeypatch):

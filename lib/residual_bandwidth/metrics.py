@@ -153,10 +153,10 @@ def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "au
     if method == "covariance" or (method == "auto" and n >= d):
         gram = torch.zeros(d, d, dtype=dtype)
         for rows in _row_chunks(x):  # never a float64 copy of all of X: O(chunk*d + d^2) memory
-            c = _scaled(rows, s, dtype).sub_(mean_t)
+            c = _centred(rows, s, dtype, mean_t)
             gram.addmm_(c.T, c)
     else:
-        c = _scaled(x, s, dtype).sub_(mean_t)
+        c = _centred(x, s, dtype, mean_t)
         gram = c @ c.T
     if scale is None and not _representable(gram):
         return _spectrum(x, center, name, layer, method, power_of_two_scale(x))
@@ -175,9 +175,17 @@ def _check_side(x: torch.Tensor, name: str, layer, method: str = "auto") -> None
 
 
 def _scaled(rows: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A CPU copy of ``rows / scale`` in ``dtype`` (a copy: the caller's tensor is never edited)."""
-    c = rows.to("cpu", dtype, copy=True)
-    return c if scale == 1.0 else c.div_(scale)
+    """``rows / scale`` on the CPU in ``dtype``, to be read only: it is ``rows`` itself when ``rows`` is
+    a CPU tensor of ``dtype`` already and ``scale = 1``."""
+    c = rows.to("cpu", dtype)
+    return c if scale == 1.0 else c / scale
+
+
+def _centred(rows: torch.Tensor, scale: float, dtype: torch.dtype, mean: torch.Tensor) -> torch.Tensor:
+    """``rows / scale - mean`` as a new CPU tensor in ``dtype`` (the caller's tensor is never edited):
+    ``rows - mean`` in one pass, or the converted (or scaled) copy of ``rows``, centred in place."""
+    c = _scaled(rows, scale, dtype)
+    return c - mean if c is rows else c.sub_(mean)
 
 
 def _representable(gram: torch.Tensor) -> bool:
