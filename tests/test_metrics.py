@@ -212,14 +212,16 @@ def test_covariance_and_gram_paths_agree_with_numpy_svd(rng, n, d):
 
 
 def test_metrics_never_modify_their_input(rng):
-    """The float64 path centres a block in place; it must be a copy, not the caller's tensor."""
+    """A converted block is centred in place; a block already in the working dtype must not be: .to()
+    returns the caller's tensor itself (float64 in float64, float32 in float32)."""
     for n, d in [(50, 8), (8, 50)]:
-        x = torch.tensor(rng.normal(size=(n, d)) + 3.0)  # float64: .to(float64) alone would alias
-        before = x.clone()
-        M.compute_metrics(x)
-        for method in ("covariance", "gram"):
-            M.spectrum(x, method=method)
-        assert torch.equal(x, before)
+        for dtype, precision in ((torch.float64, "float64"), (torch.float32, "float32")):
+            x = torch.tensor(rng.normal(size=(n, d)) + 3.0, dtype=dtype)
+            before = x.clone()
+            M.compute_metrics(x, precision=precision)
+            for method in ("covariance", "gram"):
+                M.spectrum(x, method=method, precision=precision)
+            assert torch.equal(x, before)
 
 
 def test_mean_norm_matches_numpy(rng, monkeypatch):
@@ -277,3 +279,50 @@ def test_huge_and_tiny_values_are_rescaled_not_a_convergence_failure(rng, scale)
     assert spec.scale != 1.0
     assert np.allclose(spec.eigenvalues * (spec.scale / scale) ** 2, ref.eigenvalues, rtol=1e-9)
     assert M.spectrum(torch.tensor(ref_x)).scale == 1.0
+
+
+def numpy_norms(x):
+    """(mean_i ||x_i||, mean_{i != j} cos(x_i, x_j)) in float64 numpy, the n x n cosine matrix formed."""
+    x = np.asarray(x, dtype=np.float64)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = u @ u.T
+    return np.linalg.norm(x, axis=1).mean(), (c.sum() - np.trace(c)) / (len(x) * (len(x) - 1))
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 50.0])   # anisotropy near 0, ~0.9 and ~1
+def test_float32_row_pass_matches_numpy_float64(rng, monkeypatch, offset):
+    """precision="float32" computes each block's norms and sums in float32 and adds them up in float64:
+    mean_norm to 1e-6 relative and anisotropy to 1e-6 absolute (float32 round-off is ~6e-8), over
+    blocks of 64 rows, with a massive row in the data."""
+    monkeypatch.setattr(M, "CHUNK_ROWS", 64)
+    x = rng.normal(size=(1000, 48)) + offset
+    x[17, 5] = 1e4
+    x = torch.tensor(x, dtype=torch.float32)
+    assert M._row_pass(x, precision="float32")["precision"] == "float32"   # the float32 pass, no fallback
+    mean_norm, aniso = numpy_norms(x.numpy())
+    got = M.compute_metrics(x, precision="float32")
+    assert got.mean_norm == pytest.approx(mean_norm, rel=1e-6)
+    assert got.anisotropy == pytest.approx(aniso, abs=1e-6)
+    with pytest.raises(BandwidthInputError, match=r"zero vector\(s\) at position\(s\) \[50, 700\]"):
+        x[[50, 700]] = 0.0
+        M.compute_metrics(x, precision="float32")
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e30), (torch.float32, 1e-30),
+                                         (torch.float32, 1e-22), (torch.float64, 1e200)])
+def test_float32_precision_falls_back_to_float64_where_float32_squares_fail(rng, dtype, scale):
+    """float32 squares overflow near 1e19 and turn subnormal (fewer digits) below about 1e-19: row
+    norms outside metrics.FLOAT32_NORMS send compute_metrics(precision="float32") to float64, which
+    rescales if it must, so every metric still equals numpy float64 on the same values."""
+    x = torch.tensor(low_rank(rng, 300, 24, 8, noise=0.05, offset=1.0) * scale, dtype=dtype)
+    assert M._row_pass(x, precision="float32")["precision"] == "float64"
+    ref = x.double().numpy() / scale   # the same values, brought near 1 (numpy squares 1e400 overflow)
+    lam = numpy_lambda(ref)
+    got = M.compute_metrics(x, precision="float32")
+    assert got.variance_rank == M.variance_threshold_rank(lam, 0.95)
+    for key, fn in (("participation_ratio", M.participation_ratio), ("stable_rank", M.stable_rank),
+                    ("entropy_rank", M.entropy_effective_rank)):
+        assert getattr(got, key) == pytest.approx(fn(lam), rel=1e-9), key
+    mean_norm, aniso = numpy_norms(ref)
+    assert got.mean_norm == pytest.approx(mean_norm * scale, rel=1e-9)
+    assert got.anisotropy == pytest.approx(aniso, rel=1e-9)

@@ -183,8 +183,8 @@ def test_buffered_rows_count_and_show_in_every_read_out(rng):
 def test_float32_products_keep_the_float64_ranks_on_the_models_residuals(embedded_capture):
     """precision="float32" is used only because, on the embedded model's own residuals (every layer
     and kind, massive rows included), every variance rank equals the float64 reference at five
-    thresholds, PR and stable rank agree to 1e-5, and the entropy measures (which see the float32
-    round-off left in the tail) to 2 %."""
+    thresholds, PR and stable rank agree to 1e-5, the entropy measures (which see the float32
+    round-off left in the tail) to 2 %, and mean_norm and anisotropy (float32 row pass) to 1e-6."""
     from residual_bandwidth.metrics import variance_threshold_rank
     cap = embedded_capture
     for kind in cap.kinds:
@@ -198,6 +198,8 @@ def test_float32_products_keep_the_float64_ranks_on_the_models_residuals(embedde
             for key, rel in (("participation_ratio", 1e-5), ("stable_rank", 1e-5), ("entropy_rank", 2e-2),
                              ("spectral_entropy", 2e-2)):
                 assert getattr(f32, key) == pytest.approx(getattr(ref, key), rel=rel), (kind, L, key)
+            assert f32.mean_norm == pytest.approx(ref.mean_norm, rel=1e-6), (kind, L)
+            assert f32.anisotropy == pytest.approx(ref.anisotropy, abs=1e-6), (kind, L)
             mom = StreamingMoments(x.shape[1], precision="float32").update(x[: len(x) // 2]).update(x[len(x) // 2:])
             assert mom.variance_threshold_rank(0.95) == ref.variance_rank, (kind, L)
 

@@ -103,8 +103,9 @@ def spectrum(x, center: bool = True, name: str = "x", layer=None, method: str = 
     of two ``s`` (exact) before the products, and the spectrum is that of ``X / s`` (``Spectrum.scale
     = s``); otherwise ``s = 1``.
 
-    ``precision="float32"`` forms the centred products in float32 (the mean, the eigenvalue problem
-    and the noise floor stay float64's): half the memory traffic and about twice the GEMM speed. On
+    ``precision="float32"`` centres the rows and sums their products ``Xc^T Xc`` in float32 (the mean
+    is summed in float64 and rounded to float32 for the subtraction; the eigenvalue problem and the
+    noise floor stay float64): half the memory traffic and about twice the GEMM speed. On
     the embedded model's residuals (every layer and kind, massive rows included) its variance ranks
     equal float64's at p = 0.5 ... 0.99 and the participation ratio and stable rank agree to 1e-5;
     float32 round-off stays in the tail as small eigenvalues, which moves the entropy measures by
@@ -153,10 +154,10 @@ def _spectrum(x: torch.Tensor, center: bool, name: str, layer, method: str = "au
     if method == "covariance" or (method == "auto" and n >= d):
         gram = torch.zeros(d, d, dtype=dtype)
         for rows in _row_chunks(x):  # never a float64 copy of all of X: O(chunk*d + d^2) memory
-            c = _scaled(rows, s, dtype).sub_(mean_t)
+            c = _centred(rows, s, dtype, mean_t)
             gram.addmm_(c.T, c)
     else:
-        c = _scaled(x, s, dtype).sub_(mean_t)
+        c = _centred(x, s, dtype, mean_t)
         gram = c @ c.T
     if scale is None and not _representable(gram):
         return _spectrum(x, center, name, layer, method, power_of_two_scale(x))
@@ -175,9 +176,17 @@ def _check_side(x: torch.Tensor, name: str, layer, method: str = "auto") -> None
 
 
 def _scaled(rows: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A CPU copy of ``rows / scale`` in ``dtype`` (a copy: the caller's tensor is never edited)."""
-    c = rows.to("cpu", dtype, copy=True)
-    return c if scale == 1.0 else c.div_(scale)
+    """``rows / scale`` on the CPU in ``dtype``, to be read only: it is ``rows`` itself when ``rows`` is
+    a CPU tensor of ``dtype`` already and ``scale = 1``."""
+    c = rows.to("cpu", dtype)
+    return c if scale == 1.0 else c / scale
+
+
+def _centred(rows: torch.Tensor, scale: float, dtype: torch.dtype, mean: torch.Tensor) -> torch.Tensor:
+    """``rows / scale - mean`` as a new CPU tensor in ``dtype`` (the caller's tensor is never edited):
+    ``rows - mean`` in one pass, or the converted (or scaled) copy of ``rows``, centred in place."""
+    c = _scaled(rows, scale, dtype)
+    return c - mean if c is rows else c.sub_(mean)
 
 
 def _representable(gram: torch.Tensor) -> bool:
@@ -350,31 +359,49 @@ def anisotropy(x, name: str = "x", layer=None) -> float:
     return _norms_of(_row_pass(x), name)[1]
 
 
-def _row_pass(x: torch.Tensor, scale: float | None = None) -> dict:
-    """One pass over the rows, accumulated in float64: the column sum, ``sum_i ||x_i||``,
+#: ``precision="float32"`` reads the rows in float32 only while every row norm lies in this range. Below
+#: it, the largest square of a row can be a float32 subnormal (under 2**-126, fewer digits); above it,
+#: a sum of 2**28 squared norms can overflow float32 (2**128). Inside, squares lost to underflow change
+#: a norm by less than ``d * 2**-50`` relative.
+FLOAT32_NORMS = (2.0**-50, 2.0**50)
+
+
+def _row_pass(x: torch.Tensor, scale: float | None = None, precision: str = "float64") -> dict:
+    """One pass over the rows, totals in float64: the column sum, ``sum_i ||x_i||``,
     ``sum_i x_i / ||x_i||`` and the first rows of norm 0, all of ``x / scale``.
 
     ``sum_i u_i`` is formed as the vector-matrix product ``(1 / ||x_i||)^T X`` per block, so no
     normalised copy of the rows is made. ``scale=None``: 1, unless the squares of the entries
     overflow or underflow float64, then the pass is redone with :func:`power_of_two_scale`.
+
+    ``precision="float32"``: each block's norms, column sum and ``(1 / ||x_i||)^T X`` are computed in
+    float32 (no float64 copy of the block) and added to the float64 totals. A row norm outside
+    :data:`FLOAT32_NORMS` (or 0) sends the whole pass to float64, which rescales if it must and lists
+    the rows of norm 0. ``"precision"`` in the result says which pass it is.
     """
-    n = x.shape[0]
+    n, dtype = x.shape[0], PRECISIONS[precision]
     col_sum = torch.zeros(x.shape[1], dtype=torch.float64)
     unit_sum = torch.zeros(x.shape[1], dtype=torch.float64)
     norm_sum, zero = 0.0, []
     for start, rows in zip(range(0, n, CHUNK_ROWS), _row_chunks(x)):
-        rows = _scaled(rows, scale or 1.0)
+        rows = _scaled(rows, scale or 1.0, dtype)
         norms = torch.linalg.vector_norm(rows, dim=1)
-        if scale is None and (not bool(torch.isfinite(norms).all()) or bool((rows[norms == 0] != 0).any())):
+        lo, hi = (float(v) for v in torch.aminmax(norms))
+        if dtype == torch.float32 and not FLOAT32_NORMS[0] <= lo <= hi <= FLOAT32_NORMS[1]:
+            return _row_pass(x)   # float32 squares would overflow or lose digits, or a row is 0
+        if scale is None and (not math.isfinite(hi) or bool((rows[norms == 0] != 0).any())):
             return _row_pass(x, power_of_two_scale(x))   # squares overflowed or underflowed
         col_sum += rows.sum(dim=0)
-        if bool((norms == 0).any()):
+        if lo == 0:
             zero += ((norms == 0).nonzero().flatten() + start).tolist()[:5]
             norms = torch.where(norms == 0, torch.ones_like(norms), norms)
-        unit_sum.addmv_(rows.T, norms.reciprocal())
+        if dtype == torch.float64:
+            unit_sum.addmv_(rows.T, norms.reciprocal())
+        else:   # the block's float32 product, added to the float64 total
+            unit_sum += rows.T @ norms.reciprocal()
         norm_sum += float(norms.sum())
     return {"scale": scale or 1.0, "col_sum": col_sum, "norm_sum": norm_sum, "unit_sum": unit_sum,
-            "zero_rows": zero[:5], "n": n}
+            "zero_rows": zero[:5], "n": n, "precision": precision}
 
 
 def _norms_of(rp: dict, name: str) -> tuple[float, float]:
@@ -427,8 +454,15 @@ def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, la
                     check: bool = True) -> BandwidthMetrics:
     """All bandwidth metrics of one ``[positions, d_model]`` matrix (see :class:`BandwidthMetrics`).
 
-    ``precision``: of the covariance products (:func:`spectrum`). ``check=False`` trusts a matrix
-    that was validated already (a :class:`~residual_bandwidth.capture.ResidualCapture` made by
+    ``precision="float32"`` computes in float32 the covariance products (:func:`spectrum`) and, block
+    by block, the row norms, column sums and unit-vector sums behind the mean row, ``mean_norm`` and
+    ``anisotropy`` (these two stay within 1e-6 of float64's; a test checks it); the totals over
+    blocks, the eigenvalue problem and every ratio stay float64. A matrix with a row norm outside
+    :data:`FLOAT32_NORMS` (float32 squares would overflow or turn subnormal) is done in float64
+    throughout. The default ``"float64"`` computes everything in float64.
+
+    ``check=False`` trusts a matrix that was validated already (a
+    :class:`~residual_bandwidth.capture.ResidualCapture` made by
     :func:`~residual_bandwidth.capture.capture_residuals` is), skipping the finite check.
     """
     _check_precision(precision)
@@ -436,8 +470,10 @@ def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, la
         x = as_matrix(x, name=name, layer=layer)  # validated once; the passes below trust it
     x = x.detach()
     _check_side(x, name, layer)
-    rp = _row_pass(x)   # one pass gives the mean row, the norms and the unit-vector sum
-    spec = _spectrum(x, center, name, layer, precision=precision,
+    # one pass gives the mean row, the norms and the unit-vector sum; a matrix it would not read in
+    # float32 (norms outside FLOAT32_NORMS) has its covariance formed in float64 too
+    rp = _row_pass(x, precision=precision)
+    spec = _spectrum(x, center, name, layer, precision=rp["precision"],
                      scale=None if rp["scale"] == 1.0 else rp["scale"], mean=rp["col_sum"] / x.shape[0])
     mean_norm, aniso = _norms_of(rp, name)
     n, d = x.shape
