@@ -326,3 +326,20 @@ def test_float32_precision_falls_back_to_float64_where_float32_squares_fail(rng,
     mean_norm, aniso = numpy_norms(ref)
     assert got.mean_norm == pytest.approx(mean_norm * scale, rel=1e-9)
     assert got.anisotropy == pytest.approx(aniso, rel=1e-9)
+
+
+def test_float32_eigenvalues_match_a_planted_spectrum_and_fall_back_beyond_float32_range(rng):
+    """spectrum_of_scatter(precision="float32") solves the eigenproblem in float32: on a rotated
+    diagonal with known eigenvalues (spread over six decades) it returns them to float32 accuracy
+    (1e-5 of lambda_max), and a float64 scatter too large for float32 is solved in float64."""
+    d = 64
+    lam = np.geomspace(1e3, 1e-3, d)
+    q = random_orthogonal(d, rng)
+    scatter = torch.tensor((q * lam) @ q.T)
+    got = M.spectrum_of_scatter(scatter, n=10_000, d=d, precision="float32").eigenvalues
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, lam, rtol=0, atol=1e-5 * lam[0])
+    assert M.variance_threshold_rank(got, 0.95) == M.variance_threshold_rank(lam, 0.95)
+    huge = M.spectrum_of_scatter(scatter * 1e60, n=10_000, d=d, precision="float32").eigenvalues
+    assert np.isfinite(huge).all()
+    np.testing.assert_allclose(huge / 1e60, lam, rtol=1e-9, atol=1e-12 * lam[0])

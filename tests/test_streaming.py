@@ -204,6 +204,28 @@ def test_float32_products_keep_the_float64_ranks_on_the_models_residuals(embedde
             assert mom.variance_threshold_rank(0.95) == ref.variance_rank, (kind, L)
 
 
+def test_float32_keeps_the_float64_ranks_on_a_thousand_tokens_of_the_models_residuals(embedded):
+    """The same comparison on ~1,000 tokens (more rows than dimensions, the covariance path) of
+    resid_post at every layer, with and without the massive rows: float32 products and float32
+    eigenvalues give float64's variance ranks; PR and stable rank agree to 1e-5."""
+    from residual_bandwidth import ResidualBandwidthAnalyzer, capture_residuals
+    from residual_bandwidth.compression import CALIBRATION_PROMPTS
+    from residual_bandwidth.metrics import variance_threshold_rank
+    cap = capture_residuals(embedded.model, embedded.tokenizer, CALIBRATION_PROMPTS * 3, kinds=["resid_post"],
+                            progress=False)
+    assert cap.n_rows > 2 * cap.d_model
+    massive = ResidualBandwidthAnalyzer().massive_mask(cap)
+    assert 0 < int(massive.sum()) < cap.n_rows
+    for L, x in zip(cap.layers, cap.layer_stack("resid_post")):
+        for rows in (x, x[~massive]):
+            a, b = spectrum(rows), spectrum(rows, precision="float32")
+            for p in (0.5, 0.8, 0.9, 0.95, 0.99):
+                assert variance_threshold_rank(a, p) == variance_threshold_rank(b, p), (L, p)
+            ref, f32 = compute_metrics(rows), compute_metrics(rows, precision="float32")
+            assert f32.participation_ratio == pytest.approx(ref.participation_ratio, rel=1e-5), L
+            assert f32.stable_rank == pytest.approx(ref.stable_rank, rel=1e-5), L
+
+
 def test_statistics_streamed_in_the_forward_pass_equal_the_stored_analysis(embedded):
     """stream_layer_statistics keeps no activations, yet gives the analyzer's numbers (one batch, so
     the massive rows are the same set; float64 products)."""

@@ -89,9 +89,9 @@ class ResidualBandwidthAnalyzer:
         exclude_massive: leave massive positions out of the spectra reported as "without_massive"
             and of the pooled metrics. A position flagged at *any* layer is removed from *every*
             layer, so all layers are measured on the same tokens.
-        precision: ``"float64"`` (default) or ``"float32"``: of the covariance products and of the
-            row norms behind ``mean_norm`` and ``anisotropy``; the eigenvalue problem stays float64
-            (see :func:`residual_bandwidth.metrics.compute_metrics`).
+        precision: ``"float64"`` (default) or ``"float32"``: of the covariance products, their
+            eigenvalues and the row norms behind ``mean_norm`` and ``anisotropy`` (see
+            :func:`residual_bandwidth.metrics.compute_metrics`).
     """
 
     def __init__(self, variance_threshold: float = 0.95, center: bool = True,

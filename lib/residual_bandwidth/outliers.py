@@ -85,19 +85,19 @@ def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int
     norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
     typical = float(norms.median())
     r = norms / typical if typical > 0 else torch.full_like(norms, float("inf"))
-    out = []
-    for i in torch.nonzero(massive_mask(norms, ratio)).flatten().tolist():
-        v = x[i].to(torch.float64)
-        energy = float(v @ v)
-        top = torch.topk(v.abs(), k=min(top_k, v.numel())).indices.tolist()
-        out.append(MassiveActivation(
-            layer=layer, row=i,
-            prompt=int(prompt_index[i]) if prompt_index is not None else 0,
-            position=int(position[i]) if position is not None else i,
-            token=tokens[i] if tokens is not None else "",
-            norm=float(v.norm()), typical_norm=typical, ratio=float(r[i]),
-            top_dims=[(j, float(v[j]), float(v[j] ** 2 / energy)) for j in top]))
-    return out
+    rows = torch.nonzero(massive_mask(norms, ratio)).flatten()
+    v = x[rows].to(torch.float64)                       # the massive rows only, all at once
+    top = torch.topk(v.abs(), k=min(top_k, x.shape[1]), dim=1).indices
+    value = v.gather(1, top)
+    share = value ** 2 / (v * v).sum(dim=1, keepdim=True)
+    prompts = torch.as_tensor(prompt_index)[rows].tolist() if prompt_index is not None else [0] * len(rows)
+    positions = torch.as_tensor(position)[rows].tolist() if position is not None else rows.tolist()
+    return [MassiveActivation(layer=layer, row=i, prompt=int(p), position=int(q),
+                              token=tokens[i] if tokens is not None else "", norm=nrm, typical_norm=typical,
+                              ratio=rr, top_dims=list(zip(dims, vals, shares)))
+            for i, p, q, nrm, rr, dims, vals, shares in zip(rows.tolist(), prompts, positions,
+                                                          norms[rows].tolist(), r[rows].tolist(), top.tolist(),
+                                                          value.tolist(), share.tolist())]
 
 
 def outlier_dimensions(x, ratio: float = DEFAULT_OUTLIER_DIM_RATIO, exclude_rows=None, layer=None,
@@ -119,5 +119,6 @@ def outlier_dimensions(x, ratio: float = DEFAULT_OUTLIER_DIM_RATIO, exclude_rows
         return []
     r = rms / typical
     order = torch.argsort(r, descending=True)
-    return [OutlierDimension(layer=layer, dim=int(j), rms=float(rms[j]), typical_rms=typical,
-                             ratio=float(r[j])) for j in order.tolist() if r[j] >= ratio]
+    order = order[r[order] >= ratio]
+    return [OutlierDimension(layer=layer, dim=j, rms=a, typical_rms=typical, ratio=b)
+            for j, a, b in zip(order.tolist(), rms[order].tolist(), r[order].tolist())]
