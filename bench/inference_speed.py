@@ -60,10 +60,13 @@ def prompts_for(tokenizer, n_tokens: int) -> list[str]:
 
 
 @torch.no_grad()
-def bare_forward(lm, prompts, batch_size=8) -> float:
+def bare_forward(lm, prompts, batch_size=8, head=True) -> float:
+    """The forward pass alone: the whole model (``head=True``), or ``model.base_model`` (embeddings,
+    blocks, final norm; what the listeners run when none reads the logits)."""
+    run = lm.model if head else lm.model.base_model
     t = time.perf_counter()
     for _, enc, _ in forward_batches(lm.model, lm.tokenizer, prompts, batch_size, 512):
-        lm.model(**enc, use_cache=False)
+        run(**enc, use_cache=False)
     return time.perf_counter() - t
 
 
@@ -96,7 +99,9 @@ def streamed(lm, prompts) -> float:
 
 def part_report(lm, sizes, repeat):
     print(f"\n## Per-layer report vs floor (forward + 2 float32 covariance+eigvalsh per layer); {load()}")
-    print("| tokens | forward s | floor s | stored (float64) | stored32 | streamed32 |")
+    print("Ratios: to the floor with the forward pass through the blocks (what the listeners run) and,")
+    print("in brackets, with the whole model's forward pass (language-model head included).")
+    print("| tokens | forward s (blocks / whole) | spectra s | stored (float64) | stored32 | streamed32 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         prompts = prompts_for(lm.tokenizer, n)
@@ -104,46 +109,56 @@ def part_report(lm, sizes, repeat):
         mats = cap.layer_stack("resid_post")
         tokens = cap.n_rows
         del cap
-        ratios = {"stored": [], "stored32": [], "streamed32": []}
-        fwd, flo = [], []
+        ratios = {k: ([], []) for k in ("stored", "stored32", "streamed32")}
+        base, whole, spec = [], [], []
         for _ in range(repeat):
             jobs = [("stored", lambda: stored(lm, prompts)), ("stored32", lambda: stored(lm, prompts, "float32")),
                     ("streamed32", lambda: streamed(lm, prompts))]
             random.shuffle(jobs)
             for name, job in jobs:   # each variant paired with a floor measured right before it
-                f = bare_forward(lm, prompts) + floor_spectra(mats)
-                ratios[name].append(job() / f)
-                flo.append(f)
-            fwd.append(bare_forward(lm, prompts))
-        med = {k: statistics.median(v) for k, v in ratios.items()}
-        print(f"| {tokens:,} | {statistics.median(fwd):.2f} | {statistics.median(flo):.2f} | "
-              f"{med['stored']:.2f}x | {med['stored32']:.2f}x | {med['streamed32']:.2f}x |", flush=True)
+                base.append(bare_forward(lm, prompts, head=False))
+                whole.append(bare_forward(lm, prompts))
+                spec.append(floor_spectra(mats))
+                t = job()
+                ratios[name][0].append(t / (base[-1] + spec[-1]))
+                ratios[name][1].append(t / (whole[-1] + spec[-1]))
+        med = {k: tuple(statistics.median(v) for v in pair) for k, pair in ratios.items()}
+        cells = " | ".join(f"{med[k][0]:.2f}x ({med[k][1]:.2f}x)" for k in ("stored", "stored32", "streamed32"))
+        print(f"| {tokens:,} | {statistics.median(base):.2f} / {statistics.median(whole):.2f} | "
+              f"{statistics.median(spec):.2f} | {cells} |", flush=True)
     print(load())
 
 
-def part_stream100k(lm, n_tokens, floor_tokens=None):
+def part_stream100k(lm, n_tokens, slices=10, head_sample_tokens=8192):
+    """The streamed path over ``n_tokens``, fed in ``slices`` consecutive runs of the same listener
+    (the same work as one run), with the resident memory after each: constant memory means the
+    readings stop growing once the first batches have sized torch's buffers."""
+    from residual_bandwidth import LayerStreamer, run_listeners
     print(f"\n## Streamed per-layer statistics over ~{n_tokens:,} tokens; {load()}")
     prompts = prompts_for(lm.tokenizer, n_tokens)
     start = rss_mib()
     t = time.perf_counter()
-    st = stream_layer_statistics(lm.model, lm.tokenizer, prompts, precision="float32")
+    streamer = LayerStreamer(lm.model, precision="float32")
+    step = -(-len(prompts) // slices)
+    rss = []
+    for i in range(0, len(prompts), step):
+        run_listeners(lm.model, lm.tokenizer, prompts[i:i + step], [streamer])
+        rss.append(rss_mib())
+    st = streamer.out
     st.metrics()
     took = time.perf_counter() - t
-    end = rss_mib()
-    if floor_tokens:   # a busy machine: time the bare forward on a prefix and scale it per token
-        sub = prompts_for(lm.tokenizer, floor_tokens)
-        n_sub = sum(len(lm.tokenizer(p)["input_ids"]) for p in sub)
-        fwd = bare_forward(lm, sub) * st.n_rows / n_sub
-        print(f"(forward floor extrapolated from {n_sub:,} tokens)")
-    else:
-        fwd = bare_forward(lm, prompts)
+    fwd = bare_forward(lm, prompts, head=False)
+    sub = prompts_for(lm.tokenizer, head_sample_tokens)
+    n_sub = sum(len(lm.tokenizer(p)["input_ids"]) for p in sub)
+    head_share = 1 - bare_forward(lm, sub, head=False) / bare_forward(lm, sub)
     d = lm.model.config.hidden_size
     x = torch.randn(st.n_rows, d)   # the floor's covariance cost depends on the shape only
     spectra = floor_spectra([x] * len(st.layers))
     del x
-    print(f"tokens {st.n_rows:,}; streamed {took:.1f} s; floor {fwd:.1f} s forward + {spectra:.1f} s spectra "
-          f"= {fwd + spectra:.1f} s; ratio {took / (fwd + spectra):.2f}x; RSS start {start:.0f} MiB, "
-          f"end {end:.0f} MiB; {load()}")
+    print(f"tokens {st.n_rows:,}; streamed {took:.1f} s; floor {fwd:.1f} s forward through the blocks + "
+          f"{spectra:.1f} s spectra = {fwd + spectra:.1f} s; ratio {took / (fwd + spectra):.2f}x (the head is "
+          f"{100 * head_share:.0f} % of a whole-model forward, measured on {n_sub:,} tokens); RSS start {start:.0f} MiB, "
+          f"after each tenth {', '.join(f'{r:.0f}' for r in rss)} MiB; {load()}")
 
 
 def part_lo1(repeat):
@@ -198,8 +213,6 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[512, 2048, 8192])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--stream-tokens", type=int, default=100_000)
-    ap.add_argument("--stream-floor-tokens", type=int, default=None,
-                    help="time the floor's forward pass on this many tokens and scale it (busy machines)")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     random.seed(0)
@@ -213,7 +226,7 @@ def main(argv=None) -> int:
         elif part == "lesson":
             part_lesson(lm)
         else:
-            part_stream100k(lm, args.stream_tokens, args.stream_floor_tokens)
+            part_stream100k(lm, args.stream_tokens)
     return 0
 
 

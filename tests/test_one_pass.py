@@ -29,13 +29,16 @@ def test_three_listeners_in_one_pass_equal_three_separate_passes(embedded):
     rec = ResidualRecorder(model, tok, ["resid_pre", "resid_post"], LAYERS)
     meter = ErasureMeter(model, LAYERS, attention=True)
     streamer = LayerStreamer(model, "resid_post", LAYERS)
-    calls = []
-    counter = model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    calls, head = [], []
+    counter = model.base_model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+    head_hook = model.lm_head.register_forward_hook(lambda *a: head.append(1))
     try:
         run_listeners(model, tok, PROMPTS, [rec, meter, streamer], batch_size=4)
     finally:
         counter.remove()
+        head_hook.remove()
     assert len(calls) == 1, "four prompts in one batch: the three analyses must share one forward pass"
+    assert not head, "no listener reads the logits: the language-model head must not run"
     assert model.config._attn_implementation == "sdpa", "eager attention must be switched back"
     assert _no_hooks(model)
 
@@ -57,6 +60,22 @@ def test_three_listeners_in_one_pass_equal_three_separate_passes(embedded):
         a, b = streamer.out.all_rows[L], alone_st.all_rows[L]
         assert a.n == b.n
         assert a.variance_threshold_rank(0.95) == b.variance_threshold_rank(0.95)
+
+
+def test_a_listener_that_needs_the_head_gets_it(tiny_gpt2):
+    model, tok = tiny_gpt2
+
+    class Logits(ResidualRecorder):
+        needs_head = True
+
+    seen = []
+    h = model.lm_head.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    try:
+        run_listeners(model, tok, ["one two three"], [Logits(model, tok, ["resid_post"], [0])])
+        run_listeners(model, tok, ["one two three"], [ResidualRecorder(model, tok, ["resid_post"], [0])])
+    finally:
+        h.remove()
+    assert len(seen) == 1 and seen[0][-1] == model.config.vocab_size
 
 
 def test_a_failing_listener_leaves_no_hooks_and_restores_attention(embedded):
@@ -94,7 +113,7 @@ def test_the_main_job_runs_the_model_over_its_prompts_once(embedded, tmp_path):
         if ids is not None and ids.shape[0] == len(DEFAULT_PROMPTS) and \
                 torch.equal(ids[0, :len(first)], first):
             over_job_prompts.append(1)
-    h = model.register_forward_pre_hook(count, with_kwargs=True)
+    h = model.base_model.register_forward_pre_hook(count, with_kwargs=True)   # full and base passes
     try:
         rep = run_bandwidth_job(loaded=embedded, out_dir=tmp_path, progress=False, fast=True, figures=False)
     finally:

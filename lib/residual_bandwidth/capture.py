@@ -391,10 +391,13 @@ class Listener:
     :meth:`attach` registers the hooks it needs (they keep what they want of the current batch) and
     returns their handles; :meth:`batch` runs after each batch's forward pass and turns what the
     hooks kept into stored rows or running statistics. ``eager = True`` asks for attention
-    probabilities (:func:`eager_attention`). The report's capture (:class:`ResidualRecorder`), the
-    streamed per-layer statistics and the memory module's write-vs-read projections are listeners.
+    probabilities (:func:`eager_attention`); ``needs_head = True`` asks for the language-model head
+    (the pass otherwise stops at the final norm: residual statistics never read the logits). The
+    report's capture (:class:`ResidualRecorder`), the streamed per-layer statistics and the memory
+    module's write-vs-read projections are listeners.
     """
     eager = False
+    needs_head = False
 
     def attach(self) -> list:
         raise NotImplementedError
@@ -409,6 +412,10 @@ def run_listeners(model: torch.nn.Module, tokenizer, prompts: Sequence[str], lis
                   desc: str = "forward") -> None:
     """Run ``prompts`` through ``model`` **once**, in right-padded batches (:func:`forward_batches`),
     and feed every listener: analyses of the same prompts share one forward pass.
+
+    Unless a listener ``needs_head``, the pass runs the Hugging Face ``model.base_model`` (embeddings,
+    blocks, final norm) and skips the language-model head: on SmolLM2-135M the head is about a fifth
+    of the arithmetic (576 x 49,152 per token) and its logits the largest tensor of the pass.
 
     With an ``eager`` listener the whole pass uses eager attention; on the embedded model its
     residuals then differ from the default SDPA kernel's by at most 2.5e-6 of a row's norm and the
@@ -425,10 +432,11 @@ def run_listeners(model: torch.nn.Module, tokenizer, prompts: Sequence[str], lis
         for listener in listeners:
             handles += listener.attach()
         eager = any(listener.eager for listener in listeners)
+        run = model if any(listener.needs_head for listener in listeners) else getattr(model, "base_model", model)
         with eager_attention(model) if eager else contextlib.nullcontext():
             for start, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length,
                                                     progress=progress, desc=desc):
-                model(**enc, use_cache=False)
+                run(**enc, use_cache=False)
                 for listener in listeners:
                     listener.batch(start, enc, mask)
     finally:

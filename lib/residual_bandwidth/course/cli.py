@@ -53,6 +53,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="analytics on fewer layers and subspace sizes")
     p.add_argument("--no-analytics", action="store_true",
                    help="skip bottlenecks / memory management / composition / compression curve")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the analytics (default: torch's own setting; "
+                        "1 helps on a machine whose cores are busy with other jobs)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run_bandwidth_job(model=args.model, prompts=prompts, out_dir=args.out, kind=args.kind,
                                    variance_threshold=args.threshold, massive_ratio=args.massive_ratio,
                                    exclude_massive=not args.keep_massive, figures=not args.no_figures,
-                                   progress=not args.quiet, fast=args.fast, analytics=not args.no_analytics)
+                                   progress=not args.quiet, fast=args.fast, analytics=not args.no_analytics,
+                                   threads=args.threads)
     except (BandwidthInputError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

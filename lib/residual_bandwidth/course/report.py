@@ -87,7 +87,7 @@ def torch_threads(n: int | None):
 
 
 def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_ratio: float = 4.0,
-                  progress: bool = True, threads: int | None = 1, erasure=None) -> tuple[dict, dict]:
+                  progress: bool = True, threads: int | None = None, erasure=None) -> tuple[dict, dict]:
     """The bandwidth analytics on a loaded model and its capture (all kinds, all layers):
     bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
 
@@ -102,10 +102,10 @@ def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_r
     (``bottlenecks``, ``wov_heads``, ``memory_ranking``, ``composition``, ``compression``) and is
     written to ``analytics.json``.
 
-    ``threads``: torch intra-op threads while it runs (restored afterwards; ``None`` keeps the current
-    setting). Default 1: on a small machine shared with other jobs, two OpenMP threads cost several
-    times the CPU time of one (BENCHMARKS.md); on an idle machine one thread leaves the second core
-    unused.
+    ``threads``: torch intra-op threads while it runs (restored afterwards). Default ``None`` keeps
+    torch's setting: on an idle 2-core machine two threads took 13.7-14.2 s against 22.2-23.0 s
+    with one. ``threads=1`` helps where the cores are busy with other jobs: there two OpenMP threads
+    cost several times the CPU time of one (BENCHMARKS.md).
     """
     with torch_threads(threads):
         return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure)
@@ -171,12 +171,14 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
                       out_dir: str | Path = "out", kind: str = "resid_post",
                       variance_threshold: float = 0.95, massive_ratio: float = 4.0,
                       exclude_massive: bool = True, figures: bool = True, progress: bool = True,
-                      loaded=None, fast: bool = False, analytics: bool = True) -> dict:
+                      loaded=None, fast: bool = False, analytics: bool = True,
+                      threads: int | None = None) -> dict:
     """Capture, analyse, print the table and write report.json / table.txt / figures to ``out_dir``.
 
     ``analytics`` adds the ``"analytics"`` section (:func:`run_analytics`), ``analytics.json`` (the full
     records, the input of ``python -m residual_bandwidth figures --analytics-json``) and the analytics
-    figures; ``fast`` measures fewer layers and subspace sizes there.
+    figures; ``fast`` measures fewer layers and subspace sizes there; ``threads``: see
+    :func:`run_analytics`.
     """
     t0 = time.perf_counter()
     prompts = check_prompts(list(prompts or DEFAULT_PROMPTS))
@@ -199,7 +201,8 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     figure_inputs = None
     if analytics:
         summary, figure_inputs = run_analytics(lm, cap, prompts, fast=fast, massive_ratio=massive_ratio,
-                                               progress=progress, erasure=listeners[1].report())
+                                               progress=progress, erasure=listeners[1].report(),
+                                               threads=threads)
         (out / "analytics.json").write_text(json.dumps(figure_inputs))
     report = {
         "model": {"name": lm.name, "source": lm.source, "load_seconds": round(lm.load_seconds, 2), **dims},
