@@ -243,3 +243,21 @@ def test_statistics_streamed_in_the_forward_pass_equal_the_stored_analysis(embed
         assert got.n_positions == want.n_positions and got.variance_rank == want.variance_rank
         for key in ("participation_ratio", "stable_rank", "entropy_rank", "anisotropy", "mean_norm"):
             assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-6), key
+
+
+def test_a_float32_buffer_holds_float32_rows_and_changes_no_statistic(rng):
+    """precision="float32" buffers rows in float32 (half the bytes) and gives the unbuffered result:
+    the merge would round the rows to float32 anyway."""
+    d = 16
+    x = torch.tensor(rng.normal(size=(500, d)) * np.linspace(5, 0.1, d) + 3.0, dtype=torch.float32)
+    plain = StreamingMoments(d, precision="float32")
+    buffered = StreamingMoments(d, buffer_rows=64, precision="float32")
+    for chunk in torch.split(x, 37):
+        plain.update(chunk)
+        buffered.update(chunk)
+    assert buffered.nbytes == 8 * (d + d * d) + 4 * 64 * d
+    assert buffered.n == plain.n == 500
+    np.testing.assert_allclose(buffered.mean.numpy(), plain.mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(buffered.eigenvalues(), plain.eigenvalues(), rtol=1e-4,
+                               atol=1e-6 * plain.eigenvalues()[0])
+    assert buffered.variance_threshold_rank(0.95) == plain.variance_threshold_rank(0.95)

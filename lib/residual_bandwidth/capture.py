@@ -432,7 +432,8 @@ def run_listeners(model: torch.nn.Module, tokenizer, prompts: Sequence[str], lis
         for listener in listeners:
             handles += listener.attach()
         eager = any(listener.eager for listener in listeners)
-        run = model if any(listener.needs_head for listener in listeners) else getattr(model, "base_model", model)
+        head = any(listener.needs_head for listener in listeners)
+        run = model if head else getattr(model, "base_model", model)
         with eager_attention(model) if eager else contextlib.nullcontext():
             for start, enc, mask in forward_batches(model, tokenizer, prompts, batch_size, max_length,
                                                     progress=progress, desc=desc):
@@ -454,6 +455,7 @@ class ResidualRecorder(Listener):
         check_tokenizer(tokenizer)
         blocks = arch.blocks(model)
         layers = check_layers(model, layers)
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
         self.model, self.tokenizer = model, tokenizer
         self.points = {hook_name(k, L): hook_point(arch, blocks[L], k) for L in layers for k in kinds}
         self.store: dict[str, torch.Tensor] = {}
@@ -497,8 +499,6 @@ def capture_residuals(model: torch.nn.Module, tokenizer, prompts: str | Sequence
     analyses, put a :class:`ResidualRecorder` among their listeners (:func:`run_listeners`).
     """
     prompts = check_prompts(prompts)
-    architecture_of(model)
-    check_tokenizer(tokenizer)
     check_max_length(model, max_length)
     recorder = ResidualRecorder(model, tokenizer, kinds, layers)
     run_listeners(model, tokenizer, prompts, [recorder], batch_size, max_length, progress=progress,

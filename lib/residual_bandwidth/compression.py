@@ -45,7 +45,8 @@ from typing import Sequence
 
 import torch
 
-from .capture import architecture_of, as_capture, capture_residuals, check_layers, forward_batches, model_dims
+from .capture import (architecture_of, as_capture, capture_residuals, check_layers, forward_batches,
+                      model_dims)
 from .metrics import principal_directions
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_positive, check_prompts

@@ -273,7 +273,8 @@ class ErasureMeter(Listener):
         dims = model_dims(model)
         self.H, self.dh = dims["n_heads"], dims["d_head"]
         self.W_O, self.W_out = {}, {}
-        for L, lw in zip(self.layers, weights if weights is not None else all_layer_weights(model, self.layers)):
+        weights = weights if weights is not None else all_layer_weights(model, self.layers)
+        for L, lw in zip(self.layers, weights):
             self.W_O[L] = lw.W_O.reshape(self.H * self.dh, -1).float()     # [H*dh, d]: row block h is W_O[h]
             self.W_out[L] = lw.W_out.float()                                # [d_mlp, d]
         self.store, self.rows = {}, defaultdict(list)   # (quantity, layer) -> one tensor per batch
@@ -287,7 +288,8 @@ class ErasureMeter(Listener):
             spots = {"pre": hook_point(self.arch, blocks[L], "resid_pre"),
                      "mid": hook_point(self.arch, blocks[L], "resid_mid"),
                      "attn": hook_point(self.arch, blocks[L], "attn_out"),
-                     "mlp": hook_point(self.arch, blocks[L], "mlp_out"), "z": (o_proj, "input"), "act": (down, "input")}
+                     "mlp": hook_point(self.arch, blocks[L], "mlp_out"),
+                     "z": (o_proj, "input"), "act": (down, "input")}
             handles += [add_hook(module, where, functools.partial(self.store.__setitem__, (what, L)))
                         for what, (module, where) in spots.items()]
             if self.eager:
@@ -333,7 +335,8 @@ class ErasureMeter(Listener):
             attn_massive=torch.stack([massive_mean(cat[("attn", L)], cat[("rpre", L)]) for L in layers]),
             mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
             n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=self.massive_ratio,
-            current_attention=(self.cta_sum / self.cta_count).float() if self.eager and self.cta_count else None)
+            current_attention=((self.cta_sum / self.cta_count).float() if self.eager and self.cta_count
+                               else None))
 
 
 def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,

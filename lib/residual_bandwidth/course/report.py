@@ -127,7 +127,8 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure):
     seconds["bottlenecks"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress, erasure=erasure)
+    mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress,
+                            erasure=erasure)
     heads_by_neg = sorted(mem.heads, key=lambda r: -r["neg_share"])[:10]
     out["memory"] = {
         "ranking": mem.ranking,
