@@ -2,8 +2,10 @@
 
 The floor of a per-layer report of a model over a set of prompts is the bare forward pass plus, per
 spectrum, one float32 centred covariance and its eigenvalues (two spectra per layer: all positions
-and without massive activations). This script prints the cost of each way of producing the report
-as a ratio to that floor, from about 512 to 8,192 tokens:
+and without massive activations). The forward pass is timed twice: through the blocks only
+(``model.base_model``, what the library's listeners run) and through the whole model (with the
+language-model head); both ratios are printed. This script prints the cost of each way of producing
+the report as a ratio to those floors, from about 512 to 8,192 tokens:
 
 * ``stored``: ``capture_residuals(kinds=["resid_post"])`` + ``ResidualBandwidthAnalyzer().analyze_layers``
   (float64 products, the default);
@@ -11,8 +13,8 @@ as a ratio to that floor, from about 512 to 8,192 tokens:
 * ``streamed32``: ``streaming.stream_layer_statistics(precision="float32")`` + ``.metrics()``: the
   statistics are accumulated by hooks inside the forward pass, nothing of size tokens x d is kept.
 
-Further parts: ``stream100k`` (the streamed path over ~100k tokens: RSS at start and end, ratio to its
-floor), ``lo1`` (pooled 13 x 1024 x 768 metrics vs one float32 covariance pass, ranks vs float64) and
+Further parts: ``stream100k`` (the streamed path over ~100k tokens, fed in ten slices: RSS at the
+start and after each slice, ratio to its floor), ``lo1`` (pooled 13 x 1024 x 768 metrics vs one float32 covariance pass, ranks vs float64) and
 ``lesson`` (``make lesson``'s analytics vs one forward pass of its prompts plus the compression-curve
 evaluations).
 
