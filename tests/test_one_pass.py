@@ -132,6 +132,12 @@ def test_memory_management_takes_a_shared_erasure_and_checks_it(embedded):
     assert [(r["component"], r["kind"]) for r in shared.ranking] == [(r["component"], r["kind"]) for r in alone.ranking]
     with pytest.raises(BandwidthInputError, match="erasure: expected an ErasureReport measured at layers"):
         memory_management(model, tok, PROMPTS, layers=[0, 7], erasure=er)
+    from residual_bandwidth import all_layer_weights
+    given = memory_management(model, tok, PROMPTS, layers=LAYERS, erasure=er,
+                              weights=all_layer_weights(model, LAYERS))
+    assert given.ranking == shared.ranking
+    with pytest.raises(BandwidthInputError, match="weights: expected the LayerWeights of layers"):
+        memory_management(model, tok, PROMPTS, layers=LAYERS, erasure=er, weights=all_layer_weights(model, [0, 7, 28]))
     no_attention = ErasureMeter(model, LAYERS)
     run_listeners(model, tok, PROMPTS, [no_attention])
     with pytest.raises(BandwidthInputError, match="without attention=True"):

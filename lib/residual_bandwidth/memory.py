@@ -505,14 +505,16 @@ class MemoryReport:
 
 def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
                       layers=None, top_per_kind: int = 5, states=None, batch_size: int = 8,
-                      progress: bool = True, erasure: ErasureReport | None = None) -> MemoryReport:
+                      progress: bool = True, erasure: ErasureReport | None = None,
+                      weights: Sequence[LayerWeights] | None = None) -> MemoryReport:
     """All memory-management evidence for ``layers`` (default all) and the ranked candidate list.
 
     Weights are always analysed. With ``prompts`` (and ``tokenizer``) the activation evidence is added:
     current-token attention and write-vs-read projections. ``states`` (a capture with resid_pre and
     resid_post, e.g. from :func:`capture_residuals`) adds the energy-loss directions. ``erasure``: that
     activation evidence measured already (an :class:`ErasureMeter` with ``attention=True`` that shared
-    the caller's forward pass over the same prompts), so no forward pass runs here.
+    the caller's forward pass over the same prompts), so no forward pass runs here. ``weights``: the
+    layers' already extracted :class:`LayerWeights`, in the order of ``layers``.
     """
     architecture_of(model)
     layers = check_layers(model, layers)
@@ -522,7 +524,10 @@ def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed together with prompts")
         prompts = check_prompts(prompts)
-    weights = all_layer_weights(model, layers)   # extracted once per layer, shared below
+    weights = list(weights) if weights is not None else all_layer_weights(model, layers)   # shared below
+    if [check_layer_weights(lw, "weights").layer for lw in weights] != layers:
+        raise BandwidthInputError(f"weights: expected the LayerWeights of layers {layers}, got "
+                                  f"{[lw.layer for lw in weights]}")
     if erasure is not None and (not isinstance(erasure, ErasureReport) or erasure.layers != layers):
         raise BandwidthInputError(f"erasure: expected an ErasureReport measured at layers {layers}, got "
                                   f"{getattr(erasure, 'layers', type(erasure).__name__)}")

@@ -19,6 +19,7 @@ from ..capture import KINDS, ResidualRecorder, model_dims, run_listeners
 from ..compression import CALIBRATION_PROMPTS
 from ..memory import ErasureMeter
 from ..validation import check_prompts
+from ..weights import all_layer_weights
 from .models import load_model
 
 # The first six calibration prompts: the seed lesson's sentence first; the others add code, numbers
@@ -87,7 +88,8 @@ def torch_threads(n: int | None):
 
 
 def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_ratio: float = 4.0,
-                  progress: bool = True, threads: int | None = None, erasure=None) -> tuple[dict, dict]:
+                  progress: bool = True, threads: int | None = None, erasure=None,
+                  weights=None) -> tuple[dict, dict]:
     """The bandwidth analytics on a loaded model and its capture (all kinds, all layers):
     bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
 
@@ -95,7 +97,8 @@ def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_r
     with attention, measured in the caller's pass over ``prompts``, as :func:`run_bandwidth_job`
     does) spares the memory module its own pass; when ``prompts`` are the compression curve's
     calibration prompts, the fit reads ``cap`` instead of running them again. What remains are the
-    compression curve's held-out evaluations.
+    compression curve's held-out evaluations. ``weights``: every layer's
+    :class:`~residual_bandwidth.weights.LayerWeights` when the caller extracted them already.
 
     Returns ``(summary, figure_inputs)``: ``summary`` is the ``"analytics"`` section of report.json;
     ``figure_inputs`` holds the full records in the shape :func:`viz.build_figures` takes
@@ -108,15 +111,14 @@ def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_r
     cost several times the CPU time of one (BENCHMARKS.md).
     """
     with torch_threads(threads):
-        return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure)
+        return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, weights)
 
 
-def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure):
+def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, weights):
     from ..bottlenecks import find_bottlenecks
     from ..composition import composition_scores
     from ..compression import compression_curve
     from ..memory import memory_management
-    from ..weights import all_layer_weights
 
     plan = analytics_plan(model_dims(lm.model), fast)
     seconds, out = {}, {"fast": fast, "plan": plan}
@@ -128,7 +130,7 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure):
 
     t = time.perf_counter()
     mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress,
-                            erasure=erasure)
+                            erasure=erasure, weights=weights)
     heads_by_neg = sorted(mem.heads, key=lambda r: -r["neg_share"])[:10]
     out["memory"] = {
         "ranking": mem.ranking,
@@ -141,8 +143,13 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure):
     seconds["memory"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    weights = all_layer_weights(lm.model, plan["composition_layers"])
-    comps = [composition_scores(weights, k) for k in plan["composition_kinds"]]
+    extracted = {lw.layer: lw for lw in weights or []}
+
+    def weights_of(layers):   # the caller's extraction where it has the layers, else extract them
+        have = all(L in extracted for L in layers)
+        return [extracted[L] for L in layers] if have else all_layer_weights(lm.model, layers)
+
+    comps = [composition_scores(weights_of(plan["composition_layers"]), k) for k in plan["composition_kinds"]]
     out["composition"] = {c.kind: c.summary() for c in comps}
     seconds["composition"] = time.perf_counter() - t
 
@@ -160,7 +167,7 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure):
         d["scores"] = [[float(f"{v:.6g}") for v in row] for row in d["scores"]]
         return d
 
-    window = all_layer_weights(lm.model, plan["composition_figure_layers"])
+    window = weights_of(plan["composition_figure_layers"])
     figure_inputs = {"bottlenecks": bn.grid_records(), "wov_heads": mem.heads, "memory_ranking": mem.ranking,
                      "composition": [rounded(composition_scores(window, k)) for k in plan["composition_kinds"]],
                      "compression": {"records": curve.records(), "base_loss": curve.base_loss,
@@ -188,8 +195,9 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     kinds = sorted({kind, "resid_pre", "resid_post"} if analytics else {kind}, key=KINDS.index)
     # one forward pass: the stored capture and (for the analytics) the memory module's erasure meter
     listeners = [ResidualRecorder(lm.model, lm.tokenizer, kinds)]
+    weights = all_layer_weights(lm.model) if analytics else None   # once, for the meter and memory
     if analytics:
-        listeners.append(ErasureMeter(lm.model, attention=True, massive_ratio=massive_ratio))
+        listeners.append(ErasureMeter(lm.model, attention=True, massive_ratio=massive_ratio, weights=weights))
     run_listeners(lm.model, lm.tokenizer, prompts, listeners, progress=progress,
                   desc="residual stream" + (" + write-vs-read projections" if analytics else ""))
     cap = listeners[0].capture(prompts)
@@ -203,7 +211,7 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     if analytics:
         summary, figure_inputs = run_analytics(lm, cap, prompts, fast=fast, massive_ratio=massive_ratio,
                                                progress=progress, erasure=listeners[1].report(),
-                                               threads=threads)
+                                               threads=threads, weights=weights)
         (out / "analytics.json").write_text(json.dumps(figure_inputs))
     report = {
         "model": {"name": lm.name, "source": lm.source, "load_seconds": round(lm.load_seconds, 2), **dims},
