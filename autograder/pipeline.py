@@ -44,7 +44,7 @@ import nbformat
 
 from . import gradebook, sandbox, scoring
 from .offering import probe_seed as offering_probe_seed
-from .discover import Submission, discover, sanitize
+from .discover import Submission, discover, student_id
 from .feedback_html import make_accessible
 from .integrity import runtime_findings, submission_findings
 from .kernel import KERNEL_NAME, write_kernelspec
@@ -491,9 +491,9 @@ def _roster(path: Path | None, subs: list[Submission]) -> list[Submission]:
     have = {s.student for s in subs}
     for line in Path(path).read_text().splitlines():
         name = line.split("#")[0].strip()
-        if name and sanitize(name) not in have:
-            subs.append(Submission(sanitize(name), name, None, "missing: no submission from this student"))
-            have.add(sanitize(name))
+        if name and student_id(name) not in have:   # the id discovery gives that folder name (or LMS key)
+            subs.append(Submission(student_id(name), name, None, "missing: no submission from this student"))
+            have.add(student_id(name))
     return subs
 
 
