@@ -342,8 +342,9 @@ def _lms_group(entries: list[_Entry], lesson_id: str, notebook: str,
                worksheet: dict[str, lmsmod.WorksheetRow]) -> Submission:
     """All entries of one LMS user: pick the notebook (the latest attempt), collect the problems."""
     first = entries[0].lms
+    latest = max((e.lms for e in entries if not e.lms.receipt), key=lmsmod.LmsName.order, default=first)
     sub = Submission(first.key, entries[0].name, None, lms=first.lms, lms_user_id=first.user_id,
-                     display_name=first.display_name)
+                     display_name=first.display_name, late=latest.late, lms_submission_id=latest.submission_id)
     fatal: list[str] = []
     candidates: list[tuple[lmsmod.LmsName, Path, str]] = []    # (name, notebook path, shown name)
     others: list[str] = []
@@ -356,7 +357,8 @@ def _lms_group(entries: list[_Entry], lesson_id: str, notebook: str,
                 sub.display_name = got[0]
             continue
         if e.kind in ("link", "other"):
-            (fatal if e.name.endswith(".ipynb") else sub.notes).append(_not_regular(e.path, e.name))
+            whole = e.name.endswith(".ipynb") or os.path.isdir(e.path)
+            (fatal if whole else sub.notes).append(_not_regular(e.path, e.name))
         elif e.kind == "dir":          # a Moodle submission folder
             found, refused = _walk(e.path)
             fatal += [why for p, why in refused if p.name.endswith(".ipynb")]
@@ -364,7 +366,7 @@ def _lms_group(entries: list[_Entry], lesson_id: str, notebook: str,
             for p in found:
                 candidates.append((e.lms, p, f"{e.name}/{p.relative_to(e.path)}"))
             if not found:
-                others += [f"{e.name}/…"] if any(e.path.iterdir()) else []
+                others += [f"{e.name}/{c.name}" for c in sorted(e.path.iterdir())[:4]]
         elif e.kind == "file":
             if e.lms.original.endswith(".ipynb"):
                 candidates.append((e.lms, e.path, e.name))
@@ -438,7 +440,7 @@ def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[S
     for e in entries:
         if e.kind == "file" and e.name.lower().endswith(".csv"):
             worksheet.update(lmsmod.read_moodle_worksheet(e.path) or {})
-        e.lms = lmsmod.parse(e.name, e.kind in ("dir", "dir-absent"))
+        e.lms = lmsmod.parse(e.name, e.kind in ("dir", "dir-absent") or (e.kind == "link" and os.path.isdir(e.path)))
     if any(e.kind == "dir" and e.name == lesson_id for e in entries):
         raise InputError(f"{root} looks like one student's folder (it holds {lesson_id}/): give the folder "
                          "that contains one folder per student")
