@@ -325,7 +325,7 @@ def test_bad_notebook_files_reach_the_student_not_the_batch(tmp_path, content, m
 
 
 # ---- the real grader on a tiny mixed download -------------------------------------------------------
-def test_grader_runs_a_mixed_lms_zip_and_keeps_lms_identity(tmp_path):
+def test_grader_runs_a_mixed_lms_zip_with_ids_from_lms_user_ids(tmp_path):
     from autograder.notebook import load_spec
     from residual_bandwidth.course import DEFAULT_LESSON
     spec = load_spec(DEFAULT_LESSON)
