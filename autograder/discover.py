@@ -38,7 +38,7 @@ import shutil
 import stat
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from . import lms as lmsmod
@@ -156,11 +156,12 @@ def safe_extract(zip_path: Path, dest: Path) -> tuple[Path, list[Refused]]:
             raise InputError(f"{zip_path} has {len(infos)} entries (limit {MAX_ZIP_FILES})")
         if sum(i.file_size for i in infos) > MAX_ZIP_BYTES:
             raise InputError(f"{zip_path} would unpack to more than {MAX_ZIP_BYTES / 1e9:.0f} GB")
-        seen: dict[tuple[str, ...], int] = {}
+        count: dict[tuple[str, ...], int] = {}
         for info in infos:
             parts, unsafe = _safe_parts(info.filename)
-            if parts and not unsafe:
-                seen[parts] = seen.get(parts, 0) + (0 if info.is_dir() else 1)
+            if parts and not unsafe and not info.is_dir():
+                count[parts] = count.get(parts, 0) + 1
+        reported: set[tuple[str, ...]] = set()
         for info in infos:
             parts, unsafe = _safe_parts(info.filename)
             mode = info.external_attr >> 16
@@ -183,11 +184,11 @@ def safe_extract(zip_path: Path, dest: Path) -> tuple[Path, list[Refused]]:
             if mode and stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                 refused.append(Refused(parts, f"zip entry {_show(info.filename)} is not a regular file"))
                 continue
-            if seen.get(parts, 0) > 1:
-                if seen[parts] > 0:   # report a duplicated path once
-                    refused.append(Refused(parts, f"the zip holds {seen[parts]} entries named {_show(info.filename)}; "
+            if count.get(parts, 0) > 1:   # no copy is unpacked; reported once
+                if parts not in reported:
+                    reported.add(parts)
+                    refused.append(Refused(parts, f"the zip holds {count[parts]} entries named {_show(info.filename)}; "
                                                   "cannot tell which one was submitted"))
-                    seen[parts] = -1
                 continue
             target = dest.joinpath(*parts)
             try:
@@ -424,6 +425,29 @@ def _entries(root: Path, base: Path, refused: list[Refused]) -> list[_Entry]:
     return list(by_name.values())
 
 
+def _is_candidate(e: _Entry) -> bool:
+    """A top-level entry that is meant as a submission (a folder, a notebook); other files are not."""
+    return e.kind in ("dir", "absent", "dir-absent") or e.name.endswith(".ipynb") \
+        or (e.kind == "link" and os.path.isdir(e.path))
+
+
+def _fix_blackboard_users(entries: list[_Entry]) -> None:
+    """A Blackboard username with ``_`` in it is cut wrongly by the name alone (``HW_3_j_smith_attempt_…``
+    reads as user ``smith``); the attempt's receipt names the user: ``Name: Jo Smith (j_smith)``."""
+    stems: dict[str, str] = {}
+    for e in entries:
+        if e.lms and e.lms.lms == "blackboard" and e.lms.receipt and e.kind == "file":
+            got = lmsmod.read_receipt(e.path)
+            stem = e.name[:-len(".txt")]
+            if got and got[1] != e.lms.user_id and stem.split("_attempt_")[0].endswith("_" + got[1]):
+                stems[stem] = got[1]
+    for e in entries:
+        if e.lms and e.lms.lms == "blackboard":
+            for stem, user in stems.items():
+                if e.name == stem + ".txt" or e.name.startswith(stem + "_"):
+                    e.lms = replace(e.lms, user_id=user, display_name=user)
+
+
 def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[Submission]:
     """List the submissions under ``path`` (folder or zip); zips are unpacked into ``scratch``."""
     path = Path(path)
@@ -444,7 +468,14 @@ def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[S
     if any(e.kind == "dir" and e.name == lesson_id for e in entries):
         raise InputError(f"{root} looks like one student's folder (it holds {lesson_id}/): give the folder "
                          "that contains one folder per student")
+    _fix_blackboard_users(entries)
     lms_names = sorted({e.lms.lms for e in entries if e.lms})
+    # an LMS download: at least as many LMS (or LMS-looking) entries as plain ones, so that one odd file
+    # name does not turn a class folder into a download
+    n_plain = sum(1 for e in entries if not e.lms and _is_candidate(e) and not lmsmod.lookalike(e.name, e.kind == "dir"))
+    n_lms = len({e.lms.key for e in entries if e.lms}) \
+        + sum(1 for e in entries if not e.lms and lmsmod.lookalike(e.name, e.kind == "dir"))
+    lms_batch = bool(lms_names) and n_lms >= n_plain
     groups: dict[str, list[_Entry]] = {}
     subs: list[Submission] = []
     for e in entries:
@@ -453,8 +484,7 @@ def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[S
         if e.lms:
             groups.setdefault(e.lms.key, []).append(e)
             continue
-        is_candidate = e.kind in ("dir", "absent") or e.name.endswith(".ipynb") \
-            or (e.kind == "link" and os.path.isdir(e.path))
+        is_candidate = _is_candidate(e)
         like = lmsmod.lookalike(e.name, e.kind == "dir")
         if any(r.fatal for r in e.refused):   # what went wrong in the zip comes first
             subs.append(_plain(e, lesson_id, notebook))
@@ -466,7 +496,7 @@ def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[S
                  f"{lmsmod.FORMATS[like]}")
                 + ": cannot tell which student it is (an id from it could change with every download); grade it "
                 "in a separate batch under a folder named after the student")))
-        elif lms_names and is_candidate:
+        elif lms_batch and is_candidate:
             subs.append(Submission(_key(e), e.name, None, problem=(
                 f"{_show(e.name)} does not follow the naming of the rest of this {'/'.join(lms_names)} download "
                 f"({'; '.join(lmsmod.FORMATS[n] for n in lms_names)}): cannot tell which LMS user submitted it; "
@@ -478,6 +508,8 @@ def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[S
     if not subs:
         raise InputError(f"no submissions found in {path}: expected <student>/{lesson_id}/{notebook}, "
                          f"<student>/{notebook}, <student>.ipynb files, an LMS download, or a zip of these")
+    for s in subs:
+        s.display_name = s.display_name[:120]
     for s, sid in zip(subs, assign_ids([(s.lms is not None, s.student, s.submitted_as) for s in subs])):
         s.student = sid
     subs.sort(key=lambda s: s.student)

@@ -139,6 +139,19 @@ def test_blackboard_attempts_take_the_latest_with_receipt_name(tmp_path):
     assert owner(subs["blackboard-asmith"].path) == "anne" and subs["blackboard-asmith"].display_name == "Jane Smith"
 
 
+def test_blackboard_username_with_underscore_is_read_from_the_receipt(tmp_path):
+    z = make_zip(tmp_path / "g.zip", {
+        "HW_3_j_smith_attempt_2026-12-01-09-00-00_lesson.ipynb": nb("j_smith"),
+        "HW_3_j_smith_attempt_2026-12-01-09-00-00.txt": "Name: Jo Smith (j_smith)\n",
+        "HW_3_smith_attempt_2026-12-01-10-00-00_lesson.ipynb": nb("smith"),
+        "HW_3_smith_attempt_2026-12-01-10-00-00.txt": "Name: Al Smith (smith)\n",
+    })
+    subs = run(tmp_path, z)
+    assert sorted(subs) == ["blackboard-j_smith", "blackboard-smith"]
+    assert owner(subs["blackboard-j_smith"].path) == "j_smith" and owner(subs["blackboard-smith"].path) == "smith"
+    assert subs["blackboard-j_smith"].notes == [] and subs["blackboard-j_smith"].display_name == "Jo Smith"
+
+
 # ---- names the parser does not know ------------------------------------------------------------------
 def test_unknown_lms_schemes_get_a_per_student_message(tmp_path):
     z = make_zip(tmp_path / "mixed.zip", {
@@ -165,6 +178,14 @@ def test_unknown_lms_schemes_get_a_per_student_message(tmp_path):
     subs = run(tmp_path / "p", plain)
     assert subs["ann"].problem is None
     assert sum("does not know" in (s.problem or "") for s in subs.values()) == 1
+
+
+def test_one_lms_like_file_does_not_turn_a_class_folder_into_a_download(tmp_path):
+    src = _folders(tmp_path / "class", ["ann", "ben", "cy"])
+    (src / "dee_2024_1_lesson.ipynb").write_text(nb("dee"))      # happens to parse as Canvas
+    subs = run(tmp_path, src)
+    assert all(subs[n].problem is None for n in ("ann", "ben", "cy")), subs
+    assert subs["canvas-2024"].problem is None and subs["canvas-2024"].lms == "canvas"
 
 
 # ---- ids that never collide --------------------------------------------------------------------------
@@ -269,7 +290,7 @@ def test_zip_links_traversal_and_duplicates_are_per_student(tmp_path):
     assert "2 entries named" in subs["dave"].problem and subs["dave"].path is None
     assert "points outside the zip" in subs["outside"].problem and "points outside the zip" in subs["abs"].problem
     assert not (tmp_path / "outside").exists() and not Path("/abs").exists()
-    assert not any((tmp_path / "scratch").rglob("mallory/*"))
+    assert not any((tmp_path / "scratch").rglob("mallory/*")) and not any((tmp_path / "scratch").rglob("dave/*"))
 
 
 def test_long_utf8_name_in_zip_errors_only_that_student(tmp_path):
