@@ -39,7 +39,7 @@ import stat
 import zipfile
 import zlib
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from . import lms as lmsmod
 
@@ -474,7 +474,7 @@ def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[S
     # name does not turn a class folder into a download
     n_plain = sum(1 for e in entries if not e.lms and _is_candidate(e) and not lmsmod.lookalike(e.name, e.kind == "dir"))
     n_lms = len({e.lms.key for e in entries if e.lms}) \
-        + sum(1 for e in entries if not e.lms and lmsmod.lookalike(e.name, e.kind == "dir"))
+        + sum(1 for e in entries if not e.lms and _is_candidate(e) and lmsmod.lookalike(e.name, e.kind == "dir"))
     lms_batch = bool(lms_names) and n_lms >= n_plain
     groups: dict[str, list[_Entry]] = {}
     subs: list[Submission] = []
@@ -488,7 +488,7 @@ def discover(path: Path, lesson_id: str, notebook: str, scratch: Path) -> list[S
         like = lmsmod.lookalike(e.name, e.kind == "dir")
         if any(r.fatal for r in e.refused):   # what went wrong in the zip comes first
             subs.append(_plain(e, lesson_id, notebook))
-        elif like:
+        elif like and is_candidate:
             subs.append(Submission(_key(e), e.name, None, problem=(
                 (f"{_show(e.name)} looks like an LMS download name of a scheme the grader does not know"
                  if like == "unknown" else

@@ -35,6 +35,7 @@ like one of these schemes but does not parse gets :func:`lookalike` 's explanati
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,7 @@ def read_moodle_worksheet(path: Path) -> dict[str, WorksheetRow] | None:
     """
     try:
         with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-            rows = list(csv.DictReader(fh))[:100_000]
+            rows = list(itertools.islice(csv.DictReader(fh), 100_000))
     except (OSError, csv.Error):
         return None
     if not rows or not {"Identifier", "Status"} <= set(rows[0]):
