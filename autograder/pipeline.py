@@ -417,7 +417,8 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
     """Grade one submission through the steps above (never raises for problems of the submission)."""
     t0 = time.monotonic()
     spec, opts = ctx.spec, ctx.opts
-    res = StudentResult(sub.student, sub.submitted_as, GRADED, notebook=str(sub.path or ""))
+    res = StudentResult(sub.student, sub.submitted_as, GRADED, notebook=str(sub.path or ""),
+                        notes=list(sub.notes))   # what discovery set aside (older attempts, links)
     f = None
     try:
         try:
@@ -431,7 +432,7 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
         findings += runtime_findings(f.kernel_guard_log(opts.sandbox)[1], running.guard_log if running else None)
         res.evidence = [x.as_dict() for x in findings]
-        res.notes = [f"re-check: {n}" for n in cell_notes[:10]]
+        res.notes += [f"re-check: {n}" for n in cell_notes[:10]]
         if failure:
             return _errored(res, failure)
         try:

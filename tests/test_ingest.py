@@ -353,6 +353,7 @@ def test_grader_runs_a_mixed_lms_zip_with_ids_from_lms_user_ids(tmp_path):
     released = spec.release_path.read_text()
     z = make_zip(tmp_path / "submissions.zip", {
         f"chenwei_1001_7001_{spec.notebook_name}": released,                       # graded (untouched: 0 points)
+        f"chenwei_1001_7000_{spec.notebook_name}": b"{}",                          # an older attempt: noted
         f"chenwei_LATE_1002_7002_{spec.notebook_name}": b"",                       # same name, empty file
         f"Jane Doe - {spec.notebook_name}": released,                              # unknown scheme
         "ü" * 150 + f"_1003_7003_{spec.notebook_name}": released,                  # file name too long
@@ -366,6 +367,8 @@ def test_grader_runs_a_mixed_lms_zip_with_ids_from_lms_user_ids(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert set(by) == {"canvas-1001", "canvas-1002", "canvas-1003", student_id("Jane Doe - lesson")}, sorted(by)
     assert by["canvas-1001"]["status"] in ("graded", "flagged") and by["canvas-1001"]["score"] is not None
+    assert by["canvas-1001"]["submitted_as"] == f"chenwei_1001_7001_{spec.notebook_name}"
+    assert any("not graded: chenwei_1001_7000" in n for n in by["canvas-1001"]["notes"]), by["canvas-1001"]["notes"]
     assert by["canvas-1002"]["status"] == "errored" and "empty" in by["canvas-1002"]["reason"]
     assert by["canvas-1003"]["status"] == "errored" and "could not be unpacked" in by["canvas-1003"]["reason"]
     assert "does not follow" in by[student_id("Jane Doe - lesson")]["reason"]
