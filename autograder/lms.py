@@ -103,15 +103,15 @@ def lookalike(name: str, is_dir: bool) -> str | None:
     """Which LMS scheme a name that :func:`parse` rejected seems to follow (None: a plain name).
 
     Plain names are left alone, so only marks no plain student name has count: ``_assignsubmission_``
-    or ``_onlinetext_`` (Moodle), ``_attempt_`` (Blackboard), ``_LATE_`` or a number of four or more
-    digits right after the first ``_`` of a file name (Canvas); ``" - "`` together with a number of five
+    or ``_onlinetext_`` (Moodle), ``_attempt_`` (Blackboard), ``_LATE_`` or two numbers right after the
+    first ``_`` of a file name (Canvas: ``chenwei_1001_7001.ipynb``); ``" - "`` together with a number of five
     or more digits is another LMS's scheme ("unknown": e.g. ``123-456 - Jane Doe - Dec 6, 2026 …``).
     """
     if "_assignsubmission_" in name or "_onlinetext_" in name:
         return "moodle"
     if "_attempt_" in name:
         return "blackboard"
-    if not is_dir and ("_LATE_" in name or re.match(r"^[^_]*_\d{4,}_", name)):
+    if not is_dir and ("_LATE_" in name or re.match(r"^[^_]*_\d+_\d+", name)):
         return "canvas"
     if " - " in name and re.search(r"\d{5,}", name):   # e.g. "<ids> - <name> - <date>" of another LMS
         return "unknown"

@@ -157,6 +157,7 @@ def test_unknown_lms_schemes_get_a_per_student_message(tmp_path):
     z = make_zip(tmp_path / "mixed.zip", {
         "chenwei_1001_7001_lesson.ipynb": nb("ok"),
         "Jane Doe - lesson.ipynb": nb("?"),                                          # not Canvas
+        "lee_1004_7004.ipynb": nb("?"),                                              # Canvas without a file name
         "Bo Li_assignsubmission_file_/lesson.ipynb": nb("?"),                        # Moodle without an id
         "123456-789012 - Kim Park - Dec 6, 2026 1003 PM/lesson.ipynb": nb("?"),      # another LMS
         "readme.txt": "not a submission",
@@ -167,6 +168,7 @@ def test_unknown_lms_schemes_get_a_per_student_message(tmp_path):
     assert "does not follow the naming of the rest of this canvas download" in by_name["Jane Doe - lesson.ipynb"].problem
     assert "looks like a Moodle download name" in by_name["Bo Li_assignsubmission_file_"].problem
     assert "scheme the grader does not know" in by_name["123456-789012 - Kim Park - Dec 6, 2026 1003 PM"].problem
+    assert "looks like a Canvas download name" in by_name["lee_1004_7004.ipynb"].problem
     assert "readme.txt" not in by_name
     assert all(s.path is None for s in subs.values() if s.problem)
     # the same unknown scheme in a plain folder is not silently given an id either
@@ -183,8 +185,9 @@ def test_unknown_lms_schemes_get_a_per_student_message(tmp_path):
 def test_one_lms_like_file_does_not_turn_a_class_folder_into_a_download(tmp_path):
     src = _folders(tmp_path / "class", ["ann", "ben", "cy"])
     (src / "dee_2024_1_lesson.ipynb").write_text(nb("dee"))      # happens to parse as Canvas
+    (src / "eli_2024_final.ipynb").write_text(nb("eli"))         # a plain name with a number stays plain
     subs = run(tmp_path, src)
-    assert all(subs[n].problem is None for n in ("ann", "ben", "cy")), subs
+    assert all(subs[n].problem is None for n in ("ann", "ben", "cy", "eli_2024_final")), subs
     assert subs["canvas-2024"].problem is None and subs["canvas-2024"].lms == "canvas"
 
 
