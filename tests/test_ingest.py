@@ -375,3 +375,13 @@ def test_grader_runs_a_mixed_lms_zip_with_ids_from_lms_user_ids(tmp_path):
     assert by["canvas-1002"]["status"] == "errored" and "empty" in by["canvas-1002"]["reason"]
     assert by["canvas-1003"]["status"] == "errored" and "could not be unpacked" in by["canvas-1003"]["reason"]
     assert "does not follow" in by[student_id("Jane Doe - lesson")]["reason"]
+
+
+def test_roster_names_map_to_the_ids_discovery_gives(tmp_path):
+    from autograder.pipeline import _roster
+    subs = discover(_folders(tmp_path / "in", ["Jo Smith", "ann"]), LID, NB, tmp_path / "scratch")
+    roster = tmp_path / "roster.txt"
+    roster.write_text("Jo Smith\nann\ncanvas-77   # re-grade folder or LMS id\nBo Li\n")
+    out = {s.student: s for s in _roster(roster, subs)}
+    assert len(out) == 4 and out[student_id("Jo Smith")].problem is None and out["ann"].problem is None
+    assert "missing" in out["canvas-77"].problem and "missing" in out[student_id("Bo Li")].problem
