@@ -236,16 +236,19 @@ def _not_regular(p: Path, shown: str) -> str:
     return f"{shown} is not a regular file"
 
 
-def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(regular ``.ipynb`` files, [(refused path, reason)]) below ``folder``; never follows a link."""
-    found, refused = [], []
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]], list[str]]:
+    """(regular ``.ipynb`` files, [(refused notebook or folder, reason)], [notes]) below ``folder``.
+
+    Never follows a link: a link (or FIFO, socket, device) named ``*.ipynb`` or pointing to a folder
+    is refused; any other is only noted."""
+    found, refused, notes = [], [], []
     stack = [folder]
     while stack:
         d = stack.pop()
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError as e:
-            refused.append((d, f"{d.name} cannot be read ({e.strerror or e})"))
+            notes.append(f"{d.name} cannot be read ({e.strerror or e})")
             continue
         for e in entries:
             if not _visible(e.name):
@@ -257,9 +260,11 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             elif k == "file":
                 if e.name.endswith(".ipynb"):
                     found.append(p)
-            else:
+            elif e.name.endswith(".ipynb") or os.path.isdir(p):
                 refused.append((p, _not_regular(p, str(p.relative_to(folder)))))
-    return sorted(found), refused
+            else:
+                notes.append(_not_regular(p, str(p.relative_to(folder))))
+    return sorted(found), refused, notes
 
 
 def _descend(root: Path, lesson_id: str, notebook: str) -> Path:
@@ -294,11 +299,9 @@ class _Entry:
 
 def _pick(folder: Path, lesson_id: str, notebook: str) -> tuple[Path | None, str | None, list[str]]:
     """(notebook, problem, notes) for a plain student folder or a Moodle submission folder."""
-    found, refused = _walk(folder)
-    fatal = [why for p, why in refused if p.name.endswith(".ipynb")]
-    notes = [why for p, why in refused if not p.name.endswith(".ipynb")]
-    if fatal:
-        return None, "; ".join(fatal[:3]), notes
+    found, refused, notes = _walk(folder)
+    if refused:
+        return None, "; ".join(why for _, why in refused[:3]), notes
     for candidate in (folder / lesson_id / notebook, folder / notebook):
         if candidate in found:
             return candidate, None, notes
@@ -361,9 +364,9 @@ def _lms_group(entries: list[_Entry], lesson_id: str, notebook: str,
             whole = e.name.endswith(".ipynb") or os.path.isdir(e.path)
             (fatal if whole else sub.notes).append(_not_regular(e.path, e.name))
         elif e.kind == "dir":          # a Moodle submission folder
-            found, refused = _walk(e.path)
-            fatal += [why for p, why in refused if p.name.endswith(".ipynb")]
-            sub.notes += [why for p, why in refused if not p.name.endswith(".ipynb")]
+            found, refused, notes = _walk(e.path)
+            fatal += [why for _, why in refused]
+            sub.notes += notes
             for p in found:
                 candidates.append((e.lms, p, f"{e.name}/{p.relative_to(e.path)}"))
             if not found:

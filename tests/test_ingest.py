@@ -248,10 +248,12 @@ def test_symlinked_notebook_errors_the_linker_not_the_target(tmp_path):
     (src / "trudy" / LID).mkdir()
     os.symlink("../../alice/lesson.ipynb", src / "trudy" / LID / NB)
     os.symlink(src / "alice", src / "oscar")                          # a whole folder that is a link
+    (src / "walter").mkdir()
+    os.symlink(src / "alice", src / "walter" / LID)                   # the lesson folder is a link
     (src / "peggy.ipynb").symlink_to(src / "alice" / NB)              # a flat file that is a link
     subs = run(tmp_path, src)
     assert subs["alice"].problem is None and subs["alice"].path == src / "alice" / NB
-    for name in ("mallory", "trudy", "oscar", "peggy"):
+    for name in ("mallory", "trudy", "oscar", "peggy", "walter"):
         assert subs[name].path is None and "symbolic link" in subs[name].problem, (name, subs[name].problem)
 
 
