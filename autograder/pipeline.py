@@ -44,7 +44,7 @@ import nbformat
 
 from . import gradebook, sandbox, scoring
 from .offering import probe_seed as offering_probe_seed
-from .discover import Submission, discover, sanitize
+from .discover import Submission, discover, student_id
 from .feedback_html import make_accessible
 from .integrity import runtime_findings, submission_findings
 from .kernel import KERNEL_NAME, write_kernelspec
@@ -417,7 +417,8 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
     """Grade one submission through the steps above (never raises for problems of the submission)."""
     t0 = time.monotonic()
     spec, opts = ctx.spec, ctx.opts
-    res = StudentResult(sub.student, sub.submitted_as, GRADED, notebook=str(sub.path or ""))
+    res = StudentResult(sub.student, sub.submitted_as, GRADED, notebook=str(sub.path or ""),
+                        notes=list(sub.notes))   # what discovery set aside (older attempts, links)
     f = None
     try:
         try:
@@ -431,7 +432,7 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
         findings += runtime_findings(f.kernel_guard_log(opts.sandbox)[1], running.guard_log if running else None)
         res.evidence = [x.as_dict() for x in findings]
-        res.notes = [f"re-check: {n}" for n in cell_notes[:10]]
+        res.notes += [f"re-check: {n}" for n in cell_notes[:10]]
         if failure:
             return _errored(res, failure)
         try:
@@ -491,9 +492,9 @@ def _roster(path: Path | None, subs: list[Submission]) -> list[Submission]:
     have = {s.student for s in subs}
     for line in Path(path).read_text().splitlines():
         name = line.split("#")[0].strip()
-        if name and sanitize(name) not in have:
-            subs.append(Submission(sanitize(name), name, None, "missing: no submission from this student"))
-            have.add(sanitize(name))
+        if name and student_id(name) not in have:   # the id discovery gives that folder name (or LMS key)
+            subs.append(Submission(student_id(name), name, None, "missing: no submission from this student"))
+            have.add(student_id(name))
     return subs
 
 

@@ -75,18 +75,27 @@ def test_discovers_lms_names_and_zip_with_wrapper_folder(tmp_path):
     with zipfile.ZipFile(z, "w") as zf:
         for f in src.rglob("*.ipynb"):
             zf.write(f, f.relative_to(src))
-    subs = discover(z, LID, NB, tmp_path / "scratch")
-    names = sorted(s.student for s in subs)
-    assert names == ["Jo_Smith", "doejane", "jo_smith"], names
-    assert all(s.path and s.path.exists() for s in subs)
+    subs = {s.student: s for s in discover(z, LID, NB, tmp_path / "scratch")}
+    # LMS entries are named by their LMS user id; a plain folder inside an LMS download is not guessed at
+    assert sorted(subs) == ["canvas-12345", "jo_smith-" + sanitize_hash("jo smith"), "moodle-4242"], sorted(subs)
+    assert subs["canvas-12345"].path.exists() and subs["moodle-4242"].path.exists()
+    assert subs["moodle-4242"].display_name == "Jo Smith"
+    assert "does not follow the naming" in subs["jo_smith-" + sanitize_hash("jo smith")].problem
+
+
+def sanitize_hash(name: str) -> str:
+    import hashlib
+    return hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
 def test_zip_with_unsafe_paths_is_refused(tmp_path):
     z = tmp_path / "evil.zip"
     with zipfile.ZipFile(z, "w") as zf:
         zf.writestr("../../etc/evil.ipynb", "{}")
-    with pytest.raises(InputError, match="unsafe path"):
-        discover(z, LID, NB, tmp_path / "scratch")
+        zf.writestr("ann/lesson.ipynb", "{}")
+    subs = {s.student: s for s in discover(z, LID, NB, tmp_path / "scratch")}   # per student, not the batch
+    assert "points outside the zip" in subs["etc"].problem and subs["ann"].problem is None
+    assert not (tmp_path / "etc").exists()
 
 
 def test_bad_inputs_name_the_problem(tmp_path):
