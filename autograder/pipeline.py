@@ -561,7 +561,10 @@ def grade(submissions: Path, opts: Options) -> RunResult:
             "threshold": spec.meta.passing_threshold, "max_score": spec.total_points, "items": items,
             "objectives": spec.meta.objectives, "missing_items": spec.missing_items, "jobs": opts.jobs,
             "nbgrader_version": nbgrader.__version__, "warnings": warnings, "regrade": opts.regrade},
-            late=opts.late, drop_overrides=opts.drop_overrides)
+            late=opts.late, drop_overrides=opts.drop_overrides,
+            settings={"recheck": opts.recheck, "sandbox": opts.sandbox, "cell_timeout": ctx.cell_timeout,
+                      "timeout": ctx.submission_timeout, "memory_gb": opts.memory_gb,
+                      "max_output_mb": opts.max_output_mb, "max_notebook_mb": opts.max_notebook_mb})
         subs, skipped = rec.resume(subs, opts.regrade)
         by_student = {s.student: s for s in subs}
         results: list[StudentResult] = []

@@ -417,9 +417,15 @@ class Run:
 
     @classmethod
     def begin(cls, store: Store, lesson: str, source_notebook: Path, mode: str, probe_seed: int, info: dict,
-              late: bool = False, drop_overrides: bool = False) -> "Run":
+              late: bool = False, drop_overrides: bool = False, settings: dict | None = None) -> "Run":
+        """A new run; its version is :func:`grader_version` plus a hash of ``settings`` (the options
+        that can change a score: re-check, sandbox, time and memory limits), so resuming never keeps
+        a grade made under other options."""
         version = grader_version(source_notebook)
-        info = {**info, "late": late, "drop_overrides": drop_overrides, "git": git_describe(), "user": login_user()}
+        if settings:
+            version += "." + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        info = {**info, "late": late, "drop_overrides": drop_overrides, "git": git_describe(), "user": login_user(),
+                "settings": settings or {}}
         return cls(store, store.start_run(lesson, version, mode, probe_seed, info), lesson, version, mode, probe_seed,
                    late, drop_overrides)
 
