@@ -205,9 +205,17 @@ class Store:
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA synchronous = FULL")
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise StoreError(f"{self.path} is not a readable results store ({e}); move it away (it may be "
+                             "damaged) or grade into another --out") from None
+        except StoreError:
+            self.db.close()
+            raise
 
     @classmethod
     def open(cls, out: Path) -> "Store":
@@ -246,10 +254,7 @@ class Store:
         return int(row[0]) if row else 0
 
     def _migrate(self) -> None:
-        try:
-            v = self.schema_version()
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path} is not a readable results store ({e})") from None
+        v = self.schema_version()
         if v > SCHEMA_VERSION:
             raise StoreVersionError(
                 f"{self.path} has schema version {v}, but this grader knows versions up to {SCHEMA_VERSION}: it was "

@@ -242,6 +242,11 @@ def test_not_a_store_is_refused(tmp_path):
         db.execute("CREATE TABLE something (x)")
     with pytest.raises(st.StoreError, match="not a results store"):
         st.Store.open(tmp_path)
+    (tmp_path / st.STORE_NAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(st.StoreError, match="not a readable results store"):
+        st.Store.open(tmp_path)
+    r = cli("export", "--out", str(tmp_path))
+    assert r.returncode == 1 and "not a readable results store" in r.stderr
 
 
 # ---- one writer per results folder -----------------------------------------------------------------------------
