@@ -1,17 +1,20 @@
-"""Command line: ``python -m autograder grade SUBMISSIONS --lesson <id> --out results/``.
+"""Command line: ``python -m autograder grade SUBMISSIONS --lesson <id> --out results/``, and
+``export`` (regenerate every results file from the store) and ``override`` (a logged manual
+adjustment of one item) on the same ``--out`` folder.
 
-Exit codes: 0 every student graded; 2 at least one student errored; 3 none errored but at least
-one flagged (read the evidence); 1 the run itself could not start (bad arguments or input).
+Exit codes of ``grade``: 0 every student of the batch graded; 2 at least one errored; 3 none errored
+but at least one flagged (read the evidence); 1 the run itself could not start (bad arguments or
+input, another run holds the folder with ``--no-wait``, a store from a newer grader).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
-    from residual_bandwidth.course import DEFAULT_LESSON
     ap = argparse.ArgumentParser(prog="python -m autograder", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -20,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "write results.csv / results.json, feedback and a merged gradebook.")
     g.add_argument("submissions", type=Path,
                    help="folder of <student>/<lesson>/<notebook> or <student>.ipynb, or an LMS zip")
-    g.add_argument("--lesson", default=DEFAULT_LESSON, help="lesson id (default: %(default)s)")
+    g.add_argument("--lesson", default=None, help="lesson id (default: the course's default lesson)")
     g.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
     g.add_argument("--jobs", "-j", type=int, default=1, help="submissions graded in parallel (default: 1)")
     g.add_argument("--mode", choices=("fast", "full"), default="fast",
@@ -46,67 +49,169 @@ def _parser() -> argparse.ArgumentParser:
                    help="on (default): every process running student code runs in a bubblewrap sandbox, and grading "
                         "refuses to start if `bwrap` does not work; off: no OS sandbox (machines without user "
                         "namespaces), prints what is then not guaranteed")
+    g.add_argument("--regrade", action="store_true",
+                   help="grade every submission, also those the store already has graded from the same file with "
+                        "the same grader version, mode and probe seed (default: skip them, so a killed run resumes)")
+    g.add_argument("--late", action="store_true", help="mark every submission of this batch late (late column)")
+    g.add_argument("--drop-overrides", action="store_true",
+                   help="re-graded students lose their manual overrides (default: overrides survive re-grades)")
+    g.add_argument("--no-wait", action="store_true",
+                   help="stop (exit 1) instead of waiting when another run is using the --out folder")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    m = sub.add_parser("merge", help="combine results folders graded separately (shards) into one",
-                       description="Merge the --out folders of several grading runs (e.g. one per machine) into "
-                                   "OUT, refusing students graded twice and shards of another lesson version.")
-    m.add_argument("out", type=Path, help="new (or empty) results folder")
-    m.add_argument("shards", type=Path, nargs="+", help="results folders of the grading runs")
+    e = sub.add_parser("export", help="regenerate every results file from the results store",
+                       description="Rewrite results.csv/json, objectives.csv, items.csv and the LMS grade files of "
+                                   "--out from its store (grades.sqlite), with the manual overrides applied.")
+    e.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
+    e.add_argument("--lesson", default=None, help="lesson id (needed only if the store holds several)")
+    e.add_argument("--no-wait", action="store_true", help="stop instead of waiting for a run using --out")
+    o = sub.add_parser("override", help="set one item's points for one student by hand (logged, survives re-grades)",
+                       description="A manual adjustment: STUDENT's ITEM scores POINTS (0 to the item's maximum) in "
+                                   "every export and in gradebook.db, logged with who, when and why. It survives "
+                                   "re-grades unless `grade --drop-overrides`; `--clear` removes it.")
+    o.add_argument("student", help="student id as in results.csv")
+    o.add_argument("item", help="item name as in results.json / items.csv (e.g. checkpoint_1)")
+    o.add_argument("points", nargs="?", type=float, default=None, help="the item's new points (omit with --clear)")
+    o.add_argument("--reason", required=True, help="why (kept in the log and shown in results.json)")
+    o.add_argument("--by", default=None, help="who (default: the login user)")
+    o.add_argument("--clear", action="store_true", help="drop this item's active override instead")
+    o.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
+    o.add_argument("--lesson", default=None, help="lesson id (needed only if the store holds several)")
+    o.add_argument("--no-wait", action="store_true", help="stop instead of waiting for a run using --out")
     return ap
 
 
 def _summary(run) -> str:
-    c = run.counts
-    lines = [f"{run.lesson}: {len(run.students)} submissions in {run.seconds:.1f} s "
+    from .textsafe import clean
+    batch = set(run.batch if run.batch is not None else [s.student for s in run.students])
+    mine = [s for s in run.students if s.student in batch]
+    c = {k: sum(1 for s in mine if s.status == k) for k in ("graded", "flagged", "errored")}
+    lines = [f"{run.lesson}: {len(mine)} submissions in {run.seconds:.1f} s "
              f"(jobs {run.jobs}, mode {run.mode}, probe seed {run.probe_seed}): "
-             f"{c['graded']} graded, {c['flagged']} flagged, {c['errored']} errored"]
-    width = max([len(s.student) for s in run.students] + [7])
-    for s in run.students:
+             f"{c['graded']} graded, {c['flagged']} flagged, {c['errored']} errored"
+             + (f"; {len(run.skipped)} already graded (same file and grader), skipped — --regrade grades them again"
+                if run.skipped else "")]
+    width = max([len(s.student) for s in mine] + [7])
+    for s in mine:
         score = "" if s.score is None else f"{s.score:g}/{s.max_score:g} {s.percent:5.1f}% {'pass' if s.passed else 'FAIL'}"
-        lines.append(f"  {s.student:<{width}} {s.status:<8} {score:<24} {s.reason[:110]}")
+        extra = " (override)" if s.overrides else ""
+        lines.append(clean(f"  {s.student:<{width}} {s.status:<8} {score:<24} {s.reason[:110]}{extra}"))
+    t = run.counts
+    lines.append(f"the results store now holds {len(run.students)} students: {t['graded']} graded, {t['flagged']} "
+                 f"flagged, {t['errored']} errored")
     for w in run.warnings:
-        lines.append(f"warning: {w}")
+        lines.append(clean(f"warning: {w}"))
     return "\n".join(lines)
+
+
+def _export(args) -> int:
+    from .exports import export_all
+    from .store import StoreError, open_locked
+    if not (args.out / "grades.sqlite").exists():
+        print(f"error: {args.out} has no results store (grades.sqlite): grade into it first", file=sys.stderr)
+        return 1
+    try:
+        with open_locked(args.out, wait=not args.no_wait) as store:
+            run = export_all(store, args.out, args.lesson)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {len(run.students)} students of {run.lesson} from {args.out / 'grades.sqlite'} into {args.out}")
+    return 0
+
+
+def _override(args) -> int:
+    from .exports import export_all
+    from .store import StoreError, login_user, open_locked
+    from .textsafe import clean
+    if not (args.out / "grades.sqlite").exists():
+        print(f"error: {args.out} has no results store (grades.sqlite): grade into it first", file=sys.stderr)
+        return 1
+    if (args.points is None) != args.clear:
+        print("error: give POINTS, or --clear to remove the override", file=sys.stderr)
+        return 1
+    reason, by = clean(args.reason).strip(), clean(args.by or login_user()).strip()
+    if not reason:
+        print("error: --reason must say why", file=sys.stderr)
+        return 1
+    try:
+        with open_locked(args.out, wait=not args.no_wait) as store:
+            lessons = store.lessons()
+            lesson = args.lesson or (lessons[0] if len(lessons) == 1 else None)
+            if lesson is None:
+                raise StoreError(f"the store holds lessons {', '.join(lessons)}: say which with --lesson")
+            row = store.latest_of(lesson, args.student)
+            if row is None:
+                raise StoreError(f"no student {args.student!r} in {lesson} (see results.csv for the ids)")
+            if row["status"] == "errored":
+                raise StoreError(f"{args.student} errored in their latest grading ({row['reason'][:200]}); an "
+                                 "override needs a graded notebook: fix the submission and grade it first")
+            items = {i["item"]: i for i in json.loads(row["result"])["items"]}
+            if args.item not in items:
+                raise StoreError(f"no item {args.item!r}; items: {', '.join(items)}")
+            it = items[args.item]
+            db = args.out / "gradebook.db"
+            if args.clear:
+                n = store.drop_overrides(lesson, [args.student], by, reason, item=args.item)
+                if not n:
+                    raise StoreError(f"{args.student} has no active override of {args.item}")
+                if db.exists():   # back to the computed per-cell scores (a refuted hidden cell stays 0)
+                    from . import gradebook
+                    from .scoring import is_hidden_part
+                    computed = {g: (0.0 if it.get("zeroed") and is_hidden_part(g) else p) for g, p in it["parts"].items()}
+                    gradebook.set_item_points(db, lesson, args.student, list(it["parts"]), None, computed)
+                what = f"cleared the override of {args.item} for {args.student}"
+            else:
+                if not 0 <= args.points <= it["max_score"] or args.points != args.points:
+                    raise StoreError(f"{args.item} is worth 0 to {it['max_score']:g} points, not {args.points:g}")
+                store.add_override(lesson, args.student, args.item, args.points, reason, by)
+                if db.exists():   # formgrader and `nbgrader export` show it too
+                    from . import gradebook
+                    gradebook.set_item_points(db, lesson, args.student, list(it["parts"]), args.points)
+                what = (f"{args.student} {args.item}: {args.points:g}/{it['max_score']:g} "
+                        f"(computed {it['score']:g}) by {by}: {reason}")
+            export_all(store, args.out, lesson)
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{what}; results files regenerated in {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, grade, print a summary; return the exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "merge":
-        from .merge import MergeError, merge
-        try:
-            run = merge(args.out, args.shards)
-        except MergeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"merged {len(args.shards)} shards into {args.out}: {len(run.students)} students "
-              f"({', '.join(f'{v} {k}' for k, v in run.counts.items())})")
-        return run.exit_code()
+    if args.command == "export":
+        return _export(args)
+    if args.command == "override":
+        return _override(args)
     from .discover import InputError
     from .notebook import SpecError
     from .pipeline import Options, SandboxUnavailable, grade
     from .sandbox import NOT_GUARANTEED
-    from residual_bandwidth.course import LessonMetadataError
+    from .store import StoreError
+    from residual_bandwidth.course import DEFAULT_LESSON, LessonMetadataError
     if args.jobs < 1:
         print("error: --jobs must be at least 1", file=sys.stderr)
         return 1
-    opts = Options(lesson=args.lesson, out=args.out, jobs=args.jobs, mode=args.mode, cell_timeout=args.cell_timeout,
+    opts = Options(lesson=args.lesson or DEFAULT_LESSON, out=args.out, jobs=args.jobs, mode=args.mode, cell_timeout=args.cell_timeout,
                    submission_timeout=args.timeout, memory_gb=args.memory_gb, max_notebook_mb=args.max_notebook_mb,
                    max_output_mb=args.max_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
                    feedback=not args.no_feedback, keep_work=args.keep_work, progress=not args.quiet,
-                   roster=args.roster, sandbox=args.sandbox == "on")
+                   roster=args.roster, sandbox=args.sandbox == "on", regrade=args.regrade, late=args.late,
+                   drop_overrides=args.drop_overrides, wait=not args.no_wait)
     if args.work_root:
         opts.work_root = args.work_root.resolve()
     if not opts.sandbox:
         print(f"WARNING {NOT_GUARANTEED}", file=sys.stderr)
     try:
         run = grade(args.submissions, opts)
-    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable) as e:
+    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:
         print(_summary(run))
-        print(f"results: {opts.out / 'results.csv'} and results.json; feedback under {opts.out / 'feedback'}")
+        print(f"results: {opts.out / 'results.csv'} and results.json (from the whole store, {opts.out / 'grades.sqlite'}); "
+              f"feedback under {opts.out / 'feedback'}")
     return run.exit_code()
 
 

@@ -131,3 +131,30 @@ def merge_student(out_db: Path, src_db: Path, lesson: str, student: str) -> None
             for c in nb.comments:
                 c.auto_comment = comments.get((nb.name, c.name))
         gb.db.commit()
+
+
+def set_item_points(db: Path, lesson: str, student: str, grade_ids: list[str], points: float | None,
+                    computed: dict[str, float] | None = None) -> None:
+    """An instructor override of one item in the merged gradebook (what formgrader and ``nbgrader
+    export`` show): ``points`` are spread over the item's grade cells in order (``__visible`` first),
+    each up to its maximum, as manual scores. ``points=None`` restores the computed per-cell scores
+    (``computed``: grade id -> points; a manual score only where it differs from nbgrader's)."""
+    with open_gradebook(db) as gb:
+        try:
+            sub = gb.find_submission(lesson, student)
+        except MissingEntry:
+            return
+        cells = {g.name: g for nb in sub.notebooks for g in nb.grades}
+        left = points
+        for gid in grade_ids:
+            g = cells.get(gid)
+            if g is None:
+                continue
+            if points is None:
+                want = (computed or {}).get(gid)
+                g.manual_score = None if want is None or abs(want - (g.auto_score or 0.0)) < 1e-12 else want
+            else:
+                g.manual_score = min(left, float(g.max_score))
+                left -= g.manual_score
+            g.needs_manual_grade = False
+        gb.db.commit()

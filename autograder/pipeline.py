@@ -19,9 +19,11 @@ For each submission (``--jobs N`` at a time, each in its own thread with its own
 8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed).
 
 Then :func:`publish`, in the main thread — the only writer of the results folder — replaces the
-student's entry in ``<out>/gradebook.db`` and copies the autograded notebook and feedback, or removes
-them if the student errored. Nothing in the results folder is written by a process that runs
-student code.
+student's entry in ``<out>/gradebook.db`` (with the student's manual overrides applied) and copies the
+autograded notebook and feedback, or removes them if the student errored, and last records the
+attempt in the results store (:mod:`autograder.store`, the commit point). After the run every results
+file is regenerated from the whole store (:mod:`autograder.exports`). Nothing in the results folder
+is written by a process that runs student code.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ from pathlib import Path
 import nbformat
 
 from . import gradebook, sandbox, scoring
+from . import store as results_store
+from .exports import export_all
 from .offering import probe_seed as offering_probe_seed
 from .discover import Submission, discover, student_id
 from .feedback_html import make_accessible
@@ -51,7 +55,7 @@ from .kernel import KERNEL_NAME, write_kernelspec
 from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
 from .recheck import ProbeSet, Running, finish, start
-from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult, write_results
+from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -80,6 +84,10 @@ class Options:
     progress: bool = True
     roster: Path | None = None
     sandbox: bool = True                  # False only with --sandbox off (see sandbox.NOT_GUARANTEED)
+    regrade: bool = False                 # grade even submissions the store has graded (same file and grader)
+    late: bool = False                    # mark every submission of this batch late
+    drop_overrides: bool = False          # re-graded students lose their manual overrides
+    wait: bool = True                     # another run holds --out: wait (else stop with StoreBusy)
 
     def resolved_cell_timeout(self) -> int:
         """``--cell-timeout``, else ``Execute.timeout`` from the repository's nbgrader_config.py."""
@@ -384,12 +392,7 @@ def decide_status(res: StudentResult, spec: LessonSpec, findings: list[Finding])
     """Score + evidence -> totals, pass and status (``graded`` or ``flagged``)."""
     res.evidence = [f.as_dict() for f in findings]
     res.max_score = spec.total_points
-    res.score = sum(i.score for i in res.items)
-    res.percent = 100.0 * res.score / res.max_score if res.max_score else 0.0
-    res.passed = res.score >= spec.meta.passing_threshold * res.max_score - 1e-9
-    for lo in spec.objectives_present():
-        its = [i for i in res.items if i.objective == lo]
-        res.objectives[lo] = {"score": sum(i.score for i in its), "max_score": sum(i.max_score for i in its)}
+    res.recompute(spec.meta.passing_threshold, spec.objectives_present())   # the one totals/pass rule
     flags = [f for f in findings if f.flag]
     if flags:
         res.status = FLAGGED
@@ -462,8 +465,10 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
 
 
 # ---- merging (main thread only) ---------------------------------------------------------------------
-def publish(res: StudentResult, ctx: Context, out_db: Path) -> None:
-    """Replace (graded/flagged) or remove (errored) the student's entry in the results folder."""
+def publish(res: StudentResult, ctx: Context, out_db: Path, run: "results_store.Run | None" = None,
+            sub: Submission | None = None) -> None:
+    """Replace (graded/flagged) or remove (errored) the student's entry in the results folder, then
+    record the attempt in the store (``run``; last, so a grader killed before it re-grades the student)."""
     spec, out = ctx.spec, ctx.opts.out
     sdir = ctx.run_dir / "subs" / res.student
     for kind in ("autograded", "feedback"):
@@ -476,20 +481,27 @@ def publish(res: StudentResult, ctx: Context, out_db: Path) -> None:
         gradebook.remove_student(out_db, spec.lesson_id, res.student)
     else:
         gradebook.merge_student(out_db, sdir / "gradebook.db", spec.lesson_id, res.student)
+        items = {i.item: i for i in res.items}
+        for item, o in (run.active_overrides(res.student) if run else {}).items():
+            if item in items:   # formgrader and `nbgrader export` show the override too
+                gradebook.set_item_points(out_db, spec.lesson_id, res.student, list(items[item].parts), o["points"])
         for kind in ("autograded", "feedback"):
             src = sdir / kind / res.student / spec.lesson_id
             if src.exists():
                 shutil.copytree(src, out / kind / res.student / spec.lesson_id)
         fb = out / "feedback" / res.student / spec.lesson_id / (Path(spec.notebook_name).stem + ".html")
         res.feedback = str(fb) if fb.exists() else ""
+    if run is not None:
+        run.record(res, sub)
     if not ctx.opts.keep_work:
         shutil.rmtree(sdir, ignore_errors=True)
 
 
-def _roster(path: Path | None, subs: list[Submission]) -> list[Submission]:
+def _roster(path: Path | None, subs: list[Submission], known: set[str] = frozenset()) -> list[Submission]:
+    """Add roster students without a submission as ``missing`` (not those the store already has)."""
     if not path:
         return subs
-    have = {s.student for s in subs}
+    have = {s.student for s in subs} | set(known)
     for line in Path(path).read_text().splitlines():
         name = line.split("#")[0].strip()
         if name and student_id(name) not in have:   # the id discovery gives that folder name (or LMS key)
@@ -503,10 +515,11 @@ class SandboxUnavailable(RuntimeError):
 
 
 def grade(submissions: Path, opts: Options) -> RunResult:
-    """Grade everything under ``submissions``; write ``results.{json,csv}``, feedback and gradebook to ``opts.out``."""
+    """Grade everything under ``submissions`` into the store of ``opts.out`` (holding its lock), write
+    feedback and gradebook there, and regenerate every results file from the whole store."""
+    from contextlib import ExitStack
     import nbgrader
     t0 = time.monotonic()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     spec = load_spec(opts.lesson)
     opts.out = Path(opts.out).resolve()
     opts.work_root.mkdir(parents=True, exist_ok=True)
@@ -515,7 +528,9 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     warnings = [f"items in the lesson metadata without grade cells in the notebook (not graded): {', '.join(spec.missing_items)}"
                 ] if spec.missing_items else []
     pool = ipc_root = None
+    held = ExitStack()
     try:
+        store = held.enter_context(results_store.open_locked(opts.out, wait=opts.wait))   # one run per --out
         if opts.sandbox:   # fail closed: no student code runs unless the sandbox demonstrably works
             ok, why = sandbox.probe(run_dir)
             if not ok:
@@ -530,7 +545,8 @@ def grade(submissions: Path, opts: Options) -> RunResult:
         tmpl = template(spec)
         seed = opts.probe_seed if opts.probe_seed is not None else offering_probe_seed()
         probes = ProbeSet.build(spec, seed) if opts.recheck else None
-        subs = _roster(opts.roster, discover(Path(submissions), spec.lesson_id, spec.notebook_name, run_dir))
+        subs = _roster(opts.roster, discover(Path(submissions), spec.lesson_id, spec.notebook_name, run_dir),
+                       store.known(spec.lesson_id))
         out_db = opts.out / "gradebook.db"
         w = gradebook.ensure_merged(out_db, tmpl / "gradebook.db", spec.lesson_id)
         if w:
@@ -540,6 +556,18 @@ def grade(submissions: Path, opts: Options) -> RunResult:
         ipc_root = Path(tempfile.mkdtemp(prefix="agk-")) if opts.sandbox else None
         ctx = Context(spec, opts, run_dir, tmpl, probes, pool, opts.resolved_cell_timeout(),
                       opts.resolved_submission_timeout(), protect, ipc_root)
+        items = {i: {"objective": spec.objective(i), "max_score": spec.item_points(i),
+                     "probe": bool(probes and i in probes.probes)} for i in spec.items}
+        rec = results_store.Run.begin(store, spec.lesson_id, spec.source_path, opts.mode, seed, {
+            "threshold": spec.meta.passing_threshold, "max_score": spec.total_points, "items": items,
+            "objectives": spec.meta.objectives, "missing_items": spec.missing_items, "jobs": opts.jobs,
+            "nbgrader_version": nbgrader.__version__, "warnings": warnings, "regrade": opts.regrade},
+            late=opts.late, drop_overrides=opts.drop_overrides,
+            settings={"recheck": opts.recheck, "sandbox": opts.sandbox, "cell_timeout": ctx.cell_timeout,
+                      "timeout": ctx.submission_timeout, "memory_gb": opts.memory_gb,
+                      "max_output_mb": opts.max_output_mb, "max_notebook_mb": opts.max_notebook_mb})
+        subs, skipped = rec.resume(subs, opts.regrade)
+        by_student = {s.student: s for s in subs}
         results: list[StudentResult] = []
         bar = None
         if opts.progress:
@@ -549,20 +577,16 @@ def grade(submissions: Path, opts: Options) -> RunResult:
             futures = {ex.submit(grade_one, s, ctx): s for s in subs}
             for fut in as_completed(futures):
                 r = fut.result()
-                publish(r, ctx, out_db)
+                publish(r, ctx, out_db, rec, by_student.get(r.student))
                 results.append(r)
                 if bar:
                     bar.set_postfix_str(f"{r.student}: {r.status}", refresh=False)
                     bar.update(1)
         if bar:
             bar.close()
-        results.sort(key=lambda r: r.student)
-        items = {i: {"objective": spec.objective(i), "max_score": spec.item_points(i),
-                     "probe": bool(probes and i in probes.probes)} for i in spec.items}
-        run = RunResult(spec.lesson_id, spec.meta.passing_threshold, opts.mode, seed, spec.total_points, items,
-                        spec.meta.objectives, spec.missing_items, results, nbgrader.__version__, started,
-                        round(time.monotonic() - t0, 2), opts.jobs, warnings)
-        write_results(run, opts.out)
+        rec.finish(seconds=round(time.monotonic() - t0, 2), graded=len(results), skipped=len(skipped))
+        run = export_all(store, opts.out, spec.lesson_id)   # every results file, from the whole store
+        run.batch, run.skipped = sorted([r.student for r in results] + skipped), skipped
         return run
     finally:
         if pool:
@@ -571,3 +595,4 @@ def grade(submissions: Path, opts: Options) -> RunResult:
             shutil.rmtree(ipc_root, ignore_errors=True)
         if not opts.keep_work:
             shutil.rmtree(run_dir, ignore_errors=True)
+        held.close()   # the store and its lock

@@ -7,14 +7,21 @@ Status values:
   out-of-kernel re-check contradicted are already scored 0. An instructor should read the evidence
   before releasing the grade;
 * ``errored``  the submission could not be graded (``reason`` says why). ``score``, ``percent`` and
-  ``pass`` are empty: an errored student never shows a score, in particular not an older one.
+  ``pass`` are empty: an errored student never shows a score, in particular not an older one (the
+  store keeps the older attempts: ``history`` in ``results.json``).
+
+Every text written here passes through :mod:`autograder.textsafe` (control characters and terminal
+escapes removed, spreadsheet formulas neutralised).
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .textsafe import csv_row, json_safe
 
 GRADED, FLAGGED, ERRORED = "graded", "flagged", "errored"
 
@@ -64,11 +71,35 @@ class StudentResult:
     notebook: str = ""
     feedback: str = ""
     seconds: float = 0.0
+    # identity and bookkeeping, filled from the store by the exports (autograder/exports.py)
+    late: bool = False
+    lms: str | None = None
+    lms_user_id: str | None = None
+    display_name: str = ""
+    lms_submission_id: str | None = None
+    sha256: str = ""
+    grader_version: str = ""
+    probe_seed: int | None = None
+    mode: str = ""
+    graded_at: str = ""
+    overrides: list[dict] = field(default_factory=list)   # active manual overrides applied to the items
+    history: list[dict] = field(default_factory=list)     # every attempt in the store, oldest first
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["pass"] = d.pop("passed")
         return d
+
+    def recompute(self, threshold: float, objectives: list[str] | None = None) -> None:
+        """Totals from the item scores: ``score = Σ items``, ``percent = 100·score/max_score``,
+        ``pass = score ≥ threshold·max_score`` (1e-9 slack), and per objective ``Σ`` of its items'
+        scores and maxima (for ``objectives``, default: the ones already listed)."""
+        self.score = sum(i.score for i in self.items)
+        self.percent = 100.0 * self.score / self.max_score if self.max_score else 0.0
+        self.passed = self.score >= threshold * (self.max_score or 0.0) - 1e-9
+        for lo in (objectives if objectives is not None else list(self.objectives)):
+            its = [i for i in self.items if i.objective == lo]
+            self.objectives[lo] = {"score": sum(i.score for i in its), "max_score": sum(i.max_score for i in its)}
 
 
 @dataclass
@@ -88,19 +119,23 @@ class RunResult:
     seconds: float = 0.0
     jobs: int = 1
     warnings: list[str] = field(default_factory=list)
-    shards: list[dict] = field(default_factory=list)   # set by `autograder merge`: the merged runs
+    runs: list[dict] = field(default_factory=list)     # every run recorded in the store (summary)
+    overrides_log: list[dict] = field(default_factory=list)   # every manual override, dropped ones too
+    batch: list[str] | None = None     # students of this run (incl. skipped as already graded); None: all
+    skipped: list[str] = field(default_factory=list)   # this run's students already graded (resume)
 
     @property
     def counts(self) -> dict[str, int]:
         return {s: sum(1 for r in self.students if r.status == s) for s in (GRADED, FLAGGED, ERRORED)}
 
     def exit_code(self) -> int:
-        """0 all graded; 2 something errored; 3 nothing errored but something flagged."""
-        c = self.counts
-        return 2 if c[ERRORED] else 3 if c[FLAGGED] else 0
+        """Over this run's students: 0 all graded; 2 something errored; 3 nothing errored but something flagged."""
+        mine = self.students if self.batch is None else [s for s in self.students if s.student in set(self.batch)]
+        st = {s.status for s in mine}
+        return 2 if ERRORED in st else 3 if FLAGGED in st else 0
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "students"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("students", "batch", "skipped")}
         d["counts"] = self.counts
         d["students"] = [s.as_dict() for s in self.students]
         return d
@@ -110,7 +145,8 @@ def student_from_dict(d: dict) -> StudentResult:
     """A :class:`StudentResult` from its ``results.json`` form (the inverse of ``as_dict``)."""
     d = dict(d)
     d["passed"] = d.pop("pass", None)
-    d["items"] = [ItemResult(**i) for i in d.get("items", [])]
+    items = ItemResult.__dataclass_fields__
+    d["items"] = [ItemResult(**{k: v for k, v in i.items() if k in items}) for i in d.get("items", [])]
     known = StudentResult.__dataclass_fields__
     return StudentResult(**{k: v for k, v in d.items() if k in known})
 
@@ -121,22 +157,54 @@ def _fmt(x: float | None) -> str:
     return f"{x:g}" if float(x) != int(x) else str(int(x))
 
 
-def write_results(run: RunResult, out: Path) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``results.csv`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    jpath, cpath = out / "results.json", out / "results.csv"
-    jpath.write_text(json.dumps(run.as_dict(), indent=1, sort_keys=False) + "\n")
-    los = list(run.objectives)
-    with open(cpath, "w", newline="") as f:
+CSV_IDENTITY = ["late", "lms", "lms_user_id", "display_name", "overrides", "graded_at"]
+
+
+def _replace(path: Path, write) -> Path:
+    """Write ``path`` through a temporary file and ``os.replace`` (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        write(f)
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: Path, header: list[str], rows) -> Path:
+    """A CSV file whose every field went through :func:`autograder.textsafe.csv_cell`."""
+    def write(f):
         w = csv.writer(f)
-        w.writerow(["student", "submitted_as", "status", "score", "max_score", "percent", "pass",
-                    *[f"{lo}_score" for lo in los], *[f"{lo}_max" for lo in los], "reason", "evidence"])
-        for s in run.students:
-            lo_scores = [_fmt(s.objectives.get(lo, {}).get("score")) for lo in los]
-            lo_max = [_fmt(s.objectives.get(lo, {}).get("max_score")) for lo in los]
-            evidence = "; ".join(f"{e['rule']} @ {e['where']}" for e in s.evidence if e.get("flag", True))
-            w.writerow([s.student, s.submitted_as, s.status, _fmt(s.score), _fmt(s.max_score),
-                        "" if s.percent is None else f"{s.percent:.2f}",
-                        "" if s.passed is None else ("yes" if s.passed else "no"),
-                        *lo_scores, *lo_max, s.reason, evidence])
+        w.writerow(csv_row(header))
+        for r in rows:
+            w.writerow(csv_row(r))
+    return _replace(path, write)
+
+
+def write_json(path: Path, data) -> Path:
+    """A JSON file whose every string went through :func:`autograder.textsafe.json_safe`."""
+    return _replace(path, lambda f: f.write(json.dumps(json_safe(data), indent=1, sort_keys=False) + "\n"))
+
+
+def write_results(run: RunResult, out: Path) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.csv`` into ``out`` (text made safe, files replaced atomically).
+
+    A row depends only on that student's latest attempt and overrides, so grading other students
+    leaves it byte-identical."""
+    out.mkdir(parents=True, exist_ok=True)
+    jpath = write_json(out / "results.json", run.as_dict())
+    los = list(run.objectives)
+    rows = []
+    for s in run.students:
+        lo_scores = [_fmt(s.objectives.get(lo, {}).get("score")) for lo in los]
+        lo_max = [_fmt(s.objectives.get(lo, {}).get("max_score")) for lo in los]
+        evidence = "; ".join(f"{e['rule']} @ {e['where']}" for e in s.evidence if e.get("flag", True))
+        overrides = "; ".join(f"{o['item']}={_fmt(o['points'])} by {o['by']}" for o in s.overrides)
+        rows.append([s.student, s.submitted_as, s.status, _fmt(s.score), _fmt(s.max_score),
+                     "" if s.percent is None else f"{s.percent:.2f}",
+                     "" if s.passed is None else ("yes" if s.passed else "no"),
+                     *lo_scores, *lo_max, s.reason, evidence,
+                     "yes" if s.late else "no", s.lms or "", s.lms_user_id or "", s.display_name, overrides,
+                     s.graded_at])
+    cpath = write_csv(out / "results.csv", ["student", "submitted_as", "status", "score", "max_score", "percent",
+                                            "pass", *[f"{lo}_score" for lo in los], *[f"{lo}_max" for lo in los],
+                                            "reason", "evidence", *CSV_IDENTITY], rows)
     return jpath, cpath

@@ -4,7 +4,8 @@ The suite also holds attacks on the grader itself (child interpreter reading sol
 double fork rewriting results after the grader exits, killing the grader, fork bomb, memory hog,
 writing outside the scratch folder, builtins patched through an alias) next to honest submissions:
 no attack keeps a point, every honest result is intact, nothing is left running and nothing outside
-the results folder changes. Two grader processes on halves of a batch, merged, give the same results.
+the results folder changes. Two grader processes on halves of a batch into one results folder are
+serialized and give the same results.
 
 ``autograder.threshold_suite`` builds submissions with known outcomes from the source notebook
 (all correct, exactly at the passing threshold, the largest score below it, untouched, crash,
@@ -100,7 +101,7 @@ def suite(tmp_path_factory):
     r = grade_cli(subs, out, "--jobs", "2", "--cell-timeout", CELL_TIMEOUT, "--timeout", "150", "--probe-seed", "7",
                   "--memory-gb", "2", work=work)
     assert (out / "results.json").exists(), r.stdout + r.stderr
-    written = {f: (out / f).read_bytes() for f in ("results.json", "results.csv", "gradebook.db")}
+    written = {f: (out / f).read_bytes() for f in ("results.json", "results.csv", "gradebook.db", "grades.sqlite")}
     return SimpleNamespace(base=base, subs=subs, out=out, work=work, rc=r.returncode, stdout=r.stdout,
                            stderr=r.stderr, variants=variants, res=load(out), before=before, other=other,
                            written=written, finished=time.monotonic(), left_running=sandbox_processes(work))
@@ -340,6 +341,8 @@ def test_failed_regrade_never_reports_the_old_score(suite, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     s = load(out)["by"]["all_correct"]
     assert s["status"] == "errored" and s["score"] is None and s["pass"] is None
+    assert [(h["status"], h["score"]) for h in s["history"]] == [("graded", SPEC.total_points), ("errored", None)]
+    assert len(load(out)["by"]) == len(suite.variants)   # the rest of the class is kept
     from autograder.gradebook import open_gradebook
     from nbgrader.api import MissingEntry
     with open_gradebook(out / "gradebook.db") as gb:
@@ -383,7 +386,7 @@ def test_feedback_pages_pass_axe_core(suite):
     assert not report.findings, [f"{f.page}: {f.rule} at {f.target}: {f.summary[:120]}" for f in report.findings[:20]]
 
 
-# ---- after the grader exited; two graders merged -------------------------------------------------------
+# ---- after the grader exited; two graders at once ------------------------------------------------------
 def test_results_unchanged_after_the_grader_exited(suite):
     """The setsid attack waits for results.json, then rewrites it and the gradebook: give it time."""
     time.sleep(max(0.0, suite.finished + 8 - time.monotonic()))
@@ -392,50 +395,36 @@ def test_results_unchanged_after_the_grader_exited(suite):
     assert not sandbox_processes(suite.work)
 
 
-MERGE = ["all_correct", "corrupt", "attack_kill_grader", "untouched"]   # two per shard, one without a kernel
+TWO = ["all_correct", "corrupt", "attack_kill_grader", "untouched"]   # two per grader, one without a kernel
 
 
-def test_two_graders_in_parallel_merged_without_loss(suite, tmp_path):
-    """Two grader processes at once (as on two machines), one shard each, then `merge`."""
-    shards = [tmp_path / "a", tmp_path / "b"]
-    for k, shard in enumerate(shards):
-        for name in MERGE[k::2]:
-            shutil.copytree(suite.subs / name, shard / "subs" / name)
+def test_two_graders_at_once_on_one_results_folder_are_serialized_without_loss(suite, tmp_path):
+    """Two grader processes started at once on halves of a batch, into the same --out: the second
+    waits for the first (and says so); the store ends with both halves, as graded in one run."""
+    halves = [tmp_path / "a", tmp_path / "b"]
+    for k, half in enumerate(halves):
+        for name in TWO[k::2]:
+            shutil.copytree(suite.subs / name, half / name)
+    out = tmp_path / "out"
     cmd = [sys.executable, "-m", "autograder", "grade", "--lesson", SPEC.lesson_id, "--quiet", "--cell-timeout",
-           CELL_TIMEOUT, "--timeout", "150", "--probe-seed", "7", "--no-feedback"]
-    procs = [subprocess.Popen(cmd + [str(sh / "subs"), "--out", str(sh / "out")], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "MPLBACKEND": "Agg"})
-             for sh in shards]
-    for p in procs:
-        p.communicate(timeout=900)
-    merged = tmp_path / "merged"
-    r = subprocess.run([sys.executable, "-m", "autograder", "merge", str(merged), *(str(sh / "out") for sh in shards)],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode in (0, 2, 3) and "merged 2 shards" in r.stdout, r.stdout + r.stderr
-    res = load(merged)
-    assert sorted(res["by"]) == sorted(MERGE)
+           CELL_TIMEOUT, "--timeout", "150", "--probe-seed", "7", "--no-feedback", "--out", str(out)]
+    procs = [subprocess.Popen(cmd + [str(h)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MPLBACKEND": "Agg"}) for h in halves]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode in (0, 2, 3) for p in procs), outputs
+    assert sum("waiting:" in err and "serialized" in err for _, err in outputs) == 1, [e[-800:] for _, e in outputs]
+    res = load(out)
+    assert sorted(res["by"]) == sorted(TWO)
     keys = ("status", "score", "max_score", "pass", "objectives")
-    for name in MERGE:
+    for name in TWO:
         assert {k: res["by"][name][k] for k in keys} == {k: student(suite, name)[k] for k in keys}, name
-    assert [s["probe_seed"] for s in res["shards"]] == [7, 7]
+    assert [r["state"] for r in res["runs"]] == ["finished", "finished"]
     from autograder.gradebook import open_gradebook
     from nbgrader.api import MissingEntry
-    with open_gradebook(merged / "gradebook.db") as gb:
-        for name in MERGE:
+    with open_gradebook(out / "gradebook.db") as gb:
+        for name in TWO:
             if res["by"][name]["status"] == "errored":
                 with pytest.raises(MissingEntry):
                     gb.find_submission(SPEC.lesson_id, name)
             else:
                 assert gb.find_submission(SPEC.lesson_id, name).score == pytest.approx(res["by"][name]["score"])
-    # conflicts are refused, naming the problem, and change nothing
-    again = subprocess.run([sys.executable, "-m", "autograder", "merge", str(tmp_path / "dup"), str(shards[0] / "out"),
-                            str(merged)], cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 1 and "in two shards" in again.stderr and not (tmp_path / "dup").exists(), again.stderr
-    other = tmp_path / "other-version"
-    shutil.copytree(shards[1] / "out", other)
-    data = json.loads((other / "results.json").read_text())
-    data["max_score"] += 1
-    (other / "results.json").write_text(json.dumps(data))
-    bad = subprocess.run([sys.executable, "-m", "autograder", "merge", str(tmp_path / "bad"), str(shards[0] / "out"),
-                          str(other)], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 1 and "different max_score" in bad.stderr, bad.stderr
