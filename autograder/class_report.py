@@ -28,21 +28,20 @@ import csv
 import html
 import json
 import math
-import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .textsafe import clean, csv_cell
+
 SCORED = ("graded", "flagged")
 MAX_EXAMPLES = 3
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")     # terminal (ANSI) escape sequences
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def _text(value) -> str:
-    """Text for the page: terminal escape sequences and other control characters removed."""
-    return _CONTROL.sub("", _ESCAPES.sub("", str(value)))
+    """Student-controlled text for the page or a CSV (the one rule: :func:`autograder.textsafe.clean`)."""
+    return clean(value)
 
 
 @dataclass
@@ -176,9 +175,11 @@ def build(results: dict, titles: dict[str, str] | None = None) -> ClassReport:
 
 # ---- files ----------------------------------------------------------------------------------------------
 def _csv_cell(v) -> str:
-    """A CSV cell a spreadsheet shows as text (no formula injection)."""
-    s = _text("" if v is None else (f"{v:.4g}" if isinstance(v, float) else v))
-    return "'" + s if s[:1] in ("=", "+", "-", "@") and not re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", s) else s
+    """A CSV cell: numbers the report computed as numbers (a discrimination may be negative), every
+    text through :func:`autograder.textsafe.csv_cell` (no formula injection, no control characters)."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return csv_cell(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
@@ -317,9 +318,13 @@ def write(results: dict, out: Path, titles: dict[str, str] | None = None, figure
 
 
 def item_titles(lesson_id: str) -> dict[str, str]:
-    """item -> exercise title, from the lesson metadata (the one source of truth)."""
-    from residual_bandwidth.course.lesson import load_lesson
-    return {k: v.get("title", k) for k, v in load_lesson(lesson_id).items.items()}
+    """item -> exercise title, from the lesson metadata (the one source of truth); {} for a lesson
+    without metadata in this package (the page then names items by id)."""
+    from residual_bandwidth.course.lesson import LessonMetadataError, load_lesson
+    try:
+        return {k: v.get("title", k) for k, v in load_lesson(lesson_id).items.items()}
+    except LessonMetadataError:
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

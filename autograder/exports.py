@@ -9,7 +9,10 @@ writes into the results folder:
 * ``objectives.csv``: one row per student and learning objective;
 * ``items.csv``: one row per student and item (computed score, override, re-check verdict);
 * ``canvas_grades.csv`` when some student came from a Canvas download, ``moodle_grades.csv`` when
-  some came from Moodle (columns in autograder/README.md §3).
+  some came from Moodle (columns in autograder/README.md §3);
+* ``class_report.html`` and its ``class_report_*.csv`` (:mod:`autograder.class_report`): per item
+  facility, discrimination and score distribution, the most frequent failed properties, per-objective
+  mastery, late and errored counts — what to re-teach, in one screen.
 
 A row depends only on its student's latest attempt and overrides: a late batch or a re-grade
 changes only its students' rows. An errored student's row has status and reason and no score; the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import class_report
 from .results import ERRORED, ItemResult, RunResult, StudentResult, _fmt, write_csv, write_results
 from .store import Store, StoreError
 
@@ -89,6 +93,7 @@ def export_all(store: Store, out: Path, lesson: str | None = None) -> RunResult:
     run = build(store, lesson)
     write_results(run, Path(out))
     write_tables(run, Path(out))
+    class_report.write(run.as_dict(), Path(out), class_report.item_titles(lesson))
     return run
 
 

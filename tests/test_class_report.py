@@ -98,7 +98,8 @@ def test_page_and_files(tmp_path):
 
 
 def test_csv_cells_cannot_start_a_formula():
-    assert cr._csv_cell("=1+1") == "'=1+1" and cr._csv_cell("-0.5") == "-0.5" and cr._csv_cell("@x") == "'@x"
+    assert cr._csv_cell("=1+1") == "'=1+1" and cr._csv_cell(-0.5) == "-0.5" and cr._csv_cell("@x") == "'@x"
+    assert cr._csv_cell("-1") == "'-1"   # text that looks like a number is still text from a student
 
 
 def test_command_line(tmp_path):
