@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="on (default): every process running student code runs in a bubblewrap sandbox, and grading "
                         "refuses to start if `bwrap` does not work; off: no OS sandbox (machines without user "
                         "namespaces), prints what is then not guaranteed")
+    g.add_argument("--cgroups", choices=("auto", "require", "off"), default="auto",
+                   help="per-submission cgroup with an equal CPU share, a CPU quota and memory/task limits "
+                        "(autograder/cgroups.py). auto (default): used when available, else a warning in the results; "
+                        "require: refuse to grade without; off: not used")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     m = sub.add_parser("merge", help="combine results folders graded separately (shards) into one",
                        description="Merge the --out folders of several grading runs (e.g. one per machine) into "
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    submission_timeout=args.timeout, memory_gb=args.memory_gb, max_notebook_mb=args.max_notebook_mb,
                    max_output_mb=args.max_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
                    feedback=not args.no_feedback, keep_work=args.keep_work, progress=not args.quiet,
-                   roster=args.roster, sandbox=args.sandbox == "on")
+                   roster=args.roster, sandbox=args.sandbox == "on", cgroups=args.cgroups)
     if args.work_root:
         opts.work_root = args.work_root.resolve()
     if not opts.sandbox:
