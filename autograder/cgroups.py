@@ -40,7 +40,6 @@ run output and in ``results.json``'s warnings (``--cgroups require`` fails close
 """
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import signal
@@ -146,7 +145,6 @@ def _detect_v2(mount: Path) -> Hierarchy:
                 return Hierarchy("none", reason=f"cgroup v2: cannot enable cpu/memory/pids below {base} ({e}); other "
                                                 "processes share the grader's cgroup: start the grader in its own "
                                                 "(e.g. a container or a delegated systemd scope)")
-            base = leaf.parent
     return Hierarchy("v2", {"": base})
 
 
@@ -306,6 +304,3 @@ def cpus() -> int:
     except AttributeError:
         return os.cpu_count() or 1
 
-
-def ceil_cpus(x: float) -> int:
-    return max(1, math.ceil(x))

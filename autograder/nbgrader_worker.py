@@ -18,7 +18,8 @@ Requests (``op``):
   :class:`GuardedExecute` instead of nbgrader's ``Execute``.
 * ``feedback``: ``nbgrader generate_feedback`` for that student, with :class:`HideHiddenTestOutput`,
   :class:`WithholdHiddenSource` and nbgrader's ``ClearHiddenTests`` so neither hidden test code nor
-  its tracebacks reach students, and nbconvert's ``sanitize_html`` (no script of the student's runs).
+  its tracebacks reach students, and the page sanitized (:class:`SanitizeOutputs`,
+  :class:`SafeHTMLExporter`): no script of the student's runs.
 
 Answers: ``{"ok": bool, "error": str, "log": str}``.
 """
@@ -31,7 +32,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from nbconvert.exporters import HTMLExporter
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
+from nbconvert.preprocessors.sanitize import SanitizeHTML
 from nbformat.notebooknode import NotebookNode
 from traitlets import Integer
 from traitlets.config import Config, PyFileConfigLoader
@@ -199,6 +202,58 @@ class WithholdHiddenSource(NbGraderPreprocessor):
         return cell, resources
 
 
+# ---- safe rendering of the feedback page --------------------------------------------------------------
+# What the student wrote (markdown, HTML and markdown outputs) is cleaned with bleach (through
+# nbconvert's SanitizeHTML) against this list: unknown tags are stripped (their text stays), so are
+# every event handler, style, script, iframe, form, SVG and JavaScript output. nbconvert's own
+# ``sanitize_html`` escapes headings, paragraphs, <th>, <figure>, <details> into visible text, and
+# nbgrader's feedback template skips it for markdown cells, so the grader does its own.
+SAFE_TAGS = ["a", "abbr", "b", "blockquote", "br", "caption", "code", "col", "colgroup", "dd", "del", "details",
+             "div", "dl", "dt", "em", "figcaption", "figure", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "i", "img",
+             "ins", "kbd", "li", "ol", "p", "pre", "q", "s", "samp", "small", "span", "strong", "sub", "summary",
+             "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "u", "ul", "var"]
+_COMMON = {"class", "id", "title", "lang", "dir", "role", "aria-label", "aria-describedby", "aria-hidden"}
+_PER_TAG = {"a": {"href"}, "img": {"src", "alt", "width", "height"}, "td": {"colspan", "rowspan", "headers"},
+            "th": {"colspan", "rowspan", "scope", "headers"}, "ol": {"start"}, "details": {"open"}}
+
+
+def _safe_attribute(tag: str, name: str, value: str) -> bool:
+    if name in _COMMON:
+        return True
+    if name not in _PER_TAG.get(tag, ()):
+        return False
+    if name in ("href", "src"):   # bleach also refuses javascript:/data: schemes here
+        return value.strip().lower().startswith(("http://", "https://", "mailto:", "#")) or "://" not in value
+    return True
+
+
+def sanitizer() -> SanitizeHTML:
+    """The one HTML cleaner of the feedback page (strip unknown tags, keep their text)."""
+    return SanitizeHTML(tags=SAFE_TAGS, attributes=_safe_attribute, strip=True, strip_comments=True)
+
+
+class SanitizeOutputs(SanitizeHTML):
+    """Clean code cells' HTML/markdown outputs and drop other active types (JavaScript, SVG, widgets).
+    Markdown *cells* are cleaned after rendering, by :class:`SafeHTMLExporter`."""
+
+    def preprocess_cell(self, cell, resources, cell_index):
+        if cell.cell_type == "code":
+            clean = sanitizer()
+            cell.outputs = clean.sanitize_code_outputs(cell.outputs)
+        elif cell.cell_type == "raw":
+            cell.source = sanitizer().sanitize_html_tags(cell.source)
+        return cell, resources
+
+
+class SafeHTMLExporter(HTMLExporter):
+    """nbconvert's HTML exporter whose markdown filter cleans the rendered HTML (used for feedback)."""
+
+    def markdown2html(self, context, source):
+        return sanitizer().sanitize_html_tags(super().markdown2html(context, source))
+
+    markdown2html.jinja_pass_arg = HTMLExporter.markdown2html.jinja_pass_arg   # a context filter, like the original
+
+
 def build_config(req: dict) -> Config:
     """The repository's nbgrader_config.py with this request's folders and limits on top."""
     cfg = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
@@ -224,8 +279,8 @@ def build_config(req: dict) -> Config:
     c.Autograde.autograde_preprocessors = [
         GuardedExecute if p is Execute else p for p in Autograde.class_traits()["autograde_preprocessors"].default()]
     c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTestOutput, WithholdHiddenSource, ClearHiddenTests,
-                                        CSSHTMLHeaderPreprocessor]
-    c.HTMLExporter.sanitize_html = True   # student markdown and outputs are untrusted: no script, no handlers
+                                        SanitizeOutputs, CSSHTMLHeaderPreprocessor]
+    c.GenerateFeedback.exporter_class = SafeHTMLExporter   # student markdown is untrusted: no script, no handlers
     c.ClearHiddenTests.enforce_metadata = False
     cfg.merge(c)
     return cfg

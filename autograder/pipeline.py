@@ -472,7 +472,10 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
                              + traceback.format_exc(limit=3).replace("\n", " | ")[-600:])
     finally:
         if f is not None and f.cgroup is not None:
-            f.cgroup.remove()   # kills whatever of the submission is still running
+            try:
+                f.cgroup.remove()   # kills whatever of the submission is still running
+            except (OSError, RuntimeError) as e:   # reported, never a crash of the batch
+                res.notes.append(f"cgroup clean-up failed: {e}")
         if f is not None and f.ipc is not None:
             shutil.rmtree(f.ipc, ignore_errors=True)
         res.seconds = round(time.monotonic() - t0, 2)
@@ -617,7 +620,10 @@ def grade(submissions: Path, opts: Options) -> RunResult:
         if pool:
             pool.stop()
         if cgroup_run is not None:
-            cgroup_run.remove()
+            try:
+                cgroup_run.remove()
+            except (OSError, RuntimeError) as e:
+                print(f"warning: cgroup clean-up failed: {e}", file=sys.stderr)
         if ipc_root is not None:
             shutil.rmtree(ipc_root, ignore_errors=True)
         if not opts.keep_work:
