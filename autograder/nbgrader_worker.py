@@ -36,7 +36,7 @@ from nbconvert.exporters import HTMLExporter
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 from nbconvert.preprocessors.sanitize import SanitizeHTML
 from nbformat.notebooknode import NotebookNode
-from traitlets import Integer
+from traitlets import Bool, Integer
 from traitlets.config import Config, PyFileConfigLoader
 
 from nbgrader.converters import Autograde, GenerateFeedback
@@ -235,6 +235,8 @@ def sanitizer() -> SanitizeHTML:
 class SanitizeOutputs(SanitizeHTML):
     """Clean code cells' HTML/markdown outputs and drop other active types (JavaScript, SVG, widgets).
     Markdown *cells* are cleaned after rendering, by :class:`SafeHTMLExporter`."""
+
+    enabled = Bool(True).tag(config=True)   # nbconvert preprocessors are off unless enabled
 
     def preprocess_cell(self, cell, resources, cell_index):
         if cell.cell_type == "code":

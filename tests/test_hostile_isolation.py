@@ -168,6 +168,27 @@ def test_a_failed_cgroup_entry_runs_nothing(tmp_path):
     assert r.returncode == 125 and not marker.exists()
 
 
+# ---- the feedback page's cleaner -----------------------------------------------------------------------
+def test_the_cleaner_strips_script_and_handlers_and_keeps_lesson_markup():
+    from autograder.nbgrader_worker import SanitizeOutputs, sanitizer
+    dirty = ("<h2 id='n'>notes</h2><script>document.title = 1</script><img src='x' onerror='alert(1)' alt='a'>"
+             "<a href='javascript:alert(1)'>j</a><a href='https://example.org'>ok</a><svg onload='alert(1)'></svg>"
+             "<details><summary>s</summary><p>t</p></details><table><thead><tr><th scope='col'>h</th></tr></thead>"
+             "</table><div style='color:red' onclick='x'>d</div><iframe src='x'></iframe>")
+    clean = sanitizer().sanitize_html_tags(dirty)
+    assert not re.search(r"<(script|svg|iframe)|\son[a-z]+=|javascript:|style=", clean), clean
+    for kept in ('<h2 id="n">notes</h2>', 'alt="a"', 'href="https://example.org"', "<details><summary>s</summary>",
+                 '<th scope="col">h</th>'):
+        assert kept in clean, (kept, clean)
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": dirty, "text/plain": "p",
+                                                                 "application/javascript": "alert(1)"})]
+    nb.cells = [cell]
+    nb, _ = SanitizeOutputs()(nb, {})
+    assert nb.cells[0].outputs[0].data == {"text/html": clean, "text/plain": "p"}
+
+
 # ---- the batch ----------------------------------------------------------------------------------------
 CPU_HOG = """import os, time
 for _ in range(60):
