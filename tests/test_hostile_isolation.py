@@ -216,6 +216,15 @@ display(HTML("<script>document.title = 'XSS-html-script'; window.__xss = 'html-s
              "<img src='x' onerror=\\"document.title = 'XSS-html-img'; window.__xss = 'html-img'\\">"))
 """
 LEAK = "print(In)\nprint(_ih)\nprint(Out)\n"
+FDS = """import json, os
+fds = {}
+for fd in os.listdir('/proc/self/fd'):
+    try:
+        fds[fd] = os.readlink(f'/proc/self/fd/{fd}')
+    except OSError:
+        pass
+print('FDS ' + json.dumps(fds))
+"""
 
 
 def hidden_lines() -> set[str]:
@@ -295,6 +304,9 @@ def batch(tmp_path_factory):
     leak = nbformat.v4.new_code_cell(LEAK)
     leak.id = "attack-leak"
     xss.cells.append(leak)
+    fds = nbformat.v4.new_code_cell(FDS)
+    fds.id = "probe-fds"
+    xss.cells.append(fds)
     _write(subs, "e_xss_and_leak", xss)
     r, peak = grade_batch(subs, out)
     assert (out / "results.json").exists(), r.stdout + r.stderr
@@ -377,6 +389,15 @@ def test_sanitized_feedback_pages_pass_axe_core(batch):
     report = a11y.check(pages, a11y.find_chromium(), [])
     bad = [f"{f.page}: {f.rule} ({f.impact}) at {f.target}: {f.summary[:160]}" for f in report.findings]
     assert not bad, "\n".join(bad[:20])
+
+
+def test_the_kernel_holds_no_descriptor_of_the_worker(batch):
+    nb = nbformat.read(str(batch["out"] / "autograded" / "e_xss_and_leak" / SPEC.lesson_id / SPEC.notebook_name), 4)
+    cell = next(c for c in nb.cells if c.get("id") == "probe-fds")
+    text = "".join(o.get("text", "") for o in cell.outputs)
+    fds = json.loads(text.split("FDS ", 1)[1])
+    assert fds["0"] == "/dev/null", fds
+    assert not [v for v in fds.values() if "worker-" in v or ".log" in v or "filter-" in v], fds
 
 
 def test_autograded_notebook_is_not_trusted(batch):
