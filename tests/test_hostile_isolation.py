@@ -160,6 +160,33 @@ def test_submission_group_applies_limits_and_kills_everything(tmp_path):
     assert not any(d.exists() for d in run.dirs.values())
 
 
+def _v2_tree() -> Path | None:
+    """A writable cgroup v2 folder: the unified tree (pure v2) or its controller-less hybrid mount."""
+    for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if (mount / "cgroup.controllers").exists() and os.geteuid() == 0:
+            base = mount / cgroups._own_path(None).lstrip("/")
+            return base if os.access(base, os.W_OK) else None
+    return None
+
+
+@pytest.mark.skipif(_v2_tree() is None, reason="no writable cgroup v2 tree")
+def test_v2_cgroup_kill_takes_the_whole_subtree():
+    """The v2 clean-up path (``cgroup.kill``), on whatever v2 tree this machine has."""
+    d = _v2_tree() / f"autograder-test-{os.getpid()}"
+    (d / "kernel").mkdir(parents=True)
+    p = subprocess.Popen(cgroups.enter(["/bin/sh", "-c", "setsid sh -c 'while :; do :; done' ATTACK-CG & sleep 300"],
+                                       [str(d / "kernel" / "cgroup.procs")]))
+    deadline = time.monotonic() + 10
+    while len(cgroups._procs(d / "kernel")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    inside = cgroups._procs(d / "kernel")
+    assert p.pid in inside and len(inside) >= 3, inside
+    cgroups._kill_and_remove(d, "v2")
+    p.wait(10)
+    assert not d.exists()
+    assert not [q for q in inside if psutil.pid_exists(q) and psutil.Process(q).status() != "zombie"]
+
+
 @needs_cgroups
 def test_a_failed_cgroup_entry_runs_nothing(tmp_path):
     marker = tmp_path / "ran"
