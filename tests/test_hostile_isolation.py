@@ -160,6 +160,45 @@ def test_submission_group_applies_limits_and_kills_everything(tmp_path):
     assert not any(d.exists() for d in run.dirs.values())
 
 
+def _honest_cpu_share(with_groups: bool, seconds: float = 3.0) -> float:
+    """CPU seconds per second one busy loop gets while 60 ``setsid`` busy loops run, each side in its
+    own submission group (``with_groups``) or, as without cgroups, each loop its own session."""
+    tag = f"{os.getpid()}-{int(with_groups)}"
+    run = HIERARCHY.run_group(f"fair-{tag}", cgroups.Policy(cpu_quota=1.0)) if with_groups else None
+    attacker, honest = (run.submission("attacker"), run.submission("honest")) if run else (None, None)
+    hog = subprocess.Popen(cgroups.enter(["/bin/sh", "-c", "for i in $(seq 60); do setsid sh -c 'while :; do :; done' "
+                                          f"ATTACK-CPU-{tag} & done; wait"], attacker.procs_files("kernel") if run else []))
+    try:
+        time.sleep(1.0)
+        loop = subprocess.Popen(cgroups.enter(["/usr/bin/setsid", "/bin/sh", "-c", "while :; do :; done"],
+                                              honest.procs_files("kernel") if run else []))
+        time.sleep(0.2)
+        p = psutil.Process(loop.pid)
+        c0, t0 = sum(p.cpu_times()[:2]), time.monotonic()
+        time.sleep(seconds)
+        share = (sum(p.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
+        loop.kill()
+        loop.wait()
+        return share
+    finally:
+        if run:
+            run.remove()
+        else:
+            for q in psutil.process_iter(["cmdline"]):
+                if f"ATTACK-CPU-{tag}" in " ".join(q.info["cmdline"] or []):
+                    q.kill()
+        hog.kill()
+        hog.wait()
+
+
+@needs_cgroups
+def test_sixty_busy_loops_cannot_starve_another_submissions_group():
+    """The mechanism, measured: without groups one loop gets ~1/61 of the CPUs; with them its group's share.
+    (Measured on 2 busy shared cores: 0.03 vs 0.10 CPU; on a quiet machine the second is ~1 CPU.)"""
+    without, with_ = _honest_cpu_share(False), _honest_cpu_share(True)
+    assert with_ >= 2 * without, (with_, without)
+
+
 def _v2_tree() -> Path | None:
     """A writable cgroup v2 folder: the unified tree (pure v2) or its controller-less hybrid mount."""
     for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
@@ -217,13 +256,21 @@ def test_the_cleaner_strips_script_and_handlers_and_keeps_lesson_markup():
 
 
 # ---- the batch ----------------------------------------------------------------------------------------
-CPU_HOG = """import os, time
+CPU_HOG = """import os
 for _ in range(60):
     if os.fork() == 0:
         os.setsid()
         os.execv('/bin/sh', ['/bin/sh', '-c', 'while :; do :; done', 'ATTACK-CPU'])
-time.sleep(1)
 """
+# then the attacker's kernel (and its re-check) idle, responsive, while the loops burn: 12 cells of 10 s,
+# each under the 15 s cell limit, so the attack lasts about as long as its grading may
+HOG_WAIT = "import time\ntime.sleep(10)"
+
+
+def cpu_hog(nb):
+    for k in range(12):
+        nb = insert_after_setup(nb, SPEC, HOG_WAIT, f"attack-cpu-wait-{k}")
+    return insert_after_setup(nb, SPEC, CPU_HOG, "attack-cpu")
 FLOOD_UPDATES = """from IPython.display import display
 payload = 'x' * 1_000_000
 for i in range(300):
@@ -320,7 +367,7 @@ def batch(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile")
     subs, out = base / "subs", base / "out"
     honest = solved(SPEC)
-    _write(subs, "a_cpu_hog", insert_after_setup(honest, SPEC, CPU_HOG, "attack-cpu"))
+    _write(subs, "a_cpu_hog", cpu_hog(honest))
     _write(subs, "b_honest", honest)
     _write(subs, "c_flood_updates", insert_after_setup(honest, SPEC, FLOOD_UPDATES, "attack-flood"))
     _write(subs, "d_flood_shared_id", insert_after_setup(honest, SPEC, FLOOD_SHARED_ID, "attack-flood-id"))
