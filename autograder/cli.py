@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--memory-gb", type=float, default=4.0, help="memory per submission (default: %(default)s)")
     g.add_argument("--max-notebook-mb", type=float, default=50.0, help="largest accepted notebook file")
     g.add_argument("--max-output-mb", type=float, default=8.0, help="most output one cell may print")
+    g.add_argument("--max-total-output-mb", type=float, default=32.0,
+                   help="most output the whole notebook may produce (display updates and widget messages count)")
     g.add_argument("--probe-seed", type=int, default=None,
                    help="seed of the re-check's hidden inputs (default: probe_seed in autograder/offering.toml; recorded in results.json)")
     g.add_argument("--no-recheck", action="store_true", help="skip the out-of-kernel re-check (not recommended)")
@@ -57,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="re-graded students lose their manual overrides (default: overrides survive re-grades)")
     g.add_argument("--no-wait", action="store_true",
                    help="stop (exit 1) instead of waiting when another run is using the --out folder")
+    g.add_argument("--cgroups", choices=("auto", "require", "off"), default="auto",
+                   help="per-submission cgroup with an equal CPU share, a CPU quota and memory/task limits "
+                        "(autograder/cgroups.py). auto (default): used when available, else a warning in the results; "
+                        "require: refuse to grade without; off: not used")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     e = sub.add_parser("export", help="regenerate every results file from the results store",
                        description="Rewrite results.csv/json, objectives.csv, items.csv and the LMS grade files of "
@@ -195,14 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     opts = Options(lesson=args.lesson or DEFAULT_LESSON, out=args.out, jobs=args.jobs, mode=args.mode, cell_timeout=args.cell_timeout,
                    submission_timeout=args.timeout, memory_gb=args.memory_gb, max_notebook_mb=args.max_notebook_mb,
-                   max_output_mb=args.max_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
+                   max_output_mb=args.max_output_mb, max_total_output_mb=args.max_total_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
                    feedback=not args.no_feedback, keep_work=args.keep_work, progress=not args.quiet,
                    roster=args.roster, sandbox=args.sandbox == "on", regrade=args.regrade, late=args.late,
-                   drop_overrides=args.drop_overrides, wait=not args.no_wait)
+                   drop_overrides=args.drop_overrides, wait=not args.no_wait, cgroups=args.cgroups)
     if args.work_root:
         opts.work_root = args.work_root.resolve()
     if not opts.sandbox:
         print(f"WARNING {NOT_GUARANTEED}", file=sys.stderr)
+    from .procs import limit_address_space   # the main process loads what workers wrote: bounded
+    print(f"isolation: {limit_address_space(int((3 + 0.125 * opts.jobs) * 1024**3))}", file=sys.stderr)
     try:
         run = grade(args.submissions, opts)
     except (InputError, SpecError, LessonMetadataError, SandboxUnavailable, StoreError) as e:

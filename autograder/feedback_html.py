@@ -94,3 +94,18 @@ def make_accessible(html: str, lang: str = "en") -> str:
     if "</head>" in html:
         return html.replace("</head>", style + "</head>", 1)
     return style + html
+
+
+# Feedback pages are static: no script at all (the page's own MathJax/require.js included), styles
+# and images inline only. Sanitizing (nbconvert's sanitize_html) removes the student's scripts; this
+# policy is the second wall if something slips through.
+CSP = ("default-src 'none'; script-src 'none'; style-src 'unsafe-inline'; img-src data:; font-src data:; "
+       "base-uri 'none'; form-action 'none'; frame-src 'none'; object-src 'none'")
+
+
+def add_csp(html: str) -> str:
+    """``html`` with a Content-Security-Policy ``<meta>`` as the first element of ``<head>`` (idempotent)."""
+    meta = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+    if meta in html:
+        return html
+    return re.sub(r"<head(\s[^>]*)?>", lambda m: m.group(0) + "\n" + meta, html, count=1)

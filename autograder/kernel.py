@@ -6,7 +6,9 @@ nbgrader runs every submission in this kernel (kernelspec ``rb-autograder``, wri
 **Outside** (the nbgrader worker's kernel manager starts it; ``$AUTOGRADER_SANDBOX`` is set): the
 *launcher*. It gives the submission's private scratch folder and socket folder to a fresh sandbox
 uid, copies the connection file into the socket folder, records its pid in
-``$AUTOGRADER_KERNEL_PIDFILE`` and replaces itself (``exec``) with ``bwrap`` running the same module
+``$AUTOGRADER_KERNEL_PIDFILE``, moves itself into the submission's cgroup leaf (when the grader made
+one, :mod:`autograder.cgroups`), keeps none of the worker's file descriptors (its log included:
+output goes to the submission's ``kernel-output.txt``) and replaces itself (``exec``) with ``bwrap`` running the same module
 inside the sandbox (:mod:`autograder.sandbox`). The worker talks to the kernel over ZeroMQ's ``ipc``
 transport: Unix sockets in the socket folder, which is bound at the same path inside — a kernel in
 its own network namespace cannot be reached over TCP. Interrupts are sent as ``interrupt_request``
@@ -64,9 +66,24 @@ def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
     if pidfile:   # this pid becomes bwrap's: killing it ends the sandbox
         with open(pidfile, "a") as f:
             f.write(f"{os.getpid()}\n")
+    if cfg.get("cgroup"):   # the submission's cgroup leaf, before anything of the student's runs
+        from autograder import cgroups
+        cgroups.join(cfg["cgroup"])
     env = {k: os.environ[k] for k in PASSED_IN if k in os.environ}
     cmd = sandbox.command([sys.executable, "-m", "autograder.kernel", "-f", str(inner_conn)], box, env)
+    _own_descriptors(Path(cfg["scratch"]).with_name("kernel-output.txt"))
     os.execv(cmd[0], cmd)
+
+
+def _own_descriptors(output: Path) -> None:
+    """Give the sandbox nothing of the worker's: stdin from /dev/null, stdout/stderr to ``output`` (a
+    file of this submission, outside the sandbox; the worker's log would otherwise be the kernel's
+    stderr), every other inherited descriptor closed."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    for fd, src in ((0, null), (1, out), (2, out)):
+        os.dup2(src, fd)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
 
 
 def _prepare(sandboxed: bool) -> None:

@@ -44,17 +44,17 @@ from pathlib import Path
 
 import nbformat
 
-from . import gradebook, sandbox, scoring
+from . import cgroups, gradebook, sandbox, scoring
 from . import store as results_store
 from .exports import export_all
 from .offering import probe_seed as offering_probe_seed
 from .discover import Submission, discover, student_id
-from .feedback_html import make_accessible
+from .feedback_html import add_csp, make_accessible
 from .integrity import runtime_findings, submission_findings
 from .kernel import KERNEL_NAME, write_kernelspec
 from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
-from .recheck import ProbeSet, Running, finish, start
+from .recheck import ProbeSet, RegradeNeeded, Running, finish, start
 from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,7 @@ class Options:
     memory_gb: float = 4.0
     max_notebook_mb: float = 50.0
     max_output_mb: float = 8.0
+    max_total_output_mb: float = 32.0     # all output of one notebook (display updates, widget messages included)
     interrupt_grace: int = 10
     probe_seed: int | None = None         # None: the offering's seed (autograder/offering.toml; recorded in results.json)
     recheck: bool = True
@@ -88,6 +89,7 @@ class Options:
     late: bool = False                    # mark every submission of this batch late
     drop_overrides: bool = False          # re-graded students lose their manual overrides
     wait: bool = True                     # another run holds --out: wait (else stop with StoreBusy)
+    cgroups: str = "auto"                 # auto: per-submission cgroups if available, else warn | require | off
 
     def resolved_cell_timeout(self) -> int:
         """``--cell-timeout``, else ``Execute.timeout`` from the repository's nbgrader_config.py."""
@@ -195,6 +197,7 @@ class Context:
     submission_timeout: float
     protect: list[str] = field(default_factory=list)
     ipc_root: Path | None = None   # short folder for the kernels' socket folders (Unix socket paths <= 107 bytes)
+    cgroup_run: cgroups.RunGroup | None = None   # parent of the submissions' cgroups (None: not applied)
 
 
 @dataclass
@@ -205,6 +208,7 @@ class SubmissionFolders:
     student: str
     lesson: str
     ipc: Path | None = None    # socket folder of the sandboxed kernel (short path: Unix socket limit)
+    cgroup: cgroups.Group | None = None   # the submission's cgroup (kernel and re-check leaves)
 
     @property
     def submitted(self) -> Path:
@@ -306,6 +310,8 @@ def make_folders(sub: Submission, prepared, ctx: Context) -> SubmissionFolders:
     if ctx.opts.sandbox:
         f.kernel_scratch.mkdir()
         f.ipc = Path(tempfile.mkdtemp(prefix="s-", dir=ctx.ipc_root))
+    if ctx.cgroup_run is not None:
+        f.cgroup = ctx.cgroup_run.submission(sub.student)
     return f
 
 
@@ -317,7 +323,7 @@ def start_recheck(prepared, f: SubmissionFolders, ctx: Context) -> Running | Non
     return start(prepared, ctx.spec, ctx.probes, f.root / "recheck", {"protect": ctx.protect},
                  timeout=min(ctx.submission_timeout, 120 + 30 * len(ctx.probes.probes)),
                  memory_bytes=int(ctx.opts.memory_gb * GB), case_timeout=20, cell_timeout=min(ctx.cell_timeout, 60),
-                 sandboxed=ctx.opts.sandbox)
+                 sandboxed=ctx.opts.sandbox, cgroup_procs=f.cgroup.procs_files("recheck") if f.cgroup else [])
 
 
 def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
@@ -329,11 +335,13 @@ def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if opts.sandbox:
         limits = {"memory_bytes": int(opts.memory_gb * GB), "cpu_seconds": int(ctx.submission_timeout) + 60}
-        env["AUTOGRADER_SANDBOX"] = json.dumps({"scratch": str(f.kernel_scratch), "ipc": str(f.ipc), "limits": limits})
+        env["AUTOGRADER_SANDBOX"] = json.dumps({"scratch": str(f.kernel_scratch), "ipc": str(f.ipc), "limits": limits,
+                                                "cgroup": f.cgroup.procs_files("kernel") if f.cgroup else []})
     return {"op": op, "lesson": ctx.spec.lesson_id, "student": f.student,
             "submitted": str(f.submitted), "autograded": str(f.autograded), "feedback": str(f.feedback),
             "release": str(ctx.template_dir / "release"), "db": str(f.db),
             "cell_timeout": ctx.cell_timeout, "max_output_bytes": int(opts.max_output_mb * 1e6),
+            "max_total_output_bytes": int(opts.max_total_output_mb * 1e6),
             "interrupt_grace": opts.interrupt_grace, "kernel_name": KERNEL_NAME,
             "ipc": str(f.ipc) if f.ipc else None, "env": env}
 
@@ -367,6 +375,11 @@ def read_grades(f: SubmissionFolders, ctx: Context) -> tuple[nbformat.NotebookNo
     path = f.notebook_dir / spec.notebook_name
     if not path.exists():
         raise SubmissionError("nbgrader produced no autograded notebook (see the worker log)")
+    # what the worker wrote is bounded by the output caps; check before loading it into this process
+    limit = (ctx.opts.max_notebook_mb + 2 * ctx.opts.max_total_output_mb) * 1e6
+    if path.stat().st_size > limit:
+        raise SubmissionError(f"the executed notebook is {path.stat().st_size / 1e6:.0f} MB, over the {limit / 1e6:.0f} MB "
+                              "the grader loads (submitted notebook plus twice the output limit)")
     graded_nb = nbformat.read(str(path), as_version=4)
     grades = gradebook.cell_grades(f.db, spec.lesson_id, f.student)
     for gid, g in grades.items():
@@ -409,7 +422,7 @@ def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult) -> Non
         if not fb.get("ok"):
             res.notes.append("feedback generation failed: " + _failure_reason(fb, ctx.cell_timeout))
         elif page.exists():   # WCAG 2.1 AA fixes for nbgrader's feedback template
-            page.write_text(make_accessible(page.read_text(encoding="utf-8")), encoding="utf-8")
+            page.write_text(add_csp(make_accessible(page.read_text(encoding="utf-8"))), encoding="utf-8")
     except WorkerDied as e:
         res.notes.append(f"feedback generation failed: worker {e.reason}")
     finally:
@@ -432,7 +445,10 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         f = make_folders(sub, prepared, ctx)
         running = start_recheck(prepared, f, ctx)
         failure = autograde(f, ctx)
-        verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
+        try:
+            verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
+        except RegradeNeeded as e:   # the grader's wall clock, not the student's answer
+            return _errored(res, f"re-grade: {e}")
         findings += runtime_findings(f.kernel_guard_log(opts.sandbox)[1], running.guard_log if running else None)
         res.evidence = [x.as_dict() for x in findings]
         res.notes += [f"re-check: {n}" for n in cell_notes[:10]]
@@ -459,6 +475,11 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         return _errored(res, f"internal grader error ({type(e).__name__}: {e}); please report: "
                              + traceback.format_exc(limit=3).replace("\n", " | ")[-600:])
     finally:
+        if f is not None and f.cgroup is not None:
+            try:
+                f.cgroup.remove()   # kills whatever of the submission is still running
+            except (OSError, RuntimeError) as e:   # reported, never a crash of the batch
+                res.notes.append(f"cgroup clean-up failed: {e}")
         if f is not None and f.ipc is not None:
             shutil.rmtree(f.ipc, ignore_errors=True)
         res.seconds = round(time.monotonic() - t0, 2)
@@ -514,6 +535,37 @@ class SandboxUnavailable(RuntimeError):
     """The sandbox was required (the default) but ``bwrap ... true`` failed."""
 
 
+def _cgroups(opts: Options, run_dir: Path, warnings: list[str]) -> cgroups.RunGroup | None:
+    """The run's cgroup (:mod:`autograder.cgroups`); says on stderr what was applied. Unavailable:
+    a warning in the results (``--cgroups auto``) or :class:`SandboxUnavailable` (``require``)."""
+    if opts.cgroups == "off" or not opts.sandbox:
+        why = "--cgroups off" if opts.cgroups == "off" else "--sandbox off"
+        h = cgroups.Hierarchy("none", reason=why)
+    else:
+        h = cgroups.detect()
+    run = None
+    if h.usable:
+        limits = sandbox.Limits()
+        policy = cgroups.policy_for(int(opts.memory_gb * GB), limits.tmp_bytes, limits.processes, cgroups.cpus(),
+                                    opts.jobs)
+        try:
+            run = h.run_group(run_dir.name, policy)
+        except OSError as e:
+            h = cgroups.Hierarchy("none", reason=f"cannot create the run's cgroup: {e}")
+    if run is not None:
+        print(f"isolation: {run.describe()}", file=sys.stderr)
+        return run
+    msg = (f"no per-submission cgroup ({h.reason}): submissions are bounded by the sandbox's per-process limits "
+           "only, so one submission's processes can slow down others graded in parallel (grade with --jobs 1, or "
+           "give the grader a cgroup)")
+    if opts.cgroups == "require":
+        raise SandboxUnavailable(msg + "; --cgroups require refuses to grade")
+    if opts.cgroups != "off":
+        warnings.append(msg)
+    print(f"isolation: {msg}", file=sys.stderr)
+    return None
+
+
 def grade(submissions: Path, opts: Options) -> RunResult:
     """Grade everything under ``submissions`` into the store of ``opts.out`` (holding its lock), write
     feedback and gradebook there, and regenerate every results file from the whole store."""
@@ -527,7 +579,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     run_dir.mkdir(parents=True)
     warnings = [f"items in the lesson metadata without grade cells in the notebook (not graded): {', '.join(spec.missing_items)}"
                 ] if spec.missing_items else []
-    pool = ipc_root = None
+    pool = ipc_root = cgroup_run = None
     held = ExitStack()
     try:
         store = held.enter_context(results_store.open_locked(opts.out, wait=opts.wait))   # one run per --out
@@ -538,6 +590,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
                     f"the bubblewrap sandbox does not work on this machine ({why}). Install it (Debian/Ubuntu: "
                     "apt-get install bubblewrap) or, where that is impossible (no user namespaces, e.g. macOS), "
                     "grade with --sandbox off and read what it then does not guarantee")
+        cgroup_run = _cgroups(opts, run_dir, warnings)
         write_kernelspec(run_dir / "jupyter", sandboxed=opts.sandbox)
         env = tool_env({"JUPYTER_PATH": str(run_dir / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""),
                         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))})
@@ -555,7 +608,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
         protect = [str(ROOT / "solutions"), str(ROOT / ".git"), str(WORK), str(run_dir), str(opts.out), str(tmpl)]
         ipc_root = Path(tempfile.mkdtemp(prefix="agk-")) if opts.sandbox else None
         ctx = Context(spec, opts, run_dir, tmpl, probes, pool, opts.resolved_cell_timeout(),
-                      opts.resolved_submission_timeout(), protect, ipc_root)
+                      opts.resolved_submission_timeout(), protect, ipc_root, cgroup_run)
         items = {i: {"objective": spec.objective(i), "max_score": spec.item_points(i),
                      "probe": bool(probes and i in probes.probes)} for i in spec.items}
         rec = results_store.Run.begin(store, spec.lesson_id, spec.source_path, opts.mode, seed, {
@@ -591,6 +644,11 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     finally:
         if pool:
             pool.stop()
+        if cgroup_run is not None:
+            try:
+                cgroup_run.remove()
+            except (OSError, RuntimeError) as e:
+                print(f"warning: cgroup clean-up failed: {e}", file=sys.stderr)
         if ipc_root is not None:
             shutil.rmtree(ipc_root, ignore_errors=True)
         if not opts.keep_work:

@@ -139,6 +139,21 @@ def run_limited(cmd: list[str], *, timeout: float, memory_bytes: int, cwd=None, 
     return Limited(proc.returncode, killed, time.monotonic() - start, tail)
 
 
+def limit_address_space(nbytes: int) -> str:
+    """Cap this process's address space (the *soft* ``RLIMIT_AS``) at ``nbytes``; say what was set.
+
+    For the grader's main process, which loads what the workers wrote: a runaway load ends in a
+    ``MemoryError`` for that one submission instead of the machine swapping. Only the soft limit is
+    lowered, so the sandboxes' own ``prlimit`` may still give a kernel its ``--memory-gb``.
+    """
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    value = nbytes if hard == resource.RLIM_INFINITY else min(nbytes, hard)
+    if soft == resource.RLIM_INFINITY or soft > value:
+        resource.setrlimit(resource.RLIMIT_AS, (value, hard))
+    return f"grader main process: address space (soft RLIMIT_AS) {resource.getrlimit(resource.RLIMIT_AS)[0] / 1024**3:.2f} GiB"
+
+
 class WorkerDied(RuntimeError):
     """The worker process exited or was killed; ``reason`` says why."""
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sandbox
+from . import cgroups, sandbox
 from .guard import read_log
 from .notebook import LessonSpec, student_code_cells
 from .probes import PROBES, Case, Probe, T
@@ -102,8 +102,14 @@ class Running:
 INSIDE = "/tmp/recheck"   # where the scratch folder appears inside the sandbox (also the cwd)
 
 
+class RegradeNeeded(RuntimeError):
+    """The re-check did not finish for the grader's own reasons (its wall clock): the submission is
+    reported ``errored`` (re-grade), never as a wrong answer."""
+
+
 def start(nb, spec: LessonSpec, probes: ProbeSet, workdir: Path, guard: dict, *, timeout: float,
-          memory_bytes: int, case_timeout: float, cell_timeout: float, sandboxed: bool = True) -> Running:
+          memory_bytes: int, case_timeout: float, cell_timeout: float, sandboxed: bool = True,
+          cgroup_procs: list[str] = ()) -> Running:
     """Launch the re-check process for submission ``nb`` (returns at once).
 
     ``workdir/box`` is its scratch folder: the request (written here, before any student code
@@ -124,7 +130,7 @@ def start(nb, spec: LessonSpec, probes: ProbeSet, workdir: Path, guard: dict, *,
     if sandboxed:
         box_ = sandbox.Box(scratch, INSIDE, sandbox.Limits(memory_bytes=memory_bytes, cpu_seconds=int(timeout) + 30))
         sandbox.prepare_scratch(box_)
-        cmd, cwd, env = sandbox.command(argv, box_), None, None
+        cmd, cwd, env = cgroups.enter(sandbox.command(argv, box_), list(cgroup_procs)), None, None
     else:
         cmd, cwd = argv, scratch
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -151,6 +157,10 @@ def finish(running: Running, probes: ProbeSet, spec: LessonSpec) -> tuple[dict[s
     notes = [f"{r['cell']}: {r['error']}" for r in records if "cell" in r and "error" in r]
     by_item = {r["item"]: r for r in records if "item" in r}
     ended = "process ended before checking this item"
+    if limited and limited.killed == "wall-clock":
+        raise RegradeNeeded(f"the out-of-kernel re-check did not finish within its {limited.seconds:.0f} s wall clock "
+                            "(a busy machine, or code that ignores the per-case time limit); no hidden points "
+                            "were decided: re-grade this submission")
     if limited and limited.killed:
         ended = f"re-check killed ({limited.killed} limit) before checking this item"
     verdicts: dict[str, Verdict] = {}

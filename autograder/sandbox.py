@@ -22,6 +22,10 @@ and the out-of-kernel re-check process (:mod:`autograder.recheck_runner`). Each 
   nothing), which is what makes the process-count limit bind (the kernel never applies
   ``RLIMIT_NPROC`` to root: measured, 40 children under ``--nproc=20`` as root, fork refused at 20
   as another uid);
+* a **system-call filter** (``--seccomp``, :mod:`autograder.seccomp`): no new user namespaces,
+  ``ptrace``, ``keyctl``, ``bpf``, ``perf_event_open``, io_uring and a few more; bwrap reads it from
+  a descriptor the ``/bin/sh`` in front of it opens on a root-only file, so no descriptor of the
+  caller is needed (callers start the sandbox with ``close_fds``: none of theirs leaks inside);
 * **limits** (``prlimit``, inherited by every child): address space (``RLIMIT_AS``), processes of
   the sandbox's uid (``RLIMIT_NPROC``), file size (``RLIMIT_FSIZE``), CPU seconds (``RLIMIT_CPU``),
   no core dumps. The grader also watches the resident memory of the whole tree and a wall clock.
@@ -31,8 +35,10 @@ when it fails, unless the instructor passes ``--sandbox off`` (see autograder/RE
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import tempfile
 import secrets
 import shutil
 import subprocess
@@ -122,8 +128,29 @@ def _python_path() -> str:
     return os.pathsep.join(parts)
 
 
+_FILTER: dict[str, str] = {}
+SECCOMP_FD = 3
+
+
+def seccomp_file() -> str:
+    """The filter program in a file only root (the grader) can write, made once per process."""
+    from . import seccomp
+    prog = seccomp.program()
+    key = hashlib.sha256(prog).hexdigest()[:16]
+    if key not in _FILTER:
+        d = tempfile.mkdtemp(prefix="autograder-seccomp-")   # 0700, fresh name
+        path = os.path.join(d, f"filter-{key}.bpf")
+        with open(path, "wb") as f:
+            f.write(prog)
+        _FILTER[key] = path
+    return _FILTER[key]
+
+
 def command(argv: list[str], box: Box, env: dict[str, str] | None = None) -> list[str]:
     """``argv`` wrapped in bwrap with the policy in the module docstring.
+
+    The result starts with ``/bin/sh -c 'exec "$@" 3<FILTER'``: the shell opens the seccomp program
+    on descriptor 3 and becomes bwrap (``--seccomp 3``), which reads and closes it.
 
     ``env`` is the whole environment inside (the outside one is cleared); PATH, HOME, PYTHONPATH,
     MPLCONFIGDIR and the thread counts are set here.
@@ -131,7 +158,8 @@ def command(argv: list[str], box: Box, env: dict[str, str] | None = None) -> lis
     bwrap = bwrap_path()
     if not bwrap:
         raise RuntimeError("bwrap (bubblewrap) is not installed")
-    a = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+    a = ["/bin/sh", "-c", f'exec "$@" {SECCOMP_FD}<"$0"', seccomp_file(),
+         bwrap, "--seccomp", str(SECCOMP_FD), "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
          "--new-session", "--hostname", "sandbox",
          "--ro-bind", "/usr", "/usr"]
     for link in ("bin", "sbin", "lib", "lib64", "lib32"):
