@@ -64,6 +64,13 @@ def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
     if pidfile:   # this pid becomes bwrap's: killing it ends the sandbox
         with open(pidfile, "a") as f:
             f.write(f"{os.getpid()}\n")
+    if cfg.get("guard_fifo") and os.environ.get("AUTOGRADER_GUARD"):
+        # the guard's log: a FIFO in the grader's folder (not visible inside), opened here, outside;
+        # the sandbox inherits only the write end (evidence the student's code cannot truncate)
+        fd = os.open(cfg["guard_fifo"], os.O_WRONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        os.set_inheritable(fd, True)
+        os.environ["AUTOGRADER_GUARD"] = json.dumps({**json.loads(os.environ["AUTOGRADER_GUARD"]), "log": fd})
     env = {k: os.environ[k] for k in PASSED_IN if k in os.environ}
     cmd = sandbox.command([sys.executable, "-m", "autograder.kernel", "-f", str(inner_conn)], box, env)
     os.execv(cmd[0], cmd)
