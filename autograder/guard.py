@@ -223,6 +223,7 @@ class PipeReader:
         self.size = 0
         self.truncated = False
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -258,14 +259,14 @@ class PipeReader:
                 self._stop.wait(0.05)
 
     def finish(self, timeout: float = 10.0) -> bytes:
-        """Stop once the channel is drained (the writers are gone); return what was read."""
+        """Stop once the channel is drained (the writers are gone); return what was read. Closes the
+        descriptor exactly once (a second close could hit a number another thread reuses)."""
         self._stop.set()
         self._thread.join(timeout)
-        if not self._thread.is_alive():
-            try:
+        with self._lock:
+            if not self._thread.is_alive() and self.fd is not None:
                 os.close(self.fd)
-            except OSError:
-                pass
+                self.fd = None
         return b"".join(self.chunks)
 
     def records(self) -> list[dict]:

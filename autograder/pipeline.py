@@ -48,6 +48,7 @@ from .discover import Submission, discover, sanitize
 from .feedback_html import make_accessible
 from .guard import PipeReader, read_log
 from .integrity import runtime_findings, submission_findings
+from .static import unparsed_cells_that_ran
 from .kernel import KERNEL_NAME, write_kernelspec
 from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
@@ -458,7 +459,7 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
                                  f"(infinite loop?) and was interrupted; nbgrader's partial score "
                                  f"{res.autograde_score:g}/{spec.total_points:g} is not counted")
         res.items, recheck_findings = score_items(f, spec, grades, verdicts)
-        findings += recheck_findings
+        findings += recheck_findings + unparsed_cells_that_ran(graded_nb)
         decide_status(res, spec, findings)
         if opts.feedback:
             make_feedback(f, ctx, res)

@@ -186,7 +186,7 @@ def test_forged_records_change_no_verdict():
 # ---- the batch: attacks and honest controls through the real pipeline ---------------------------------------
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    from test_autograder import grade_cli, load, sandbox_processes
+    from test_autograder import grade_cli, load
     base = tmp_path_factory.mktemp("hostile")
     subs, out, work = base / "subs", base / "out", base / "work"
     cases = build(subs)
@@ -196,7 +196,23 @@ def batch(tmp_path_factory):
     assert (out / "results.json").exists(), r.stdout + r.stderr
     time.sleep(1)
     return SimpleNamespace(cases=cases, res=load(out), out=out, rc=r.returncode, stderr=r.stderr, seconds=seconds,
-                           left=sandbox_processes(work))
+                           left=_left_running(base))
+
+
+def _left_running(base: Path) -> list[str]:
+    """Processes of this batch still alive: every sandbox's bwrap names its scratch folder under
+    ``base`` (and the sandbox's PID namespace ends with it); the grader's own processes name it too.
+    (Not "any process of a sandbox uid": other gradings may run on the same machine.)"""
+    import psutil
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if str(base) in cmd and p.pid != os.getpid():
+            left.append(f"{p.pid}: {cmd[:150]}")
+    return left
 
 
 def test_the_batch_completes_and_every_submission_is_graded(batch):
