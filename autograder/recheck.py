@@ -65,12 +65,13 @@ class Verdict:
                 "visible": self.visible, "visible_detail": self.visible_detail}
 
 
-_CONTROL = dict.fromkeys(c for c in range(32) if c not in (9, 10)) | {127: None} | dict.fromkeys(range(0x80, 0xA0))
+_CONTROL = (dict.fromkeys(c for c in range(32) if c not in (9, 10)) | {127: None} | dict.fromkeys(range(0x80, 0xA0))
+            | dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))   # + bidirectional overrides
 
 
 def clean_text(value, limit: int = 500) -> str:
     """Text from a student's process made safe to store: a string, control characters (terminal
-    escapes included) removed, at most ``limit`` characters."""
+    escapes included) and bidirectional overrides removed, at most ``limit`` characters."""
     text = value if isinstance(value, str) else repr(value)
     return text[: limit * 2].translate(_CONTROL).replace("\n", " ")[:limit]
 
