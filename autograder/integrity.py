@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from .guard import read_log
+from .recheck import clean_text
 from .notebook import LessonSpec, cell_label, grade_id, nbg, norm_source
 from .results import Finding
 from .static import scan_notebook
@@ -27,18 +28,20 @@ def submission_findings(nb, spec: LessonSpec, sandboxed: bool = True) -> list[Fi
     return structural_findings(nb, spec) + scan_notebook(nb, spec, sandboxed)
 
 
-def runtime_findings(kernel_log: Path | None, recheck_log: Path | None) -> list[Finding]:
-    """The guards' logs: blocked accesses (flagged) and commands the kernel ran (notes)."""
-    out = []
+def runtime_findings(kernel_log: Path | list[dict] | None, recheck_log: Path | list[dict] | None,
+                     forged: list[str] | tuple = ()) -> list[Finding]:
+    """The guards' logs (records, or a log file): blocked accesses (flagged) and commands the kernel
+    ran (notes); records of the re-check's channel that its runner did not write (flagged)."""
+    out = [Finding("runtime", "recheck-output-forged", "re-check", clean_text(msg)) for msg in forged[:5]]
     for where, log in (("kernel", kernel_log), ("re-check", recheck_log)):
         if log is None:
             continue
-        for e in read_log(log):
-            target = str(e.get("target", ""))
+        for e in (log if isinstance(log, list) else read_log(log))[:1000]:
+            target = clean_text(e.get("target", ""))
             if e.get("blocked"):
-                out.append(Finding("runtime", "blocked-access", f"{where} guard", f"{e.get('event')}: {target}"))
+                out.append(Finding("runtime", "blocked-access", f"{where} guard", f"{clean_text(e.get('event'), 60)}: {target}"))
             elif where == "kernel":
-                out.append(Finding("runtime", "ran-command", f"{where} guard", f"{e.get('event')}: {target[:200]}",
+                out.append(Finding("runtime", "ran-command", f"{where} guard", f"{clean_text(e.get('event'), 60)}: {target[:200]}",
                                    flag=False))
     return out
 

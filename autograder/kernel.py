@@ -69,10 +69,24 @@ def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
     if cfg.get("cgroup"):   # the submission's cgroup leaf, before anything of the student's runs
         from autograder import cgroups
         cgroups.join(cfg["cgroup"])
+    _own_descriptors(Path(cfg["scratch"]).with_name("kernel-output.txt"))   # closes every fd >= 3
+    if cfg.get("guard_fifo") and os.environ.get("AUTOGRADER_GUARD"):
+        # the guard's log: a FIFO in the grader's folder (not visible inside), opened here, outside;
+        # the sandbox inherits only the write end (evidence the student's code cannot truncate). It is
+        # moved to GUARD_FD, clear of descriptor 3, which sandbox.command uses for the seccomp program.
+        fd = os.open(cfg["guard_fifo"], os.O_WRONLY | os.O_NONBLOCK)
+        os.set_blocking(fd, True)
+        if fd != GUARD_FD:
+            os.dup2(fd, GUARD_FD)
+            os.close(fd)
+        os.set_inheritable(GUARD_FD, True)
+        os.environ["AUTOGRADER_GUARD"] = json.dumps({**json.loads(os.environ["AUTOGRADER_GUARD"]), "log": GUARD_FD})
     env = {k: os.environ[k] for k in PASSED_IN if k in os.environ}
     cmd = sandbox.command([sys.executable, "-m", "autograder.kernel", "-f", str(inner_conn)], box, env)
-    _own_descriptors(Path(cfg["scratch"]).with_name("kernel-output.txt"))
     os.execv(cmd[0], cmd)
+
+
+GUARD_FD = 9   # the kernel guard log's write end inside the sandbox (see _launch_sandboxed)
 
 
 def _own_descriptors(output: Path) -> None:

@@ -50,7 +50,9 @@ from .exports import export_all
 from .offering import probe_seed as offering_probe_seed
 from .discover import Submission, discover, student_id
 from .feedback_html import add_csp, make_accessible
+from .guard import PipeReader, read_log
 from .integrity import runtime_findings, submission_findings
+from .static import unparsed_cells_that_ran
 from .kernel import KERNEL_NAME, write_kernelspec
 from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
@@ -209,6 +211,7 @@ class SubmissionFolders:
     lesson: str
     ipc: Path | None = None    # socket folder of the sandboxed kernel (short path: Unix socket limit)
     cgroup: cgroups.Group | None = None   # the submission's cgroup (kernel and re-check leaves)
+    guard_reader: PipeReader | None = None   # the kernel guard's log (a FIFO read here, see guard.py)
 
     @property
     def submitted(self) -> Path:
@@ -240,11 +243,17 @@ class SubmissionFolders:
     def pidfile(self) -> Path:
         return self.root / "kernel.pids"
 
-    def kernel_guard_log(self, sandboxed: bool) -> tuple[str, Path]:
-        """(path the kernel writes, path the grader reads) of the kernel guard's log."""
-        if sandboxed:
-            return str(self.notebook_dir / ".guard.jsonl"), self.kernel_scratch / ".guard.jsonl"
-        return str(self.root / "guard-kernel.jsonl"), self.root / "guard-kernel.jsonl"
+    @property
+    def guard_fifo(self) -> Path:
+        """The sandboxed kernel guard's log: a FIFO outside the sandbox; only its write end goes in."""
+        return self.root / "guard-kernel.fifo"
+
+    def kernel_guard_records(self) -> list[dict]:
+        """What the kernel's guard logged (the FIFO's content, or the log file without the sandbox)."""
+        if self.guard_reader is not None:
+            self.guard_reader.finish()
+            return self.guard_reader.records()
+        return read_log(self.root / "guard-kernel.jsonl")
 
 
 def _errored(res: StudentResult, reason: str) -> StudentResult:
@@ -310,6 +319,7 @@ def make_folders(sub: Submission, prepared, ctx: Context) -> SubmissionFolders:
     if ctx.opts.sandbox:
         f.kernel_scratch.mkdir()
         f.ipc = Path(tempfile.mkdtemp(prefix="s-", dir=ctx.ipc_root))
+        f.guard_reader = PipeReader.fifo(f.guard_fifo)
     if ctx.cgroup_run is not None:
         f.cgroup = ctx.cgroup_run.submission(sub.student)
     return f
@@ -329,14 +339,15 @@ def start_recheck(prepared, f: SubmissionFolders, ctx: Context) -> Running | Non
 def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
     opts = ctx.opts
     threads = str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))
-    writes, _ = f.kernel_guard_log(opts.sandbox)
-    guard = {"protect": ctx.protect, "allow": [str(f.notebook_dir)], "log": writes}
+    guard = {"protect": ctx.protect, "allow": [str(f.notebook_dir)],
+             "log": None if opts.sandbox else str(f.root / "guard-kernel.jsonl")}   # sandbox: the launcher passes the FIFO
     env = {"AUTOGRADER_GUARD": json.dumps(guard), "AUTOGRADER_KERNEL_PIDFILE": str(f.pidfile),
            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if opts.sandbox:
         limits = {"memory_bytes": int(opts.memory_gb * GB), "cpu_seconds": int(ctx.submission_timeout) + 60}
         env["AUTOGRADER_SANDBOX"] = json.dumps({"scratch": str(f.kernel_scratch), "ipc": str(f.ipc), "limits": limits,
-                                                "cgroup": f.cgroup.procs_files("kernel") if f.cgroup else []})
+                                                "cgroup": f.cgroup.procs_files("kernel") if f.cgroup else [],
+                                                "guard_fifo": str(f.guard_fifo)})
     return {"op": op, "lesson": ctx.spec.lesson_id, "student": f.student,
             "submitted": str(f.submitted), "autograded": str(f.autograded), "feedback": str(f.feedback),
             "release": str(ctx.template_dir / "release"), "db": str(f.db),
@@ -442,14 +453,17 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         except SubmissionError as e:
             return _errored(res, str(e))
         findings = submission_findings(nb, spec, opts.sandbox)
+        res.evidence = [x.as_dict() for x in findings]   # kept whatever happens after
         f = make_folders(sub, prepared, ctx)
         running = start_recheck(prepared, f, ctx)
         failure = autograde(f, ctx)
+        findings += runtime_findings(f.kernel_guard_records(), None)
+        res.evidence = [x.as_dict() for x in findings]
         try:
             verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
         except RegradeNeeded as e:   # the grader's wall clock, not the student's answer
             return _errored(res, f"re-grade: {e}")
-        findings += runtime_findings(f.kernel_guard_log(opts.sandbox)[1], running.guard_log if running else None)
+        findings += runtime_findings(None, running.guard_records if running else None, running.forged if running else ())
         res.evidence = [x.as_dict() for x in findings]
         res.notes += [f"re-check: {n}" for n in cell_notes[:10]]
         if failure:
@@ -465,7 +479,7 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
                                  f"(infinite loop?) and was interrupted; nbgrader's partial score "
                                  f"{res.autograde_score:g}/{spec.total_points:g} is not counted")
         res.items, recheck_findings = score_items(f, spec, grades, verdicts)
-        findings += recheck_findings
+        findings += recheck_findings + unparsed_cells_that_ran(graded_nb)
         decide_status(res, spec, findings)
         if opts.feedback:
             make_feedback(f, ctx, res)
@@ -482,6 +496,8 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
                 res.notes.append(f"cgroup clean-up failed: {e}")
         if f is not None and f.ipc is not None:
             shutil.rmtree(f.ipc, ignore_errors=True)
+        if f is not None and f.guard_reader is not None:
+            f.guard_reader.finish(timeout=1)
         res.seconds = round(time.monotonic() - t0, 2)
 
 

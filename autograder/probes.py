@@ -76,25 +76,41 @@ class Probe:
     cases: Callable[[np.random.Generator], list[Case]]
     expected: Callable[[Case], Any]
     compare: Callable[[Any, Any, Case], str | None]
+    nonfinite: bool = False        # True only if a correct answer may return inf/nan (none today): the
+                                   # sandbox then passes them on and the comparator must expect them
 
 
 # ---- comparison helpers ---------------------------------------------------------------------------
-def is_close(a, b, rel: float = 1e-6, abs_: float = 1e-9) -> bool:
-    """|a - b| <= max(abs_, rel * max(|a|, |b|)) for plain numbers (bools are not numbers here)."""
+def is_close(a, b, rel: float = 1e-6, abs_: float = 1e-9, *, nonfinite: bool = False) -> bool:
+    """|a - b| <= max(abs_, rel * max(|a|, |b|)) for plain finite numbers (bools are not numbers here).
+
+    A non-finite value on *either* side is never close (``inf`` would otherwise satisfy the test
+    against every finite reference: |inf - b| = inf <= rel * inf); with ``nonfinite=True`` (a probe
+    that expects them) ``inf`` equals only the same ``inf`` and ``nan`` only ``nan``.
+    """
     if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
         return False
-    if math.isnan(a) or math.isnan(b):
+    try:
+        fa, fb = float(a), float(b)
+    except OverflowError:   # an int too large for a float
         return False
-    return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
+    if not (math.isfinite(fa) and math.isfinite(fb)):
+        return nonfinite and (fa == fb or (math.isnan(fa) and math.isnan(fb)))
+    return abs(fa - fb) <= max(abs_, rel * max(abs(fa), abs(fb)))
 
 
-def arrays_close(got, want, rtol: float, atol: float) -> bool:
+def arrays_close(got, want, rtol: float, atol: float, *, nonfinite: bool = False) -> bool:
+    """Same shape and element-wise close; any non-finite element (either side) fails unless ``nonfinite``."""
     try:
         g = np.asarray(got, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
     w = np.asarray(want, dtype=np.float64)
-    return g.shape == w.shape and bool(np.allclose(g, w, rtol=rtol, atol=atol))
+    if g.shape != w.shape:
+        return False
+    if not nonfinite and not (np.isfinite(g).all() and np.isfinite(w).all()):
+        return False
+    return bool(np.allclose(g, w, rtol=rtol, atol=atol, equal_nan=nonfinite))
 
 
 def compare_fields(got, want: dict, *, exact=(), floats=(), arrays=(), rel=1e-6, rtol=1e-6, atol=1e-9,
@@ -112,7 +128,8 @@ def compare_fields(got, want: dict, *, exact=(), floats=(), arrays=(), rel=1e-6,
     for key in ranks:
         lo, hi = want[key]
         value = got[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not lo <= value <= hi:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or not lo <= value <= hi):
             return f"{key} = {value!r}, expected {lo}" + (f"..{hi}" if hi != lo else "")
     for key in exact:
         if type(got[key]) is not type(want[key]) and not (isinstance(got[key], (int, float)) and isinstance(want[key], (int, float))

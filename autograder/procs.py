@@ -105,13 +105,14 @@ class Limited:
 
 
 def run_limited(cmd: list[str], *, timeout: float, memory_bytes: int, cwd=None, env=None,
-                stdin_data: bytes | None = None, stderr_path: Path | None = None) -> Limited:
-    """Run ``cmd`` in a new session; kill its tree past ``timeout`` seconds or ``memory_bytes`` RSS."""
+                stdin_data: bytes | None = None, stderr_path: Path | None = None, pass_fds: tuple = ()) -> Limited:
+    """Run ``cmd`` in a new session; kill its tree past ``timeout`` seconds or ``memory_bytes`` RSS.
+    ``pass_fds``: descriptors the child inherits (the re-check's result and guard pipes)."""
     start = time.monotonic()
     err = open(stderr_path, "wb") if stderr_path else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.PIPE if stdin_data else subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, pass_fds=pass_fds)
         if stdin_data:
             try:
                 proc.stdin.write(stdin_data)

@@ -1,15 +1,20 @@
-"""The out-of-kernel re-check process (run as ``python -m autograder.recheck_runner REQUEST RESULT``).
+"""The out-of-kernel re-check process (run as ``python -m autograder.recheck_runner REQUEST``).
 
 It is started fresh for each submission by :mod:`autograder.recheck`, inside the operating-system
-sandbox (:mod:`autograder.sandbox`; its scratch folder holds REQUEST and RESULT). In order:
+sandbox (:mod:`autograder.sandbox`; its scratch folder holds REQUEST). Its records go to an
+inherited pipe (``result_fd``; the read end is the grader's), one JSON line each with a sequence
+number; the grader knows the order and treats every record as hostile data. In order:
 
 1. load the request (pickled by the grader: trusted helper code, the student's cells, the probe
    inputs) and turn the probe inputs into torch tensors — before any student code exists;
 2. install the guard (:mod:`autograder.guard`), forget the grader's modules;
-3. run the locked helper cells from the *instructor source*, then the student's answer cells and
-   added cells, each on its own (an error in one cell is recorded, the rest still run);
+3. run the locked helper cells from the *instructor source* and write the set-up record (the last
+   record written before any student code exists); then, in the notebook's order, the student's
+   answer and added cells and the instructor's visible test cells, each on its own with one record
+   each (an error in one cell is recorded, the rest still run). Before each visible test the
+   instructor's helpers and the builtins are put back as the set-up left them;
 4. for each probed item call the target on every case (each under a SIGALRM time limit), convert the
-   result to plain JSON here and append one JSON line per item to the result file.
+   result to plain JSON here (non-finite numbers refused) and write one record per item.
 
 The grader compares those plain values with its own references; nothing the student's code returns
 is ever trusted as an object. This process never sees the expected values.
@@ -17,6 +22,7 @@ is ever trusted as an object. This process never sees the expected values.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import signal
@@ -46,14 +52,35 @@ def _decode(obj, torch):
     return obj
 
 
-def make_plain(torch, np):
-    """A converter from the student's result to JSON-able builtins (raises TypeError otherwise)."""
+def make_plain(torch, np, nonfinite: bool = False):
+    """A converter from the student's result to JSON-able builtins (raises TypeError otherwise).
+
+    Non-finite floats (``inf``, ``nan``) are refused unless ``nonfinite`` (a probe that expects
+    them): no reference of this lesson is infinite, and ``inf`` compares as "close" to everything
+    under a relative tolerance. Integers are limited to 64 bits (a correct answer never needs more;
+    a huge one would not survive JSON).
+    """
+    finite = math.isfinite
+
+    def number(v: float) -> float:
+        if not nonfinite and not finite(v):
+            raise TypeError(f"returned a non-finite number ({v!r})")
+        return v
+
+    def integer(v: int) -> int:
+        if v.bit_length() > 64:
+            raise TypeError("returned an integer larger than 64 bits")
+        return v
 
     def plain(x, depth=0):
         if depth > 20:
             raise TypeError("result nested too deeply")
-        if x is None or type(x) in (bool, int, float, str):
+        if x is None or type(x) in (bool, str):
             return x
+        if type(x) is int:
+            return integer(x)
+        if type(x) is float:
+            return number(x)
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu()
             t = torch.Tensor.double(t) if t.is_floating_point() else t
@@ -63,9 +90,9 @@ def make_plain(torch, np):
         if isinstance(x, bool):
             return bool.__bool__(x) if type(x) is bool else bool(int.__int__(x))
         if isinstance(x, int):
-            return int.__int__(x)          # an int subclass becomes its real value, overrides ignored
+            return integer(int.__int__(x))          # an int subclass becomes its real value, overrides ignored
         if isinstance(x, float):
-            return float.__float__(x) + 0.0
+            return number(float.__float__(x) + 0.0)
         if isinstance(x, str):
             return str.__str__(x)[:10000] + ""
         if isinstance(x, dict):
@@ -76,6 +103,29 @@ def make_plain(torch, np):
         raise TypeError(f"returned a {type(x).__name__}, not plain data (numbers, strings, dicts, lists, tensors)")
 
     return plain
+
+
+def _no_shell(ns: dict):
+    """``get_ipython`` for cells that use IPython syntax (``!cmd``, ``%magic``; the cell is transformed
+    as the kernel does): shell commands and line magics do nothing here, the body of ``%%time`` /
+    ``%%capture`` runs, so an honest answer cell that starts with a magic still defines its functions."""
+
+    class NoShell:
+        def system(self, *a, **k):
+            return None
+
+        def getoutput(self, *a, **k):
+            return []
+
+        def run_line_magic(self, *a, **k):
+            return None
+
+        def run_cell_magic(self, name, line, cell):
+            if name in ("time", "capture", "prun"):
+                exec(compile(cell, "<cell magic>", "exec"), ns)
+
+    shell = NoShell()
+    return lambda: shell
 
 
 def _describe(e: BaseException) -> str:
@@ -89,20 +139,27 @@ def _describe(e: BaseException) -> str:
 
 def main(argv: list[str]) -> int:
     """Run the re-check described in the module docstring; 0 when it got to the end."""
-    req_path, result_path = argv[1], argv[2]
+    req_path = argv[1]
     with open(req_path, "rb") as f:
         req = pickle.load(f)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import builtins
+
     import numpy as np
     import torch
     torch.set_num_threads(1)
-    probes = {item: {"target": p["target"], "cases": [
+    probes = {item: {"target": p["target"], "nonfinite": p.get("nonfinite", False), "cases": [
         {"label": c["label"], "target": c["target"], "args": _decode(c["args"], torch), "kwargs": _decode(c["kwargs"], torch),
          "calls": _decode(c["calls"], torch), "read": c["read"]} for c in p["cases"]]} for item, p in req["probes"].items()}
-    out_fd = os.open(result_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    dumps, write, plain = json.dumps, os.write, make_plain(torch, np)
+    out_fd = req["result_fd"]
+    os.set_inheritable(out_fd, False)
+    dumps, write = json.dumps, os.write
+    plain = {False: make_plain(torch, np), True: make_plain(torch, np, nonfinite=True)}
+    seq = [0]
 
     def emit(record: dict) -> None:
+        record = {"seq": seq[0], **record}
+        seq[0] += 1
         text = dumps(record, allow_nan=True)
         if len(text) > MAX_RESULT_CHARS:
             text = dumps({**{k: v for k, v in record.items() if k != "results"},
@@ -116,16 +173,36 @@ def main(argv: list[str]) -> int:
     del guard
 
     ns: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+    ns["get_ipython"] = _no_shell(ns)
     for label, code in req["setup"]:
         try:
             exec(compile(code, label, "exec"), ns)
         except BaseException as e:  # the instructor's helper cell failing is a grader problem
             emit({"setup_error": f"{label}: {_describe(e)}"})
             return 3
+    emit({"setup": "ok"})   # the last record written before any student code exists
+    helpers = {k: v for k, v in ns.items() if not k.startswith("__")}
+    pristine_builtins = dict(builtins.__dict__)
+
+    def restore() -> None:
+        """The instructor's helpers and the builtins as the set-up left them (before a visible test)."""
+        for k, v in helpers.items():
+            if ns.get(k) is not v:
+                ns[k] = v
+        current = builtins.__dict__
+        for k in [k for k in current if k not in pristine_builtins]:
+            del current[k]
+        for k, v in pristine_builtins.items():
+            if current.get(k) is not v:
+                current[k] = v
+
     signal.signal(signal.SIGALRM, _alarm)
     cell_timeout = int(req.get("cell_timeout", 30))
-    for label, code in req["cells"]:
+    for index, (kind, label, code) in enumerate(req["steps"]):
+        error = None
         try:
+            if kind == "visible":
+                restore()
             try:
                 compiled = compile(code, label, "exec")
             except SyntaxError:
@@ -137,9 +214,10 @@ def main(argv: list[str]) -> int:
             finally:
                 signal.alarm(0)
         except _CaseTimeout:
-            emit({"cell": label, "error": f"the cell ran longer than {cell_timeout} s"})
+            error = f"the cell ran longer than {cell_timeout} s"
         except BaseException as e:
-            emit({"cell": label, "error": _describe(e)})
+            error = _describe(e)
+        emit({"step": index, "ok": error is None, **({"error": error} if error else {})})
 
     case_timeout = int(req.get("case_timeout", 20))
     for item, probe in probes.items():
@@ -148,6 +226,7 @@ def main(argv: list[str]) -> int:
             emit({"item": item, "missing": f"the answer code does not define {', '.join(map(repr, missing))}"})
             continue
         results = []
+        to_plain = plain[bool(probe["nonfinite"])]
         for case in probe["cases"]:
             signal.alarm(case_timeout)
             try:
@@ -155,7 +234,7 @@ def main(argv: list[str]) -> int:
                 for method, args, kwargs in case["calls"]:
                     getattr(obj, method)(*args, **kwargs)
                 value = {a: getattr(obj, a) for a in case["read"]} if case["read"] else obj
-                results.append({"ok": True, "value": plain(value)})
+                results.append({"ok": True, "value": to_plain(value)})
             except _CaseTimeout:
                 results.append({"ok": False, "error": f"took longer than {case_timeout} s"})
             except BaseException as e:

@@ -3,7 +3,9 @@
 For every assessment item (``<item>__visible`` + ``<item>__hidden`` grade cells):
 
 * the **visible** cell's points are nbgrader's: the visible tests the student saw, run in the
-  notebook's kernel;
+  notebook's kernel — kept only when the same visible test code, run by the out-of-kernel re-check
+  against the student's definitions, passes too (``Verdict.visible``), so nothing done to the
+  kernel (its tracebacks, replies or hooks) decides a point;
 * the **hidden** cell's points are awarded only when nbgrader awarded them (the hidden cell ran:
   the answer is attempted and did not raise) **and** the out-of-kernel check
   (:mod:`autograder.probes`, the single specification of the hidden tests, on the offering's fixed
@@ -53,6 +55,16 @@ def score_items(spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[It
         hidden = [g for g in gids if is_hidden_part(g)]
         detail = f"{v.prop} — {v.detail}" if v.prop and v.verdict in FAILED else v.detail
         res = ItemResult(item, spec.objective(item), sum(parts.values()), spec.item_points(item), parts, v.verdict, detail)
+        if getattr(v, "visible", "") == "fail":   # the visible tests fail outside the kernel
+            taken = [g for g in gids if g not in hidden and parts[g] > 0]
+            if taken:
+                res.zeroed = True
+                res.score -= sum(parts[g] for g in taken)
+                zero.extend(taken)
+                res.recheck_detail = f"visible tests fail outside the notebook: {v.visible_detail}; {res.recheck_detail}"
+                notes.append(Finding("recheck", "recheck-contradicts-kernel", item,
+                                     f"the visible tests passed in the kernel, but fail outside it: {v.visible_detail}",
+                                     flag=False))
         if v.verdict in FAILED:
             taken = [g for g in hidden if parts[g] > 0]
             if taken:

@@ -30,11 +30,24 @@ it, and they flagged honest code. ``patch-module`` also sees a namespace reached
 (``b = vars(builtins); b["abs"] = ...``).
 shell                   shell escapes and ``subprocess``/``os.system`` (informational unless they name
                         a protected path: then ``reads-protected``)
+unanalysable            a cell over :data:`MAX_CELL_CHARS`, nested too deeply for the analysis, or a
+                        notebook whose analysis ran past :data:`DEADLINE_S`: flagged for review
+                        (what is not analysed could hide any rule above)
+
+**What is analysed is what runs.** Every cell is turned into Python by IPython's own
+``TransformerManager().transform_cell`` — the whole cell, as the kernel does — before it is parsed,
+so ``_ = !true`` as a first line (IPython runs it; plain ``ast.parse`` fails) cannot hide the rest
+of the cell. A cell that still does not parse is a note here; if the kernel nevertheless *ran* it
+(no ``SyntaxError`` in its outputs), :func:`unparsed_cells_that_ran` makes that evidence. The
+analysis is linear in the size of the source (every node is visited a bounded number of times:
+a chain of ``+`` used to be re-walked at every level) and bounded by a size cap and a deadline.
 """
 from __future__ import annotations
 
 import ast
 import re
+import sys
+import time
 
 from .notebook import HIDDEN_BEGIN, HIDDEN_END, SOLUTION_BEGIN, SOLUTION_END, LessonSpec, grade_id, norm_source
 from .results import Finding
@@ -86,15 +99,47 @@ def _dotted(node) -> str:
     return ".".join(reversed(parts))
 
 
+MAX_CELL_CHARS = 2_000_000   # larger cells are not analysed (flagged for review)
+DEADLINE_S = 60.0            # the whole notebook's analysis; past it the rest is flagged for review
+RECURSION = 20_000           # nesting the analysis follows (deeper: flagged for review)
+
+
+class _Unanalysable(Exception):
+    """The analysis stopped (deadline, nesting): what is left is flagged for review."""
+
+
+def _is_add(node) -> bool:
+    return isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)
+
+
+def _add_chain(node) -> list[str]:
+    """The string constants of a ``+`` chain, left to right (iterative: chains can be very long)."""
+    parts, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if _is_add(n):
+            stack += [n.right, n.left]
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+            parts.append(n.value)
+    return parts
+
+
 def _strings(tree) -> list[tuple[int, str]]:
-    """String constants (with adjacent ``+`` concatenations joined) and their line numbers."""
+    """String constants (with adjacent ``+`` concatenations joined) and their line numbers.
+
+    Linear in the tree: a ``+`` chain is joined once, at its top node (its inner ``+`` nodes are
+    skipped), not again at every level of the chain."""
     out = []
+    inner = set()
+    for node in ast.walk(tree):
+        if _is_add(node):
+            inner.update(id(c) for c in (node.left, node.right) if _is_add(c))
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, (str, bytes)):
             value = node.value.decode(errors="replace") if isinstance(node.value, bytes) else node.value
             out.append((node.lineno, value))
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-            parts = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        elif _is_add(node) and id(node) not in inner:
+            parts = _add_chain(node)
             if len(parts) > 1:
                 out.append((node.lineno, "".join(parts)))
         elif isinstance(node, ast.JoinedStr):
@@ -114,14 +159,22 @@ def _docstring_nodes(tree) -> set[int]:
 
 
 class _Scanner(ast.NodeVisitor):
-    def __init__(self, where: str, protected: frozenset[str], imported: set[str], same_imports: dict[str, str]):
+    def __init__(self, where: str, protected: frozenset[str], imported: set[str], same_imports: dict[str, str],
+                 deadline: float | None = None):
         self.where, self.protected, self.imported = where, protected, imported
+        self.deadline, self.visited = deadline, 0
         self.same_imports = same_imports
         self.hits: list[Finding] = []
         self.globals_declared: set[str] = set()
         self.ipython_names: set[str] = {"get_ipython"}
         self.namespaces: set[str] = set()   # names bound to vars(...)/globals()/a __dict__/a module
         self.depth = 0
+
+    def generic_visit(self, node):
+        self.visited += 1
+        if self.deadline is not None and self.visited % 4096 == 0 and time.monotonic() > self.deadline:
+            raise _Unanalysable(f"the analysis ran past its {DEADLINE_S:g} s deadline")
+        super().generic_visit(node)
 
     def hit(self, rule: str, node, detail: str, flag: bool = True) -> None:
         self.hits.append(Finding("static", rule, f"{self.where}, line {getattr(node, 'lineno', '?')}", detail, flag))
@@ -313,11 +366,13 @@ class _Scanner(ast.NodeVisitor):
         self.generic_visit(node)
 
 
+_MAGIC_LINE = re.compile(r"^\s*(?:[\w.,\s]+=\s*)?[!%]")
+
+
 def _ipython_to_python(source: str) -> tuple[str, list[str]]:
-    """Turn IPython syntax into Python; also return the shell/magic lines found."""
-    magics = [line.strip() for line in source.splitlines() if line.lstrip().startswith(("!", "%"))]
-    if not magics:
-        return source, []
+    """The whole cell turned into Python exactly as the kernel does (IPython's TransformerManager),
+    and the shell/magic lines found (also ``x = !cmd``, anywhere in the cell)."""
+    magics = [line.strip() for line in source.splitlines() if _MAGIC_LINE.match(line)]
     try:
         from IPython.core.inputtransformer2 import TransformerManager
         return TransformerManager().transform_cell(source), magics
@@ -325,8 +380,18 @@ def _ipython_to_python(source: str) -> tuple[str, list[str]]:
         return source, magics
 
 
+def parses(source: str) -> bool:
+    """Whether the kernel's transformation of the cell is valid Python."""
+    try:
+        ast.parse(_ipython_to_python(source)[0])
+        return True
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+
+
 def scan_source(source: str, where: str, protected: frozenset[str],
-                same_imports: dict[str, str] | None = None, sandboxed: bool = True) -> list[Finding]:
+                same_imports: dict[str, str] | None = None, sandboxed: bool = True,
+                deadline: float | None = None) -> list[Finding]:
     """All findings for one cell's source (``same_imports``: helper names that may be re-imported as is).
 
     ``sandboxed``: student code runs in the operating-system sandbox, where the grader's files do
@@ -335,6 +400,19 @@ def scan_source(source: str, where: str, protected: frozenset[str],
     flagged honest code (an error message mentioning "solutions") and protect nothing the
     sandbox does not. The rules about tampering with the tests inside the kernel stay.
     """
+    if len(source) > MAX_CELL_CHARS:
+        return [Finding("static", "unanalysable", where, f"the cell has {len(source)} characters, over the "
+                        f"{MAX_CELL_CHARS} the analysis reads; review it by hand")]
+    if sys.getrecursionlimit() < RECURSION:   # the visitor recurses once per level of the tree (frames
+        sys.setrecursionlimit(RECURSION)       # on the heap since Python 3.11); the parser has its own limit
+    try:
+        return _scan(source, where, protected, same_imports, sandboxed, deadline)
+    except (_Unanalysable, RecursionError) as e:
+        why = str(e) if isinstance(e, _Unanalysable) else "the code is nested too deeply to analyse"
+        return [Finding("static", "unanalysable", where, f"{why}; review it by hand")]
+
+
+def _scan(source, where, protected, same_imports, sandboxed, deadline) -> list[Finding]:
     python, magics = _ipython_to_python(source)
     findings: list[Finding] = []
     for line in magics:
@@ -345,11 +423,13 @@ def scan_source(source: str, where: str, protected: frozenset[str],
             findings.append(Finding("static", "shell", where, f"shell command: {line[:160]}", flag=False))
     try:
         tree = ast.parse(python)
-    except SyntaxError as e:
-        findings.append(Finding("static", "syntax-error", f"{where}, line {e.lineno}",
-                                f"the cell does not parse ({e.msg}); not analysed", flag=False))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        line = getattr(e, "lineno", None)
+        findings.append(Finding("static", "syntax-error", f"{where}, line {line}" if line else where,
+                                f"the cell does not parse ({getattr(e, 'msg', type(e).__name__)}); not analysed "
+                                "(evidence if the kernel ran it anyway)", flag=False))
         return findings
-    scanner = _Scanner(where, protected, set(), same_imports or {})
+    scanner = _Scanner(where, protected, set(), same_imports or {}, deadline)
     scanner.visit(tree)
     findings.extend(scanner.hits)
     docs = _docstring_nodes(tree)
@@ -371,6 +451,7 @@ def scan_notebook(nb, spec: LessonSpec, sandboxed: bool = True) -> list[Finding]
     released_by_id = {c.get("id"): norm_source(c.source) for c in spec.release.cells if c.get("id")}
     released_sources = {norm_source(c.source) for c in spec.release.cells if c.cell_type == "code"}
     out: list[Finding] = []
+    deadline = time.monotonic() + DEADLINE_S
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
@@ -381,9 +462,35 @@ def scan_notebook(nb, spec: LessonSpec, sandboxed: bool = True) -> list[Finding]
         if not gid and (released_by_id.get(cell.get("id")) == src or src in released_sources):
             continue
         where = f"cell {i} ({gid})" if gid else f"cell {i} (id {cell.get('id', '?')})"
-        out.extend(scan_source(cell.source, where, spec.protected_names, spec.protected_imports, sandboxed))
+        if time.monotonic() > deadline:
+            out.append(Finding("static", "unanalysable", where, f"the analysis ran past its {DEADLINE_S:g} s "
+                               "deadline; this and the following cells were not analysed; review them by hand"))
+            break
+        out.extend(scan_source(cell.source, where, spec.protected_names, spec.protected_imports, sandboxed, deadline))
     # one finding per rule and place is enough
     unique: dict[tuple, Finding] = {}
     for f in out:
         unique.setdefault((f.rule, f.where, f.detail), f)
     return list(unique.values())
+
+
+def unparsed_cells_that_ran(graded_nb) -> list[Finding]:
+    """Cells of the executed notebook that do not parse (so the analysis never saw them) but that
+    the kernel ran without a ``SyntaxError``: something changed how the kernel reads cells."""
+    out = []
+    deadline = time.monotonic() + DEADLINE_S
+    for i, cell in enumerate(graded_nb.cells):
+        if cell.cell_type != "code" or cell.get("execution_count") is None or not cell.source.strip():
+            continue
+        if time.monotonic() > deadline:
+            out.append(Finding("static", "unanalysable", f"cell {i}", f"checking which cells ran ran past its "
+                               f"{DEADLINE_S:g} s deadline; review the rest by hand"))
+            break
+        errors = {o.get("ename") for o in cell.get("outputs", []) if o.get("output_type") == "error"}
+        if errors & {"SyntaxError", "IndentationError", "TabError"} or len(cell.source) > MAX_CELL_CHARS:
+            continue
+        if not parses(cell.source):
+            out.append(Finding("static", "unparsed-cell-ran", f"cell {i} (id {cell.get('id', '?')})",
+                               "the kernel ran this cell, but it is not valid (IPython) Python: a transformer "
+                               "or hook changed how cells are read"))
+    return out

@@ -237,8 +237,10 @@ def test_builtins_patched_through_an_alias_is_flagged_and_refuted(suite):
         hidden = {g: p for g, p in item["parts"].items() if is_hidden_part(g)}
         visible = sum(p for g, p in item["parts"].items() if not is_hidden_part(g))
         if item["recheck"] in ("mismatch", "error") and any(p > 0 for p in hidden.values()):
-            # the check refutes the answer: no hidden point is kept (visible points are nbgrader's, §6)
-            assert item["zeroed"] and item["score"] == visible, item
+            # the check refutes the answer: no hidden point is kept, and no visible point either — the
+            # patched abs() made close() agree in the kernel, the visible tests re-run outside it fail (§6.0)
+            assert item["zeroed"] and item["score"] == 0 < visible + sum(hidden.values()), item
+    assert s["score"] == 0
 
 
 def test_honest_code_naming_solutions_is_graded_in_full_and_not_flagged(suite):

@@ -181,8 +181,9 @@ def check(condition, message):
 
 
 def close(a, b, rel=1e-5, abs_=1e-8):
+    """|a - b| <= max(abs_, rel * max(|a|, |b|)); never close when either side is inf or nan."""
     a, b = float(a), float(b)
-    return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
+    return bool(np.isfinite(a) and np.isfinite(b)) and abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
 
 
 NOT_ATTEMPTED = object()
