@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "OUT, refusing students graded twice and shards of another lesson version.")
     m.add_argument("out", type=Path, help="new (or empty) results folder")
     m.add_argument("shards", type=Path, nargs="+", help="results folders of the grading runs")
+    sub.add_parser("formgrader", help="open nbgrader's formgrader on a results folder (--out DIR; see "
+                                      "python -m autograder formgrader --help)", add_help=False)
     return ap
 
 
@@ -71,6 +73,10 @@ def _summary(run) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, grade, print a summary; return the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["formgrader"]:   # its own options (autograder/formgrader.py)
+        from .formgrader import main as formgrader
+        return formgrader(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "merge":
         from .merge import MergeError, merge

@@ -25,10 +25,12 @@ student code.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import subprocess
@@ -42,13 +44,14 @@ from pathlib import Path
 
 import nbformat
 
-from . import gradebook, sandbox, scoring
+from . import feedback_summary, gradebook, sandbox, scoring
 from .offering import probe_seed as offering_probe_seed
 from .discover import Submission, discover, sanitize
 from .feedback_html import make_accessible
 from .integrity import runtime_findings, submission_findings
 from .kernel import KERNEL_NAME, write_kernelspec
-from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
+from .notebook import (OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, grade_id, is_demo, load_spec,
+                       read_submission, repair)
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
 from .recheck import ProbeSet, Running, finish, start
 from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult, write_results
@@ -197,6 +200,7 @@ class SubmissionFolders:
     student: str
     lesson: str
     ipc: Path | None = None    # socket folder of the sandboxed kernel (short path: Unix socket limit)
+    uid: int | None = None     # the sandboxed kernel's uid (the same after a restart: it owns the scratch files)
 
     @property
     def submitted(self) -> Path:
@@ -261,16 +265,39 @@ def _failure_reason(answer: dict, cell_timeout: int) -> str:
     return f"nbgrader autograde failed: {tail or 'no message'}"
 
 
-def _timeouts(nb) -> list[str]:
-    """Cells that nbgrader interrupted for exceeding the per-cell time limit."""
-    out = []
+LABEL = "autograder"   # cell metadata key: the grader's label of each cell of the graded notebook
+
+
+def label_cells(nb, spec: LessonSpec) -> None:
+    """Label every cell of the notebook to grade (``metadata.autograder``): ``cell``, the student's own
+    cell number (1-based, every cell counted; None for a cell the grader put back), ``role``
+    (answer, test, locked, demo, added, markdown) and ``item``: an answer or test cell's exercise, and
+    for a demo or added code cell the exercise whose cells surround it (None outside the exercises).
+    The nbgrader worker reports timeouts and crashes with these labels; nothing else reads them."""
+    roles, items = [], []
+    for cell in nb.cells:
+        gid = grade_id(cell)
+        if gid in spec.grade_cells:
+            role, item = "test", spec.grade_cells[gid].item
+        elif gid in spec.answer_cells:
+            role, item = "answer", spec.answer_cells[gid].item
+        elif gid in spec.locked_cells:
+            role, item = "locked", None
+        elif cell.cell_type != "code":
+            role, item = "markdown", None
+        else:
+            role, item = ("demo" if is_demo(cell, spec) else "added"), None
+        roles.append(role)
+        items.append(item)
+    spans: dict[str, tuple[int, int]] = {}
+    for i, item in enumerate(items):
+        if item:
+            spans[item] = (spans.get(item, (i, i))[0], i)
     for i, cell in enumerate(nb.cells):
-        for o in cell.get("outputs", []):
-            if o.get("output_type") == "error" and o.get("ename") in ("CellTimeoutError", "KeyboardInterrupt"):
-                gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-                out.append(f"cell {i}" + (f" ({gid})" if gid else ""))
-                break
-    return out
+        item = items[i] or next((it for it, (a, b) in spans.items() if a < i < b and roles[i] in ("demo", "added")), None)
+        old = cell.metadata.get(LABEL)
+        number = old.get("cell") if isinstance(old, dict) else None
+        cell.metadata[LABEL] = {"cell": number, "role": roles[i], "item": item}
 
 
 # step 1
@@ -280,24 +307,59 @@ def read_and_prepare(sub: Submission, ctx: Context) -> tuple[nbformat.NotebookNo
     if sub.problem:
         raise SubmissionError(sub.problem)
     nb = read_submission(sub.path, int(ctx.opts.max_notebook_mb * 1e6))
-    prepared = repair(nb, ctx.spec)
+    numbered = copy.deepcopy(nb)
+    for k, cell in enumerate(numbered.cells, 1):   # the student's own cell numbers, through repair and drop
+        cell.metadata[LABEL] = {"cell": k}
+    prepared = repair(numbered, ctx.spec)
     if ctx.opts.mode == "fast":
         prepared = drop_demo_cells(prepared, ctx.spec)
+    label_cells(prepared, ctx.spec)
     return nb, prepared
+
+
+# nbgrader's exchange files of a collected submission (``nbgrader collect``): ``release_feedback``
+# needs both next to the feedback page. Student-written, so checked before they are kept.
+EXCHANGE_FILES = {
+    "timestamp.txt": re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,9})?( ?[A-Z]{1,5}|[+-]\d{2}:?\d{2})?\s*"),
+    "submission_secret.txt": re.compile(r"[A-Za-z0-9+/=_-]{8,200}\s*"),
+}
+
+
+def exchange_files(sub: Submission) -> dict[str, str]:
+    """``timestamp.txt`` and ``submission_secret.txt`` next to the submitted notebook, when present,
+    regular files, small and well-formed (else left out: the feedback then cannot be released
+    through the exchange, and the grade is unaffected)."""
+    out = {}
+    folder = Path(sub.path).parent if sub.path else None
+    for name, pattern in EXCHANGE_FILES.items():
+        p = folder / name if folder else None
+        try:
+            if p is None or p.is_symlink() or not p.is_file() or p.stat().st_size > 256:
+                continue
+            text = p.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if pattern.fullmatch(text):
+            out[name] = text
+    return out
 
 
 # step 2
 def make_folders(sub: Submission, prepared, ctx: Context) -> SubmissionFolders:
-    """The submission's own course folders and copy of the template gradebook."""
+    """The submission's own course folders and copy of the template gradebook (with the exchange
+    files of a collected submission, which nbgrader carries into the feedback folder)."""
     f = SubmissionFolders(ctx.run_dir / "subs" / sub.student, sub.student, ctx.spec.lesson_id)
     shutil.rmtree(f.root, ignore_errors=True)
     nb_dir = f.submitted / sub.student / ctx.spec.lesson_id
     nb_dir.mkdir(parents=True)
     nbformat.write(prepared, str(nb_dir / ctx.spec.notebook_name))
+    for name, text in exchange_files(sub).items():
+        (nb_dir / name).write_text(text, encoding="ascii")
     shutil.copyfile(ctx.template_dir / "gradebook.db", f.db)
     if ctx.opts.sandbox:
         f.kernel_scratch.mkdir()
         f.ipc = Path(tempfile.mkdtemp(prefix="s-", dir=ctx.ipc_root))
+        f.uid = sandbox.Box(f.kernel_scratch, "").uid
     return f
 
 
@@ -308,7 +370,8 @@ def start_recheck(prepared, f: SubmissionFolders, ctx: Context) -> Running | Non
         return None
     return start(prepared, ctx.spec, ctx.probes, f.root / "recheck", {"protect": ctx.protect},
                  timeout=min(ctx.submission_timeout, 120 + 30 * len(ctx.probes.probes)),
-                 memory_bytes=int(ctx.opts.memory_gb * GB), case_timeout=20, cell_timeout=min(ctx.cell_timeout, 60),
+                 memory_bytes=int(ctx.opts.memory_gb * GB), case_timeout=min(20, ctx.cell_timeout),
+                 cell_timeout=min(ctx.cell_timeout, 60),
                  sandboxed=ctx.opts.sandbox)
 
 
@@ -321,7 +384,8 @@ def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     if opts.sandbox:
         limits = {"memory_bytes": int(opts.memory_gb * GB), "cpu_seconds": int(ctx.submission_timeout) + 60}
-        env["AUTOGRADER_SANDBOX"] = json.dumps({"scratch": str(f.kernel_scratch), "ipc": str(f.ipc), "limits": limits})
+        env["AUTOGRADER_SANDBOX"] = json.dumps({"scratch": str(f.kernel_scratch), "ipc": str(f.ipc), "limits": limits,
+                                                "uid": f.uid})
     return {"op": op, "lesson": ctx.spec.lesson_id, "student": f.student,
             "submitted": str(f.submitted), "autograded": str(f.autograded), "feedback": str(f.feedback),
             "release": str(ctx.template_dir / "release"), "db": str(f.db),
@@ -331,21 +395,24 @@ def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
 
 
 # step 4
-def autograde(f: SubmissionFolders, ctx: Context) -> str | None:
-    """``nbgrader autograde`` by a worker (outside the sandbox) with the kernel inside it; None on
-    success, else why it failed. Afterwards no process of the kernel's sandbox is left."""
+def autograde(f: SubmissionFolders, ctx: Context) -> tuple[str | None, list[scoring.Fault]]:
+    """``nbgrader autograde`` by a worker (outside the sandbox) with the kernel inside it: (None on
+    success, else why it failed; the cells that timed out, raised or lost the kernel — the worker
+    restarts a lost kernel and goes on, see ``GuardedExecute``). Afterwards no process of the
+    kernel's sandbox is left."""
     worker = ctx.pool.take()
     try:
         answer = worker.request(_request(f, ctx, "autograde"), timeout=ctx.submission_timeout,
                                 memory_bytes=int(ctx.opts.memory_gb * GB), pidfile=f.pidfile)
-        return None if answer.get("ok") else _failure_reason(answer, ctx.cell_timeout)
+        faults = scoring.read_faults(answer.get("faults"), ctx.spec)
+        return (None if answer.get("ok") else _failure_reason(answer, ctx.cell_timeout)), faults
     except WorkerDied as e:
         if e.reason == "wall-clock":
             return (f"grading took longer than {ctx.submission_timeout:.0f} s (an infinite loop that ignores "
-                    "interrupts?); the kernel and its processes were killed")
+                    "interrupts?); the kernel and its processes were killed"), []
         if e.reason == "memory":
-            return f"the notebook used more than {ctx.opts.memory_gb:g} GB of memory; the kernel was killed"
-        return f"the grader's nbgrader worker died ({e.reason}); see {worker.log_path}"
+            return f"the notebook used more than {ctx.opts.memory_gb:g} GB of memory; the kernel was killed", []
+        return f"the grader's nbgrader worker died ({e.reason}); see {worker.log_path}", []
     finally:
         kill_tree(None, read_pidfile(f.pidfile))   # no kernel (no sandbox) outlives its submission
         ctx.pool.give(worker)
@@ -369,11 +436,15 @@ def read_grades(f: SubmissionFolders, ctx: Context) -> tuple[nbformat.NotebookNo
 
 
 # step 6
-def score_items(f: SubmissionFolders, spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[ItemResult], list[Finding]]:
+def score_items(f: SubmissionFolders, spec: LessonSpec, grades: dict, verdicts: dict,
+                faults: list | None = None, cell_timeout: int = 0) -> tuple[list[ItemResult], list[Finding]]:
     """Per-item scores by the one scoring rule (:func:`autograder.scoring.score_items`): the hidden
     points need the out-of-kernel check's pass; a failing check sets them to 0 in the submission's
-    gradebook and names the failed property in its feedback. Disagreements are notes, not flags."""
+    gradebook and names the failed property in its feedback; an exercise whose cell timed out or
+    lost the kernel scores 0 with a note (:func:`autograder.scoring.apply_faults`). Disagreements
+    are notes, not flags."""
     items, zero, notes = scoring.score_items(spec, grades, verdicts)
+    zero += scoring.apply_faults(items, spec, faults or [], cell_timeout)
     gradebook.zero_cells(f.db, spec.lesson_id, f.student, zero)
     scoring.annotate_feedback(f.notebook_dir / spec.notebook_name, spec, items, verdicts)
     return items, notes
@@ -397,16 +468,25 @@ def decide_status(res: StudentResult, spec: LessonSpec, findings: list[Finding])
 
 
 # step 8
-def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult) -> None:
-    """``nbgrader generate_feedback`` (hidden tests removed), then the accessibility fixes."""
+def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult, summary: dict | None = None) -> None:
+    """``nbgrader generate_feedback`` (hidden tests removed) with the course's page — ``summary``
+    (:func:`autograder.feedback_summary.summary`) on top, cells named by exercise — then the
+    accessibility fixes."""
     worker = ctx.pool.take()
     try:
-        fb = worker.request(_request(f, ctx, "feedback"), timeout=300, memory_bytes=int(ctx.opts.memory_gb * GB))
+        req = _request(f, ctx, "feedback")
+        if summary:
+            req["summary"] = summary
+        fb = worker.request(req, timeout=300, memory_bytes=int(ctx.opts.memory_gb * GB))
         page = f.feedback / f.student / ctx.spec.lesson_id / (Path(ctx.spec.notebook_name).stem + ".html")
         if not fb.get("ok"):
             res.notes.append("feedback generation failed: " + _failure_reason(fb, ctx.cell_timeout))
         elif page.exists():   # WCAG 2.1 AA fixes for nbgrader's feedback template
             page.write_text(make_accessible(page.read_text(encoding="utf-8")), encoding="utf-8")
+            src = f.submitted / f.student / ctx.spec.lesson_id
+            for name in EXCHANGE_FILES:   # the layout `nbgrader release_feedback` expects
+                if (src / name).is_file() and not (page.parent / name).exists():
+                    shutil.copyfile(src / name, page.parent / name)
     except WorkerDied as e:
         res.notes.append(f"feedback generation failed: worker {e.reason}")
     finally:
@@ -427,7 +507,7 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         findings = submission_findings(nb, spec, opts.sandbox)
         f = make_folders(sub, prepared, ctx)
         running = start_recheck(prepared, f, ctx)
-        failure = autograde(f, ctx)
+        failure, faults = autograde(f, ctx)
         verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
         findings += runtime_findings(f.kernel_guard_log(opts.sandbox)[1], running.guard_log if running else None)
         res.evidence = [x.as_dict() for x in findings]
@@ -435,20 +515,18 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         if failure:
             return _errored(res, failure)
         try:
-            graded_nb, grades = read_grades(f, ctx)
+            _, grades = read_grades(f, ctx)
         except SubmissionError as e:
             return _errored(res, str(e))
         res.autograde_score = sum((g.auto_score or 0.0) for g in grades.values())
-        timed_out = _timeouts(graded_nb)
-        if timed_out:   # nbgrader graded the rest; its partial total is kept as information only
-            return _errored(res, f"{', '.join(timed_out)} exceeded the {ctx.cell_timeout} s per-cell time limit "
-                                 f"(infinite loop?) and was interrupted; nbgrader's partial score "
-                                 f"{res.autograde_score:g}/{spec.total_points:g} is not counted")
-        res.items, recheck_findings = score_items(f, spec, grades, verdicts)
+        # a cell that timed out or lost the kernel costs its exercise only (scoring.apply_faults)
+        res.items, recheck_findings = score_items(f, spec, grades, verdicts, faults, ctx.cell_timeout)
+        outside = scoring.fault_notes_outside_items(faults, spec, ctx.cell_timeout)
+        res.notes += outside
         findings += recheck_findings
         decide_status(res, spec, findings)
         if opts.feedback:
-            make_feedback(f, ctx, res)
+            make_feedback(f, ctx, res, feedback_summary.summary(res, spec, verdicts, outside))
         return res
     except Exception as e:  # a bug in the grader for this one student must not stop the batch
         import traceback
