@@ -1,7 +1,7 @@
 """What the top of a student's feedback page says: result, pass line, objectives, exercises.
 
 :func:`summary` turns one graded :class:`~autograder.results.StudentResult` into plain data that the
-feedback template (``autograder/templates/rb_feedback/index.html.j2``, used by the nbgrader worker's
+feedback template (``autograder/templates/rb_feedback/rb_feedback.html.j2``, used by the nbgrader worker's
 ``feedback`` request) renders above the notebook:
 
 * the score, the percentage and the pass line: ``pass`` when ``score >= threshold * max_score``;

@@ -308,6 +308,7 @@ def build_config(req: dict) -> Config:
         c.GenerateFeedback.preprocessors = [*c.GenerateFeedback.preprocessors, AddSummary]
         c.AddSummary.summary = req["summary"]
         c.HTMLExporter.template_name = "rb_feedback"
+        c.HTMLExporter.template_file = "rb_feedback.html.j2"   # extends nbgrader's feedback/index.html.j2
         c.HTMLExporter.extra_template_basedirs = [
             str(Path(nbgrader.__file__).parent / "server_extensions" / "formgrader" / "templates"),
             str(ROOT / "autograder" / "templates")]

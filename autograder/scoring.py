@@ -77,7 +77,8 @@ def score_items(spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[It
 
 def annotate_feedback(nb_path: Path, spec: LessonSpec, items: list[ItemResult], verdicts: dict) -> None:
     """Put each failed item's property into its hidden cell's outputs (kept by the feedback filter)."""
-    failed = {i.item: verdicts[i.item].prop for i in items if i.item in verdicts and verdicts[i.item].verdict in FAILED}
+    failed = {i.item: verdicts[i.item].prop for i in items if i.item in verdicts and verdicts[i.item].verdict in FAILED
+              and not any(LOST_NOTE in n for n in i.notes)}   # a lost exercise's note says why instead
     if not failed or not Path(nb_path).exists():
         return
     nb = nbformat.read(str(nb_path), as_version=4)

@@ -127,7 +127,8 @@ def test_the_rest_of_a_lost_exercise_is_not_run(graded, name):
     item = FAULTS[name][0]
     nb = nbformat.read(str(out / "autograded" / name / SPEC.lesson_id / SPEC.notebook_name), as_version=4)
     hidden = next(c for c in nb.cells if grade_id(c) == f"{item}__hidden")
-    assert [o.get("ename") for o in hidden.outputs if o.get("output_type") == "error"] == ["NotRun"], hidden.outputs
+    errors = [o.get("ename") for o in hidden.outputs if o.get("output_type") == "error"]
+    assert errors == ["NotRun"], hidden.outputs   # and no "hidden tests: ..." property: the exercise was not run
     extra = by[name]["seconds"] - by["honest"]["seconds"]
     budget = {"loop_plain": LIMIT, "loop_sigint": LIMIT + 10, "crash": 0}[name]   # + the 10 s interrupt grace
     print(f"{name}: {by[name]['seconds']:.1f} s, {extra:+.1f} s over the honest submission (limit {LIMIT} s)")
