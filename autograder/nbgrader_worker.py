@@ -17,9 +17,13 @@ Requests (``op``):
   ``nbgrader_config.py`` plus per-cell timeout, output cap, the guarded kernel and
   :class:`GuardedExecute` instead of nbgrader's ``Execute``.
 * ``feedback``: ``nbgrader generate_feedback`` for that student, with :class:`HideHiddenTestOutput`
-  and nbgrader's ``ClearHiddenTests`` so neither hidden test code nor its tracebacks reach students.
+  and nbgrader's ``ClearHiddenTests`` so neither hidden test code nor its tracebacks reach students;
+  with a ``summary`` (:mod:`autograder.feedback_summary`) the page is the course's template
+  (``autograder/templates/rb_feedback``): score, pass line, objectives and exercises on top, cells
+  named by exercise.
 
-Answers: ``{"ok": bool, "error": str, "log": str}``.
+Answers: ``{"ok": bool, "error": str, "log": str, "faults": [...]}`` (``faults``: cells that timed
+out, lost the kernel or raised, see :class:`GuardedExecute`).
 """
 from __future__ import annotations
 
