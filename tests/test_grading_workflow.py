@@ -227,6 +227,7 @@ app.load_config_file()            # nbgrader_config.py of the working folder, as
 cfg = app.config
 cfg.CourseDirectory.submitted_directory = sys.argv[1]
 cfg.CourseDirectory.db_url = "sqlite:///" + sys.argv[2]
+cfg.CourseDirectory.autograded_directory = sys.argv[4]
 print(json.dumps(NbGraderAPI(config=cfg).autograde(sys.argv[3], "alice")))
 """
 
@@ -235,8 +236,8 @@ def test_in_process_autograde_is_refused(course, tmp_path):
     """What formgrader's "autograde" button runs (NbGraderAPI.autograde), on a collected submission."""
     _, submitted, *_ = course
     t0 = time.monotonic()
-    r = run([sys.executable, "-c", REFUSE, str(submitted), str(tmp_path / "gb.db"), LESSON], ROOT)
+    r = run([sys.executable, "-c", REFUSE, str(submitted), str(tmp_path / "gb.db"), LESSON, str(tmp_path / "ag")], ROOT)
     answer = json.loads(r.stdout.strip().splitlines()[-1])
     assert answer["success"] is False and "make grade" in answer.get("log", "") + answer.get("error", ""), answer
-    assert not (ROOT / "autograder" / "work" / "autograded" / "alice").exists()
+    assert not list((tmp_path / "ag").rglob("*.ipynb"))   # nothing was executed
     print(f"refused in {time.monotonic() - t0:.1f} s")
