@@ -11,12 +11,17 @@ For each submission (``--jobs N`` at a time, each in its own thread with its own
    sandbox, in parallel with
 4. :func:`autograde`: the real ``nbgrader autograde`` by a worker outside the sandbox, with the
    kernel inside it (:mod:`autograder.sandbox`, :mod:`autograder.kernel`), under per-cell and
-   per-submission limits; afterwards nothing of the sandbox is left;
+   per-submission limits; a cell that times out, ignores the interrupt or kills the kernel costs its
+   exercise only (the worker restarts the kernel and goes on; every cell is labelled with the
+   student's own cell number by :func:`label_cells`); afterwards nothing of the sandbox is left;
 5. :func:`read_grades`: the executed notebook and nbgrader's grades, checked against the lesson;
 6. :func:`score_items`: item scores by :mod:`autograder.scoring` (hidden points need the re-check's
-   pass; a failing check is a wrong answer, not a flag), and the failed property into the feedback;
+   pass; a failing check is a wrong answer, not a flag; a lost exercise scores 0 with a note naming
+   it), and the failed property into the feedback;
 7. :func:`decide_status`: score and evidence → totals, pass, ``graded`` or ``flagged``;
-8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed).
+8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed)
+   with the course's page (:mod:`autograder.feedback_summary`: pass line, objectives, exercises by
+   title); a collected submission's ``timestamp.txt``/``submission_secret.txt`` go next to it.
 
 Then :func:`publish`, in the main thread — the only writer of the results folder — replaces the
 student's entry in ``<out>/gradebook.db`` and copies the autograded notebook and feedback, or removes
