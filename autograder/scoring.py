@@ -143,7 +143,7 @@ class Fault:
 
 def _text(x, n: int) -> str:
     """Printable, single-line, at most ``n`` characters (the values come from student code)."""
-    return re.sub(r"[\x00-\x1f\x7f]+", " ", str(x))[:n].strip()
+    return re.sub(r"[\x00-\x1f\x7f]+", " ", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", str(x)))[:n].strip()
 
 
 def read_faults(raw, spec: LessonSpec) -> list[Fault]:
@@ -164,7 +164,7 @@ def read_faults(raw, spec: LessonSpec) -> list[Fault]:
 
 def _where(f: Fault) -> str:
     if f.cell is None:
-        return "a test cell the grader put back"
+        return "a test cell the grader put back" if f.role == "test" else "a cell"
     return f"your cell {f.cell}" + (" (the test cell after your answer)" if f.role == "test" else "")
 
 
@@ -179,6 +179,8 @@ def describe_fault(f: Fault, cell_timeout: int) -> str:
     if f.kind == "died":
         return (f"{where} stopped the Python kernel (os._exit, a crash or running out of memory); "
                 "the grader restarted the kernel")
+    if f.kind == "skipped":   # the worker gave up on the notebook after too many kernel restarts
+        return f"{where} was not run ({f.evalue})"
     return f"{where} raised {f.ename or 'an error'}" + (f": {f.evalue}" if f.evalue else "")
 
 
@@ -189,10 +191,10 @@ def apply_faults(items: list[ItemResult], spec: LessonSpec, faults: list[Fault],
     by_item = {i.item: i for i in items}
     for f in faults:
         res = by_item.get(f.item)
-        if res is None or f.kind == "skipped":
+        if res is None or (f.kind == "skipped" and res.notes):   # skipped after a lost cell: noted already
             continue
         note = f"{exercise_title(spec, f.item)}: {describe_fault(f, cell_timeout)}"
-        if f.kind in LOST:
+        if f.kind in LOST or f.kind == "skipped":
             note += "; " + LOST_NOTE
             taken = [g for g, p in res.parts.items() if p > 0]
             zero += taken

@@ -133,3 +133,28 @@ def test_the_rest_of_a_lost_exercise_is_not_run(graded, name):
     budget = {"loop_plain": LIMIT, "loop_sigint": LIMIT + 10, "crash": 0}[name]   # + the 10 s interrupt grace
     print(f"{name}: {by[name]['seconds']:.1f} s, {extra:+.1f} s over the honest submission (limit {LIMIT} s)")
     assert extra < budget + 40, (name, by[name]["seconds"], by["honest"]["seconds"])
+
+
+def test_worker_fault_records_are_validated_and_named():
+    """Unit: what the worker reports becomes notes on the right exercises (malformed records dropped)."""
+    from autograder.results import ItemResult
+    from autograder.scoring import apply_faults, fault_notes_outside_items, read_faults
+    items = [ItemResult(i, SPEC.objective(i), 4.0, 4.0, {f"{i}__visible": 1.0, f"{i}__hidden": 3.0}) for i in SPEC.items]
+    raw = [{"kind": "unresponsive", "cell": 42, "item": "checkpoint_2", "role": "test"},
+           {"kind": "skipped", "cell": 43, "item": "checkpoint_2", "role": "test", "evalue": "rest of the exercise"},
+           {"kind": "skipped", "cell": 60, "item": "checkpoint_3", "role": "test", "evalue": "the kernel was lost 4 times"},
+           {"kind": "raised", "cell": 69, "item": "summative_q1", "role": "answer", "ename": "ValueError",
+            "evalue": "bad \x1b[31mred\x1b[0m\nline"},
+           {"kind": "timeout", "cell": True, "item": "not-an-item", "role": "added"}, "junk", {"kind": "rm -rf"}]
+    faults = read_faults(raw, SPEC)
+    assert len(faults) == 5
+    zero = apply_faults(items, SPEC, faults, 10)
+    by = {i.item: i for i in items}
+    assert sorted(zero) == ["checkpoint_2__hidden", "checkpoint_2__visible", "checkpoint_3__hidden", "checkpoint_3__visible"]
+    assert by["checkpoint_2"].score == 0 and len(by["checkpoint_2"].notes) == 1
+    assert "your cell 42" in by["checkpoint_2"].notes[0] and "ignored the interrupt" in by["checkpoint_2"].notes[0]
+    assert by["checkpoint_3"].score == 0 and "was not run (the kernel was lost 4 times)" in by["checkpoint_3"].notes[0]
+    assert by["summative_q1"].score == 4 and by["summative_q1"].notes == [
+        f"{exercise_title(SPEC, 'summative_q1')}: your cell 69 raised ValueError: bad red line"]
+    assert fault_notes_outside_items(faults, SPEC, 10) == [
+        "a cell ran past the 10 s time limit and was interrupted (an infinite loop?) (outside the exercises: no points lost)"]
