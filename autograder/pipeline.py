@@ -369,15 +369,41 @@ def make_folders(sub: Submission, prepared, ctx: Context) -> SubmissionFolders:
 
 
 # step 3 (runs while step 4 does)
-def start_recheck(prepared, f: SubmissionFolders, ctx: Context) -> Running | None:
+def start_recheck(prepared, f: SubmissionFolders, ctx: Context, probes: ProbeSet | None = None,
+                  folder: str = "recheck") -> Running | None:
     """The out-of-kernel re-check of the answers, in its own sandbox (None without probes)."""
-    if ctx.probes is None or not ctx.probes.probes:
+    probes = probes or ctx.probes
+    if probes is None or not probes.probes:
         return None
-    return start(prepared, ctx.spec, ctx.probes, f.root / "recheck", {"protect": ctx.protect},
+    return start(prepared, ctx.spec, probes, f.root / folder, {"protect": ctx.protect},
                  timeout=min(ctx.submission_timeout, 120 + 30 * len(ctx.probes.probes)),
                  memory_bytes=int(ctx.opts.memory_gb * GB), case_timeout=min(20, ctx.cell_timeout),
                  cell_timeout=min(ctx.cell_timeout, 60),
                  sandboxed=ctx.opts.sandbox)
+
+
+def recheck_again(prepared, f: SubmissionFolders, ctx: Context, faults: list, verdicts: dict) -> tuple[dict, Path | None]:
+    """After a cell lost the kernel or timed out, the re-check process may have met the same fault
+    (``os._exit`` ends it too) before it checked the later items. Run it once more without the
+    student cells that were lost and without the lost exercises' probes (they score 0 anyway), so
+    the other exercises are checked: (verdicts merged, the second run's guard log)."""
+    unchecked = [i for i, v in verdicts.items() if v.verdict == "error" and "before checking this item" in v.detail]
+    lost = [x for x in faults if x.kind in scoring.LOST]
+    if not unchecked or not lost or ctx.probes is None:
+        return verdicts, None
+    lost_items = {x.item for x in lost if x.item}
+    lost_cells = {x.cell for x in lost if x.cell is not None and x.role in ("answer", "added")}
+    keep = [i for i in ctx.probes.probes if i not in lost_items]
+    if not keep:
+        return verdicts, None
+    p = ctx.probes
+    subset = ProbeSet(p.seed, {i: p.probes[i] for i in keep}, {i: p.cases[i] for i in keep},
+                      {i: p.expected[i] for i in keep}, {i: p.payload[i] for i in keep})
+    nb = copy.deepcopy(prepared)
+    nb.cells = [c for c in nb.cells if c.metadata.get(LABEL, {}).get("cell") not in lost_cells]
+    running = start_recheck(nb, f, ctx, subset, "recheck-again")
+    again, _ = finish(running, subset, ctx.spec)
+    return {**verdicts, **{i: again[i] for i in keep}}, running.guard_log
 
 
 def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
@@ -515,6 +541,9 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         failure, faults = autograde(f, ctx)
         verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
         findings += runtime_findings(f.kernel_guard_log(opts.sandbox)[1], running.guard_log if running else None)
+        if running and faults:   # a crash that also ended the re-check costs only its exercise there too
+            verdicts, again_log = recheck_again(prepared, f, ctx, faults, verdicts)
+            findings += [x for x in runtime_findings(None, again_log) if x not in findings]
         res.evidence = [x.as_dict() for x in findings]
         res.notes = [f"re-check: {n}" for n in cell_notes[:10]]
         if failure:

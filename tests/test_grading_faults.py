@@ -1,7 +1,8 @@
 """A timeout or crash costs its exercise only (issue 21 item 2), through the real pipeline.
 
-Five submissions, each the source solution with one fault in one exercise: an infinite loop, a loop
-that ignores SIGINT, an answer cell that raises, and a kernel crash (``os._exit`` in the kernel).
+Five submissions: the source solution, and four with one fault in one exercise: an infinite loop, a
+loop that ignores SIGINT, an answer cell that raises, and a crash (``os._exit``, which also ends the
+out-of-kernel re-check process: it is run again without that exercise).
 Graded by ``python -m autograder grade`` with a 10 s per-cell limit. Asserted: status ``graded``;
 the faulty exercise scores 0 and every other exercise keeps the honest submission's points; the
 note names the exercise by its title and the student's own cell number, and is on the feedback
@@ -42,12 +43,9 @@ def find_crowded_positions(X, loud_ratio=2.0, massive_ratio=4.0, critical_score=
         pass
 """
 CRASH = """
-_solution_family = effective_rank_family
 def effective_rank_family(X):
-    import os, sys
-    if "ipykernel" in sys.modules:   # a crash only the notebook's kernel meets
-        os._exit(1)
-    return _solution_family(X)
+    import os
+    os._exit(1)          # ends the kernel, and the out-of-kernel re-check process too
 """
 # submission -> (item with the fault, code appended to its answer cell, or prepended when raising)
 FAULTS = {"loop_plain": ("checkpoint_1", LOOP), "loop_sigint": ("checkpoint_2", SIGINT_LOOP),
