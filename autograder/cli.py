@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: %(default)s)")
     o.add_argument("--lesson", default=None, help="lesson id (needed only if the store holds several)")
     o.add_argument("--no-wait", action="store_true", help="stop instead of waiting for a run using --out")
+    sub.add_parser("formgrader", help="open nbgrader's formgrader on a results folder (--out DIR; see "
+                                      "python -m autograder formgrader --help)", add_help=False)
     return ap
 
 
@@ -185,6 +187,10 @@ def _override(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, grade, print a summary; return the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["formgrader"]:   # its own options (autograder/formgrader.py)
+        from .formgrader import main as formgrader
+        return formgrader(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "export":
         return _export(args)

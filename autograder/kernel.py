@@ -55,7 +55,9 @@ def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
     from autograder import sandbox
     conn = Path(argv[argv.index("-f") + 1])
     ipc = Path(cfg["ipc"])
-    box = sandbox.Box(Path(cfg["scratch"]), os.getcwd(), sandbox.Limits(**cfg["limits"]), [(str(ipc), str(ipc))])
+    # one uid per submission (cfg["uid"]): a kernel restarted after a crash can use the files of the first
+    box = sandbox.Box(Path(cfg["scratch"]), os.getcwd(), sandbox.Limits(**cfg["limits"]), [(str(ipc), str(ipc))],
+                      uid=cfg.get("uid") if os.geteuid() == 0 else None)
     sandbox.prepare_scratch(box)
     inner_conn = ipc / "kernel.json"
     shutil.copyfile(conn, inner_conn)

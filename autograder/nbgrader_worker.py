@@ -19,16 +19,23 @@ Requests (``op``):
 * ``feedback``: ``nbgrader generate_feedback`` for that student, with :class:`HideHiddenTestOutput`,
   :class:`WithholdHiddenSource` and nbgrader's ``ClearHiddenTests`` so neither hidden test code nor
   its tracebacks reach students, and the page sanitized (:class:`SanitizeOutputs`,
-  :class:`SafeHTMLExporter`): no script of the student's runs.
+  :class:`SafeHTMLExporter`): no script of the student's runs. With a ``summary``
+  (:mod:`autograder.feedback_summary`) the page is the course's template
+  (``autograder/templates/rb_feedback``): score, pass line, objectives and exercises on top, cells
+  named by exercise.
 
-Answers: ``{"ok": bool, "error": str, "log": str}``.
+Answers: ``{"ok": bool, "error": str, "log": str, "faults": [...]}`` (``faults``: cells that timed
+out, lost the kernel or raised, see :class:`GuardedExecute`).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -36,17 +43,20 @@ from nbconvert.exporters import HTMLExporter
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 from nbconvert.preprocessors.sanitize import SanitizeHTML
 from nbformat.notebooknode import NotebookNode
-from traitlets import Bool, Integer
+from traitlets import Bool, Dict, Integer
 from traitlets.config import Config, PyFileConfigLoader
 
+import nbgrader
 from nbgrader.converters import Autograde, GenerateFeedback
 from nbgrader.coursedir import CourseDirectory
 from nbgrader.preprocessors import ClearHiddenTests, Execute, GetGrades, NbGraderPreprocessor
 from nbgrader.preprocessors.execute import UnresponsiveKernelError
+from nbclient.exceptions import DeadKernelError
 from nbclient.util import ensure_async
 from nbgrader.utils import capture_log
 
 from .notebook import HIDDEN_BEGIN, HIDDEN_END, OUTPUT_CAP_MARK
+from .scoring import is_hidden_part
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,8 +65,27 @@ class OutputLimitExceeded(RuntimeError):
     """A cell produced more output than the grader accepts (the submission is marked errored)."""
 
 
+# what went wrong in which cell while executing the current request's notebook (reset per request)
+FAULTS: list[dict] = []
+FAULT_KINDS = ("timeout", "unresponsive", "died", "raised", "skipped")
+
+
+class KernelUnresponsive(UnresponsiveKernelError):
+    """A timed-out cell's kernel ignored the interrupt (GuardedExecute restarts it)."""
+
+
+def _error_output(ename: str, evalue: str) -> NotebookNode:
+    return NotebookNode(output_type="error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"])
+
+
+def _tag(cell) -> dict:
+    """The grader's label of a cell (set by the pipeline: the student's own cell number, item, role)."""
+    tag = (cell or {}).get("metadata", {}).get("autograder")
+    return tag if isinstance(tag, dict) else {}
+
+
 class GuardedExecute(Execute):
-    """nbgrader's Execute with a cap on output and a check that a timed-out kernel was interrupted.
+    """nbgrader's Execute with an output cap, and a timeout or crash that costs only its exercise.
 
     * nbclient keeps every output message in memory, so a cell that prints in a loop can exhaust the
       grader's memory long before the per-cell timeout. When a cell's messages (display updates,
@@ -65,16 +94,23 @@ class GuardedExecute(Execute):
       :class:`OutputLimitExceeded`; nbgrader treats the submission as failed and the grader reports
       it as errored.
     * Locked helper cells get a longer limit than student and test cells (``helper_timeout``).
-    * After a cell times out nbclient interrupts the kernel and moves on. A kernel that ignores
-      SIGINT stays busy, and every later cell would wait out its own timeout. Here the kernel must
-      answer a ``kernel_info`` request within ``interrupt_grace`` seconds of the interrupt, or
-      nbgrader's ``UnresponsiveKernelError`` ends the submission (the kernel is killed).
+    * A cell that runs past the limit is interrupted (nbclient); the kernel must then answer a
+      ``kernel_info`` request within ``interrupt_grace`` seconds. A kernel that ignores the interrupt
+      (SIGINT ignored) or dies (``os._exit``, a crash) is **restarted**, and the cells that had run
+      before (except test cells) are run again silently to rebuild its state; the notebook then goes on.
+      At most ``max_restarts`` restarts; after that the remaining cells are not run.
+    * Once a cell of an exercise timed out or lost the kernel, the exercise's remaining cells are not
+      run (their outputs say why, so nbgrader scores them 0): an infinite loop costs the limit once.
+
+    Cells are labelled by the pipeline (``metadata.autograder``: ``cell`` = the student's own cell
+    number, ``item``, ``role``); every such event is appended to :data:`FAULTS` for the grader.
     """
 
     max_output_bytes = Integer(8 * 1024 * 1024, help="maximum bytes of output per cell").tag(config=True)
     max_total_output_bytes = Integer(32 * 1024 * 1024, help="maximum bytes of output of the whole notebook").tag(config=True)
     interrupt_grace = Integer(10, help="seconds a kernel has to respond after an interrupt").tag(config=True)
     helper_timeout = Integer(180, help="time limit of locked helper cells (imports on a busy machine)").tag(config=True)
+    max_restarts = Integer(3, help="kernel restarts per notebook after a crash or an ignored interrupt").tag(config=True)
 
     def _get_timeout(self, cell):
         """Locked, ungraded helper cells (the setup cell importing torch) get ``helper_timeout``:
@@ -93,7 +129,7 @@ class GuardedExecute(Execute):
                 await ensure_async(self.kc.kernel_info(reply=True, timeout=self.interrupt_grace))
             except (TimeoutError, RuntimeError) as e:
                 gid = (cell or {}).get("metadata", {}).get("nbgrader", {}).get("grade_id", "")
-                raise UnresponsiveKernelError(
+                raise KernelUnresponsive(
                     f"a cell{' (' + gid + ')' if gid else ''} ran past the {timeout} s limit and the kernel ignored "
                     f"the interrupt for {self.interrupt_grace} s") from e
         return reply
@@ -133,27 +169,147 @@ class GuardedExecute(Execute):
                     "of output in all (printed text, displays and their updates, widget messages)")
         return super().process_message(msg, cell, cell_index)
 
+    # ---- per-cell fault handling ----------------------------------------------------------------
+    def preprocess(self, nb, resources=None, km=None):
+        self._ran: list[int] = []              # cells that ran to the end (replayed after a restart)
+        self._failed: dict[str, str] = {}      # item -> why its remaining cells are not run
+        self._restarts = 0
+        self._gave_up = ""
+        return super().preprocess(nb, resources, km)
+
+    def _fault(self, cell, index: int, kind: str, seconds: float, ename: str = "", evalue: str = "") -> None:
+        tag = _tag(cell)
+        FAULTS.append({"index": index, "cell": tag.get("cell"), "item": tag.get("item"), "role": tag.get("role"),
+                       "kind": kind, "ename": str(ename)[:80], "evalue": str(evalue)[:300],
+                       "seconds": round(seconds, 1)})
+
+    def preprocess_cell(self, cell, resources, index):
+        if cell.cell_type != "code" or not cell.source.strip():
+            return super().preprocess_cell(cell, resources, index)
+        item = _tag(cell).get("item")
+        why = self._gave_up or (self._failed.get(item) if item else "")
+        if why:
+            cell.outputs = [_error_output("NotRun", f"not run: {why}")]
+            cell.execution_count = None
+            self._fault(cell, index, "skipped", 0.0, "NotRun", why)
+            return cell, resources
+        t0 = time.monotonic()
+        try:
+            cell, resources = super().preprocess_cell(cell, resources, index)
+        except (DeadKernelError, KernelUnresponsive) as e:
+            died = isinstance(e, DeadKernelError)
+            limit = self._get_timeout(cell)
+            msg = ("the Python kernel died while running this cell (os._exit, a crash in a library, or out of memory)"
+                   if died else f"this cell ran past the {limit} s time limit and ignored the interrupt")
+            cell.outputs = [_error_output("KernelDied" if died else "CellTimeoutError",
+                                          msg + "; the grader restarted the kernel and went on with the next exercise")]
+            self._fault(cell, index, "died" if died else "unresponsive", time.monotonic() - t0)
+            if item:
+                self._failed[item] = ("an earlier cell of this exercise stopped the kernel" if died else
+                                      "an earlier cell of this exercise ran past the time limit")
+            self._restart_and_replay(resources)
+            return cell, resources
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if any(o.get("ename") in ("CellTimeoutError", "KeyboardInterrupt") for o in errors):
+            self._fault(cell, index, "timeout", time.monotonic() - t0, "CellTimeoutError",
+                        f"ran past the {self._get_timeout(cell)} s time limit")
+            if item:
+                self._failed[item] = "an earlier cell of this exercise ran past the time limit"
+            return cell, resources
+        if errors and _tag(cell).get("role") in ("answer", "added"):
+            self._fault(cell, index, "raised", time.monotonic() - t0, errors[0].get("ename", ""),
+                        errors[0].get("evalue", ""))
+        self._ran.append(index)
+        return cell, resources
+
+    def _restart_and_replay(self, resources) -> None:
+        """A fresh kernel with the state of the cells that ran before (test cells excepted)."""
+        while True:
+            if self._restarts >= self.max_restarts:
+                self._gave_up = f"the kernel was lost {self._restarts + 1} times; the grader stopped running this notebook"
+                return
+            self._restarts += 1
+            self.log.warning("restarting the kernel (%d of at most %d)", self._restarts, self.max_restarts)
+            self._cleanup_kernel()
+            self.km = self.create_kernel_manager()
+            self.start_new_kernel()
+            self.start_new_kernel_client()
+            sizes = self.__dict__.setdefault("_autograder_sizes", {})
+            try:
+                for i in list(self._ran):
+                    cell = self.nb.cells[i]
+                    if _tag(cell).get("role") == "test":
+                        continue
+                    before = sizes.pop(i, 0)
+                    try:   # on a copy: the notebook keeps the first run's outputs (nbclient stores the copy)
+                        self.execute_cell(copy.deepcopy(cell), i, store_history=False)
+                    except (DeadKernelError, KernelUnresponsive):
+                        self._ran.remove(i)   # not again
+                        raise
+                    finally:
+                        sizes[i] = before
+                        self.nb.cells[i] = cell
+                return
+            except (DeadKernelError, KernelUnresponsive):
+                continue
+
+    def output(self, outs, msg, display_id, cell_index):  # noqa: D401 (nbclient hook)
+        sizes = self.__dict__.setdefault("_autograder_sizes", {})
+        content = msg.get("content", {})
+        size = len(content.get("text", "") or "")
+        for value in (content.get("data") or {}).values():
+            size += len(value) if isinstance(value, str) else len(json.dumps(value))
+        size += sum(len(line) for line in content.get("traceback", []) or [])
+        sizes[cell_index] = sizes.get(cell_index, 0) + size
+        if sizes[cell_index] > self.max_output_bytes:
+            raise OutputLimitExceeded(
+                f"{OUTPUT_CAP_MARK}: cell {cell_index} printed more than "
+                f"{self.max_output_bytes / 1e6:.0f} MB of output")
+        return super().output(outs, msg, display_id, cell_index)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 class HideHiddenTestOutput(NbGraderPreprocessor):
-    """In feedback, reduce a hidden test cell's outputs to its error name and message.
+    """In feedback, keep hidden test code and what reveals it out of the outputs, and label them right.
 
-    ``ClearHiddenTests`` removes the hidden test *code*, but a failing hidden test's traceback still
-    quotes its lines (and print output can reveal its inputs). Run this before ``ClearHiddenTests``
-    (it recognises hidden cells by their delimiter).
+    ``ClearHiddenTests`` removes the hidden test *code*, but a failing test's traceback still quotes
+    its lines (and print output can reveal its inputs). Run this before ``ClearHiddenTests`` (it
+    needs the hidden region of each cell):
+
+    * a **hidden** test cell (``<item>__hidden``) keeps only its errors' name and message, marked
+      "hidden test: details withheld";
+    * a **visible** test cell (which also holds a hidden part) keeps its outputs — the visible tests'
+      messages are the student's feedback — except tracebacks that quote a line of the hidden
+      part: those become the error's name and message, marked as coming from the hidden part.
     """
 
     max_message = Integer(300, help="longest error message kept").tag(config=True)
 
+    def _short(self, out, note: str) -> NotebookNode:
+        ename = str(out.get("ename", "Error"))[:80]
+        value = str(out.get("evalue", ""))[: self.max_message]
+        return NotebookNode(output_type="error", ename=ename, evalue=value, traceback=[f"{ename}: {value} ({note})"])
+
     def preprocess_cell(self, cell: NotebookNode, resources, index):
         if cell.cell_type != "code" or HIDDEN_BEGIN not in cell.source:
             return cell, resources
+        gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", "") or ""
+        if is_hidden_part(gid):
+            cell.outputs = [self._short(o, "hidden test: details withheld") for o in cell.get("outputs", [])
+                            if o.get("output_type") == "error"]
+            return cell, resources
+        region = cell.source.split(HIDDEN_BEGIN, 1)[1].split(HIDDEN_END, 1)[0]
+        secret = [line.strip() for line in region.splitlines() if len(line.strip()) >= 8]
         kept = []
         for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                value = str(out.get("evalue", ""))[: self.max_message]
-                kept.append(NotebookNode(output_type="error", ename=out.get("ename", "Error"), evalue=value,
-                                         traceback=[f"{out.get('ename', 'Error')}: {value} "
-                                                    "(hidden test: details withheld)"]))
+            text = ANSI.sub("", "\n".join(out.get("traceback", []) or []) + str(out.get("text", "")))
+            if out.get("output_type") == "error" and any(line in text for line in secret):
+                kept.append(self._short(out, "raised in the part of this test your notebook does not show; "
+                                             "details withheld"))
+            elif not any(line in text for line in secret):
+                kept.append(out)
         cell.outputs = kept
         return cell, resources
 
@@ -256,6 +412,16 @@ class SafeHTMLExporter(HTMLExporter):
     markdown2html.jinja_pass_arg = HTMLExporter.markdown2html.jinja_pass_arg   # a context filter, like the original
 
 
+class AddSummary(NbGraderPreprocessor):
+    """Put the grader's summary (:mod:`autograder.feedback_summary`) into the template's resources."""
+
+    summary = Dict(help="the feedback page's summary").tag(config=True)
+
+    def preprocess(self, nb, resources):
+        resources["autograder"] = self.summary
+        return nb, resources
+
+
 def build_config(req: dict) -> Config:
     """The repository's nbgrader_config.py with this request's folders and limits on top."""
     cfg = PyFileConfigLoader("nbgrader_config.py", path=str(ROOT)).load_config()
@@ -278,11 +444,20 @@ def build_config(req: dict) -> Config:
     c.GuardedExecute.max_total_output_bytes = int(req.get("max_total_output_bytes", 4 * req["max_output_bytes"]))
     c.GuardedExecute.interrupt_grace = int(req.get("interrupt_grace", 10))
     c.OverwriteCells.add_missing_cells = True
+    c.Autograde.pre_convert_hook = None   # nbgrader_config.py refuses plain `nbgrader autograde`, not the grader
     c.Autograde.autograde_preprocessors = [
         GuardedExecute if p is Execute else p for p in Autograde.class_traits()["autograde_preprocessors"].default()]
     c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTestOutput, WithholdHiddenSource, ClearHiddenTests,
                                         SanitizeOutputs, CSSHTMLHeaderPreprocessor]
     c.GenerateFeedback.exporter_class = SafeHTMLExporter   # student markdown is untrusted: no script, no handlers
+    if req.get("summary"):   # the course's page: summary on top, cells named by exercise
+        c.GenerateFeedback.preprocessors = [*c.GenerateFeedback.preprocessors, AddSummary]
+        c.AddSummary.summary = req["summary"]
+        c.HTMLExporter.template_name = "rb_feedback"
+        c.HTMLExporter.template_file = "rb_feedback.html.j2"   # extends nbgrader's feedback/index.html.j2
+        c.HTMLExporter.extra_template_basedirs = [
+            str(Path(nbgrader.__file__).parent / "server_extensions" / "formgrader" / "templates"),
+            str(ROOT / "autograder" / "templates")]
     c.ClearHiddenTests.enforce_metadata = False
     cfg.merge(c)
     return cfg
@@ -304,9 +479,10 @@ def run(req: dict) -> dict:
         app.force = True
     else:
         return {"ok": False, "error": f"unknown op {req['op']!r}", "log": ""}
+    FAULTS.clear()
     result = capture_log(app)
     return {"ok": bool(result.get("success")), "error": result.get("error", ""),
-            "log": result.get("log", "")[-20000:]}
+            "log": result.get("log", "")[-20000:], "faults": list(FAULTS)[:200]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,12 +11,17 @@ For each submission (``--jobs N`` at a time, each in its own thread with its own
    sandbox, in parallel with
 4. :func:`autograde`: the real ``nbgrader autograde`` by a worker outside the sandbox, with the
    kernel inside it (:mod:`autograder.sandbox`, :mod:`autograder.kernel`), under per-cell and
-   per-submission limits; afterwards nothing of the sandbox is left;
+   per-submission limits; a cell that times out, ignores the interrupt or kills the kernel costs its
+   exercise only (the worker restarts the kernel and goes on; every cell is labelled with the
+   student's own cell number by :func:`label_cells`); afterwards nothing of the sandbox is left;
 5. :func:`read_grades`: the executed notebook and nbgrader's grades, checked against the lesson;
 6. :func:`score_items`: item scores by :mod:`autograder.scoring` (hidden points need the re-check's
-   pass; a failing check is a wrong answer, not a flag), and the failed property into the feedback;
+   pass; a failing check is a wrong answer, not a flag; a lost exercise scores 0 with a note naming
+   it), and the failed property into the feedback;
 7. :func:`decide_status`: score and evidence → totals, pass, ``graded`` or ``flagged``;
-8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed).
+8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed)
+   with the course's page (:mod:`autograder.feedback_summary`: pass line, objectives, exercises by
+   title); a collected submission's ``timestamp.txt``/``submission_secret.txt`` go next to it.
 
 Then :func:`publish`, in the main thread — the only writer of the results folder — replaces the
 student's entry in ``<out>/gradebook.db`` (with the student's manual overrides applied) and copies the
@@ -27,10 +32,12 @@ is written by a process that runs student code.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import subprocess
@@ -44,7 +51,7 @@ from pathlib import Path
 
 import nbformat
 
-from . import cgroups, gradebook, sandbox, scoring
+from . import cgroups, feedback_summary, gradebook, sandbox, scoring
 from . import store as results_store
 from .exports import export_all
 from .offering import probe_seed as offering_probe_seed
@@ -54,7 +61,8 @@ from .guard import PipeReader, read_log
 from .integrity import runtime_findings, submission_findings
 from .static import unparsed_cells_that_ran
 from .kernel import KERNEL_NAME, write_kernelspec
-from .notebook import OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, load_spec, read_submission, repair
+from .notebook import (OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, grade_id, is_demo, load_spec,
+                       read_submission, repair)
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
 from .recheck import ProbeSet, RegradeNeeded, Running, finish, start
 from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult
@@ -212,6 +220,7 @@ class SubmissionFolders:
     ipc: Path | None = None    # socket folder of the sandboxed kernel (short path: Unix socket limit)
     cgroup: cgroups.Group | None = None   # the submission's cgroup (kernel and re-check leaves)
     guard_reader: PipeReader | None = None   # the kernel guard's log (a FIFO read here, see guard.py)
+    uid: int | None = None     # the sandboxed kernel's uid (the same after a restart: it owns the scratch files)
 
     @property
     def submitted(self) -> Path:
@@ -282,16 +291,39 @@ def _failure_reason(answer: dict, cell_timeout: int) -> str:
     return f"nbgrader autograde failed: {tail or 'no message'}"
 
 
-def _timeouts(nb) -> list[str]:
-    """Cells that nbgrader interrupted for exceeding the per-cell time limit."""
-    out = []
+LABEL = "autograder"   # cell metadata key: the grader's label of each cell of the graded notebook
+
+
+def label_cells(nb, spec: LessonSpec) -> None:
+    """Label every cell of the notebook to grade (``metadata.autograder``): ``cell``, the student's own
+    cell number (1-based, every cell counted; None for a cell the grader put back), ``role``
+    (answer, test, locked, demo, added, markdown) and ``item``: an answer or test cell's exercise, and
+    for a demo or added code cell the exercise whose cells surround it (None outside the exercises).
+    The nbgrader worker reports timeouts and crashes with these labels; nothing else reads them."""
+    roles, items = [], []
+    for cell in nb.cells:
+        gid = grade_id(cell)
+        if gid in spec.grade_cells:
+            role, item = "test", spec.grade_cells[gid].item
+        elif gid in spec.answer_cells:
+            role, item = "answer", spec.answer_cells[gid].item
+        elif gid in spec.locked_cells:
+            role, item = "locked", None
+        elif cell.cell_type != "code":
+            role, item = "markdown", None
+        else:
+            role, item = ("demo" if is_demo(cell, spec) else "added"), None
+        roles.append(role)
+        items.append(item)
+    spans: dict[str, tuple[int, int]] = {}
+    for i, item in enumerate(items):
+        if item:
+            spans[item] = (spans.get(item, (i, i))[0], i)
     for i, cell in enumerate(nb.cells):
-        for o in cell.get("outputs", []):
-            if o.get("output_type") == "error" and o.get("ename") in ("CellTimeoutError", "KeyboardInterrupt"):
-                gid = cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
-                out.append(f"cell {i}" + (f" ({gid})" if gid else ""))
-                break
-    return out
+        item = items[i] or next((it for it, (a, b) in spans.items() if a < i < b and roles[i] in ("demo", "added")), None)
+        old = cell.metadata.get(LABEL)
+        number = old.get("cell") if isinstance(old, dict) else None
+        cell.metadata[LABEL] = {"cell": number, "role": roles[i], "item": item}
 
 
 # step 1
@@ -301,39 +333,102 @@ def read_and_prepare(sub: Submission, ctx: Context) -> tuple[nbformat.NotebookNo
     if sub.problem:
         raise SubmissionError(sub.problem)
     nb = read_submission(sub.path, int(ctx.opts.max_notebook_mb * 1e6))
-    prepared = repair(nb, ctx.spec)
+    numbered = copy.deepcopy(nb)
+    for k, cell in enumerate(numbered.cells, 1):   # the student's own cell numbers, through repair and drop
+        cell.metadata[LABEL] = {"cell": k}
+    prepared = repair(numbered, ctx.spec)
     if ctx.opts.mode == "fast":
         prepared = drop_demo_cells(prepared, ctx.spec)
+    label_cells(prepared, ctx.spec)
     return nb, prepared
+
+
+# nbgrader's exchange files of a collected submission (``nbgrader collect``): ``release_feedback``
+# needs both next to the feedback page. Student-written, so checked before they are kept.
+EXCHANGE_FILES = {
+    "timestamp.txt": re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,9})?( ?[A-Z]{1,5}|[+-]\d{2}:?\d{2})?\s*"),
+    "submission_secret.txt": re.compile(r"[A-Za-z0-9+/=_-]{8,200}\s*"),
+}
+
+
+def exchange_files(sub: Submission) -> dict[str, str]:
+    """``timestamp.txt`` and ``submission_secret.txt`` next to the submitted notebook, when present,
+    regular files, small and well-formed (else left out: the feedback then cannot be released
+    through the exchange, and the grade is unaffected)."""
+    out = {}
+    folder = Path(sub.path).parent if sub.path else None
+    for name, pattern in EXCHANGE_FILES.items():
+        p = folder / name if folder else None
+        try:
+            if p is None or p.is_symlink() or not p.is_file() or p.stat().st_size > 256:
+                continue
+            text = p.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if pattern.fullmatch(text):
+            out[name] = text
+    return out
 
 
 # step 2
 def make_folders(sub: Submission, prepared, ctx: Context) -> SubmissionFolders:
-    """The submission's own course folders and copy of the template gradebook."""
+    """The submission's own course folders and copy of the template gradebook (with the exchange
+    files of a collected submission, which nbgrader carries into the feedback folder)."""
     f = SubmissionFolders(ctx.run_dir / "subs" / sub.student, sub.student, ctx.spec.lesson_id)
     shutil.rmtree(f.root, ignore_errors=True)
     nb_dir = f.submitted / sub.student / ctx.spec.lesson_id
     nb_dir.mkdir(parents=True)
     nbformat.write(prepared, str(nb_dir / ctx.spec.notebook_name))
+    for name, text in exchange_files(sub).items():
+        (nb_dir / name).write_text(text, encoding="ascii")
     shutil.copyfile(ctx.template_dir / "gradebook.db", f.db)
     if ctx.opts.sandbox:
         f.kernel_scratch.mkdir()
         f.ipc = Path(tempfile.mkdtemp(prefix="s-", dir=ctx.ipc_root))
         f.guard_reader = PipeReader.fifo(f.guard_fifo)
+        f.uid = sandbox.Box(f.kernel_scratch, "").uid
     if ctx.cgroup_run is not None:
         f.cgroup = ctx.cgroup_run.submission(sub.student)
     return f
 
 
 # step 3 (runs while step 4 does)
-def start_recheck(prepared, f: SubmissionFolders, ctx: Context) -> Running | None:
+def start_recheck(prepared, f: SubmissionFolders, ctx: Context, probes: ProbeSet | None = None,
+                  folder: str = "recheck") -> Running | None:
     """The out-of-kernel re-check of the answers, in its own sandbox (None without probes)."""
-    if ctx.probes is None or not ctx.probes.probes:
+    probes = probes or ctx.probes
+    if probes is None or not probes.probes:
         return None
-    return start(prepared, ctx.spec, ctx.probes, f.root / "recheck", {"protect": ctx.protect},
+    return start(prepared, ctx.spec, probes, f.root / folder, {"protect": ctx.protect},
                  timeout=min(ctx.submission_timeout, 120 + 30 * len(ctx.probes.probes)),
-                 memory_bytes=int(ctx.opts.memory_gb * GB), case_timeout=20, cell_timeout=min(ctx.cell_timeout, 60),
+                 memory_bytes=int(ctx.opts.memory_gb * GB), case_timeout=min(20, ctx.cell_timeout),
+                 cell_timeout=min(ctx.cell_timeout, 60),
                  sandboxed=ctx.opts.sandbox, cgroup_procs=f.cgroup.procs_files("recheck") if f.cgroup else [])
+
+
+def recheck_again(prepared, f: SubmissionFolders, ctx: Context, faults: list, verdicts: dict) -> tuple[dict, Running | None]:
+    """After a cell lost the kernel or timed out, the re-check process may have met the same fault
+    (``os._exit`` ends it too) before it checked the later items. Run it once more without the
+    student cells that were lost and without the lost exercises' probes (they score 0 anyway), so
+    the other exercises are checked: (verdicts merged, the second run, whose ``guard_records`` and
+    ``forged`` hold its evidence)."""
+    unchecked = [i for i, v in verdicts.items() if v.verdict == "error" and "before checking this item" in v.detail]
+    lost = [x for x in faults if x.kind in scoring.LOST]
+    if not unchecked or not lost or ctx.probes is None:
+        return verdicts, None
+    lost_items = {x.item for x in lost if x.item}
+    lost_cells = {x.cell for x in lost if x.cell is not None and x.role in ("answer", "added")}
+    keep = [i for i in ctx.probes.probes if i not in lost_items]
+    if not keep:
+        return verdicts, None
+    p = ctx.probes
+    subset = ProbeSet(p.seed, {i: p.probes[i] for i in keep}, {i: p.cases[i] for i in keep},
+                      {i: p.expected[i] for i in keep}, {i: p.payload[i] for i in keep})
+    nb = copy.deepcopy(prepared)
+    nb.cells = [c for c in nb.cells if c.metadata.get(LABEL, {}).get("cell") not in lost_cells]
+    running = start_recheck(nb, f, ctx, subset, "recheck-again")
+    again, _ = finish(running, subset, ctx.spec)
+    return {**verdicts, **{i: again[i] for i in keep}}, running
 
 
 def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
@@ -347,7 +442,7 @@ def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
         limits = {"memory_bytes": int(opts.memory_gb * GB), "cpu_seconds": int(ctx.submission_timeout) + 60}
         env["AUTOGRADER_SANDBOX"] = json.dumps({"scratch": str(f.kernel_scratch), "ipc": str(f.ipc), "limits": limits,
                                                 "cgroup": f.cgroup.procs_files("kernel") if f.cgroup else [],
-                                                "guard_fifo": str(f.guard_fifo)})
+                                                "guard_fifo": str(f.guard_fifo), "uid": f.uid})
     return {"op": op, "lesson": ctx.spec.lesson_id, "student": f.student,
             "submitted": str(f.submitted), "autograded": str(f.autograded), "feedback": str(f.feedback),
             "release": str(ctx.template_dir / "release"), "db": str(f.db),
@@ -358,21 +453,24 @@ def _request(f: SubmissionFolders, ctx: Context, op: str) -> dict:
 
 
 # step 4
-def autograde(f: SubmissionFolders, ctx: Context) -> str | None:
-    """``nbgrader autograde`` by a worker (outside the sandbox) with the kernel inside it; None on
-    success, else why it failed. Afterwards no process of the kernel's sandbox is left."""
+def autograde(f: SubmissionFolders, ctx: Context) -> tuple[str | None, list[scoring.Fault]]:
+    """``nbgrader autograde`` by a worker (outside the sandbox) with the kernel inside it: (None on
+    success, else why it failed; the cells that timed out, raised or lost the kernel — the worker
+    restarts a lost kernel and goes on, see ``GuardedExecute``). Afterwards no process of the
+    kernel's sandbox is left."""
     worker = ctx.pool.take()
     try:
         answer = worker.request(_request(f, ctx, "autograde"), timeout=ctx.submission_timeout,
                                 memory_bytes=int(ctx.opts.memory_gb * GB), pidfile=f.pidfile)
-        return None if answer.get("ok") else _failure_reason(answer, ctx.cell_timeout)
+        faults = scoring.read_faults(answer.get("faults"), ctx.spec)
+        return (None if answer.get("ok") else _failure_reason(answer, ctx.cell_timeout)), faults
     except WorkerDied as e:
         if e.reason == "wall-clock":
             return (f"grading took longer than {ctx.submission_timeout:.0f} s (an infinite loop that ignores "
-                    "interrupts?); the kernel and its processes were killed")
+                    "interrupts?); the kernel and its processes were killed"), []
         if e.reason == "memory":
-            return f"the notebook used more than {ctx.opts.memory_gb:g} GB of memory; the kernel was killed"
-        return f"the grader's nbgrader worker died ({e.reason}); see {worker.log_path}"
+            return f"the notebook used more than {ctx.opts.memory_gb:g} GB of memory; the kernel was killed", []
+        return f"the grader's nbgrader worker died ({e.reason}); see {worker.log_path}", []
     finally:
         kill_tree(None, read_pidfile(f.pidfile))   # no kernel (no sandbox) outlives its submission
         ctx.pool.give(worker)
@@ -401,11 +499,15 @@ def read_grades(f: SubmissionFolders, ctx: Context) -> tuple[nbformat.NotebookNo
 
 
 # step 6
-def score_items(f: SubmissionFolders, spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[ItemResult], list[Finding]]:
+def score_items(f: SubmissionFolders, spec: LessonSpec, grades: dict, verdicts: dict,
+                faults: list | None = None, cell_timeout: int = 0) -> tuple[list[ItemResult], list[Finding]]:
     """Per-item scores by the one scoring rule (:func:`autograder.scoring.score_items`): the hidden
     points need the out-of-kernel check's pass; a failing check sets them to 0 in the submission's
-    gradebook and names the failed property in its feedback. Disagreements are notes, not flags."""
+    gradebook and names the failed property in its feedback; an exercise whose cell timed out or
+    lost the kernel scores 0 with a note (:func:`autograder.scoring.apply_faults`). Disagreements
+    are notes, not flags."""
     items, zero, notes = scoring.score_items(spec, grades, verdicts)
+    zero += scoring.apply_faults(items, spec, faults or [], cell_timeout)
     gradebook.zero_cells(f.db, spec.lesson_id, f.student, zero)
     scoring.annotate_feedback(f.notebook_dir / spec.notebook_name, spec, items, verdicts)
     return items, notes
@@ -424,16 +526,25 @@ def decide_status(res: StudentResult, spec: LessonSpec, findings: list[Finding])
 
 
 # step 8
-def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult) -> None:
-    """``nbgrader generate_feedback`` (hidden tests removed), then the accessibility fixes."""
+def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult, summary: dict | None = None) -> None:
+    """``nbgrader generate_feedback`` (hidden tests removed) with the course's page — ``summary``
+    (:func:`autograder.feedback_summary.summary`) on top, cells named by exercise — then the
+    accessibility fixes."""
     worker = ctx.pool.take()
     try:
-        fb = worker.request(_request(f, ctx, "feedback"), timeout=300, memory_bytes=int(ctx.opts.memory_gb * GB))
+        req = _request(f, ctx, "feedback")
+        if summary:
+            req["summary"] = summary
+        fb = worker.request(req, timeout=300, memory_bytes=int(ctx.opts.memory_gb * GB))
         page = f.feedback / f.student / ctx.spec.lesson_id / (Path(ctx.spec.notebook_name).stem + ".html")
         if not fb.get("ok"):
             res.notes.append("feedback generation failed: " + _failure_reason(fb, ctx.cell_timeout))
         elif page.exists():   # WCAG 2.1 AA fixes for nbgrader's feedback template
             page.write_text(add_csp(make_accessible(page.read_text(encoding="utf-8"))), encoding="utf-8")
+            src = f.submitted / f.student / ctx.spec.lesson_id
+            for name in EXCHANGE_FILES:   # the layout `nbgrader release_feedback` expects
+                if (src / name).is_file() and not (page.parent / name).exists():
+                    shutil.copyfile(src / name, page.parent / name)
     except WorkerDied as e:
         res.notes.append(f"feedback generation failed: worker {e.reason}")
     finally:
@@ -456,14 +567,19 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         res.evidence = [x.as_dict() for x in findings]   # kept whatever happens after
         f = make_folders(sub, prepared, ctx)
         running = start_recheck(prepared, f, ctx)
-        failure = autograde(f, ctx)
+        failure, faults = autograde(f, ctx)
         findings += runtime_findings(f.kernel_guard_records(), None)
-        res.evidence = [x.as_dict() for x in findings]
+        res.evidence = [x.as_dict() for x in findings]   # the kernel's evidence, before the re-check is read
         try:
             verdicts, cell_notes = finish(running, ctx.probes, spec) if running else ({}, [])
+            findings += runtime_findings(None, running.guard_records if running else None,
+                                         running.forged if running else ())
+            if running and faults:   # a crash that also ended the re-check costs only its exercise there too
+                verdicts, again = recheck_again(prepared, f, ctx, faults, verdicts)
+                if again is not None:
+                    findings += [x for x in runtime_findings(None, again.guard_records, again.forged) if x not in findings]
         except RegradeNeeded as e:   # the grader's wall clock, not the student's answer
             return _errored(res, f"re-grade: {e}")
-        findings += runtime_findings(None, running.guard_records if running else None, running.forged if running else ())
         res.evidence = [x.as_dict() for x in findings]
         res.notes += [f"re-check: {n}" for n in cell_notes[:10]]
         if failure:
@@ -473,16 +589,14 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         except SubmissionError as e:
             return _errored(res, str(e))
         res.autograde_score = sum((g.auto_score or 0.0) for g in grades.values())
-        timed_out = _timeouts(graded_nb)
-        if timed_out:   # nbgrader graded the rest; its partial total is kept as information only
-            return _errored(res, f"{', '.join(timed_out)} exceeded the {ctx.cell_timeout} s per-cell time limit "
-                                 f"(infinite loop?) and was interrupted; nbgrader's partial score "
-                                 f"{res.autograde_score:g}/{spec.total_points:g} is not counted")
-        res.items, recheck_findings = score_items(f, spec, grades, verdicts)
+        # a cell that timed out or lost the kernel costs its exercise only (scoring.apply_faults)
+        res.items, recheck_findings = score_items(f, spec, grades, verdicts, faults, ctx.cell_timeout)
+        outside = scoring.fault_notes_outside_items(faults, spec, ctx.cell_timeout)
+        res.notes += outside
         findings += recheck_findings + unparsed_cells_that_ran(graded_nb)
         decide_status(res, spec, findings)
         if opts.feedback:
-            make_feedback(f, ctx, res)
+            make_feedback(f, ctx, res, feedback_summary.summary(res, spec, verdicts, outside))
         return res
     except Exception as e:  # a bug in the grader for this one student must not stop the batch
         import traceback

@@ -225,9 +225,12 @@ def main(argv: list[str]) -> int:
         if missing:
             emit({"item": item, "missing": f"the answer code does not define {', '.join(map(repr, missing))}"})
             continue
-        results = []
+        results, too_long = [], False
         to_plain = plain[bool(probe["nonfinite"])]
         for case in probe["cases"]:
+            if too_long:   # an infinite loop costs one case's limit, not one per case
+                results.append({"ok": False, "error": "not run: an earlier case took too long"})
+                continue
             signal.alarm(case_timeout)
             try:
                 obj = ns[case["target"]](*case["args"], **case["kwargs"])
@@ -237,6 +240,7 @@ def main(argv: list[str]) -> int:
                 results.append({"ok": True, "value": to_plain(value)})
             except _CaseTimeout:
                 results.append({"ok": False, "error": f"took longer than {case_timeout} s"})
+                too_long = True
             except BaseException as e:
                 tb = traceback.extract_tb(e.__traceback__)
                 where = f" (line {tb[-1].lineno} of {tb[-1].filename})" if tb else ""

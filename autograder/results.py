@@ -50,6 +50,7 @@ class ItemResult:
     recheck: str = "not-run"         # pass | mismatch | error | no-probe | not-run
     recheck_detail: str = ""
     zeroed: bool = False             # the grader set this item to 0 (re-check contradicted nbgrader)
+    notes: list[str] = field(default_factory=list)   # e.g. "Checkpoint 2 — …: your cell 41 ran past the 15 s limit …"
 
 
 @dataclass

@@ -308,7 +308,7 @@ class Variant:
     status: str                     # expected status: graded | flagged | errored | any (attacks: score asserted)
     score: float | None = None      # expected score (None: not asserted, e.g. tamper variants)
     passed: bool | None = None
-    reason_contains: str = ""       # a fragment the reason must contain (errored)
+    reason_contains: str = ""       # a fragment the reason (errored) or a note (graded) must contain
     evidence_rules: list[str] = field(default_factory=list)   # rules that must appear in the evidence
     failing: list[str] = field(default_factory=list)          # grade cells made to fail
 
@@ -413,11 +413,14 @@ def generate(out: Path, spec: LessonSpec, results: Path | None = None) -> list[V
     add(Variant("wrong_answers", "nested", "graded", None, False), wrong)
 
     # robustness
-    add(Variant("crash", "nested", "errored", reason_contains="kernel died"),
+    # a cell outside the exercises that crashes or loops costs no points (the kernel is restarted or
+    # interrupted, the notebook goes on); the note says what happened (tests/test_grading_faults.py
+    # puts such faults inside one exercise)
+    add(Variant("crash", "nested", "graded", total, True, reason_contains="stopped the Python kernel"),
         insert_after_setup(base, spec, "import os\nos._exit(1)", "variant-crash"))
-    add(Variant("infinite_loop", "nested", "errored", reason_contains="time limit"),
+    add(Variant("infinite_loop", "nested", "graded", total, True, reason_contains="time limit"),
         insert_after_setup(base, spec, "while True:\n    pass", "variant-loop"))
-    add(Variant("loop_ignoring_sigint", "nested", "errored", reason_contains="ignores interrupts"),
+    add(Variant("loop_ignoring_sigint", "nested", "graded", total, True, reason_contains="ignored the interrupt"),
         insert_after_setup(base, spec, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass",
                            "variant-loop-sigint"))
     add(Variant("huge_output", "nested", "errored", reason_contains="output too large"),

@@ -170,8 +170,14 @@ def test_wrong_answers_are_graded_not_flagged(suite):
 
 
 # ---- robustness --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["crash", "infinite_loop", "loop_ignoring_sigint", "huge_output", "corrupt",
-                                  "missing", "renamed"])
+@pytest.mark.parametrize("name", ["crash", "infinite_loop", "loop_ignoring_sigint"])
+def test_a_crash_or_loop_outside_the_exercises_costs_no_points(suite, name):
+    v, s = suite.variants[name], student(suite, name)
+    assert s["status"] == "graded" and s["score"] == v.score, (s["status"], s["score"], s["reason"])
+    assert any(v.reason_contains in n and "outside the exercises" in n for n in s["notes"]), s["notes"]
+
+
+@pytest.mark.parametrize("name", ["huge_output", "corrupt", "missing", "renamed"])
 def test_broken_submissions_are_errored_with_a_reason(suite, name):
     v, s = suite.variants[name], student(suite, name)
     assert s["status"] == "errored", (s["status"], s["reason"])
