@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="on (default): every process running student code runs in a bubblewrap sandbox, and grading "
                         "refuses to start if `bwrap` does not work; off: no OS sandbox (machines without user "
                         "namespaces), prints what is then not guaranteed")
+    g.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local (default): --jobs submissions at a time on this machine; dask: one task per "
+                        "submission on the Dask cluster at --scheduler (every worker needs this repository at the "
+                        "same commit and bubblewrap; see autograder/README.md section 7)")
+    g.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786",
+                   help="address of the Dask scheduler (with --executor dask)")
+    g.add_argument("--connect-timeout", type=float, default=20.0,
+                   help="seconds to wait for the Dask scheduler before giving up (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     m = sub.add_parser("merge", help="combine results folders graded separately (shards) into one",
                        description="Merge the --out folders of several grading runs (e.g. one per machine) into "
@@ -83,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({', '.join(f'{v} {k}' for k, v in run.counts.items())})")
         return run.exit_code()
     from .discover import InputError
+    from .executors import ExecutorUnavailable
     from .notebook import SpecError
     from .pipeline import Options, SandboxUnavailable, grade
     from .sandbox import NOT_GUARANTEED
@@ -94,14 +103,18 @@ def main(argv: list[str] | None = None) -> int:
                    submission_timeout=args.timeout, memory_gb=args.memory_gb, max_notebook_mb=args.max_notebook_mb,
                    max_output_mb=args.max_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
                    feedback=not args.no_feedback, keep_work=args.keep_work, progress=not args.quiet,
-                   roster=args.roster, sandbox=args.sandbox == "on")
+                   roster=args.roster, sandbox=args.sandbox == "on", executor=args.executor,
+                   scheduler=args.scheduler, connect_timeout=args.connect_timeout)
+    if args.scheduler and args.executor != "dask":
+        print("error: --scheduler is for --executor dask", file=sys.stderr)
+        return 1
     if args.work_root:
         opts.work_root = args.work_root.resolve()
     if not opts.sandbox:
         print(f"WARNING {NOT_GUARANTEED}", file=sys.stderr)
     try:
         run = grade(args.submissions, opts)
-    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable) as e:
+    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable, ExecutorUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

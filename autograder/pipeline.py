@@ -1,7 +1,9 @@
 """The grading pipeline: submissions in, results, feedback and a merged gradebook out.
 
-For each submission (``--jobs N`` at a time, each in its own thread with its own nbgrader worker),
-:func:`grade_one` runs these steps, one function each:
+For each submission, :func:`grade_one` runs these steps, one function each, in a process whose
+grading context (:func:`open_context`: sandbox check, kernelspec, nbgrader workers) the executor
+made (:mod:`autograder.executors`: ``--executor local``, ``--jobs N`` threads here, each with its own
+nbgrader worker; ``--executor dask``, one task per submission on a Dask worker):
 
 1. :func:`read_and_prepare`: read and check the notebook (corrupt, empty, oversized → ``errored``);
    put back deleted nbgrader cells; in ``fast`` mode drop the source notebook's demo cells. Integrity
@@ -18,7 +20,8 @@ For each submission (``--jobs N`` at a time, each in its own thread with its own
 7. :func:`decide_status`: score and evidence → totals, pass, ``graded`` or ``flagged``;
 8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed).
 
-Then :func:`publish`, in the main thread — the only writer of the results folder — replaces the
+Then :func:`publish`, in the main thread of the grading command — the only writer of the results
+folder, whichever executor graded (Dask workers send their files back as bytes) — replaces the
 student's entry in ``<out>/gradebook.db`` and copies the autograded notebook and feedback, or removes
 them if the student errored. Nothing in the results folder is written by a process that runs
 student code.
@@ -36,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +82,9 @@ class Options:
     progress: bool = True
     roster: Path | None = None
     sandbox: bool = True                  # False only with --sandbox off (see sandbox.NOT_GUARANTEED)
+    executor: str = "local"               # local | dask (autograder/executors.py)
+    scheduler: str | None = None          # the Dask scheduler's address (executor dask)
+    connect_timeout: float = 20.0         # seconds to reach the Dask scheduler
 
     def resolved_cell_timeout(self) -> int:
         """``--cell-timeout``, else ``Execute.timeout`` from the repository's nbgrader_config.py."""
@@ -182,7 +187,7 @@ class Context:
     run_dir: Path
     template_dir: Path
     probes: ProbeSet | None
-    pool: WorkerPool
+    pool: WorkerPool | None          # None in a Dask client (the workers grade)
     cell_timeout: int
     submission_timeout: float
     protect: list[str] = field(default_factory=list)
@@ -501,9 +506,51 @@ class SandboxUnavailable(RuntimeError):
     """The sandbox was required (the default) but ``bwrap ... true`` failed."""
 
 
+def open_context(spec: LessonSpec, opts: Options, run_dir: Path, tmpl: Path, probes: ProbeSet | None,
+                 jobs: int) -> Context:
+    """The grading context of one process that runs :func:`grade_one` (``jobs`` submissions at a time).
+
+    Checks the sandbox (fail closed: raises :class:`SandboxUnavailable`), writes the kernelspec and
+    starts ``jobs`` nbgrader workers. Made once by the local executor, and once per Dask worker
+    process by :mod:`autograder.executors`. Close it with :func:`close_context`.
+    """
+    if opts.sandbox:   # fail closed: no student code runs unless the sandbox demonstrably works
+        ok, why = sandbox.probe(run_dir)
+        if not ok:
+            raise SandboxUnavailable(
+                f"the bubblewrap sandbox does not work on this machine ({why}). Install it (Debian/Ubuntu: "
+                "apt-get install bubblewrap) or, where that is impossible (no user namespaces, e.g. macOS), "
+                "grade with --sandbox off and read what it then does not guarantee")
+    write_kernelspec(run_dir / "jupyter", sandboxed=opts.sandbox)
+    env = tool_env({"JUPYTER_PATH": str(run_dir / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""),
+                    "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, jobs)))})
+    pool = WorkerPool(max(1, jobs), run_dir, env)
+    # the grader's own code is public; its work folder (gradebooks, other students' files) is not
+    protect = [str(ROOT / "solutions"), str(ROOT / ".git"), str(WORK), str(run_dir), str(opts.out), str(tmpl)]
+    ipc_root = Path(tempfile.mkdtemp(prefix="agk-")) if opts.sandbox else None
+    return Context(spec, opts, run_dir, tmpl, probes, pool, opts.resolved_cell_timeout(),
+                   opts.resolved_submission_timeout(), protect, ipc_root)
+
+
+def close_context(ctx: Context) -> None:
+    """Stop the context's nbgrader workers and remove its socket folders."""
+    if ctx.pool is not None:
+        ctx.pool.stop()
+    if ctx.ipc_root is not None:
+        shutil.rmtree(ctx.ipc_root, ignore_errors=True)
+
+
 def grade(submissions: Path, opts: Options) -> RunResult:
-    """Grade everything under ``submissions``; write ``results.{json,csv}``, feedback and gradebook to ``opts.out``."""
+    """Grade everything under ``submissions``; write ``results.{json,csv}``, feedback and gradebook to ``opts.out``.
+
+    The submissions are graded by an executor (:mod:`autograder.executors`: ``local``, this
+    machine's threads and nbgrader workers, or ``dask``, a Dask cluster); this process is the only
+    writer of the results folder: it publishes each result as it arrives. Submissions whose
+    identical notebook was already graded with the same settings into ``opts.out`` (an interrupted
+    run) are not graded again (:func:`autograder.executors.already_graded`).
+    """
     import nbgrader
+    from . import executors
     t0 = time.monotonic()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     spec = load_spec(opts.lesson)
@@ -513,48 +560,35 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     run_dir.mkdir(parents=True)
     warnings = [f"items in the lesson metadata without grade cells in the notebook (not graded): {', '.join(spec.missing_items)}"
                 ] if spec.missing_items else []
-    pool = ipc_root = None
+    ex = None
     try:
-        if opts.sandbox:   # fail closed: no student code runs unless the sandbox demonstrably works
-            ok, why = sandbox.probe(run_dir)
-            if not ok:
-                raise SandboxUnavailable(
-                    f"the bubblewrap sandbox does not work on this machine ({why}). Install it (Debian/Ubuntu: "
-                    "apt-get install bubblewrap) or, where that is impossible (no user namespaces, e.g. macOS), "
-                    "grade with --sandbox off and read what it then does not guarantee")
-        write_kernelspec(run_dir / "jupyter", sandboxed=opts.sandbox)
-        env = tool_env({"JUPYTER_PATH": str(run_dir / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""),
-                        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))})
-        pool = WorkerPool(max(1, opts.jobs), run_dir, env)   # importing nbgrader overlaps with what follows
         tmpl = template(spec)
         seed = opts.probe_seed if opts.probe_seed is not None else offering_probe_seed()
         probes = ProbeSet.build(spec, seed) if opts.recheck else None
+        # connects to the cluster / checks the sandbox before anything is written to opts.out
+        ex = executors.make(opts, spec, run_dir, tmpl, probes)
+        ctx = ex.ctx
         subs = _roster(opts.roster, discover(Path(submissions), spec.lesson_id, spec.notebook_name, run_dir))
         out_db = opts.out / "gradebook.db"
         w = gradebook.ensure_merged(out_db, tmpl / "gradebook.db", spec.lesson_id)
         if w:
             warnings.append(w)
-        # the grader's own code is public; its work folder (gradebooks, other students' files) is not
-        protect = [str(ROOT / "solutions"), str(ROOT / ".git"), str(WORK), str(run_dir), str(opts.out), str(tmpl)]
-        ipc_root = Path(tempfile.mkdtemp(prefix="agk-")) if opts.sandbox else None
-        ctx = Context(spec, opts, run_dir, tmpl, probes, pool, opts.resolved_cell_timeout(),
-                      opts.resolved_submission_timeout(), protect, ipc_root)
-        results: list[StudentResult] = []
-        bar = None
-        if opts.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(subs), desc=f"grading {spec.lesson_id}", unit="nb", file=sys.stderr)
-        with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as ex:
-            futures = {ex.submit(grade_one, s, ctx): s for s in subs}
-            for fut in as_completed(futures):
-                r = fut.result()
-                publish(r, ctx, out_db)
-                results.append(r)
-                if bar:
-                    bar.set_postfix_str(f"{r.student}: {r.status}", refresh=False)
-                    bar.update(1)
-        if bar:
-            bar.close()
+        # ---- seam for autograder/store.py: what is already stored, and the one writer ----
+        journal = executors.Journal(opts.out, executors.settings_key(opts, seed))
+        results: list[StudentResult] = list(journal.already_graded(subs).values())
+        done = {r.student for r in results}
+        todo = [s for s in subs if s.student not in done]
+        progress = executors.Progress(len(subs), len(results), f"grading {spec.lesson_id}", opts.progress,
+                                      ex.describe())
+
+        def on_result(r: StudentResult, sub: Submission) -> None:   # main thread only
+            publish(r, ctx, out_db)
+            journal.record(r, sub)
+            results.append(r)
+            progress.update(r)
+
+        ex.run(todo, on_result, progress)
+        progress.close()
         results.sort(key=lambda r: r.student)
         items = {i: {"objective": spec.objective(i), "max_score": spec.item_points(i),
                      "probe": bool(probes and i in probes.probes)} for i in spec.items}
@@ -564,9 +598,7 @@ def grade(submissions: Path, opts: Options) -> RunResult:
         write_results(run, opts.out)
         return run
     finally:
-        if pool:
-            pool.stop()
-        if ipc_root is not None:
-            shutil.rmtree(ipc_root, ignore_errors=True)
+        if ex is not None:
+            ex.close()
         if not opts.keep_work:
             shutil.rmtree(run_dir, ignore_errors=True)
