@@ -494,7 +494,7 @@ class DaskExecutor:
         refused: dict[str, str] = {}            # worker -> why it refuses
         refusals: dict[str, set] = {}           # student -> workers that refused it
         running: dict = {}                      # future -> (sub, task)
-        ac = dask_completed()
+        ac = dask_completed(loop=self.client.loop)
 
         def workers() -> list[str]:
             return list(self.client.scheduler_info().get("workers", {}))
