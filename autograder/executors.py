@@ -500,10 +500,12 @@ class DaskExecutor:
             return list(self.client.scheduler_info().get("workers", {}))
 
         def submit(sub, task, attempt=0) -> None:
-            good = [w for w in workers() if w not in refused]
+            # steer away from refusing workers only (a restriction to workers that all die leaves the
+            # task waiting for them, so none is set while every worker accepts)
+            good = [w for w in workers() if w not in refused] if refused else None
             fut = self.client.submit(grade_task, self.job, task, key=f"grade-{sub.student}-{task['sha256'][:12]}-"
                                      f"{attempt}-{secrets.token_hex(3)}", pure=False, retries=1,
-                                     workers=good or None, allow_other_workers=True)
+                                     workers=good or None, allow_other_workers=bool(good))
             running[fut] = (sub, task, attempt)
             ac.add(fut)
 

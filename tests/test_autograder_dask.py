@@ -86,12 +86,12 @@ def cluster():
             cl.close()
 
 
-def executing(client) -> dict[str, list[str]]:
-    """worker address -> keys of the tasks it is running right now."""
+def executing(client) -> dict[str, tuple[int, list[str]]]:
+    """worker address -> (its process id, keys of the tasks it is running right now)."""
     def running(dask_worker):
-        return [str(ts.key) for ts in dask_worker.state.executing]
+        return os.getpid(), [str(ts.key) for ts in dask_worker.state.executing]
     try:
-        return client.run(running, on_error="return")
+        return {w: v for w, v in client.run(running, on_error="return").items() if isinstance(v, tuple)}
     except Exception:
         return {}
 
@@ -107,16 +107,14 @@ class Killer(threading.Thread):
 
     def run(self):
         while not self.stop and any(self.kills.values()):
-            for worker, keys in executing(self.client).items():
-                if not isinstance(keys, list):
-                    continue
+            for worker, (pid, keys) in executing(self.client).items():
                 for key in keys:
                     student = next((s for s in self.kills if key.startswith(f"grade-{s}-")), None)
                     if not student or not self.kills[student]:
                         continue
                     first = self.seen.setdefault((worker, key), time.monotonic())
-                    if time.monotonic() - first >= self.after:
-                        pid = self.client.scheduler_info()["workers"][worker]["pid"]
+                    assigned = [str(k) for k in self.client.processing().get(worker, ())]
+                    if time.monotonic() - first >= self.after and assigned == [key]:   # kill only this task's worker
                         os.kill(pid, signal.SIGKILL)
                         self.kills[student] -= 1
                         self.log.append((student, worker, pid))
