@@ -5,14 +5,14 @@
 Fast mode, sandbox on, feedback on, the real command line (``python -m autograder grade``):
 
 1. **cost per submission** for a strong (all correct), typical (exactly at the passing threshold) and
-   weak (untouched) notebook: each kind graded serially (``--jobs 1``) in a batch of 1 and of 3;
-   CPU seconds per submission = (CPU(3) - CPU(1)) / 2, where CPU is the user + system time of the
+   weak (untouched) notebook: each kind graded serially (``--jobs 1``) in a batch of 1 and of B
+   (``--batch``, default 3); CPU seconds per submission = (CPU(B) - CPU(1)) / (B - 1), where CPU is the user + system time of the
    command and every process it waited for (nbgrader workers, kernels, re-check processes), so the
    start-up cost cancels; wall seconds per submission = the median of the per-student ``seconds``.
 2. **throughput** of a class of ``--n`` submissions (strong/typical/weak mixed) with the local
    executor (``--jobs 1``, ``--jobs 2``) and with Dask (``LocalCluster`` of 1 and 2 worker processes,
    one thread each); each Dask run is preceded by a warm-up batch of 2 so that the workers' grading
-   contexts exist (a long-running cluster's normal state). Scaling efficiency = throughput(2) /
+   contexts exist (a long-running cluster's normal state; ``--no-warm-up`` times a fresh cluster). Scaling efficiency = throughput(2) /
    (2 x throughput(1)); Dask vs local = the Dask throughput / the local one at the same width.
 3. **projection**: hours for 2,000 students on N workers = 2000 / (throughput(1 worker) x N x
    efficiency), assuming the 1 -> 2 efficiency holds at N (not measured beyond 2) and ignoring the
@@ -93,21 +93,21 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def cost(tmp: Path) -> dict:
+def cost(tmp: Path, batch: int) -> dict:
     out = {}
     for kind in KINDS:
         one = grade(make_class(tmp / f"{kind}-1", [kind]), tmp / "o", "--jobs", "1")
-        three = grade(make_class(tmp / f"{kind}-3", [kind] * 3), tmp / "o", "--jobs", "1")
-        out[kind] = {"cpu_per_submission": (three["cpu"] - one["cpu"]) / 2,
-                     "wall_per_submission": statistics.median(three["seconds"]),
-                     "startup_cpu": one["cpu"] - (three["cpu"] - one["cpu"]) / 2, "load_average": load()}
+        many = grade(make_class(tmp / f"{kind}-{batch}", [kind] * batch), tmp / "o", "--jobs", "1")
+        per = (many["cpu"] - one["cpu"]) / (batch - 1)
+        out[kind] = {"cpu_per_submission": per, "wall_per_submission": statistics.median(many["seconds"] + one["seconds"]),
+                     "startup_cpu": one["cpu"] - per, "load_average": load()}
         print(f"  {kind:<8} CPU {out[kind]['cpu_per_submission']:5.1f} s/submission, wall "
               f"{out[kind]['wall_per_submission']:5.1f} s/submission (median), command start-up CPU "
               f"{out[kind]['startup_cpu']:4.1f} s   load {out[kind]['load_average']}", flush=True)
     return out
 
 
-def throughput(tmp: Path, n: int) -> dict:
+def throughput(tmp: Path, n: int, warm_up: bool) -> dict:
     from distributed import LocalCluster
     import dask
     subs = make_class(tmp / "class", [KINDS[i % 3] for i in range(n)])
@@ -122,7 +122,8 @@ def throughput(tmp: Path, n: int) -> dict:
             cluster = LocalCluster(n_workers=width, processes=True, threads_per_worker=1, memory_limit=0,
                                    dashboard_address=None)
         try:
-            grade(warm, tmp / "o", "--executor", "dask", "--scheduler", cluster.scheduler_address)
+            if warm_up:
+                grade(warm, tmp / "o", "--executor", "dask", "--scheduler", cluster.scheduler_address)
             r = grade(subs, tmp / "o", "--executor", "dask", "--scheduler", cluster.scheduler_address)
         finally:
             cluster.close()
@@ -135,6 +136,9 @@ def throughput(tmp: Path, n: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=6, help="class size for the throughput runs (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=3, help="batch size of the cost runs (vs a batch of 1; default: %(default)s)")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="time the Dask runs from a fresh cluster (worker start-up and context building included)")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -146,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         grade(make_class(tmp / "warm0", ["strong"]), tmp / "o", "--jobs", "1")   # template cache, disk caches
         if not args.skip_cost:
             print("cost per submission (serial, batch of 3 minus batch of 1):")
-            result["cost"] = cost(tmp)
+            result["cost"] = cost(tmp, args.batch)
         print(f"throughput, class of {args.n}:")
-        t = result["throughput"] = throughput(tmp, args.n)
+        t = result["throughput"] = throughput(tmp, args.n, not args.no_warm_up)
         eff = {k: t[f"{k}_2"]["throughput"] / (2 * t[f"{k}_1"]["throughput"]) for k in ("local", "dask")}
         ratio = {w: t[f"dask_{w}"]["throughput"] / t[f"local_{w}"]["throughput"] for w in (1, 2)}
         result["efficiency_1_to_2"], result["dask_over_local"] = eff, ratio
