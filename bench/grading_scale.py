@@ -5,10 +5,10 @@
 Fast mode, sandbox on, feedback on, the real command line (``python -m autograder grade``):
 
 1. **cost per submission** for a strong (all correct), typical (exactly at the passing threshold) and
-   weak (untouched) notebook: each kind graded serially (``--jobs 1``) in a batch of 1 and of B
-   (``--batch``, default 3); CPU seconds per submission = (CPU(B) - CPU(1)) / (B - 1), where CPU is the user + system time of the
-   command and every process it waited for (nbgrader workers, kernels, re-check processes), so the
-   start-up cost cancels; wall seconds per submission = the median of the per-student ``seconds``.
+   weak (untouched) notebook: one submission of each kind graded by the command (``--jobs 1``); CPU
+   seconds per submission = CPU(that run) - CPU(a run whose only student has no notebook), where CPU
+   is the user + system time of the command and every process it waited for (nbgrader worker,
+   kernel, re-check process), so the command's start-up cancels; wall = the student's ``seconds``.
 2. **throughput** of a class of ``--n`` submissions (strong/typical/weak mixed) with the local
    executor (``--jobs 1``, ``--jobs 2``) and with Dask (``LocalCluster`` of 1 and 2 worker processes,
    one thread each); each Dask run is preceded by a warm-up batch of 2 so that the workers' grading
@@ -93,17 +93,25 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def cost(tmp: Path, batch: int) -> dict:
-    out = {}
+def cost(tmp: Path) -> dict:
+    """CPU and wall seconds of one submission of each kind, less a run that grades nothing."""
+    empty = tmp / "empty"
+    shutil.rmtree(empty, ignore_errors=True)
+    (empty / "nobody" / SPEC.lesson_id).mkdir(parents=True)   # a student without a notebook: start-up only
+    shutil.rmtree(tmp / "o", ignore_errors=True)
+    cpu0 = children_cpu()
+    subprocess.run([sys.executable, "-m", "autograder", "grade", str(empty), "--out", str(tmp / "o"), "--quiet",
+                    "--probe-seed", "1", "--jobs", "1"], cwd=ROOT, capture_output=True, env={**os.environ, "MPLBACKEND": "Agg"})
+    base = children_cpu() - cpu0
+    out = {"startup_cpu": base}
+    print(f"  start-up of the command alone (nothing graded): CPU {base:4.1f} s", flush=True)
     for kind in KINDS:
         one = grade(make_class(tmp / f"{kind}-1", [kind]), tmp / "o", "--jobs", "1")
-        many = grade(make_class(tmp / f"{kind}-{batch}", [kind] * batch), tmp / "o", "--jobs", "1")
-        per = (many["cpu"] - one["cpu"]) / (batch - 1)
-        out[kind] = {"cpu_per_submission": per, "wall_per_submission": statistics.median(many["seconds"] + one["seconds"]),
-                     "startup_cpu": one["cpu"] - per, "load_average": load()}
+        out[kind] = {"cpu_per_submission": one["cpu"] - base, "wall_per_submission": one["seconds"][0],
+                     "load_average": load()}
         print(f"  {kind:<8} CPU {out[kind]['cpu_per_submission']:5.1f} s/submission, wall "
-              f"{out[kind]['wall_per_submission']:5.1f} s/submission (median), command start-up CPU "
-              f"{out[kind]['startup_cpu']:4.1f} s   load {out[kind]['load_average']}", flush=True)
+              f"{out[kind]['wall_per_submission']:5.1f} s (the student's grading time)   load {out[kind]['load_average']}",
+              flush=True)
     return out
 
 
@@ -136,7 +144,6 @@ def throughput(tmp: Path, n: int, warm_up: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=6, help="class size for the throughput runs (default: %(default)s)")
-    ap.add_argument("--batch", type=int, default=3, help="batch size of the cost runs (vs a batch of 1; default: %(default)s)")
     ap.add_argument("--no-warm-up", action="store_true",
                     help="time the Dask runs from a fresh cluster (worker start-up and context building included)")
     ap.add_argument("--skip-cost", action="store_true")
@@ -147,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(SPEC.grade_cells)} grade cells; fast mode, sandbox on", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     try:
-        grade(make_class(tmp / "warm0", ["strong"]), tmp / "o", "--jobs", "1")   # template cache, disk caches
+        if not args.no_warm_up:   # template gradebook cache, disk caches
+            grade(make_class(tmp / "warm0", ["strong"]), tmp / "o", "--jobs", "1")
         if not args.skip_cost:
-            print("cost per submission (serial, batch of 3 minus batch of 1):")
-            result["cost"] = cost(tmp, args.batch)
+            print("cost per submission (one submission of each kind, less a run that grades nothing):")
+            result["cost"] = cost(tmp)
         print(f"throughput, class of {args.n}:")
         t = result["throughput"] = throughput(tmp, args.n, not args.no_warm_up)
         eff = {k: t[f"{k}_2"]["throughput"] / (2 * t[f"{k}_1"]["throughput"]) for k in ("local", "dask")}
