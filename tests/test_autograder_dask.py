@@ -107,18 +107,25 @@ class Killer(threading.Thread):
 
     def run(self):
         while not self.stop and any(self.kills.values()):
-            for worker, (pid, keys) in executing(self.client).items():
-                for key in keys:
-                    student = next((s for s in self.kills if key.startswith(f"grade-{s}-")), None)
-                    if not student or not self.kills[student]:
-                        continue
-                    first = self.seen.setdefault((worker, key), time.monotonic())
-                    assigned = [str(k) for k in self.client.processing().get(worker, ())]
-                    if time.monotonic() - first >= self.after and assigned == [key]:   # kill only this task's worker
-                        os.kill(pid, signal.SIGKILL)
-                        self.kills[student] -= 1
-                        self.log.append((student, worker, pid))
+            try:
+                self._once()
+            except Exception:   # a worker restarting mid-call: look again
+                pass
             time.sleep(0.3)
+
+    def _once(self):
+        for worker, (pid, keys) in executing(self.client).items():
+            for key in keys:
+                student = next((s for s in self.kills if key.startswith(f"grade-{s}-")), None)
+                if not student or not self.kills[student]:
+                    continue
+                first = self.seen.setdefault((worker, key), time.monotonic())
+                assigned = [str(k) for k in self.client.processing().get(worker, ())]
+                if time.monotonic() - first >= self.after and assigned == [key]:   # kill only this task's worker
+                    os.kill(pid, signal.SIGKILL)
+                    self.kills[student] -= 1
+                    self.log.append((student, worker, pid))
+                    return
 
 
 # ---- the same class, local and Dask ------------------------------------------------------------------
