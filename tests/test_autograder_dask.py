@@ -86,46 +86,42 @@ def cluster():
             cl.close()
 
 
-def executing(client) -> dict[str, tuple[int, list[str]]]:
-    """worker address -> (its process id, keys of the tasks it is running right now)."""
-    def running(dask_worker):
-        return os.getpid(), [str(ts.key) for ts in dask_worker.state.executing]
-    try:
-        return {w: v for w, v in client.run(running, on_error="return").items() if isinstance(v, tuple)}
-    except Exception:
-        return {}
-
-
 class Killer(threading.Thread):
     """Kills (SIGKILL) the worker process running student X's task, ``kills[X]`` times, each time
-    once the task has run for ``after`` seconds (mid-submission)."""
+    once the task has run for ``after`` seconds (mid-submission). Reads the scheduler's and the
+    nannies' state in this process (no call to a worker that may be restarting)."""
 
-    def __init__(self, client, kills: dict[str, int], after: float = 3.0):
+    def __init__(self, cluster, client, kills: dict[str, int], after: float = 2.0):
         super().__init__(daemon=True)
-        self.client, self.kills, self.after, self.log, self.stop = client, dict(kills), after, [], False
+        self.cluster, self.client, self.kills, self.after, self.log, self.stop = cluster, client, dict(kills), after, [], False
         self.seen: dict[tuple, float] = {}
 
     def run(self):
         while not self.stop and any(self.kills.values()):
             try:
                 self._once()
-            except Exception:   # a worker restarting mid-call: look again
+            except Exception:   # a worker restarting: look again
                 pass
             time.sleep(0.3)
 
     def _once(self):
-        for worker, (pid, keys) in executing(self.client).items():
-            for key in keys:
-                student = next((s for s in self.kills if key.startswith(f"grade-{s}-")), None)
-                if not student or not self.kills[student]:
-                    continue
-                first = self.seen.setdefault((worker, key), time.monotonic())
-                assigned = [str(k) for k in self.client.processing().get(worker, ())]
-                if time.monotonic() - first >= self.after and assigned == [key]:   # kill only this task's worker
-                    os.kill(pid, signal.SIGKILL)
-                    self.kills[student] -= 1
-                    self.log.append((student, worker, pid))
-                    return
+        processing = {w: [str(k) for k in keys] for w, keys in self.client.processing().items()}
+        for nanny in list(self.cluster.workers.values()):
+            worker, proc = nanny.worker_address, nanny.process
+            keys = processing.get(worker, [])
+            if proc is None or proc.process is None or len(keys) != 1:   # kill only a worker whose one task is the target
+                continue
+            key = keys[0]
+            student = next((s for s in self.kills if key.startswith(f"grade-{s}-")), None)
+            if not student or not self.kills[student]:
+                continue
+            first = self.seen.setdefault((worker, key), time.monotonic())
+            if time.monotonic() - first >= self.after:
+                pid = proc.process.pid
+                os.kill(pid, signal.SIGKILL)
+                self.kills[student] -= 1
+                self.log.append((student, worker, pid))
+                return
 
 
 # ---- the same class, local and Dask ------------------------------------------------------------------
@@ -165,7 +161,7 @@ def test_killed_workers_rerun_elsewhere_or_error_and_the_batch_completes(cluster
     cl, client = cluster
     subs = make_class(tmp_path / "subs", {"alice": "correct", "bob": "correct", "carol": "untouched"})
     out = tmp_path / "out"
-    killer = Killer(client, {"alice": 1, "bob": 2})
+    killer = Killer(cl, client, {"alice": 1, "bob": 2})
     killer.start()
     try:
         r = subprocess.run(grade_cmd(subs, out, "--executor", "dask", "--scheduler", cl.scheduler_address,
