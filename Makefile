@@ -59,7 +59,7 @@ RESULTS     ?= results
 JOBS        ?= 2
 MODE        ?= fast
 
-.PHONY: grade a11y a11y-deps bench bench-monitor bench-grading threshold-suite
+.PHONY: grade a11y a11y-deps bench bench-monitor bench-grading bench-grading-scale threshold-suite
 
 grade: $(STAMP)
 	$(NB_ENV) $(PY) -m autograder grade $(SUBMISSIONS) --lesson $(LESSON) --out $(RESULTS) --jobs $(JOBS) --mode $(MODE)
@@ -94,6 +94,10 @@ bench-notebook: $(STAMP)
 
 bench-grading: $(STAMP)
 	$(NB_ENV) $(PY) bench/grading.py --json $(BENCH_OUT)/grading.json
+
+# cost per submission, 1 vs 2 workers, Dask vs local, projection for 2,000 students (not in `make bench`: ~15 min)
+bench-grading-scale: $(STAMP)
+	$(NB_ENV) $(PY) bench/grading_scale.py --json $(BENCH_OUT)/grading_scale.json
 
 # one target after another (never in parallel: they would time each other)
 bench: $(STAMP)

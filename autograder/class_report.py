@@ -219,7 +219,7 @@ def _figures(rep: ClassReport):
         ax.set_title("Item facility (bars) and discrimination r (text)")
         fig.tight_layout()
         hardest = min((i for i in rep.items if i.facility is not None), key=lambda i: i.facility, default=None)
-        alt = (f"Horizontal bars, one per item, give the share of points the class earned; "
+        alt = ("Horizontal bars, one per item, give the share of points the class earned; "
                + (f"the hardest item is '{hardest.title}' at {hardest.facility:.0%}. " if hardest else "no item was scored. ")
                + "The text beside each bar is its corrected item-total correlation; the dashed line is the pass line.")
         return AccessibleFigure(fig, alt, _item_rows(rep), "Item facility and discrimination")

@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-submission cgroup with an equal CPU share, a CPU quota and memory/task limits "
                         "(autograder/cgroups.py). auto (default): used when available, else a warning in the results; "
                         "require: refuse to grade without; off: not used")
+    g.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local (default): --jobs submissions at a time on this machine; dask: one task per "
+                        "submission on the Dask cluster at --scheduler (every worker needs this repository at the "
+                        "same commit and bubblewrap; see autograder/README.md section 7)")
+    g.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786",
+                   help="address of the Dask scheduler (with --executor dask)")
+    g.add_argument("--connect-timeout", type=float, default=20.0,
+                   help="seconds to wait for the Dask scheduler before giving up (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     e = sub.add_parser("export", help="regenerate every results file from the results store",
                        description="Rewrite results.csv/json, objectives.csv, items.csv and the LMS grade files of "
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "override":
         return _override(args)
     from .discover import InputError
+    from .executors import ExecutorUnavailable
     from .notebook import SpecError
     from .pipeline import Options, SandboxUnavailable, grade
     from .sandbox import NOT_GUARANTEED
@@ -210,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                    max_output_mb=args.max_output_mb, max_total_output_mb=args.max_total_output_mb, probe_seed=args.probe_seed, recheck=not args.no_recheck,
                    feedback=not args.no_feedback, keep_work=args.keep_work, progress=not args.quiet,
                    roster=args.roster, sandbox=args.sandbox == "on", regrade=args.regrade, late=args.late,
-                   drop_overrides=args.drop_overrides, wait=not args.no_wait, cgroups=args.cgroups)
+                   drop_overrides=args.drop_overrides, wait=not args.no_wait, cgroups=args.cgroups,
+                   executor=args.executor, scheduler=args.scheduler, connect_timeout=args.connect_timeout)
+    if args.scheduler and args.executor != "dask":
+        print("error: --scheduler is for --executor dask", file=sys.stderr)
+        return 1
     if args.work_root:
         opts.work_root = args.work_root.resolve()
     if not opts.sandbox:
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"isolation: {limit_address_space(int((3 + 0.125 * opts.jobs) * 1024**3))}", file=sys.stderr)
     try:
         run = grade(args.submissions, opts)
-    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable, StoreError) as e:
+    except (InputError, SpecError, LessonMetadataError, SandboxUnavailable, StoreError, ExecutorUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not args.quiet:

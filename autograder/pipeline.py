@@ -1,7 +1,9 @@
 """The grading pipeline: submissions in, results, feedback and a merged gradebook out.
 
-For each submission (``--jobs N`` at a time, each in its own thread with its own nbgrader worker),
-:func:`grade_one` runs these steps, one function each:
+For each submission, :func:`grade_one` runs these steps, one function each, in a process whose
+grading context (:func:`open_context`: sandbox check, kernelspec, nbgrader workers) the executor
+made (:mod:`autograder.executors`: ``--executor local``, ``--jobs N`` threads here, each with its own
+nbgrader worker; ``--executor dask``, one task per submission on a Dask worker):
 
 1. :func:`read_and_prepare`: read and check the notebook (corrupt, empty, oversized → ``errored``);
    put back deleted nbgrader cells; in ``fast`` mode drop the source notebook's demo cells. Integrity
@@ -23,8 +25,9 @@ For each submission (``--jobs N`` at a time, each in its own thread with its own
    with the course's page (:mod:`autograder.feedback_summary`: pass line, objectives, exercises by
    title); a collected submission's ``timestamp.txt``/``submission_secret.txt`` go next to it.
 
-Then :func:`publish`, in the main thread — the only writer of the results folder — replaces the
-student's entry in ``<out>/gradebook.db`` (with the student's manual overrides applied) and copies the
+Then :func:`publish`, in the main thread of the grading command — the only writer of the results
+folder and the store, whichever executor graded (Dask workers send their files back as bytes) —
+replaces the student's entry in ``<out>/gradebook.db`` (with the student's manual overrides applied) and copies the
 autograded notebook and feedback, or removes them if the student errored, and last records the
 attempt in the results store (:mod:`autograder.store`, the commit point). After the run every results
 file is regenerated from the whole store (:mod:`autograder.exports`). Nothing in the results folder
@@ -45,7 +48,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +102,9 @@ class Options:
     drop_overrides: bool = False          # re-graded students lose their manual overrides
     wait: bool = True                     # another run holds --out: wait (else stop with StoreBusy)
     cgroups: str = "auto"                 # auto: per-submission cgroups if available, else warn | require | off
+    executor: str = "local"               # local | dask (autograder/executors.py)
+    scheduler: str | None = None          # the Dask scheduler's address (executor dask)
+    connect_timeout: float = 20.0         # seconds to reach the Dask scheduler
 
     def resolved_cell_timeout(self) -> int:
         """``--cell-timeout``, else ``Execute.timeout`` from the repository's nbgrader_config.py."""
@@ -202,7 +207,7 @@ class Context:
     run_dir: Path
     template_dir: Path
     probes: ProbeSet | None
-    pool: WorkerPool
+    pool: WorkerPool | None          # None in a Dask client (the workers grade)
     cell_timeout: int
     submission_timeout: float
     protect: list[str] = field(default_factory=list)
@@ -696,11 +701,62 @@ def _cgroups(opts: Options, run_dir: Path, warnings: list[str]) -> cgroups.RunGr
     return None
 
 
+def open_context(spec: LessonSpec, opts: Options, run_dir: Path, tmpl: Path, probes: ProbeSet | None,
+                 jobs: int, warnings: list[str] | None = None) -> Context:
+    """The grading context of one process that runs :func:`grade_one` (``jobs`` submissions at a time).
+
+    Checks the sandbox (fail closed: raises :class:`SandboxUnavailable`), makes the run's cgroup
+    (:func:`_cgroups`; what could not be applied goes into ``warnings``), writes the kernelspec and
+    starts ``jobs`` nbgrader workers. Made once by the local executor, and once per Dask worker
+    process by :mod:`autograder.executors`. Close it with :func:`close_context`.
+    """
+    if opts.sandbox:   # fail closed: no student code runs unless the sandbox demonstrably works
+        ok, why = sandbox.probe(run_dir)
+        if not ok:
+            raise SandboxUnavailable(
+                f"the bubblewrap sandbox does not work on this machine ({why}). Install it (Debian/Ubuntu: "
+                "apt-get install bubblewrap) or, where that is impossible (no user namespaces, e.g. macOS), "
+                "grade with --sandbox off and read what it then does not guarantee")
+    cgroup_run = _cgroups(opts, run_dir, warnings if warnings is not None else [])
+    write_kernelspec(run_dir / "jupyter", sandboxed=opts.sandbox)
+    env = tool_env({"JUPYTER_PATH": str(run_dir / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""),
+                    "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, jobs)))})
+    pool = WorkerPool(max(1, jobs), run_dir, env)
+    # the grader's own code is public; its work folder (gradebooks, other students' files) is not
+    protect = [str(ROOT / "solutions"), str(ROOT / ".git"), str(WORK), str(run_dir), str(opts.out), str(tmpl)]
+    ipc_root = Path(tempfile.mkdtemp(prefix="agk-")) if opts.sandbox else None
+    return Context(spec, opts, run_dir, tmpl, probes, pool, opts.resolved_cell_timeout(),
+                   opts.resolved_submission_timeout(), protect, ipc_root, cgroup_run)
+
+
+def close_context(ctx: Context) -> None:
+    """Stop the context's nbgrader workers, remove its cgroup (killing what is left in it) and its
+    socket folders."""
+    if ctx.pool is not None:
+        ctx.pool.stop()
+    if ctx.cgroup_run is not None:
+        try:
+            ctx.cgroup_run.remove()
+        except (OSError, RuntimeError) as e:
+            print(f"warning: cgroup clean-up failed: {e}", file=sys.stderr)
+    if ctx.ipc_root is not None:
+        shutil.rmtree(ctx.ipc_root, ignore_errors=True)
+
+
 def grade(submissions: Path, opts: Options) -> RunResult:
     """Grade everything under ``submissions`` into the store of ``opts.out`` (holding its lock), write
-    feedback and gradebook there, and regenerate every results file from the whole store."""
+    feedback and gradebook there, and regenerate every results file from the whole store.
+
+    The submissions are graded by an executor (:mod:`autograder.executors`: ``local``, this
+    machine's threads and nbgrader workers, or ``dask``, a Dask cluster); this process is the only
+    writer of the results folder and the store: it publishes each result as it arrives. A submission
+    whose identical notebook the store already holds as graded with the same grader version, mode and
+    probe seed (an interrupted run) is not graded again unless ``opts.regrade``
+    (:meth:`autograder.store.Run.resume`).
+    """
     from contextlib import ExitStack
     import nbgrader
+    from . import executors
     t0 = time.monotonic()
     spec = load_spec(opts.lesson)
     opts.out = Path(opts.out).resolve()
@@ -709,78 +765,52 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     run_dir.mkdir(parents=True)
     warnings = [f"items in the lesson metadata without grade cells in the notebook (not graded): {', '.join(spec.missing_items)}"
                 ] if spec.missing_items else []
-    pool = ipc_root = cgroup_run = None
+    ex = None
     held = ExitStack()
     try:
         store = held.enter_context(results_store.open_locked(opts.out, wait=opts.wait))   # one run per --out
-        if opts.sandbox:   # fail closed: no student code runs unless the sandbox demonstrably works
-            ok, why = sandbox.probe(run_dir)
-            if not ok:
-                raise SandboxUnavailable(
-                    f"the bubblewrap sandbox does not work on this machine ({why}). Install it (Debian/Ubuntu: "
-                    "apt-get install bubblewrap) or, where that is impossible (no user namespaces, e.g. macOS), "
-                    "grade with --sandbox off and read what it then does not guarantee")
-        cgroup_run = _cgroups(opts, run_dir, warnings)
-        write_kernelspec(run_dir / "jupyter", sandboxed=opts.sandbox)
-        env = tool_env({"JUPYTER_PATH": str(run_dir / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""),
-                        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, opts.jobs)))})
-        pool = WorkerPool(max(1, opts.jobs), run_dir, env)   # importing nbgrader overlaps with what follows
         tmpl = template(spec)
         seed = opts.probe_seed if opts.probe_seed is not None else offering_probe_seed()
         probes = ProbeSet.build(spec, seed) if opts.recheck else None
+        # connects to the cluster / checks the sandbox before any student is recorded
+        ex = executors.make(opts, spec, run_dir, tmpl, probes, warnings)
+        ctx = ex.ctx
         subs = _roster(opts.roster, discover(Path(submissions), spec.lesson_id, spec.notebook_name, run_dir),
                        store.known(spec.lesson_id))
         out_db = opts.out / "gradebook.db"
         w = gradebook.ensure_merged(out_db, tmpl / "gradebook.db", spec.lesson_id)
         if w:
             warnings.append(w)
-        # the grader's own code is public; its work folder (gradebooks, other students' files) is not
-        protect = [str(ROOT / "solutions"), str(ROOT / ".git"), str(WORK), str(run_dir), str(opts.out), str(tmpl)]
-        ipc_root = Path(tempfile.mkdtemp(prefix="agk-")) if opts.sandbox else None
-        ctx = Context(spec, opts, run_dir, tmpl, probes, pool, opts.resolved_cell_timeout(),
-                      opts.resolved_submission_timeout(), protect, ipc_root, cgroup_run)
         items = {i: {"objective": spec.objective(i), "max_score": spec.item_points(i),
                      "probe": bool(probes and i in probes.probes)} for i in spec.items}
         rec = results_store.Run.begin(store, spec.lesson_id, spec.source_path, opts.mode, seed, {
             "threshold": spec.meta.passing_threshold, "max_score": spec.total_points, "items": items,
             "objectives": spec.meta.objectives, "missing_items": spec.missing_items, "jobs": opts.jobs,
-            "nbgrader_version": nbgrader.__version__, "warnings": warnings, "regrade": opts.regrade},
+            "nbgrader_version": nbgrader.__version__, "warnings": warnings, "regrade": opts.regrade,
+            "executor": ex.describe()},
             late=opts.late, drop_overrides=opts.drop_overrides,
             settings={"recheck": opts.recheck, "sandbox": opts.sandbox, "cell_timeout": ctx.cell_timeout,
                       "timeout": ctx.submission_timeout, "memory_gb": opts.memory_gb,
                       "max_output_mb": opts.max_output_mb, "max_notebook_mb": opts.max_notebook_mb})
-        subs, skipped = rec.resume(subs, opts.regrade)
-        by_student = {s.student: s for s in subs}
+        todo, skipped = rec.resume(subs, opts.regrade)
         results: list[StudentResult] = []
-        bar = None
-        if opts.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(subs), desc=f"grading {spec.lesson_id}", unit="nb", file=sys.stderr)
-        with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as ex:
-            futures = {ex.submit(grade_one, s, ctx): s for s in subs}
-            for fut in as_completed(futures):
-                r = fut.result()
-                publish(r, ctx, out_db, rec, by_student.get(r.student))
-                results.append(r)
-                if bar:
-                    bar.set_postfix_str(f"{r.student}: {r.status}", refresh=False)
-                    bar.update(1)
-        if bar:
-            bar.close()
+        progress = executors.Progress(len(subs), len(skipped), f"grading {spec.lesson_id}", opts.progress,
+                                      ex.describe())
+
+        def on_result(r: StudentResult, sub: Submission) -> None:   # main thread only: the single writer
+            publish(r, ctx, out_db, rec, sub)
+            results.append(r)
+            progress.update(r)
+
+        ex.run(todo, on_result, progress)
+        progress.close()
         rec.finish(seconds=round(time.monotonic() - t0, 2), graded=len(results), skipped=len(skipped))
         run = export_all(store, opts.out, spec.lesson_id)   # every results file, from the whole store
         run.batch, run.skipped = sorted([r.student for r in results] + skipped), skipped
         return run
     finally:
-        if pool:
-            pool.stop()
-        if cgroup_run is not None:
-            try:
-                cgroup_run.remove()
-            except (OSError, RuntimeError) as e:
-                print(f"warning: cgroup clean-up failed: {e}", file=sys.stderr)
-        if ipc_root is not None:
-            shutil.rmtree(ipc_root, ignore_errors=True)
+        if ex is not None:
+            ex.close()
         if not opts.keep_work:
             shutil.rmtree(run_dir, ignore_errors=True)
         held.close()   # the store and its lock

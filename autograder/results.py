@@ -158,7 +158,7 @@ def _fmt(x: float | None) -> str:
     return f"{x:g}" if float(x) != int(x) else str(int(x))
 
 
-CSV_IDENTITY = ["late", "lms", "lms_user_id", "display_name", "overrides", "graded_at"]
+CSV_IDENTITY = ["late", "lms", "lms_user_id", "display_name", "overrides"]   # no timestamps: the same grades, the same file
 
 
 def _replace(path: Path, write) -> Path:
@@ -203,8 +203,7 @@ def write_results(run: RunResult, out: Path) -> tuple[Path, Path]:
                      "" if s.percent is None else f"{s.percent:.2f}",
                      "" if s.passed is None else ("yes" if s.passed else "no"),
                      *lo_scores, *lo_max, s.reason, evidence,
-                     "yes" if s.late else "no", s.lms or "", s.lms_user_id or "", s.display_name, overrides,
-                     s.graded_at])
+                     "yes" if s.late else "no", s.lms or "", s.lms_user_id or "", s.display_name, overrides])
     cpath = write_csv(out / "results.csv", ["student", "submitted_as", "status", "score", "max_score", "percent",
                                             "pass", *[f"{lo}_score" for lo in los], *[f"{lo}_max" for lo in los],
                                             "reason", "evidence", *CSV_IDENTITY], rows)

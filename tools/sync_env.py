@@ -37,7 +37,7 @@ def direct_requirements(path: Path = ROOT / "pyproject.toml") -> list[str]:
     """Direct dependency specifiers of the package and its course/dev extras (self-references dropped)."""
     project = tomllib.loads(path.read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in ("course", "dev"):
+    for extra in ("course", "grading", "dev"):
         reqs += [r for r in project["optional-dependencies"][extra]
                  if not canon(r).startswith(canon(project["name"]))]
     return reqs
