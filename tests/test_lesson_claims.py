@@ -1,14 +1,17 @@
 """The lesson says nothing its own numbers contradict (residual_bandwidth.course.claims).
 
-Rule for the prose (``claims.unchecked_prose``): a typed markdown cell that states a number or a
-comparison must name the claims that check it in a marker ``<!-- claims: id, ... -->``, unless the
-number is notation or structure (math, code, headings, citations, cross-references, quotations of the
-original lesson). Generated sentences (``claims.say``) are built from the values of the cell that
-displays them. The notebook is executed once per session (``executed_source`` in conftest.py) and:
+Rule for the prose (``claims.unchecked_prose``), sentence by sentence: every fragment (sentence, list
+item, table row) of a typed markdown cell that states a number or a comparison carries its own marker
+``<!-- claims: id -->``, unless the number is notation or structure (math, code, headings, citations,
+cross-references, quotations). A marker covers only the fragment it ends, never the rest of its cell.
+Generated sentences (``claims.say``) are built from the values of the cell that displays them. The
+notebook is executed once per session (``executed_source`` in conftest.py) and:
 
 * every claim holds;
 * every marker names a claim that was registered, by a cell of the same numbered section (cells of the
   introduction, section 11, the accessibility notes and the summary may cite any section);
+* a typed claim's statement is the very sentence its marker ends (in its own section), so the check
+  tests that sentence and not something weaker;
 * every generated claim is displayed by the cell that computed it.
 
 Exercise cells (their markdown and hints) belong to the graded items and are left to their own tests.
@@ -23,7 +26,7 @@ import numpy as np
 import pytest
 from bs4 import BeautifulSoup
 
-from residual_bandwidth.course.claims import Claims, markers, unchecked_prose
+from residual_bandwidth.course.claims import Claims, fragments, markers, normalize, unchecked_prose
 from residual_bandwidth.course import load_lesson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +95,27 @@ def test_markers_name_claims_registered_in_their_section(executed_source):
     assert typed <= cited, f"checked claims that no typed sentence cites: {sorted(typed - cited)}"
 
 
+def test_each_typed_claim_states_exactly_the_sentence_its_marker_ends(executed_source):
+    claims = claims_of(executed_source)
+    where = parts(executed_source)
+    homes = {}
+    for i, c in enumerate(executed_source.cells):
+        if c.cell_type != "markdown":
+            continue
+        for f in fragments(c.source):
+            for cid in f.ids:
+                if cid not in claims or claims[cid]["generated"]:
+                    continue
+                made_in = where[registering_cell(executed_source, cid)]
+                if where[i] == made_in:
+                    homes.setdefault(cid, []).append(f.text)
+                    assert normalize(claims[cid]["statement"]) == normalize(f.text), (
+                        f"claim {cid!r} checks {claims[cid]['statement']!r}, but its marker ends the sentence "
+                        f"{f.text!r}")
+    typed = {cid for cid, c in claims.items() if not c["generated"]}
+    assert typed <= set(homes), f"typed claims without a sentence in their own section: {sorted(typed - set(homes))}"
+
+
 def test_generated_claims_are_displayed_by_the_cell_that_computed_them(executed_source):
     claims = claims_of(executed_source)
     for cid, c in claims.items():
@@ -153,9 +177,23 @@ def test_claim_ids_are_unique_in_the_source():
     ('The original lesson said "16,384 dims".', False),
     ("Without the hub it uses SmolLM2-135M, otherwise GPT-2.", False),
     ("It is 162x larger. <!-- claims: some_claim -->", False),
+    ("It is 162x larger.\n<!-- claims: some_claim -->", False),
+    # one marker vouches for one sentence, not for its neighbours
+    ("The first is 5x larger. The second is 3x. <!-- claims: some_claim -->", True),
+    ("* a list item with 12 things\n* another item <!-- claims: some_claim -->", True),
+    ("| a | 12 |\n| b | 3 | <!-- claims: some_claim -->", True),
+    ("The first is 5x. <!-- claims: a --> The second is 3x. <!-- claims: b -->", False),
+    ("**Predict, then run.** Will the loss rise by more than 0.05 nats?", False),
 ])
 def test_prose_rule(text, flagged):
     assert bool(unchecked_prose(text)) is flagged, unchecked_prose(text)
+
+
+def test_fragments_attach_each_marker_to_its_sentence():
+    fs = fragments("The first is 5x. <!-- claims: a --> Nothing here. The second is 3x larger.\n<!-- claims: b, c -->")
+    assert [(f.text, f.ids, f.quantitative) for f in fs] == [
+        ("The first is 5x.", ["a"], True), ("Nothing here.", [], False), ("The second is 3x larger.", ["b", "c"], True)]
+    assert normalize("The **second** is 3x larger. <!-- claims: b -->") == normalize(fs[2].text)
 
 
 def test_markers_are_parsed():
