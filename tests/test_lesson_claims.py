@@ -9,12 +9,14 @@ notebook is executed once per session (``executed_source`` in conftest.py) and:
 
 * every claim holds;
 * every marker names a claim that was registered, by a cell of the same numbered section (cells of the
-  introduction, section 11, the accessibility notes and the summary may cite any section);
+  introduction, section 10 (claims you will meet), the accessibility notes and the summary may cite any
+  section);
 * a typed claim's statement is the very sentence its marker ends (in its own section), so the check
   tests that sentence and not something weaker;
 * every generated claim is displayed by the cell that computed it.
 
-Exercise cells (their markdown and hints) belong to the graded items and are left to their own tests.
+The prose rule covers every markdown cell, exercise text and hints included (an exercise's
+"Difficulty" line and the hint headers are structure).
 """
 from __future__ import annotations
 
@@ -34,11 +36,8 @@ META = load_lesson()
 SOURCE = ROOT / "solutions" / META.lesson_id / META.notebook
 TEXT_SOURCE = ROOT / "solutions" / META.lesson_id / "lesson.py"
 # cells of these parts summarise the lesson and may cite claims of any section
-SUMMARY_PARTS = {"intro", "11", "Accessibility", "Summary", "Claims checked in this run"}
+SUMMARY_PARTS = {"intro", "10", "Accessibility", "Summary", "Claims checked in this run"}
 
-
-def is_exercise(cell) -> bool:
-    return cell.cell_type == "markdown" and "Exercise:" in cell.source
 
 
 def parts(nb) -> list[str]:
@@ -150,7 +149,7 @@ def test_typed_prose_states_no_unchecked_number_or_comparison():
     nb = nbformat.read(SOURCE, 4)
     offending = {}
     for i, c in enumerate(nb.cells):
-        if c.cell_type == "markdown" and not is_exercise(c):
+        if c.cell_type == "markdown":      # every markdown cell, exercises and marked cells included
             found = unchecked_prose(c.source)
             if found:
                 offending[f"cell {i}: {c.source.splitlines()[0][:50]}"] = found

@@ -37,7 +37,7 @@
 # invisible marker, and a code cell of the same section registers that very sentence with a
 # computed truth value (a *claim*). Every claim is listed with its numbers at the end of the notebook
 # (section "Claims checked in this run"), and the course's tests fail if any claim does not hold or
-# any quantitative sentence has no claim. Section 11 lists the claims you will meet and where each
+# any quantitative sentence has no claim. Section 10 lists the claims you will meet and where each
 # is taught, measured or refuted.
 
 # %% [markdown]
@@ -288,16 +288,15 @@ claims.say(
 # collide. Point (b) has two very different versions:
 #
 # * **separate subspaces**: different components write into different, (nearly) orthogonal
-#   directions, so there are never more things stored than dimensions;
+#   directions, so that each stored thing keeps directions of its own;
 # * **superposition** (Elhage et al. 2022, *Toy Models of Superposition*): a layer stores *more*
-#   features than it has dimensions, as almost-orthogonal directions that overlap a little. That
+#   features than it has dimensions, as almost-orthogonal directions that overlap a little. <!-- claims: superposition_toy --> That
 #   works when the features are *sparse* (rarely active together), and its price is interference:
 #   reading one feature picks up a little of the others.
 #
-# The two make opposite predictions you can test: separate subspaces predict that different heads'
-# write subspaces overlap *less* than random ones; superposition predicts that they may overlap
-# more, and that the number of directions the data vary in (the ranks of Section 2) says nothing
-# about how many features are stored. The rest of the lesson measures (a), (b) and (c); Section 11
+# Measurement can tell the two apart. With separate subspaces, different heads' write subspaces
+# would be nearly orthogonal to each other; superposition lets them share directions, and then the
+# number of directions the data vary in (the ranks of Section 2) does not count the features stored. The rest of the lesson measures (a), (b) and (c); Section 10
 # tests the subspace prediction on every layer, and the short experiment below shows superposition
 # happening in a model small enough to train in seconds.
 
@@ -308,12 +307,12 @@ claims.say(
 # back: $h = W x$, $x' = \mathrm{ReLU}(W^\top h + b)$, trained to reconstruct $x$. Each feature is
 # zero with probability $S$ (the *sparsity*) and uniform on $[0, 1]$ otherwise; feature $i$ has
 # importance $0.9^i$ in the loss. A feature counts as *stored* when its column $W_i$ has norm above
-# one half; stored features per dimension above one means superposition.
+# $0.5$; stored features per dimension above $1$ means superposition.
 #
 # **Predict, then run.** Here $n = 20$ features share $m = 5$ dimensions. When every feature is
 # active on every input ($S = 0$), how many features will the model store? When each feature is
 # active on one input in a hundred ($S = 0.99$)? Write down two numbers, then run the cell
-# (a few seconds; `residual_bandwidth.superposition` holds the 30 lines of training code).
+# (a few seconds; `residual_bandwidth.superposition` holds the training code).
 
 # %%
 from residual_bandwidth.superposition import plot_superposition, sparsity_sweep
@@ -385,8 +384,8 @@ print(f"layer {L}: |resid_pre + attn_out - resid_mid| <= {err_mid:.1e},"
 # directions hold a share $p$), and it can land on either side of the others.
 #
 # A formula you will meet in bandwidth tutorials makes two choices that this lesson does not, and
-# the next cell measures what each one changes on that tutorial's own checkpoint data (four layers
-# of 20 tokens in 64 dimensions):
+# the next cell measures what each one changes on that tutorial's own checkpoint data ($4 \times 20$
+# token vectors in $64$ dimensions):
 #
 # 1. **It summed singular values $\sigma$.** Variance is $\sigma^2$; summing $\sigma$ gives weak
 #    directions a weight they do not have.
@@ -541,7 +540,7 @@ _ = analyze_bandwidth(seed_checkpoint_1_data(1), p=0.9)
 #
 # **Predict, then run.** Section 2 found that one or two directions hold almost all the variance of
 # the middle layer. If that is caused by a few tokens, how much louder than a typical token must
-# they be? Guess the ratio of the largest norm to the median norm, then run the two cells.
+# they be? Guess the ratio of the maximum norm to the median norm, then run the two cells.
 
 # %%
 analyzer = rb.ResidualBandwidthAnalyzer(variance_threshold=0.95, exclude_massive=True)
@@ -793,17 +792,16 @@ claims.check("seed_pr_flat_row_fires",
 #
 # A loud row that lies along one principal direction has $s_i \ll 1$: loud, but not crowding.
 #
-# What the detector guarantees, exactly, and nothing more:
+# What the detector guarantees, exactly:
 #
 # 1. A row is never `"warning"` or `"critical"` unless its norm is at least twice the layer's median
-#    ($e_i \ge 2$) *and* its spread is at least a typical row's ($s_i \ge 1$).
+#    ($e_i \ge 2$) *and* its spread is at least a typical row's ($s_i \ge 1$). <!-- claims: crowding_guarantee -->
 # 2. The flags do not change when the layer is rotated ($X \to XQ$) or rescaled ($X \to cX$): energy
-#    and spread are ratios of basis-free quantities.
-# 3. The thresholds (2, 4 and a score of 4) are conventions. A flag says a row is loud and spread out;
-#    it does not say the model suffers from it (Section 9 measures what narrowing the stream costs).
+#    and spread are ratios of basis-free quantities. <!-- claims: crowding_invariant -->
+# 3. The thresholds are conventions. A flag says a row is loud and spread out; it does not say the
+#    model suffers from it (Section 9 measures what narrowing the stream costs).
 #
-# The cell below checks the first two on this layer.
-# <!-- claims: crowding_guarantee -->
+# The cell below checks the first two, on every flagged row and on this layer.
 
 # %%
 from residual_bandwidth.bottlenecks import find_bottlenecks
@@ -830,12 +828,72 @@ same_scaled = severities(7.0 * x_L)[0] == sev_L
 crowded_L = [i for i, v in enumerate(sev_L) if v in ("warning", "critical")]
 all_flagged = bn.flagged(("warning", "critical"))
 claims.check("crowding_guarantee",
-             same_rotated and same_scaled and all(r["norm_ratio"] >= 2 and r["spread"] >= 1 for r in all_flagged),
-             "flags need energy >= 2 and spread >= 1, and do not change under rotation or rescaling",
-             rotation_invariant=same_rotated, scale_invariant=same_scaled, flagged_rows=len(all_flagged),
+             all(r["norm_ratio"] >= 2 and r["spread"] >= 1 for r in all_flagged),
+             "1. A row is never `\"warning\"` or `\"critical\"` unless its norm is at least twice the layer's median "
+             "($e_i \\ge 2$) *and* its spread is at least a typical row's ($s_i \\ge 1$).",
+             flagged_rows=len(all_flagged),
              min_flagged_energy=min((r["norm_ratio"] for r in all_flagged), default=None),
              min_flagged_spread=min((r["spread"] for r in all_flagged), default=None))
+claims.check("median_conventions",
+             float(torch.median(torch.tensor([1.0, 2.0, 3.0, 4.0]))) == 2.0 and float(np.median([1.0, 2.0, 3.0, 4.0])) == 2.5,
+             "With an even number of values `torch.median` takes the lower of the two middle values and `np.median` "
+             "their mean.", torch_median=float(torch.median(torch.tensor([1.0, 2.0, 3.0, 4.0]))),
+             np_median=float(np.median([1.0, 2.0, 3.0, 4.0])))
+claims.check("crowding_invariant", same_rotated and same_scaled,
+             "2. The flags do not change when the layer is rotated ($X \\to XQ$) or rescaled ($X \\to cX$): energy "
+             "and spread are ratios of basis-free quantities.",
+             rotation_invariant=same_rotated, scale_invariant=same_scaled, layer=L)
 print(f"layer {L}: same severities after a random rotation: {same_rotated}; after scaling by 7: {same_scaled}")
+
+# %% [markdown]
+# #### Out of sample: is a flagged row really more spread than a typical one?
+#
+# The detector measures a loud row in a basis it did not shape, but compares it with typical rows
+# that *did* shape it, and a fitted basis concentrates its own rows in its top directions: in sample,
+# typical rows look less spread than any row the fit did not see. <!-- claims: crowding_out_of_sample -->
+# The comparison is therefore biased towards flagging. The next cell measures that bias and repeats the test out of sample on both sides
+# (`bottlenecks.heldout_spread`: fit the directions on one part of the typical rows, compare with the
+# other part, over several random splits). It also asks whether a flagged token is a massive row at some
+# other layer, that is, the tail of a massive activation rather than crowding of its own.
+
+# %%
+from residual_bandwidth.bottlenecks import heldout_spread
+
+row_of = {(int(cap.prompt_index[i]), int(cap.position[i])): i for i in range(cap.n_rows)}
+massive_at = {(p_, q_) for p_, q_, _ in report.massive_positions()}
+bias_by_layer, oos_rows = {}, []
+for layer_ in sorted({r["layer"] for r in all_flagged} | set(range(1, cap.n_layers, 3))):
+    hs = heldout_spread(cap.get("resid_post", layer_), seed=SEED)
+    bias_by_layer[layer_] = hs["bias"]
+    for r in all_flagged:
+        if r["layer"] == layer_:
+            i_ = row_of[(r["prompt"], r["position"])]
+            oos_rows.append({**{k_: r[k_] for k_ in ("layer", "prompt", "position", "token", "norm_ratio", "spread")},
+                             "spread_out_of_sample": float(hs["spread"][i_]), "percentile": float(hs["percentile"][i_]),
+                             "massive_elsewhere": (r["prompt"], r["position"]) in massive_at})
+print("in-sample spread of a held-out typical row, median per layer (1 = unbiased):",
+      ", ".join(f"L{l_} {b_:.2f}" for l_, b_ in bias_by_layer.items()))
+for r in oos_rows:
+    print(f"  layer {r['layer']:2d} {r['token']!r:>10}: energy {r['norm_ratio']:.1f}x, spread in sample {r['spread']:.2f}, "
+          f"out of sample {r['spread_out_of_sample']:.2f} (above {r['percentile']:.0%} of held-out typical rows)"
+          f"{'; a massive row at another layer' if r['massive_elsewhere'] else ''}")
+survive = [r for r in oos_rows if r["spread_out_of_sample"] >= 1.0]
+clear = [r for r in oos_rows if r["percentile"] >= 0.95]
+tails = [r for r in oos_rows if r["massive_elsewhere"]]
+token_counts = {}
+for r in oos_rows:
+    token_counts[r["token"]] = token_counts.get(r["token"], 0) + 1
+claims.say(
+    "crowding_out_of_sample",
+    min(bias_by_layer.values()) > 1.0 and (len(token_counts) < len(oos_rows) or not oos_rows),
+    f"The bias is real: measured in sample, a held-out typical row reads a spread of "
+    f"**{min(bias_by_layer.values()):.2f} to {max(bias_by_layer.values()):.2f}** (median per layer) instead of 1. "
+    f"Out of sample, **{len(survive)} of {len(oos_rows)}** flagged cells are still at least as spread as a "
+    f"held-out typical row, and **{len(clear)}** are more spread than 95 % of them. The flagged cells are "
+    f"{len(token_counts)} distinct tokens ({', '.join(f'{t_!r} x{c_}' for t_, c_ in sorted(token_counts.items(), key=lambda t: -t[1])[:4])}), "
+    f"and **{len(tails)}** of them are massive rows at another layer. Read a crowding flag as a screen that "
+    f"points at a few frequent tokens, not as evidence that the stream is crowded there.",
+    bias=bias_by_layer, rows=oos_rows)
 
 
 # %% [markdown]
@@ -851,7 +909,7 @@ print(f"layer {L}: same severities after a random rotation: {same_rotated}; afte
 # <details>
 # <summary>Hint 1</summary>
 #
-# Norms: `X.norm(dim=1)`; the median: `torch.median`. With an even number of values `torch.median` takes the lower of the two middle values and `np.median` their mean; the grader accepts either convention (for the norms and for the typical rows' PR).
+# Norms: `X.norm(dim=1)`; the median: `torch.median`. With an even number of values `torch.median` takes the lower of the two middle values and `np.median` their mean. <!-- claims: median_conventions --> The grader accepts either convention (for the norms and for the typical rows' PR).
 #
 # </details>
 #
@@ -1041,7 +1099,8 @@ claims.say(
 #
 # Two questions remain. Do the heads that erase attend to the current token? And is a projection
 # of a few per cent "small"? A projection averages over every direction of the residual at once;
-# a component can leave most directions alone and cancel one completely. The next cell scores
+# a component can leave most directions alone and cancel one completely. <!-- claims: erasure_per_vector_and_direction -->
+# The next cell scores
 # erasure both ways, **per vector** (the projection) and **per direction**: for each principal
 # direction $v$ of what a component read, the coefficient
 # $\beta_v = \sum_t (w_t \cdot v)(r_t \cdot v) / \sum_t (r_t \cdot v)^2$ of its write on its read along
@@ -1085,13 +1144,15 @@ strong = [r_ for r_ in erase_rows if r_["directions_below_minus_half"] > 0 and r
 claims.say(
     "erasure_per_vector_and_direction",
     by_vec[0]["per_vector"] < -0.1 and by_dir[0]["beta"] < min(-0.5, by_dir[0]["null_min"]),
-    f"Per vector, the strongest erasers are whole layers, not heads: the {by_vec[0]['component']} of layer "
+    f"On the captured tokens, massive rows of the read or the write left out: per vector, the strongest erasers "
+    f"are whole layers, not heads: the {by_vec[0]['component']} of layer "
     f"{by_vec[0]['layer']} writes **{by_vec[0]['per_vector']:+.2f}** times what it read, on average per token, and "
     f"the {by_vec[1]['component']} of layer {by_vec[1]['layer']} **{by_vec[1]['per_vector']:+.2f}**: not small. "
-    f"Per direction the picture is sharper: the {by_dir[0]['component']} of layer {by_dir[0]['layer']} cancels "
-    f"**{-by_dir[0]['beta']:.0%}** of the variation along principal direction #{by_dir[0]['direction']} of what it read "
-    f"(a direction holding {by_dir[0]['direction_variance_share']:.1%} of that variance; shuffling the tokens gives "
-    f"at most {-by_dir[0]['null_min']:.0%} by chance), and **{len(strong)}** of the {len(erase_rows)} attention and "
+    f"Per direction the picture is sharper: along principal direction #{by_dir[0]['direction']} of what it read (a "
+    f"direction holding {by_dir[0]['direction_variance_share']:.1%} of that variance) the {by_dir[0]['component']} of "
+    f"layer {by_dir[0]['layer']} writes **{by_dir[0]['beta']:+.2f}** times the variation it read (-1 would cancel "
+    f"it exactly; shuffling the tokens gives at most {by_dir[0]['null_min']:+.2f}), and **{len(strong)}** of the "
+    f"{len(erase_rows)} attention and "
     f"MLP layers cancel more than half of the variation along at least one direction, beyond what shuffling "
     f"produces. Erasure is targeted: a per-vector average hides it.",
     per_vector=[(r_["layer"], r_["component"], r_["per_vector"]) for r_ in by_vec[:3]],
@@ -1114,14 +1175,15 @@ claims.say(
 # deviations" also fires by chance, so the cell below counts how many pairs that rule would flag by
 # chance, and then uses one threshold for all pairs at once, built from a null model: every writer's
 # output directions are turned by one random rotation (the heads keep their real singular values;
-# only writer-reader alignment is destroyed), and we record the *largest* score over all pairs.
+# only writer-reader alignment is destroyed), and we record the *maximum* score over all pairs.
 #
 # How many null draws, and which one is the threshold? Under the null, the real maximum and $m$
 # null maxima are exchangeable, so the real maximum exceeds the $j$-th smallest null maximum with
-# probability exactly $(m + 1 - j)/(m + 1)$. With $m = 19$ draws and the largest of them as the
-# threshold ($j = 19$), the chance that *any* pair exceeds it by chance is exactly $1/20$. A common
-# shortcut, the interpolated 95th percentile of a few draws, does not keep its promise; the cell
-# simulates both rules before it uses the exact one.
+# probability exactly $(m + 1 - j)/(m + 1)$. <!-- claims: family_wise_rules -->
+# With $m = 19$ draws and the largest of them as the threshold ($j = 19$), the chance that *any* pair
+# exceeds it by chance is exactly $1/20$. <!-- claims: family_wise_rules -->
+# A common shortcut, the interpolated 95th percentile of a few draws, does not keep its promise. <!-- claims: family_wise_rules -->
+# The cell simulates both rules before it uses the exact one.
 
 # %%
 from residual_bandwidth.composition import component_subspaces, composition_scores, principal_angles
@@ -1201,19 +1263,19 @@ for name, other in (("reader's key space", read), ("a random subspace ", rand)):
 #
 # A monitor turns these measurements into alerts. A monitoring tutorial you may meet computes
 # utilization on a sample of token positions smaller than the stream's width (15 positions of a
-# 48-dimensional stream) and expects a "90 % utilization" alert to fire on it. It cannot, because
-# $n$ centred vectors span at most $n - 1$ directions, so $r_p / d \le (n - 1) / d$ however the data
-# look. The other ratio, $r_p / \min(n, d)$, reads high on pure noise. The cell below measures both
+# 48-dimensional stream) and expects a "90 % utilization" alert to fire on it. <!-- claims: noise_utilization -->
+# It cannot, because $n$ centred vectors span at most $n - 1$ directions, so $r_p / d \le (n - 1) / d$
+# however the data look. The other ratio, $r_p / \min(n, d)$, reads high on pure noise. The cell below measures both
 # on noise of that shape.
 #
 # The lesson's **sample-size rule** has two halves.
 #
 # * **Judgeable.** With $n - 1 < d$ positions the width ($r_p / d$) cannot be judged at all: the
 #   ratio is capped by the sample, whatever the stream does, and a monitor must refuse to judge it.
-#   From $n - 1 \ge d$ on, the width is *judgeable*: the ratio could reach 1.
+#   From $n - 1 \ge d$ on, the width is *judgeable*: the ratio could reach $1$.
 # * **Not yet measured.** Judgeable is not the same as enough. The eigenvalues of a sample covariance
 #   are more spread out than the true ones (Marchenko and Pastur 1967), so $r_p$ from a finite sample
-#   is biased low and keeps rising as $n$ grows. Report $n$ with every $r_p$; the convergence curve
+#   is biased low and keeps rising as $n$ grows. <!-- claims: r95_keeps_rising --> Report $n$ with every $r_p$; the convergence curve
 #   after the monitor demo shows how far from converged the lesson's own numbers are.
 #
 # A monitor must know which of the two ratios it reports, must refuse to judge the width from a
@@ -1390,13 +1452,13 @@ claims.say(
 # `"utilization_d_model"` ($r_p / d$) and `"level"`:
 #
 # * `"insufficient_data"` when the width is not judgeable from the sample: $n - 1 < d$ (centred,
-#   $n$ vectors span at most $n - 1$ directions, so $r_p / d$ could never reach 1);
+#   $n$ vectors span at most $n - 1$ directions, so $r_p / d < 1$ whatever the data);
 # * otherwise `"critical"` if utilization $\ge$ `critical`, `"warning"` if $\ge$ `warning`,
 #   else `"ok"`.
 #
 # A level other than `"insufficient_data"` is a judgement on a judgeable sample, not a converged
 # measurement: as the curve above shows, $r_p$ keeps rising with more data, so a real monitor also
-# reports $n$ beside the level.
+# reports $n$ beside the level. <!-- claims: r95_keeps_rising -->
 #
 # <details>
 # <summary>Hint 1</summary>
@@ -1580,8 +1642,8 @@ print("\n".join(mon.recommendations(curve)))   # the monitor now quotes the meas
 #
 # ### Variance rank against the compression curve
 #
-# The monitor says how many directions hold most of the traffic's variance ($r_{95}$); the curve says
-# how many the model needs to stay within tolerance. Both are measured; they answer different questions.
+# The monitor says how many directions the traffic's variance needs ($r_{95}$); the curve says how
+# many the model needs to stay within tolerance. Both are measured; they answer different questions.
 # The next cell puts them side by side for the same layers and then asks which directions the
 # *loss* is sensitive to: it takes the gradient of the held-out loss with respect to the residual
 # at each layer and measures how much of its squared norm falls on the traffic's low-variance
@@ -1675,7 +1737,7 @@ claims.say(
 
 # %% [markdown]
 # A `BandwidthOptimizer.implement_dynamic_compression` you may meet goes one step further. For each
-# request it counts the singular values above a small fraction of the largest (uncentred, on the
+# request it counts the singular values above a small fraction of the top one (uncentred, on the
 # request's own tokens), and keeps a fixed share of that count when "utilization" is low. The next
 # cell runs exactly that rule (its thresholds are in the code) inside the forward pass at the
 # monitored layers and measures what it costs on the held-out text.
@@ -1738,7 +1800,351 @@ claims.say(
     rows=dyn, tolerance=curve.tolerance)
 
 # %% [markdown]
-# ## 10. Summative questions
+# ## 10. Claims you will meet, measured
+#
+# Writing about residual bandwidth and its monitoring repeats a set of claims: ratios, detectors,
+# alerts, latency factors, optimizers, design advice. This section lists each one with where this
+# lesson teaches, measures or refutes it; the cells after the table measure the ones that no
+# earlier section did. Numbers are in the claims named in the last column, so the table itself
+# states none.
+#
+# | claim you will meet | where | verdict (claim) |
+# | --- | --- | --- |
+# | a GPT-2 bottleneck of "16,384 dims → 768 dims, 21:1" | Section 1 | refuted: the real ratios come from the configurations (`seed_ratio_inconsistent`, `writers_tens_of_times`) |
+# | "information density" of each block, a few writer dimensions per residual dimension | Section 1 | computed per model family, with SwiGLU and grouped-query attention (`writers_tens_of_times`) |
+# | separate subspaces are how the stream copes | Sections 1 and 10 | tested: heads' write subspaces overlap more than random ones; superposition taught with a toy model (`superposition_toy`, `specialization_measured`) | <!-- claims: specialization_measured -->
+# | token / attention / position / syntax subspaces as coordinate slices | Section 4 | refuted: no privileged basis (rotation of the data; RMSNorm and LayerNorm caveats stated) |
+# | effective rank from cumulative $\sigma$, uncentred | Section 2, Checkpoint 1 | corrected: $\sigma^2$, centred (`seed_sigma_vs_centring`, `centring_matters_on_model`) |
+# | utilization $r_p/d$ from any sample | Sections 2 and 8, Checkpoint 3 | corrected: both ratios, the judgeable rule and the convergence curve (`noise_utilization`, `r95_keeps_rising`) |
+# | input checks by a `SecurityValidator` | below | the library's validation, shown once (`validation_shown`) |
+# | per-position bottlenecks, $\mathrm{PR}(\lvert x\rvert)/d > 0.8$ | Section 5, Checkpoint 2 | refuted and replaced; the replacement checked out of sample (`seed_pr_flat_row_fires`, `crowding_out_of_sample`) |
+# | bottleneck-count alert | below | measured: the detector it counts finds too few cells to fire (`seed_bottleneck_count_alert`) |
+# | layer-by-position bottleneck heatmap | below | drawn, with the replacement detector |
+# | `compression_efficiency` and `memory_pressure` with their alert | below | measured: one rewards noise, the other fires on the attention sink (`seed_pressure_and_efficiency`) |
+# | memory management: information density, dimension suppressors, sparsity | Section 6 and below | replaced by basis-free evidence per vector and per direction (`seed_suppressors_basis_dependent`, `erasure_per_vector_and_direction`) |
+# | "subspace specialization emerges" | below | measured at every layer (`specialization_measured`) |
+# | a `ProductionBandwidthMonitor` with alerts and a utilization timeline | Section 8, Q2 | rebuilt: streaming statistics, alerts that can fire, where its critical alerts come from (`monitor_critical_alerts`) |
+# | latency multipliers of a `TransformerInferenceMonitor` | Section 9 | refuted with a stopwatch (`latency_not_utilization`) |
+# | "monitoring prevents performance degradation" | below | measured: what the monitor sees when the model is degraded (`monitor_sees_degradation`) |
+# | `optimize_subspace_allocation` (re-allocating under- and over-used subspaces) | below | refuted: its usage shares are coordinate slices (`subspace_allocation_basis`) |
+# | dynamic compression ("dynamic optimization is possible") | Section 9 | measured: the rule costs more than the tolerance (`seed_dynamic_compression`) | <!-- claims: seed_dynamic_compression -->
+# | "bandwidth-aware inference reduces latency" | Section 9 | not supported: latency does not follow utilization (`latency_not_utilization`) |
+# | variance rank as a compression budget | Section 9 | refuted: the measured curve and the gradient shares (`variance_understates_function`) |
+# | optimization recommendations (wider model, checkpointing, schedules, regularization, initialization, memory layers) | below | each checked against this lesson's evidence |
+# | "training efficiency" from optimised information flow | nowhere | not measured here: this lesson runs no training |
+# | design memory-management strategies for deployment (the third objective) | Section 6, Q3, design task below | evidence taught and graded; a design task below (ungraded) |
+# | three checkpoints and three summative questions | Checkpoints and Section 11 | rewritten so that a correct answer passes |
+# | next: attention heads as independent components | end of this section | kept |
+
+# %%
+# Input checks: every function of the library validates what it is given and names the problem. One
+# example (a residual state with a NaN), caught and printed:
+bad_state = torch.randn(10, cap.d_model)
+bad_state[3, 7] = float("nan")
+try:
+    rb.compute_metrics(bad_state)
+    message = None
+except rb.BandwidthInputError as err:
+    message = str(err)
+print("compute_metrics on a state with a NaN ->", message)
+claims.say(
+    "validation_shown", message is not None and ("finite" in message.lower() or "nan" in message.lower()),
+    f"A state with one NaN among {bad_state.numel():,} numbers is refused with a message that names the problem: "
+    f"*{message}*. The monitor does the same per request and counts refused requests "
+    f"({totals['requests_bad']} of {totals['requests']} in Section 8's demo).",
+    message=message)
+
+# %%
+from residual_bandwidth.metrics import spectral_entropy, spectrum
+from residual_bandwidth.viz import plot_bottleneck_heatmap
+
+# memory_pressure and compression_efficiency, exactly as they are usually computed: uncentred SVD of all
+# layers' states pooled, CV of sigma, and the normalised entropy of sigma / sum(sigma)
+pooled = torch.cat([cap.get("resid_post", l_) for l_ in range(cap.n_layers)]).double()
+keep_rows = torch.ones(cap.n_rows, dtype=torch.bool)
+keep_rows[report.excluded_rows] = False
+pooled_clean = torch.cat([cap.get("resid_post", l_)[keep_rows] for l_ in range(cap.n_layers)]).double()
+noise = torch.randn(pooled_clean.shape, dtype=torch.float64)
+
+
+def seed_pressure_efficiency(x):
+    sig = torch.linalg.svdvals(x)
+    spec_ = spectrum(x, center=False)
+    return float(sig.std() / sig.mean()), spectral_entropy(spec_, of="singular")
+
+
+pressure = {name: seed_pressure_efficiency(x) for name, x in
+            [("all positions", pooled), ("without massive positions", pooled_clean), ("Gaussian noise", noise)]}
+for name, (cv, eff) in pressure.items():
+    print(f"{name:<26} memory_pressure (CV of sigma) {cv:6.2f}  alert (>= 2.0): {cv >= 2.0!s:<5}  "
+          f"compression_efficiency {eff:.3f}  (< 0.7 -> 'regularize attention': {eff < 0.7})")
+claims.say(
+    "seed_pressure_and_efficiency",
+    pressure["all positions"][0] >= 2.0 > pressure["without massive positions"][0]
+    and pressure["Gaussian noise"][1] > max(pressure["all positions"][1], pressure["without massive positions"][1]),
+    f"The memory-pressure alert fires on the model (CV **{pressure['all positions'][0]:.2f}**) and stops firing "
+    f"when the {len(report.excluded_rows)} massive positions are left out (CV **{pressure['without massive positions'][0]:.2f}**): "
+    f"it detects the attention sink of Section 3, not pressure on the stream. `compression_efficiency` is "
+    f"highest for Gaussian noise (**{pressure['Gaussian noise'][1]:.3f}**, against "
+    f"{pressure['without massive positions'][1]:.3f} for the model without massive positions): it measures how "
+    f"evenly $\\sigma$ is spread, which noise maximises, so 'improving' it is not a goal.",
+    **{f"{k_.replace(' ', '_')}_cv": v_[0] for k_, v_ in pressure.items()},
+    **{f"{k_.replace(' ', '_')}_efficiency": v_[1] for k_, v_ in pressure.items()})
+
+# the bottleneck-count alert (>= 10 bottlenecks) on the coordinate detector of Section 5, all layers, first 50 positions
+seed_count = sum(int((bottlenecks_seed > 0.8).sum()) for bottlenecks_seed in
+                 [torch.tensor([seed_position_utilization(v) for v in cap.get("resid_post", l_)[:50]])
+                  for l_ in range(cap.n_layers)])
+ours_counts = bn.counts()
+claims.say(
+    "seed_bottleneck_count_alert",
+    seed_count < 10,
+    f"The coordinate detector of Section 5 flags **{seed_count}** of {cap.n_layers * min(50, cap.n_rows)} (layer, position) cells, so "
+    f"its alert at 10 bottlenecks cannot fire on this model. The replacement finds {ours_counts['warning']} "
+    f"warning and {ours_counts['critical']} critical cells and reports {ours_counts['massive']} massive ones "
+    f"separately; the heatmap below shows one prompt.",
+    seed_flagged=seed_count, ours=ours_counts)
+crowded_prompt = max(set(r_["prompt"] for r_ in bn.grid_records()),
+                     key=lambda q: sum(r_["severity"] in ("warning", "critical") for r_ in bn.grid_records()
+                                       if r_["prompt"] == q))
+display(plot_bottleneck_heatmap(bn.grid_records(), prompt=crowded_prompt))
+
+# %% [markdown]
+# **Memory-management heuristics you will meet.** A "dimension suppressor" is a layer where a
+# sizeable share of the *coordinates* loses column norm from one layer to the next; an "information
+# density" is the entropy of all $\lvert x \rvert$ entries; a sparsity count is per coordinate too.
+# They are replaced here because they depend on the basis (Section 4): the same stream, rotated, gets
+# a different answer. The cell measures that on the model (with the usual thresholds, in the code),
+# beside the write-vs-read projection of Section 6, which does not change.
+
+# %%
+def seed_suppressed_dims(prev, curr):
+    """The suppressor rule: coordinates whose column norm drops by more than 0.5 from one layer to the next."""
+    return int(((curr.norm(dim=0) - prev.norm(dim=0)) < -0.5).sum())
+
+
+Q_basis = torch.linalg.qr(torch.randn(cap.d_model, cap.d_model, dtype=torch.float64))[0]
+layers_seen = list(range(1, cap.n_layers))
+raw = [seed_suppressed_dims(cap.get("resid_post", l_ - 1).double(), cap.get("resid_post", l_).double())
+       for l_ in layers_seen]
+rot = [seed_suppressed_dims(cap.get("resid_post", l_ - 1).double() @ Q_basis, cap.get("resid_post", l_).double() @ Q_basis)
+       for l_ in layers_seen]
+flag_raw = [l_ for l_, c_ in zip(layers_seen, raw) if c_ > 0.1 * cap.d_model]
+flag_rot = [l_ for l_, c_ in zip(layers_seen, rot) if c_ > 0.1 * cap.d_model]
+print("layers flagged as 'dimension suppressors', model basis:  ", flag_raw)
+print("the same stream after a random rotation of the basis:    ", flag_rot)
+er = mem.erasure
+print("write-vs-read projection of the MLPs (basis-free), most negative:",
+      ", ".join(f"L{l_} {float(v_):+.3f}" for l_, v_ in sorted(zip(er.layers, er.mlp.tolist()), key=lambda t: t[1])[:3]))
+claims.say(
+    "seed_suppressors_basis_dependent",
+    flag_raw != flag_rot,
+    f"The suppressor rule flags **{len(flag_raw)}** layers as dimension suppressors in the model's basis and "
+    f"**{len(flag_rot)}** after a random rotation of the same stream: its verdict depends on the coordinates, so it "
+    f"cannot be about what the layer does. The write-vs-read projection of Section 6 is a ratio of inner products "
+    f"and gives the same value in any basis.",
+    flagged_model_basis=flag_raw, flagged_rotated=flag_rot)
+
+# %% [markdown]
+# **"Subspace specialization emerges."** If heads specialised in separate subspaces, the write
+# subspaces of different heads of one layer would be closer to orthogonal than random subspaces of
+# the same size are. The cell measures the overlap of every pair of heads of every layer as the mean squared
+# cosine of their principal angles (one for the same subspace, zero for orthogonal ones; random
+# $d_\text{head}$-dimensional subspaces of the stream average $d_\text{head}/d_\text{model}$) and
+# compares it with the whole range of 200 random pairs. <!-- claims: specialization_measured -->
+
+# %%
+from residual_bandwidth.composition import component_subspaces, principal_angles
+
+g_spec = torch.Generator().manual_seed(SEED)
+shape_ = component_subspaces(by_layer[window[0]], 0)["ov_write"].shape
+rand_overlap = torch.tensor([float(torch.cos(principal_angles(
+    torch.randn(shape_, generator=g_spec, dtype=torch.float64),
+    torch.randn(shape_, generator=g_spec, dtype=torch.float64))).pow(2).mean()) for _ in range(200)])
+spec_rows = []
+for lw_ in all_layer_weights(model, list(range(cap.n_layers))):
+    writes = [component_subspaces(lw_, h_)["ov_write"] for h_ in range(lw_.n_heads)]
+    ov_ = torch.tensor([float(torch.cos(principal_angles(writes[a_], writes[b_])).pow(2).mean())
+                        for a_ in range(len(writes)) for b_ in range(a_ + 1, len(writes))])
+    spec_rows.append({"layer": lw_.layer, "pairs": len(ov_), "mean": float(ov_.mean()),
+                      "above_random_range": int((ov_ > rand_overlap.max()).sum()),
+                      "below_random_range": int((ov_ < rand_overlap.min()).sum())})
+print(f"random subspaces: overlap {float(rand_overlap.mean()):.3f} (range {float(rand_overlap.min()):.3f} to "
+      f"{float(rand_overlap.max()):.3f}, 200 pairs)")
+for r_ in spec_rows:
+    print(f"layer {r_['layer']:2d}: {r_['pairs']} head pairs, mean overlap {r_['mean']:.3f}; "
+          f"{r_['above_random_range']} above the random range, {r_['below_random_range']} below it")
+pairs_all = sum(r_["pairs"] for r_ in spec_rows)
+above_all = sum(r_["above_random_range"] for r_ in spec_rows)
+below_all = sum(r_["below_random_range"] for r_ in spec_rows)
+layers_more = sum(r_["above_random_range"] > r_["below_random_range"] for r_ in spec_rows)
+claims.say(
+    "specialization_measured",
+    above_all > below_all and layers_more > len(spec_rows) / 2,
+    f"Over all {len(spec_rows)} layers, **{above_all}** of {pairs_all} head pairs write into subspaces that overlap "
+    f"more than any of 200 random pairs did, and **{below_all}** overlap less; at **{layers_more}** of "
+    f"{len(spec_rows)} layers the pairs above the random range outnumber those below it. The heads share "
+    f"directions instead of dividing the stream into separate slots: on this model, specialization into "
+    f"disjoint write subspaces does not emerge. Read with Section 1, this is what superposition allows, not a "
+    f"proof of it: shared write directions are *compatible* with heads storing more features than dimensions "
+    f"(and paying interference for it); showing that they do needs features, which module 04 and later "
+    f"lessons look for. (Heads can also do different things with shared directions.)",
+    rows=spec_rows, random_mean=float(rand_overlap.mean()), random_max=float(rand_overlap.max()))
+
+# %% [markdown]
+# **`optimize_subspace_allocation`.** An optimizer you may meet averages the "usage" of named
+# subspaces (token, attention, position, syntax: coordinate slices of the stream) over training
+# batches, and recommends compressing a subspace whose share is small and expanding one whose share is
+# large. The cell computes those shares on the model's stream, with the slices scaled to this
+# model's width and the optimizer's own cut-offs (in the code), in the model's basis and after a
+# random rotation of the same data.
+
+# %%
+slices = {"token": (0, 1 / 3), "attention": (1 / 3, 2 / 3), "position": (2 / 3, 5 / 6), "syntax": (5 / 6, 1.0)}
+
+
+def allocation_plan(x):
+    """The optimizer's verdict per slice: share of (centred) variance, 'compress' < 0.1, 'expand' > 0.3."""
+    v = (x - x.mean(0)).pow(2).sum(0)
+    plan = {}
+    for name, (lo, hi) in slices.items():
+        share = float(v[round(lo * cap.d_model):round(hi * cap.d_model)].sum() / v.sum())
+        plan[name] = (share, "compress" if share < 0.1 else "expand" if share > 0.3 else "keep")
+    return plan
+
+
+plan_model = allocation_plan(x_clean)
+plan_rotated = allocation_plan(x_clean @ torch.linalg.qr(torch.randn(cap.d_model, cap.d_model, dtype=torch.float64))[0])
+for name in slices:
+    print(f"{name:<10} model basis: {plan_model[name][0]:6.1%} -> {plan_model[name][1]:<9}  "
+          f"rotated: {plan_rotated[name][0]:6.1%} -> {plan_rotated[name][1]}")
+changed = [n_ for n_ in slices if plan_model[n_][1] != plan_rotated[n_][1]
+           or abs(plan_model[n_][0] - plan_rotated[n_][0]) > 0.02]
+claims.say(
+    "subspace_allocation_basis",
+    len(changed) > 0,
+    f"The same residual vectors get different usage shares in another basis ({len(changed)} of {len(slices)} slices "
+    f"change by more than two points or change verdict): the optimizer allocates coordinates, which the model "
+    f"does not privilege (Section 4). Its plan is not about the model's subspaces, so it is not a strategy; the "
+    f"basis-free replacement is the measured compression curve of Section 9.",
+    model_basis=plan_model, rotated=plan_rotated)
+
+# %% [markdown]
+# **"Monitoring prevents performance degradation."** A monitor can only prevent what it can see.
+# The cell degrades the model on purpose: it projects block $L$'s output onto its top principal
+# directions (Section 9's projection, with $k = d_\text{model}/9$), sends the same traffic through
+# a fresh monitor with and without the degradation, and compares the held-out loss with what the
+# monitor reports at its watched layers.
+
+# %%
+import contextlib
+
+from residual_bandwidth.compression import project_residual
+from residual_bandwidth.metrics import principal_directions
+
+calib_L = rb.capture_residuals(model, tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"], layers=[L],
+                               progress=False).get("resid_post", L)
+calib_L = calib_L[~massive_mask(calib_L.norm(dim=1), 4.0)]
+mu_L, V_L, _ = principal_directions(calib_L)
+k_deg = cap.d_model // 9
+
+
+def watch(degraded):
+    """Run the traffic through a fresh monitor; return its alerts and traffic summary, and the held-out loss."""
+    ctx = project_residual(model, L, mu_L, V_L[:, :k_deg], massive_ratio=4.0) if degraded else contextlib.nullcontext()
+    with BandwidthMonitor(model, max_positions=None) as mon_d, ctx:
+        for text in traffic + [p_ for p_ in CALIBRATION_PROMPTS if p_ not in traffic]:
+            model(**tokenizer(text, return_tensors="pt"))
+        nll = 0.0
+        n_tok = 0
+        for text in heldout:
+            enc = tokenizer(text, return_tensors="pt")
+            out_ = model(**enc, labels=enc["input_ids"])
+            nll += float(out_.loss) * (enc["input_ids"].shape[1] - 1)
+            n_tok += enc["input_ids"].shape[1] - 1
+    return mon_d.alert_records(), mon_d.traffic_summary(), nll / n_tok
+
+
+alerts_ok, summary_ok, loss_ok = watch(False)
+alerts_bad, summary_bad, loss_bad = watch(True)
+for (r_ok, r_bad) in zip(summary_ok, summary_bad):
+    print(f"layer {r_ok['layer']}: r95 {r_ok['variance_rank']} -> {r_bad['variance_rank']} with the degradation at "
+          f"layer {L}; utilization/d {r_ok['utilization_d_model']:.1%} -> {r_bad['utilization_d_model']:.1%}")
+print(f"alerts: {len(alerts_ok)} without, {len(alerts_bad)} with the degradation; held-out loss "
+      f"{loss_ok:.3f} -> {loss_bad:.3f} nats")
+levels = lambda al: sorted({(a_["metric"], a_["level"]) for a_ in al})
+new_alerts = [a_ for a_ in levels(alerts_bad) if a_ not in levels(alerts_ok)]
+claims.say(
+    "monitor_sees_degradation",
+    loss_bad - loss_ok > curve.tolerance,
+    f"Projecting layer {L} onto {k_deg} directions raises the held-out loss by **{loss_bad - loss_ok:+.2f} nats**. The "
+    f"monitor raised {len(alerts_ok)} alert(s) on the healthy model and {len(alerts_bad)} on the degraded one"
+    + (f", including new kinds ({', '.join(f'{m_} {l_}' for m_, l_ in new_alerts)})" if new_alerts else
+       ", none of a new kind")
+    + "; the watched layers' r95 moved from " + ", ".join(str(r_["variance_rank"]) for r_ in summary_ok)
+    + " to " + ", ".join(str(r_["variance_rank"]) for r_ in summary_bad)
+    + ". A bandwidth monitor sees the *shape* of the stream, not the quality of the output: it can flag a change "
+    "in shape, but only a quality measurement (loss, KL, task metrics on sampled traffic) says whether the model got "
+    "worse. Monitoring prevents degradation only together with such a measurement and an action.",
+    loss_healthy=loss_ok, loss_degraded=loss_bad, alerts_healthy=len(alerts_ok), alerts_degraded=len(alerts_bad),
+    r95_healthy=[r_["variance_rank"] for r_ in summary_ok], r95_degraded=[r_["variance_rank"] for r_ in summary_bad])
+
+# %% [markdown]
+# ### Design task: a memory-management strategy for deployment (LO3, not graded)
+#
+# The third objective asks you to *design* memory-management strategies, not only detect them. Use
+# this lesson's measurements to write a one-paragraph strategy for serving this model, answering:
+#
+# 1. **What to watch**: which layers, which numbers (per request and over traffic), with which sample
+#    sizes before a number is judged (Section 8).
+# 2. **When to act**: which alert levels mean "look", which mean "act", and which signals are shape
+#    only (the degradation cell above).
+# 3. **What you may compress**: a budget $k$ per layer that stays within a loss tolerance, read from
+#    the measured curve (Section 9), not from $r_{95}$.
+# 4. **What not to touch**: components that already erase (Section 6: the strongest erasers per
+#    vector and per direction) and the massive rows (Section 3).
+#
+# Then fill in `budget` below with the $k$ you would allow at each monitored layer; the cell checks
+# it against the measured curve, with its bootstrap interval.
+
+# %%
+budget = {layer: curve.smallest_k[layer] or cap.d_model for layer in curve.layers}   # your choice per layer
+for layer, k_ in budget.items():
+    tested = [r_ for r_ in curve.interval_records() if r_["layer"] == layer and r_["subspace"] == "pca"
+              and r_["k"] <= k_]
+    if not tested:
+        print(f"layer {layer}: k = {k_} is below every tested k; the curve cannot vouch for it")
+        continue
+    r_ = max(tested, key=lambda t_: t_["k"])
+    verdict = ("within tolerance" if r_["delta_loss_hi"] <= curve.tolerance else
+               "within tolerance on average, not over the whole interval" if r_["delta_loss"] <= curve.tolerance
+               else "above the tolerance")
+    print(f"layer {layer}: budget k = {k_}, measured at k = {r_['k']}: {r_['delta_loss']:+.3f} nats "
+          f"[{r_['delta_loss_lo']:+.3f}, {r_['delta_loss_hi']:+.3f}] -> {verdict} ({curve.tolerance} nats)")
+
+# %% [markdown]
+# **The optimization recommendations you will meet, against this lesson's evidence.**
+#
+# * *Increase* $d_\text{model}$: not supported. Nothing here measures whether a wider model would do
+#   better; what is measured is that this model's loss reacts to directions well beyond $r_{95}$
+#   (Section 9). <!-- claims: variance_understates_function -->
+# * *Gradient checkpointing*: unrelated. It trades compute for training memory; it does not change
+#   the residual stream.
+# * *Layer-wise learning-rate schedules*: not measured here; no evidence for or against.
+# * *Attention-pattern regularization* when `compression_efficiency` is low: not supported; the trigger
+#   rewards noise (above).
+# * *Subspace-aware initialization*: not supported as stated. Its premise, heads in separate subspaces,
+#   is what the measurement above does not find.
+# * *Explicit memory-management layers*: the model already has components that remove what they read
+#   (Section 6), per vector and, more sharply, per direction. <!-- claims: erasure_per_vector_and_direction -->
+#
+# **Next: module 04, attention heads as independent components.** This lesson treated heads as
+# readers and writers of one shared stream. Module 04, *Attention Heads as Independent Components*,
+# looks at what each head does on its own, and at why adding their outputs lets us study them one at
+# a time.
+
+# %% [markdown]
+# ## 11. Summative questions
 #
 # Three questions, one per learning objective. Each has a short visible test; the grade comes from
 # hidden tests on other inputs.
@@ -2042,181 +2448,6 @@ _ = write_read_projection(torch.randn(10, 32, generator=g), torch.randn(10, 32, 
 ### END HIDDEN TESTS
 
 # %% [markdown]
-# ## 11. What happened to the original lesson
-#
-# Every part of the original lesson is taught here, measured, or refuted with numbers. This table says
-# where; the cells after it measure the parts that no earlier section did.
-#
-# | original lesson | here | verdict |
-# | --- | --- | --- |
-# | "16,384 dims → 768 dims, 21:1" | Section 1 | refuted: the real ratios are computed from configurations |
-# | effective rank from cumulative $\sigma$, uncentred | Section 2, Checkpoint 1 | corrected: $\sigma^2$, centred; what each choice changes is measured |
-# | utilization $r_p/d$ only | Sections 2 and 8, Checkpoint 3 | corrected: both ratios, and the sample-size rule |
-# | `compression_efficiency` (entropy of $\sigma/\sum\sigma$) | below | measured; it rewards noise, so it is not a quality target |
-# | `memory_pressure` (coefficient of variation of $\sigma$) and its alert | below | measured; the alert fires on the attention sink |
-# | token / attention / position / syntax subspaces as coordinate slices | Section 4 | refuted: there is no privileged basis |
-# | "subspace specialization emerges" | below | measured with principal angles between heads' write subspaces |
-# | per-position bottlenecks, $\mathrm{PR}(\lvert x\rvert)/d > 0.8$ | Section 5, Checkpoint 2 | refuted and replaced (energy and spread) |
-# | bottleneck-count alert | below | measured: the original detector finds none, so it cannot fire |
-# | layer × position bottleneck heatmap | below | drawn, with the replacement detector |
-# | memory management: information density, dimension suppressors, sparsity | Section 6 and below | replaced by weight and activation evidence; one measured comparison below |
-# | `ProductionBandwidthMonitor` and its alerts | Section 8, Q2 | rebuilt: streaming statistics, alerts that can fire |
-# | latency multipliers, "performance impact" | Section 9 | refuted: replaced by the measured compression curve |
-# | `BandwidthOptimizer` dynamic compression | Section 9 | measured on the model |
-# | optimization recommendations | below | each checked against this lesson's evidence |
-# | checkpoints 1 to 3 | Checkpoints 1 to 3 | rewritten so that a correct answer passes |
-# | link to module 04 | end of this section | kept |
-# <!-- claims: seed_ratio_inconsistent, seed_sigma_vs_centring, noise_utilization, seed_pr_flat_row_fires, seed_dynamic_compression, variance_understates_function -->
-
-# %%
-from residual_bandwidth.metrics import spectral_entropy, spectrum
-from residual_bandwidth.viz import plot_bottleneck_heatmap
-
-# memory_pressure and compression_efficiency, exactly as the original computed them: uncentred SVD of all
-# layers' states pooled, CV of sigma, and the normalised entropy of sigma / sum(sigma)
-pooled = torch.cat([cap.get("resid_post", l_) for l_ in range(cap.n_layers)]).double()
-keep_rows = torch.ones(cap.n_rows, dtype=torch.bool)
-keep_rows[report.excluded_rows] = False
-pooled_clean = torch.cat([cap.get("resid_post", l_)[keep_rows] for l_ in range(cap.n_layers)]).double()
-noise = torch.randn(pooled_clean.shape, dtype=torch.float64)
-
-
-def seed_pressure_efficiency(x):
-    sig = torch.linalg.svdvals(x)
-    spec_ = spectrum(x, center=False)
-    return float(sig.std() / sig.mean()), spectral_entropy(spec_, of="singular")
-
-
-pressure = {name: seed_pressure_efficiency(x) for name, x in
-            [("all positions", pooled), ("without massive positions", pooled_clean), ("Gaussian noise", noise)]}
-for name, (cv, eff) in pressure.items():
-    print(f"{name:<26} memory_pressure (CV of sigma) {cv:6.2f}  alert (>= 2.0): {cv >= 2.0!s:<5}  "
-          f"compression_efficiency {eff:.3f}  (< 0.7 -> 'regularize attention': {eff < 0.7})")
-claims.say(
-    "seed_pressure_and_efficiency",
-    pressure["all positions"][0] >= 2.0 > pressure["without massive positions"][0]
-    and pressure["Gaussian noise"][1] > max(pressure["all positions"][1], pressure["without massive positions"][1]),
-    f"The memory-pressure alert fires on the model (CV **{pressure['all positions'][0]:.2f}**) and stops firing "
-    f"when the {len(report.excluded_rows)} massive positions are left out (CV **{pressure['without massive positions'][0]:.2f}**): "
-    f"it detects the attention sink of Section 3, not pressure on the stream. `compression_efficiency` is "
-    f"highest for Gaussian noise (**{pressure['Gaussian noise'][1]:.3f}**, against "
-    f"{pressure['without massive positions'][1]:.3f} for the model without massive positions): it measures how "
-    f"evenly $\\sigma$ is spread, which noise maximises, so 'improving' it is not a goal.",
-    **{f"{k_.replace(' ', '_')}_cv": v_[0] for k_, v_ in pressure.items()},
-    **{f"{k_.replace(' ', '_')}_efficiency": v_[1] for k_, v_ in pressure.items()})
-
-# the bottleneck-count alert (>= 10 bottlenecks) on the original detector, all layers, first 50 positions
-seed_count = sum(int((bottlenecks_seed > 0.8).sum()) for bottlenecks_seed in
-                 [torch.tensor([seed_position_utilization(v) for v in cap.get("resid_post", l_)[:50]])
-                  for l_ in range(cap.n_layers)])
-ours_counts = bn.counts()
-claims.say(
-    "seed_bottleneck_count_alert",
-    seed_count < 10,
-    f"The original detector flags **{seed_count}** of {cap.n_layers * min(50, cap.n_rows)} (layer, position) cells, so "
-    f"its alert at 10 bottlenecks cannot fire on this model. The replacement finds {ours_counts['warning']} "
-    f"warning and {ours_counts['critical']} critical cells and reports {ours_counts['massive']} massive ones "
-    f"separately; the heatmap below shows one prompt.",
-    seed_flagged=seed_count, ours=ours_counts)
-crowded_prompt = max(set(r_["prompt"] for r_ in bn.grid_records()),
-                     key=lambda q: sum(r_["severity"] in ("warning", "critical") for r_ in bn.grid_records()
-                                       if r_["prompt"] == q))
-display(plot_bottleneck_heatmap(bn.grid_records(), prompt=crowded_prompt))
-
-# %% [markdown]
-# **Memory management, the original heuristics.** The original lesson called a layer a
-# "dimension suppressor" when more than a tenth of the *coordinates* lost column norm from one layer to
-# the next, and used an "information density" (the entropy of all $\lvert x \rvert$ entries) and a
-# sparsity count, both also per coordinate. These are replaced because they depend on the basis
-# (Section 4): the same stream, rotated, gets a different answer. The cell measures that on the model,
-# beside the write-vs-read projection of Section 6, which does not change.
-# <!-- claims: seed_suppressors_basis_dependent -->
-
-# %%
-def seed_suppressed_dims(prev, curr):
-    """The original rule: coordinates whose column norm drops by more than 0.5 from one layer to the next."""
-    return int(((curr.norm(dim=0) - prev.norm(dim=0)) < -0.5).sum())
-
-
-Q_basis = torch.linalg.qr(torch.randn(cap.d_model, cap.d_model, dtype=torch.float64))[0]
-layers_seen = list(range(1, cap.n_layers))
-raw = [seed_suppressed_dims(cap.get("resid_post", l_ - 1).double(), cap.get("resid_post", l_).double())
-       for l_ in layers_seen]
-rot = [seed_suppressed_dims(cap.get("resid_post", l_ - 1).double() @ Q_basis, cap.get("resid_post", l_).double() @ Q_basis)
-       for l_ in layers_seen]
-flag_raw = [l_ for l_, c_ in zip(layers_seen, raw) if c_ > 0.1 * cap.d_model]
-flag_rot = [l_ for l_, c_ in zip(layers_seen, rot) if c_ > 0.1 * cap.d_model]
-print("layers flagged as 'dimension suppressors', model basis:  ", flag_raw)
-print("the same stream after a random rotation of the basis:    ", flag_rot)
-er = mem.erasure
-print("write-vs-read projection of the MLPs (basis-free), most negative:",
-      ", ".join(f"L{l_} {float(v_):+.3f}" for l_, v_ in sorted(zip(er.layers, er.mlp.tolist()), key=lambda t: t[1])[:3]))
-claims.say(
-    "seed_suppressors_basis_dependent",
-    flag_raw != flag_rot,
-    f"The original rule flags **{len(flag_raw)}** layers as dimension suppressors in the model's basis and "
-    f"**{len(flag_rot)}** after a random rotation of the same stream: its verdict depends on the coordinates, so it "
-    f"cannot be about what the layer does. The write-vs-read projection of Section 6 is a ratio of inner products "
-    f"and gives the same value in any basis.",
-    flagged_model_basis=flag_raw, flagged_rotated=flag_rot)
-
-# %% [markdown]
-# **"Subspace specialization emerges."** If heads specialised in separate subspaces, the write
-# subspaces of different heads of one layer would overlap *less* than random subspaces of the same
-# size do. The cell measures the overlap of every pair of heads of one layer as the mean squared
-# cosine of their principal angles ($1$ = same subspace, $0$ = orthogonal; random 64-dimensional
-# subspaces of a 576-dimensional space average $64/576$) and compares it with random subspaces.
-# <!-- claims: specialization_measured -->
-
-# %%
-from residual_bandwidth.composition import component_subspaces, principal_angles
-
-spec_layer = by_layer[window[len(window) // 2]]
-writes = [component_subspaces(spec_layer, h_)["ov_write"] for h_ in range(spec_layer.n_heads)]
-real_overlap = torch.tensor([float(torch.cos(principal_angles(writes[a_], writes[b_])).pow(2).mean())
-                             for a_ in range(len(writes)) for b_ in range(a_ + 1, len(writes))])
-g_spec = torch.Generator().manual_seed(SEED)
-rand_overlap = torch.tensor([float(torch.cos(principal_angles(
-    torch.randn(writes[0].shape, generator=g_spec, dtype=torch.float64),
-    torch.randn(writes[0].shape, generator=g_spec, dtype=torch.float64))).pow(2).mean()) for _ in range(200)])
-print(f"layer {spec_layer.layer}: {len(real_overlap)} head pairs, write-subspace overlap mean {float(real_overlap.mean()):.3f} "
-      f"(min {float(real_overlap.min()):.3f}, max {float(real_overlap.max()):.3f}); random subspaces "
-      f"{float(rand_overlap.mean()):.3f} +/- {float(rand_overlap.std()):.3f}")
-below = int((real_overlap < rand_overlap.mean() - 3 * rand_overlap.std()).sum())
-above = int((real_overlap > rand_overlap.mean() + 3 * rand_overlap.std()).sum())
-claims.say(
-    "specialization_measured",
-    above > below,
-    f"At layer {spec_layer.layer}, **{above}** of {len(real_overlap)} head pairs write into subspaces that overlap "
-    f"*more* than random ones (beyond 3 standard deviations) and **{below}** overlap less. The heads share "
-    f"directions instead of dividing the stream into separate slots: on this model, specialization into "
-    f"disjoint write subspaces does not emerge at this layer. (Heads can still do different things with "
-    f"shared directions; module 04 looks at heads one by one.)",
-    layer=spec_layer.layer, pairs=len(real_overlap), above=above, below=below,
-    real_mean=float(real_overlap.mean()), random_mean=float(rand_overlap.mean()), random_std=float(rand_overlap.std()))
-
-# %% [markdown]
-# **The original recommendations, against this lesson's evidence.**
-#
-# * *Increase* $d_\text{model}$: not supported. Nothing here measures whether a wider model would do
-#   better; what is measured is that this model needs most of its width (Section 9).
-# * *Gradient checkpointing*: unrelated. It trades compute for training memory; it does not change
-#   the residual stream.
-# * *Layer-wise learning-rate schedules*: not measured here; no evidence for or against.
-# * *Attention-pattern regularization* when `compression_efficiency` is low: not supported; the trigger
-#   rewards noise (above).
-# * *Subspace-aware initialization*: not supported as stated. Its premise, heads in separate subspaces,
-#   is what the measurement above does not find.
-# * *Explicit memory-management layers*: the model already has components that remove what they read
-#   (Section 6); how much they remove is measured, and it is small per token.
-# <!-- claims: seed_pressure_and_efficiency, specialization_measured, variance_understates_function, combined_ranking_uses_both -->
-#
-# **Next: module 04, attention heads as independent components.** This lesson treated heads as
-# readers and writers of one shared stream. Module 04, *Attention Heads as Independent Components*,
-# looks at what each head does on its own, and at why adding their outputs lets us study them one at
-# a time.
-
-# %% [markdown]
 # ## Accessibility
 #
 # What this notebook promises, and how it is checked:
@@ -2237,27 +2468,26 @@ claims.say(
 # %% [markdown]
 # ## Summary
 #
-# * The residual stream is shared by tens of times more writer dimensions than it has (Section 1).
+# * The residual stream is shared by tens of times more writer dimensions than it has (Section 1). <!-- claims: writers_tens_of_times -->
+# * Models cope partly by superposition: with sparse features a layer can store more features than
+#   dimensions, at the price of interference (Section 1); heads' write subspaces overlap more than
+#   random ones instead of splitting the stream into slots (Section 10). <!-- claims: superposition_toy, specialization_measured -->
 # * "How many dimensions are used" is a family of spectral measures; variance is $\sigma^2$, and the
-#   data must be centred (Section 2). Report utilization against $\min(n, d)$ *and* $d$.
-# * There is no privileged basis: measure subspaces as directions, not as coordinate slices
-#   (Section 4).
-# * A few massive activations can hold most of a layer's energy in one coordinate; report them and
-#   leave them out of spectra (Section 3).
-# * Crowding needs energy *and* spread (Section 5).
-# * Some components delete part of what they read: look for negative OV eigenvalues with attention
-#   to the current token, anti-aligned neuron directions, and writes anti-aligned with the residual
-#   they read, and rank them on the weights and the activations together (Section 6).
+#   data must be centred (Section 2). Report utilization against $\min(n, d)$ *and* $d$, with $n$.
+# * There is no privileged basis in a converted model: measure subspaces as directions, not as
+#   coordinate slices (Section 4).
+# * A few massive rows can hold most of a layer's energy in one coordinate; report them and leave
+#   them out of spectra (Section 3). <!-- claims: massive_ratio_stated -->
+# * Crowding needs energy *and* spread, and a flag is a screen: check it out of sample (Section 5). <!-- claims: crowding_out_of_sample -->
+# * Some components delete part of what they read; score erasure per vector and per direction, and
+#   rank candidates on the weights and the activations together (Section 6). <!-- claims: erasure_per_vector_and_direction -->
 # * Components communicate through overlapping subspaces; composition scores mean something only
-#   next to a random baseline, with a threshold that accounts for the number of pairs (Section 7).
-# * A monitor must know what its utilization is relative to, and refuse to judge from too few
-#   tokens; streaming statistics give the whole traffic's spectrum in constant memory (Section 8).
-# * The cost of squeezing the stream is measured (loss and KL against k, beside random subspaces),
-#   not asserted (Section 9). Variance rank understates what the model needs: low-variance
-#   directions carry much of what the loss depends on (Section 9).
-# * Every part of the original lesson is taught, measured or refuted (Section 11).
-# <!-- claims: writers_tens_of_times, massive_ratio_stated, variance_understates_function, composition_multiple_comparisons -->
-
+#   next to a null model, with a family-wise threshold whose error rate is exact (Section 7). <!-- claims: composition_multiple_comparisons -->
+# * A monitor must know what its utilization is relative to, refuse to judge the width from a
+#   sample that cannot span it, and treat a judgeable rank as a lower bound (Section 8). <!-- claims: r95_keeps_rising -->
+# * The cost of squeezing the stream is measured with intervals, not asserted; a variance rank is not
+#   a compression budget (Section 9). <!-- claims: variance_understates_function -->
+# * Each claim you will meet is listed with where it is taught, measured or refuted (Section 10).
 
 # %% [markdown]
 # ## Claims checked in this run

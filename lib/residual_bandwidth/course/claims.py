@@ -48,11 +48,13 @@ _STRIP = [
     re.compile(r"\$\$.*?\$\$", re.S),                     # display math
     re.compile(r"\$[^$\n]+\$"),                           # inline math
     re.compile(r"`[^`\n]+`"),                             # inline code
+    re.compile(r"<summary>[^<]*</summary>"),              # "Hint 1" headers of collapsible hints
+    re.compile(r"^\*\*Difficulty:\*\*.*$", re.M),          # an exercise's difficulty / importance / time line
     re.compile(r"<!--.*?-->", re.S),                      # comments (the markers themselves)
     re.compile(r"<[^>\n]+>"),                             # html tags (<details>, <summary>)
-    re.compile(r"^\s{0,3}#{1,6} .*$", re.M),              # headings
+    re.compile(r"^[ \t]{0,3}#{1,6} .*$", re.M),           # headings
     re.compile(r"\]\([^)]*\)"),                           # link targets
-    re.compile(r"^\s*\d+\.\s", re.M),                     # numbered-list markers
+    re.compile(r"^[ \t]*\d+\.[ \t]", re.M),                # numbered-list markers (not across lines)
     re.compile(r"\b(?:et al\.|[A-Z][a-z]+(?: (?:&|and) [A-Z][a-z]+)?)\s*,?\s*\(?(?:19|20)\d\d\)?"),  # citations
     re.compile(r"\bat (?:most|least)\b", re.IGNORECASE),  # bounds ("spans at most n - 1 directions"): a digit still counts
     re.compile(r'"[^"]{1,120}"'),                           # quotations of the original lesson
