@@ -392,8 +392,9 @@ def direction_erasure(write, read, k: int | None = None, massive_ratio: float = 
     """How much of what it read a component removes, per principal direction of what it read.
 
     ``write``, ``read``: ``[tokens, d_model]`` (what the component wrote, the residual it read). Rows
-    whose read norm *or* write norm is massive (``massive_ratio`` x its median) are left out (a component
-    that creates a massive activation would otherwise dominate the regression). With ``v_i`` the principal
+    whose read norm *or* write norm is at least ``massive_ratio`` times the median *read* norm are left
+    out (massive rows; a component that creates a massive activation would otherwise dominate the
+    regression). With ``v_i`` the principal
     directions of the centred read rows (by decreasing variance) and ``a_t = (r_t - mean r) . v_i``,
     ``b_t = (w_t - mean w) . v_i``:
 
@@ -414,7 +415,8 @@ def direction_erasure(write, read, k: int | None = None, massive_ratio: float = 
     if w.ndim != 2 or w.shape != r.shape:
         raise BandwidthInputError(f"write/read: expected two [tokens, d_model] tensors of one shape, got "
                                   f"{tuple(w.shape)} and {tuple(r.shape)}")
-    keep = ~massive_mask(r.norm(dim=1), massive_ratio) & ~massive_mask(w.norm(dim=1), massive_ratio)
+    med = r.norm(dim=1).median()
+    keep = (r.norm(dim=1) < massive_ratio * med) & (w.norm(dim=1) < massive_ratio * med)
     w, r = w[keep], r[keep]
     if r.shape[0] < 8:
         raise BandwidthInputError(f"read: {r.shape[0]} non-massive tokens; need at least 8")
