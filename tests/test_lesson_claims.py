@@ -216,3 +216,22 @@ def test_registry_records_values_and_flags_a_false_claim(monkeypatch):
     with pytest.raises(TypeError, match="bool"):
         reg.check("not_bool", 1.0, "x")
     assert "| `said_one` | generated | **NO** |" in reg.table_markdown()
+
+
+def test_stated_duration_covers_the_measured_reading_load(executed_source):
+    """The YAML's duration is at least the reading time of every word a student reads (typed markdown and
+    the sentences the cells write, at 150 words per minute) plus the exercises' own time estimates."""
+    words = 0
+    for c in executed_source.cells:
+        if c.cell_type == "markdown":
+            words += len(re.findall(r"[A-Za-z][A-Za-z'-]*", re.sub(r"<!--.*?-->", " ", c.source, flags=re.S)))
+        for o in c.get("outputs", []):
+            if o.get("metadata", {}).get("claim"):
+                words += len(re.findall(r"[A-Za-z][A-Za-z'-]*", o["data"]["text/markdown"]))
+    exercise_minutes = sum(int(m) for c in executed_source.cells if c.cell_type == "markdown"
+                           for m in re.findall(r"\*\*Time:\*\* about (\d+) minutes", c.source))
+    assert exercise_minutes >= 60, exercise_minutes
+    needed = words / 150 + exercise_minutes
+    stated = META.raw["metadata"]["execution"]["estimated_duration_minutes"]
+    assert stated >= needed, (f"{words} words ({words / 150:.0f} min at 150 wpm) + {exercise_minutes} "
+                              f"exercise minutes = {needed:.0f} min > the stated {stated}")

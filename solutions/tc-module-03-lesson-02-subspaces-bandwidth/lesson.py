@@ -312,12 +312,12 @@ claims.say(
 # **Predict, then run.** Here $n = 20$ features share $m = 5$ dimensions. When every feature is
 # active on every input ($S = 0$), how many features will the model store? When each feature is
 # active on one input in a hundred ($S = 0.99$)? Write down two numbers, then run the cell
-# (a few seconds; `residual_bandwidth.superposition` holds the training code).
+# (about ten seconds; `residual_bandwidth.superposition` holds the training code).
 
 # %%
 from residual_bandwidth.superposition import plot_superposition, sparsity_sweep
 
-toy = sparsity_sweep((0.0, 0.7, 0.9, 0.97, 0.99), n_features=20, n_dims=5, steps=1000, seed=SEED)
+toy = sparsity_sweep((0.0, 0.7, 0.9, 0.97, 0.99), n_features=20, n_dims=5, seed=SEED)
 display(plot_superposition(toy))
 dense, sparse = toy[0], toy[-1]
 claims.say(
@@ -1304,7 +1304,7 @@ all_avail = [v for a_, _ in noise_util.values() for v in a_]
 claims.say(
     "noise_utilization",
     max(seed_width) <= 14 / 48 + 1e-9 and max(all_avail) < 1.0 and min(seed_avail) > 0.5,
-    f"On pure noise of the original shape (15 x 48), r95 / min(n, d) reads "
+    f"On pure noise of the tutorial's shape (15 x 48), r95 / min(n, d) reads "
     f"**{min(seed_avail):.0%} to {max(seed_avail):.0%}** over 100 draws, and "
     f"{min(all_avail):.0%} to {max(all_avail):.0%} over all four shapes: high for data with no structure at "
     f"all, though never 100 % (centred, 15 vectors span at most 14 directions). r95 / d stays at or below "
@@ -1613,8 +1613,8 @@ claims.say(
 # $x \mapsto \mu + P_k (x - \mu)$ and measure the next-token loss and the KL divergence from the
 # unmodified model. Random $k$-dimensional subspaces (several per $k$) are the baseline. At
 # $k = d_\text{model}$ nothing changes (the curve starts at the unmodified model); the question is
-# how small $k$ can go. The $k$ tested are chosen at and above each layer's $r_{95}$ (from the
-# monitor's traffic), and every loss increase comes with a bootstrap interval over the held-out
+# how small $k$ can go. The $k$ tested include each layer's $r_{95}$ (from the monitor's traffic)
+# and a value above both, and every loss increase comes with a bootstrap interval over the held-out
 # texts (`compression.bootstrap_delta`).
 #
 # **Predict, then run.** If the residual is projected onto exactly its $r_{95}$ principal directions,
@@ -1625,12 +1625,12 @@ from residual_bandwidth.compression import HELDOUT_PROMPTS, compression_curve
 from residual_bandwidth.viz import plot_compression_curve
 
 d = cap.d_model
-heldout = HELDOUT_PROMPTS[:12] if FAST else HELDOUT_PROMPTS
+heldout = HELDOUT_PROMPTS[:10] if FAST else HELDOUT_PROMPTS
 r95_of_traffic = {}
 for layer in mon.layers[:2]:
     var_l = torch.linalg.eigvalsh(mon.traffic(layer).scatter.double()).flip(0).clamp_min(0)
     r95_of_traffic[layer] = int((torch.cumsum(var_l, 0) / var_l.sum() < 0.95 - 1e-12).sum()) + 1
-ks = sorted({max(1, d // 9), d} | {min(d, round(f * r_)) for r_ in r95_of_traffic.values() for f in (1.0, 1.25)})
+ks = sorted({max(1, d // 9), d, min(d, round(1.25 * max(r95_of_traffic.values())))} | set(r95_of_traffic.values()))
 curve = compression_curve(model, tokenizer, mon.layers[:2], ks, heldout_prompts=heldout,
                           n_random=2 if FAST else 4, progress=False)   # the layers the monitor watches
 display(plot_compression_curve(curve.records(), curve.base_loss, curve.tolerance, d_model=d))
@@ -2070,8 +2070,11 @@ def watch(degraded):
     """Run the traffic through a fresh monitor; return its alerts and traffic summary, and the held-out loss."""
     ctx = project_residual(model, L, mu_L, V_L[:, :k_deg], massive_ratio=4.0) if degraded else contextlib.nullcontext()
     with BandwidthMonitor(model, max_positions=None) as mon_d, ctx:
-        for text in traffic + [p_ for p_ in CALIBRATION_PROMPTS if p_ not in traffic]:
+        for text in traffic:                  # Section 8's requests, then its batches of calibration text
             model(**tokenizer(text, return_tensors="pt"))
+        extra = [p_ for p_ in CALIBRATION_PROMPTS if p_ not in traffic]
+        for b_ in range(0, len(extra), 8):
+            model(**tokenizer(extra[b_:b_ + 8], return_tensors="pt", padding=True))
         nll = 0.0
         n_tok = 0
         for text in heldout:
