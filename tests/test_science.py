@@ -103,3 +103,16 @@ def test_toy_model_stores_more_features_than_dimensions_only_when_features_are_s
     fig.close()
     with pytest.raises(BandwidthInputError, match="n_dims"):
         train_toy_model(n_features=4, n_dims=4)
+
+
+def test_composition_figure_marks_the_family_wise_threshold_when_given():
+    from residual_bandwidth.viz import plot_composition_scores
+    comp = {"kind": "K", "src_labels": ["L0H0", "L0H1"], "dst_labels": ["L1H0", "L1H1"],
+            "scores": [[0.30, 0.05], [0.12, 0.08]], "baseline_mean": 0.05, "baseline_std": 0.01}
+    by_std = plot_composition_scores(comp)
+    assert sum(r["above_baseline"] for r in by_std.table) == 2          # above mean + 3 std = 0.08: two
+    fam = plot_composition_scores(comp, threshold=0.2, threshold_label="family-wise threshold")
+    assert sum(r["above_threshold"] for r in fam.table) == 1
+    assert "family-wise threshold = 0.2" in fam.alt_text and "3 std" not in fam.alt_text.split("Strongest")[0]
+    by_std.close()
+    fam.close()

@@ -354,7 +354,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
         raise BandwidthInputError(f"baseline_std: must be >= 0, got {std}")
     n_std = _num(n_std, "n_std", allow_nan=False)
     thr = mean + n_std * std if threshold is None else _num(threshold, "threshold", allow_nan=False)
-    rule = f"baseline mean + {format_number(n_std)} std" if threshold is None else threshold_label
+    short = f"mean + {format_number(n_std)} std" if threshold is None else threshold_label
     title = f"{kind} composition scores with the random baseline"
     if scores.size == 0 or not np.isfinite(scores).any():
         return _placeholder(title, "No applicable component pair has a score, so there is nothing to draw.",
@@ -377,7 +377,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     above = np.isfinite(scores) & (scores > thr)
     ys, xs = np.nonzero(above)
     _glyph(ax, xs, ys, "D", _glyph_size(len(src), len(dst)) * 0.8,
-           label=f"above {rule} ({format_number(thr)})")
+           label=f"above {'baseline ' if threshold is None else ''}{short} ({format_number(thr)})")
     if scores.size <= annotate_max_cells:
         for a in range(len(src)):
             for b in range(len(dst)):
@@ -392,7 +392,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     ax.set_ylabel("source component (writes)")
     ax.set_title(title)
     handles = [Line2D([], [], marker="D", linestyle="none", markersize=8, markerfacecolor="black",
-                      markeredgecolor="white", label=f"above {rule} (diamond)"),
+                      markeredgecolor="white", label=f"above {short} (diamond)"),
                Line2D([], [], color="black", linestyle="--",
                       label=f"threshold {format_number(thr)} (dashed line on the colour bar)")]
     if na.any():
@@ -412,7 +412,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
         f"Heatmap of {kind} composition scores from {len(src)} source to {len(dst)} destination components:",
         f"{applicable} applicable pairs, {int(na.sum())} not applicable (hatched).",
         f"Random baseline {format_number(mean)} +/- {format_number(std)}; {int(above.sum())} pair(s) exceed",
-        f"the {rule} = {format_number(thr)} (diamonds).",
+        f"{short} = {format_number(thr)} (diamonds).",
         f"Scores range {format_number(float(np.nanmin(scores)))} to {format_number(float(np.nanmax(scores)))}.",
         f"Strongest: {best}."])
     table = [{"kind": kind, "src": src[a], "dst": dst[b], "score": float(scores[a, b]),
