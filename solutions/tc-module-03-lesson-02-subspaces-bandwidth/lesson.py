@@ -1928,8 +1928,9 @@ display(plot_bottleneck_heatmap(bn.grid_records(), prompt=crowded_prompt))
 # sizeable share of the *coordinates* loses column norm from one layer to the next; an "information
 # density" is the entropy of all $\lvert x \rvert$ entries; a sparsity count is per coordinate too.
 # They are replaced here because they depend on the basis (Section 4): the same stream, rotated, gets
-# a different answer. The cell measures that on the model (with the usual thresholds, in the code),
-# beside the write-vs-read projection of Section 6, which does not change.
+# a different answer. The cell measures all three on the model (with their usual thresholds, in the
+# code), in the model's basis and after a random rotation, beside the write-vs-read projection of
+# Section 6, which does not change.
 
 # %%
 def seed_suppressed_dims(prev, curr):
@@ -1947,6 +1948,32 @@ flag_raw = [l_ for l_, c_ in zip(layers_seen, raw) if c_ > 0.1 * cap.d_model]
 flag_rot = [l_ for l_, c_ in zip(layers_seen, rot) if c_ > 0.1 * cap.d_model]
 print("layers flagged as 'dimension suppressors', model basis:  ", flag_raw)
 print("the same stream after a random rotation of the basis:    ", flag_rot)
+
+
+def information_density(x):
+    """Entropy of all |x| entries, normalised to a distribution (the heuristic's definition)."""
+    p_ = x.abs().flatten() / x.abs().sum()
+    p_ = p_[p_ > 1e-8]
+    return float(-(p_ * p_.log()).sum())
+
+
+def near_zero_share(x):
+    """Share of entries below 1 % of the state's standard deviation (the heuristic's sparsity)."""
+    return float((x.abs() < 0.01 * x.std()).double().mean())
+
+
+def cleanup_and_concentration(rotate):
+    """Layers where the density falls by more than 0.1 ('cleanup') and where sparsity rises by more than 0.1."""
+    states = [cap.get("resid_post", l_).double() @ (Q_basis if rotate else torch.eye(cap.d_model, dtype=torch.float64))
+              for l_ in range(cap.n_layers)]
+    dens, spars = [information_density(x_) for x_ in states], [near_zero_share(x_) for x_ in states]
+    return ([l_ for l_ in layers_seen if dens[l_] - dens[l_ - 1] < -0.1],
+            [l_ for l_ in layers_seen if spars[l_] > spars[l_ - 1] + 0.1])
+
+
+(clean_raw, conc_raw), (clean_rot, conc_rot) = cleanup_and_concentration(False), cleanup_and_concentration(True)
+print("'cleanup' layers (information density falls), model basis / rotated:", clean_raw, "/", clean_rot)
+print("'concentrator' layers (sparsity rises), model basis / rotated:       ", conc_raw, "/", conc_rot)
 er = mem.erasure
 print("write-vs-read projection of the MLPs (basis-free), most negative:",
       ", ".join(f"L{l_} {float(v_):+.3f}" for l_, v_ in sorted(zip(er.layers, er.mlp.tolist()), key=lambda t: t[1])[:3]))
@@ -1954,10 +1981,12 @@ claims.say(
     "seed_suppressors_basis_dependent",
     flag_raw != flag_rot,
     f"The suppressor rule flags **{len(flag_raw)}** layers as dimension suppressors in the model's basis and "
-    f"**{len(flag_rot)}** after a random rotation of the same stream: its verdict depends on the coordinates, so it "
-    f"cannot be about what the layer does. The write-vs-read projection of Section 6 is a ratio of inner products "
+    f"**{len(flag_rot)}** after a random rotation of the same stream; the density rule flags {len(clean_raw)} and "
+    f"{len(clean_rot)} 'cleanup' layers, the sparsity rule {len(conc_raw)} and {len(conc_rot)} 'concentrators'. "
+    f"A verdict that moves with the coordinates cannot be about what the layer does. The write-vs-read projection of Section 6 is a ratio of inner products "
     f"and gives the same value in any basis.",
-    flagged_model_basis=flag_raw, flagged_rotated=flag_rot)
+    flagged_model_basis=flag_raw, flagged_rotated=flag_rot, cleanup=[clean_raw, clean_rot],
+    concentrators=[conc_raw, conc_rot])
 
 # %% [markdown]
 # **"Subspace specialization emerges."** If heads specialised in separate subspaces, the write
