@@ -200,8 +200,9 @@ def heldout_spread(x, loud_ratio: float = 2.0, n_splits: int = 8, seed: int = 0,
     for _ in range(n_splits):
         perm = typical[torch.randperm(len(typical), generator=g)]
         a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
-        mu, basis, variances = principal_directions(x[a], layer=layer)
-        v = basis[:, variances > 0].T
+        mu = x[a].mean(0)
+        _, sv, vh = torch.linalg.svd(x[a] - mu, full_matrices=False)   # [|A|, d]: cheaper than a d x d eigh
+        v = vh[sv > 1e-9 * sv[0]]
         c2 = ((x - mu) @ v.T) ** 2
         t = c2.sum(1)
         pr = torch.where(t > 0, t**2 / (c2**2).sum(1).clamp_min(1e-300), torch.ones_like(t))
