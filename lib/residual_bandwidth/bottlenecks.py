@@ -26,10 +26,10 @@ For one layer with rows ``x_i`` (tokens):
   rows, those with ``norm_ratio < loud_ratio`` (2 by default). A loud row is therefore measured in
   a basis it did not shape; otherwise a single loud vector would become its own principal direction
   and look one-dimensional whatever it is. Typical rows, however, are measured in a basis they
-  helped fit, and a fitted basis concentrates its own rows in its top directions: in sample they look
-  *less* spread than a row the fit did not see. The comparison is therefore biased towards flagging
-  loud rows; :func:`heldout_spread` measures the same spread out of sample (see there), and the
-  lesson reports both.
+  helped fit, and a fitted basis can concentrate its own rows in its top directions, so that in
+  sample they look *less* spread than a row the fit did not see and the comparison favours flagging
+  loud rows. :func:`heldout_spread` measures that bias and the same spread out of sample on both
+  sides (see there); the lesson reports both.
 * **spread**: the participation ratio of the row's squared PCA coordinates
   ``c_ik = (x_i - mu) . v_k``:  ``PR_i = (sum_k c_ik^2)^2 / sum_k c_ik^4`` (1 when the row lies along
   one principal direction, K when spread evenly over K of them), relative to the typical row:
