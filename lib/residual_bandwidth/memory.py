@@ -388,13 +388,13 @@ class DirectionErasure:
 
 
 def direction_erasure(write, read, k: int | None = None, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
-                      n_perm: int = 20, seed: int = 0) -> DirectionErasure:
+                      write_ratio: float = 10.0, n_perm: int = 20, seed: int = 0) -> DirectionErasure:
     """How much of what it read a component removes, per principal direction of what it read.
 
     ``write``, ``read``: ``[tokens, d_model]`` (what the component wrote, the residual it read). Rows
-    whose read norm *or* write norm is at least ``massive_ratio`` times the median *read* norm are left
-    out (massive rows; a component that creates a massive activation would otherwise dominate the
-    regression). With ``v_i`` the principal
+    whose read norm is at least ``massive_ratio`` times the median read norm (massive rows), or whose
+    write norm is at least ``write_ratio`` (10) times the median write norm (the token where a component
+    creates a massive activation, which would otherwise dominate the regression), are left out. With ``v_i`` the principal
     directions of the centred read rows (by decreasing variance) and ``a_t = (r_t - mean r) . v_i``,
     ``b_t = (w_t - mean w) . v_i``:
 
@@ -415,8 +415,7 @@ def direction_erasure(write, read, k: int | None = None, massive_ratio: float = 
     if w.ndim != 2 or w.shape != r.shape:
         raise BandwidthInputError(f"write/read: expected two [tokens, d_model] tensors of one shape, got "
                                   f"{tuple(w.shape)} and {tuple(r.shape)}")
-    med = r.norm(dim=1).median()
-    keep = (r.norm(dim=1) < massive_ratio * med) & (w.norm(dim=1) < massive_ratio * med)
+    keep = ~massive_mask(r.norm(dim=1), massive_ratio) & ~massive_mask(w.norm(dim=1), write_ratio)
     w, r = w[keep], r[keep]
     if r.shape[0] < 8:
         raise BandwidthInputError(f"read: {r.shape[0]} non-massive tokens; need at least 8")
