@@ -1748,14 +1748,21 @@ lines = [f"layer {r_['layer']}: {r_['r95_traffic']} directions hold 95 % of the 
          f"and hold {r_['tail_variance']:.1%} of the variance; they get **{r_['tail_gradient']:.1%}** of the squared "
          f"loss gradient."
          for r_ in side_by_side]
+sure = [r_["layer"] for r_ in side_by_side if r_["dloss_near_lo"] > curve.tolerance]
+unsure = [r_ for r_ in side_by_side if r_["dloss_near_lo"] <= curve.tolerance]
 claims.say(
     "variance_understates_function",
     all(r_["smallest_k"] is not None and r_["smallest_k"] > r_["r95_traffic"] for r_ in side_by_side)
-    and all(r_["dloss_near_lo"] > curve.tolerance and r_["tail_gradient"] > 3 * r_["tail_variance"]
+    and all(r_["dloss_near"] > curve.tolerance and r_["tail_gradient"] > 3 * r_["tail_variance"]
             and abs(r_["tail_gradient"] - r_["tail_dims"]) < 0.15 for r_ in side_by_side),
     "\n".join(f"* {t}" for t in lines) + "\n\n"
     "So a variance rank understates what the model needs: projecting onto the r95 directions costs more "
-    "than the tolerance, with the whole interval above it. The gradient shares say why, and also what they do "
+    "than the tolerance on average at every layer tested"
+    + (f", with the whole interval above it at layer(s) {', '.join(map(str, sure))}" if sure else "")
+    + ("" if not unsure else "; at layer(s) " + ", ".join(f"{r_['layer']} the interval reaches down to "
+                                                        f"{r_['dloss_near_lo']:+.2f}" for r_ in unsure)
+       + ", so there the excess is likely but not certain on this much held-out text")
+    + ". The gradient shares say why, and also what they do "
     "*not* say. The low-variance directions get about their share of the *dimensions*, not their (much smaller) "
     "share of the variance: the loss reacts to them roughly as much as to any other direction. They are not "
     "especially sensitive; they are simply not negligible, because the loss depends on how later layers react "
@@ -1941,8 +1948,8 @@ display(plot_bottleneck_heatmap(bn.grid_records(), prompt=crowded_prompt))
 # **Memory-management heuristics you will meet.** A "dimension suppressor" is a layer where a
 # sizeable share of the *coordinates* loses column norm from one layer to the next; an "information
 # density" is the entropy of all $\lvert x \rvert$ entries; a sparsity count is per coordinate too.
-# They are replaced here because they depend on the basis (Section 4): the same stream, rotated, gets
-# a different answer. The cell measures all three on the model (with their usual thresholds, in the
+# They are replaced here because they depend on the basis (Section 4): the same stream, rotated, can
+# get a different answer. The cell measures all three on the model (with their usual thresholds, in the
 # code), in the model's basis and after a random rotation, beside the write-vs-read projection of
 # Section 6, which does not change.
 
@@ -1995,9 +2002,11 @@ claims.say(
     "seed_suppressors_basis_dependent",
     flag_raw != flag_rot,
     f"The suppressor rule flags **{len(flag_raw)}** layers as dimension suppressors in the model's basis and "
-    f"**{len(flag_rot)}** after a random rotation of the same stream; the density rule flags {len(clean_raw)} and "
-    f"{len(clean_rot)} 'cleanup' layers, the sparsity rule {len(conc_raw)} and {len(conc_rot)} 'concentrators'. "
-    f"A verdict that moves with the coordinates cannot be about what the layer does. The write-vs-read projection of Section 6 is a ratio of inner products "
+    f"**{len(flag_rot)}** after a random rotation of the same stream: a verdict that moves with the coordinates "
+    f"cannot be about what the layer does. The density rule flags layers {clean_raw} and {clean_rot} as "
+    f"'cleanup', the sparsity rule {conc_raw} and {conc_rot} as 'concentrators'"
+    + (" (the same layers in both bases on this stream)"
+       if (clean_raw, conc_raw) == (clean_rot, conc_rot) else "") + ". The write-vs-read projection of Section 6 is a ratio of inner products "
     f"and gives the same value in any basis.",
     flagged_model_basis=flag_raw, flagged_rotated=flag_rot, cleanup=[clean_raw, clean_rot],
     concentrators=[conc_raw, conc_rot])
