@@ -854,7 +854,7 @@ claims.check("crowding_invariant", same_rotated and same_scaled,
 print(f"layer {L}: same severities after a random rotation: {same_rotated}; after scaling by 7: {same_scaled}")
 
 # %% [markdown]
-# #### Out of sample: is a flagged row really more spread than a typical one?
+# ### Out of sample: is a flagged row really more spread than a typical one?
 #
 # The detector measures a loud row in a basis it did not shape, but compares it with typical rows
 # that *did* shape it. A fitted basis can concentrate its own rows in its top directions, so that in
