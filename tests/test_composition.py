@@ -162,6 +162,7 @@ def test_pair_significance_finds_the_planted_pair_and_controls_chance(planted, t
     weights = all_layer_weights(model)
     cs = composition_scores(weights, "K")
     sig = pair_significance(cs, weights, alpha=0.05, n_draws=20, seed=1)
+    assert sig.false_alarm_rate == pytest.approx(1 / 21) and sig.threshold == max(sig.null_max)
     i, j = cs.src_labels.index(_label(SRC)), cs.dst_labels.index(_label(DST["K"]))
     assert float(cs.scores[i, j]) > sig.threshold and sig.n_significant >= 1
     assert sig.n_pairs == int(torch.isfinite(cs.scores).sum()) and len(sig.null_max) == 20
@@ -176,3 +177,27 @@ def test_pair_significance_finds_the_planted_pair_and_controls_chance(planted, t
         pair_significance(cs, weights, alpha=1.5)
     with pytest.raises(BandwidthInputError, match="n_draws"):
         max_statistic_null(weights, "K", n_draws=0)
+
+
+def test_order_statistic_threshold_has_the_stated_error_rate():
+    """The family-wise threshold's false-alarm rate is exact: simulate the real maximum and m null maxima
+    from one continuous law and count how often the real one exceeds the threshold."""
+    from residual_bandwidth.composition import draws_needed, order_statistic_threshold
+    assert draws_needed(0.05) == 19 and draws_needed(0.1) == 9 and draws_needed(0.01) == 99
+    g = torch.Generator().manual_seed(0)
+    for m, alpha in ((19, 0.05), (39, 0.05), (60, 0.1)):
+        hits, trials = 0, 20000
+        sims = torch.randn(trials, m + 1, generator=g, dtype=torch.float64)
+        thr0, j, rate = order_statistic_threshold(sims[0, 1:].tolist(), alpha)
+        assert rate <= alpha and j <= m
+        for row in sims:
+            thr, _, _ = order_statistic_threshold(row[1:].tolist(), alpha)
+            hits += bool(row[0] > thr)
+        se = (rate * (1 - rate) / trials) ** 0.5
+        assert abs(hits / trials - rate) < 4 * se, (m, alpha, hits / trials, rate)
+    # the interpolated 95 % quantile of 10 maxima (the old rule) is exceeded far more often than 5 %
+    sims = torch.randn(20000, 11, generator=g, dtype=torch.float64)
+    old = torch.quantile(sims[:, 1:], 0.95, dim=1)
+    assert float((sims[:, 0] > old).double().mean()) > 0.1
+    with pytest.raises(BandwidthInputError, match="at least 19 draws"):
+        order_statistic_threshold([0.1] * 10, 0.05)

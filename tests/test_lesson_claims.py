@@ -1,17 +1,22 @@
 """The lesson says nothing its own numbers contradict (residual_bandwidth.course.claims).
 
-Rule for the prose (``claims.unchecked_prose``): a typed markdown cell that states a number or a
-comparison must name the claims that check it in a marker ``<!-- claims: id, ... -->``, unless the
-number is notation or structure (math, code, headings, citations, cross-references, quotations of the
-original lesson). Generated sentences (``claims.say``) are built from the values of the cell that
-displays them. The notebook is executed once per session (``executed_source`` in conftest.py) and:
+Rule for the prose (``claims.unchecked_prose``), sentence by sentence: every fragment (sentence, list
+item, table row) of a typed markdown cell that states a number or a comparison carries its own marker
+``<!-- claims: id -->``, unless the number is notation or structure (math, code, headings, citations,
+cross-references, quotations). A marker covers only the fragment it ends, never the rest of its cell.
+Generated sentences (``claims.say``) are built from the values of the cell that displays them. The
+notebook is executed once per session (``executed_source`` in conftest.py) and:
 
 * every claim holds;
 * every marker names a claim that was registered, by a cell of the same numbered section (cells of the
-  introduction, section 11, the accessibility notes and the summary may cite any section);
+  introduction, section 10 (claims you will meet), the accessibility notes and the summary may cite any
+  section);
+* a typed claim's statement is the very sentence its marker ends (in its own section), so the check
+  tests that sentence and not something weaker;
 * every generated claim is displayed by the cell that computed it.
 
-Exercise cells (their markdown and hints) belong to the graded items and are left to their own tests.
+The prose rule covers every markdown cell, exercise text and hints included (an exercise's
+"Difficulty" line and the hint headers are structure).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import numpy as np
 import pytest
 from bs4 import BeautifulSoup
 
-from residual_bandwidth.course.claims import Claims, markers, unchecked_prose
+from residual_bandwidth.course.claims import Claims, fragments, markers, normalize, unchecked_prose
 from residual_bandwidth.course import load_lesson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,11 +36,8 @@ META = load_lesson()
 SOURCE = ROOT / "solutions" / META.lesson_id / META.notebook
 TEXT_SOURCE = ROOT / "solutions" / META.lesson_id / "lesson.py"
 # cells of these parts summarise the lesson and may cite claims of any section
-SUMMARY_PARTS = {"intro", "11", "Accessibility", "Summary", "Claims checked in this run"}
+SUMMARY_PARTS = {"intro", "10", "Accessibility", "Summary", "Claims checked in this run"}
 
-
-def is_exercise(cell) -> bool:
-    return cell.cell_type == "markdown" and "Exercise:" in cell.source
 
 
 def parts(nb) -> list[str]:
@@ -92,6 +94,27 @@ def test_markers_name_claims_registered_in_their_section(executed_source):
     assert typed <= cited, f"checked claims that no typed sentence cites: {sorted(typed - cited)}"
 
 
+def test_each_typed_claim_states_exactly_the_sentence_its_marker_ends(executed_source):
+    claims = claims_of(executed_source)
+    where = parts(executed_source)
+    homes = {}
+    for i, c in enumerate(executed_source.cells):
+        if c.cell_type != "markdown":
+            continue
+        for f in fragments(c.source):
+            for cid in f.ids:
+                if cid not in claims or claims[cid]["generated"]:
+                    continue
+                made_in = where[registering_cell(executed_source, cid)]
+                if where[i] == made_in:
+                    homes.setdefault(cid, []).append(f.text)
+                    assert normalize(claims[cid]["statement"]) == normalize(f.text), (
+                        f"claim {cid!r} checks {claims[cid]['statement']!r}, but its marker ends the sentence "
+                        f"{f.text!r}")
+    typed = {cid for cid, c in claims.items() if not c["generated"]}
+    assert typed <= set(homes), f"typed claims without a sentence in their own section: {sorted(typed - set(homes))}"
+
+
 def test_generated_claims_are_displayed_by_the_cell_that_computed_them(executed_source):
     claims = claims_of(executed_source)
     for cid, c in claims.items():
@@ -126,7 +149,7 @@ def test_typed_prose_states_no_unchecked_number_or_comparison():
     nb = nbformat.read(SOURCE, 4)
     offending = {}
     for i, c in enumerate(nb.cells):
-        if c.cell_type == "markdown" and not is_exercise(c):
+        if c.cell_type == "markdown":      # every markdown cell, exercises and marked cells included
             found = unchecked_prose(c.source)
             if found:
                 offending[f"cell {i}: {c.source.splitlines()[0][:50]}"] = found
@@ -153,9 +176,23 @@ def test_claim_ids_are_unique_in_the_source():
     ('The original lesson said "16,384 dims".', False),
     ("Without the hub it uses SmolLM2-135M, otherwise GPT-2.", False),
     ("It is 162x larger. <!-- claims: some_claim -->", False),
+    ("It is 162x larger.\n<!-- claims: some_claim -->", False),
+    # one marker vouches for one sentence, not for its neighbours
+    ("The first is 5x larger. The second is 3x. <!-- claims: some_claim -->", True),
+    ("* a list item with 12 things\n* another item <!-- claims: some_claim -->", True),
+    ("| a | 12 |\n| b | 3 | <!-- claims: some_claim -->", True),
+    ("The first is 5x. <!-- claims: a --> The second is 3x. <!-- claims: b -->", False),
+    ("**Predict, then run.** Will the loss rise by more than 0.05 nats?", False),
 ])
 def test_prose_rule(text, flagged):
     assert bool(unchecked_prose(text)) is flagged, unchecked_prose(text)
+
+
+def test_fragments_attach_each_marker_to_its_sentence():
+    fs = fragments("The first is 5x. <!-- claims: a --> Nothing here. The second is 3x larger.\n<!-- claims: b, c -->")
+    assert [(f.text, f.ids, f.quantitative) for f in fs] == [
+        ("The first is 5x.", ["a"], True), ("Nothing here.", [], False), ("The second is 3x larger.", ["b", "c"], True)]
+    assert normalize("The **second** is 3x larger. <!-- claims: b -->") == normalize(fs[2].text)
 
 
 def test_markers_are_parsed():
@@ -179,3 +216,22 @@ def test_registry_records_values_and_flags_a_false_claim(monkeypatch):
     with pytest.raises(TypeError, match="bool"):
         reg.check("not_bool", 1.0, "x")
     assert "| `said_one` | generated | **NO** |" in reg.table_markdown()
+
+
+def test_stated_duration_covers_the_measured_reading_load(executed_source):
+    """The YAML's duration is at least the reading time of every word a student reads (typed markdown and
+    the sentences the cells write, at 150 words per minute) plus the exercises' own time estimates."""
+    words = 0
+    for c in executed_source.cells:
+        if c.cell_type == "markdown":
+            words += len(re.findall(r"[A-Za-z][A-Za-z'-]*", re.sub(r"<!--.*?-->", " ", c.source, flags=re.S)))
+        for o in c.get("outputs", []):
+            if o.get("metadata", {}).get("claim"):
+                words += len(re.findall(r"[A-Za-z][A-Za-z'-]*", o["data"]["text/markdown"]))
+    exercise_minutes = sum(int(m) for c in executed_source.cells if c.cell_type == "markdown"
+                           for m in re.findall(r"\*\*Time:\*\* about (\d+) minutes", c.source))
+    assert exercise_minutes >= 60, exercise_minutes
+    needed = words / 150 + exercise_minutes
+    stated = META.raw["metadata"]["execution"]["estimated_duration_minutes"]
+    assert stated >= needed, (f"{words} words ({words / 150:.0f} min at 150 wpm) + {exercise_minutes} "
+                              f"exercise minutes = {needed:.0f} min > the stated {stated}")

@@ -25,8 +25,11 @@ For one layer with rows ``x_i`` (tokens):
 * **the layer's principal directions**: PCA (centred, mean ``mu``) fitted on the layer's *typical*
   rows, those with ``norm_ratio < loud_ratio`` (2 by default). A loud row is therefore measured in
   a basis it did not shape; otherwise a single loud vector would become its own principal direction
-  and look one-dimensional whatever it is. (Typical rows are measured in a basis they helped fit,
-  which if anything makes them look more spread; the comparison below is conservative.)
+  and look one-dimensional whatever it is. Typical rows, however, are measured in a basis they
+  helped fit, and a fitted basis can concentrate its own rows in its top directions, so that in
+  sample they look *less* spread than a row the fit did not see and the comparison favours flagging
+  loud rows. :func:`heldout_spread` measures that bias and the same spread out of sample on both
+  sides (see there); the lesson reports both.
 * **spread**: the participation ratio of the row's squared PCA coordinates
   ``c_ik = (x_i - mu) . v_k``:  ``PR_i = (sum_k c_ik^2)^2 / sum_k c_ik^4`` (1 when the row lies along
   one principal direction, K when spread evenly over K of them), relative to the typical row:
@@ -168,6 +171,51 @@ def layer_scores(x, loud_ratio: float = 2.0, layer=None) -> dict:
     pr = torch.where(tot > 0, tot**2 / (c2**2).sum(1).clamp_min(1e-300), torch.ones_like(tot))
     spread = pr / pr[typical].median()
     return {"norm_ratio": ratio, "pr": pr, "spread": spread, "score": ratio * spread, "typical": typical}
+
+
+def heldout_spread(x, loud_ratio: float = 2.0, n_splits: int = 8, seed: int = 0, layer=None) -> dict:
+    """The spread of :func:`layer_scores`, measured out of sample on both sides of the comparison.
+
+    For each of ``n_splits`` random halvings of the typical rows into a *fit* half A and a *reference*
+    half B: fit the PCA (mean and directions) on A only, compute every row's ``PR_i`` in that basis,
+    and divide by the median PR of B. Rows of B and loud rows are then both rows the fit did not see,
+    so ``spread = 1`` means "as spread as a typical row the fit did not see". Returns float64 tensors
+    over rows: ``spread`` (mean over the splits in which the row was not in A; NaN if never) and
+    ``percentile`` (mean share of B's rows whose PR is below the row's); and the float ``bias`` =
+    mean over splits of ``median PR(B) / median PR(A)``: how spread a held-out typical row looks when
+    measured against the rows the basis was fitted on, as the in-sample comparison does (1 = no bias).
+    """
+    loud_ratio = _check_loud(loud_ratio)
+    x = as_matrix(x, name="residual_states", layer=layer, min_rows=3).detach().to("cpu", torch.float64)
+    ratio = x.norm(dim=1) / x.norm(dim=1).median()
+    typical = torch.nonzero(ratio < loud_ratio).flatten()
+    if len(typical) < 6:
+        raise BandwidthInputError(f"residual_states (layer {layer}): {len(typical)} typical rows; a held-out "
+                                  "split needs at least 6")
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    bias = []
+    tot_spread, tot_pct, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), \
+        torch.zeros(n, dtype=torch.float64)
+    for _ in range(n_splits):
+        perm = typical[torch.randperm(len(typical), generator=g)]
+        a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
+        mu = x[a].mean(0)
+        _, sv, vh = torch.linalg.svd(x[a] - mu, full_matrices=False)   # [|A|, d]: cheaper than a d x d eigh
+        v = vh[sv > 1e-9 * sv[0]]
+        c2 = ((x - mu) @ v.T) ** 2
+        t = c2.sum(1)
+        pr = torch.where(t > 0, t**2 / (c2**2).sum(1).clamp_min(1e-300), torch.ones_like(t))
+        seen = torch.zeros(n, dtype=torch.bool)
+        seen[a] = True
+        ref = pr[b]
+        bias.append(float(ref.median() / pr[a].median()))
+        tot_spread[~seen] += pr[~seen] / ref.median()
+        tot_pct[~seen] += (ref[None, :] < pr[~seen][:, None]).double().mean(1)
+        count[~seen] += 1
+    spread = torch.where(count > 0, tot_spread / count.clamp_min(1), torch.full_like(count, float("nan")))
+    pct = torch.where(count > 0, tot_pct / count.clamp_min(1), torch.full_like(count, float("nan")))
+    return {"spread": spread, "percentile": pct, "norm_ratio": ratio, "bias": float(np.mean(bias))}
 
 
 def severity(norm_ratio: float, spread: float, loud_ratio: float = 2.0,

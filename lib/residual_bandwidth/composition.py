@@ -283,11 +283,19 @@ class PairSignificance:
     """Which composition scores exceed chance once the number of pairs is accounted for.
 
     ``null_max``: for each of ``n_draws`` draws, the largest score over all pairs after every writer
-    is rotated by one random orthogonal matrix (:func:`max_statistic_null`). ``threshold`` is the
-    ``1 - alpha`` quantile of ``null_max`` (family-wise: under the null, the chance that *any* of the
-    ``n_pairs`` pairs exceeds it is about ``alpha``). ``expected_by_chance_3std`` is what the
-    Gaussian baseline's "mean + 3 std" rule predicts by chance, ``n_pairs * P(Z > 3)``, and
-    ``above_3std`` what it flags.
+    is rotated by one random orthogonal matrix (:func:`max_statistic_null`). The threshold is an
+    order statistic of these maxima, chosen so that the family-wise error rate is exact: under the
+    null the real maximum ``M_0`` and the ``m = n_draws`` null maxima are exchangeable, so for the
+    ``j``-th smallest null maximum ``M_(j)``
+
+        P(M_0 > M_(j)) = (m + 1 - j) / (m + 1)          (ties have probability 0)
+
+    and ``j = ceil((1 - alpha)(m + 1))`` gives ``false_alarm_rate = (m + 1 - j)/(m + 1) <= alpha``,
+    the chance that *any* of the ``n_pairs`` pairs exceeds the threshold by chance. With ``m = 19``
+    and ``alpha = 0.05`` the threshold is the largest of the 19 maxima and the rate is exactly 1/20.
+    With ``m + 1 < 1 / alpha`` no order statistic reaches ``alpha``: an error names the draws needed.
+    ``expected_by_chance_3std`` is what the Gaussian baseline's "mean + 3 std" rule predicts by
+    chance, ``n_pairs * P(Z > 3)``, and ``above_3std`` what it flags.
     """
     kind: str
     n_pairs: int
@@ -300,6 +308,10 @@ class PairSignificance:
     expected_by_chance_3std: float
     null_mean: float
     null_std: float
+    #: the exact chance, under the null, that some pair exceeds ``threshold`` ((m + 1 - j)/(m + 1))
+    false_alarm_rate: float = float("nan")
+    #: the rank ``j`` of the null maximum used as threshold (1 = smallest, ``n_draws`` = largest)
+    order_statistic: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -346,22 +358,44 @@ def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 
     return maxima, float(allv.mean()), float(allv.std())
 
 
-def pair_significance(scores: CompositionScores, weights, alpha: float = 0.05, n_draws: int = 20,
+def draws_needed(alpha: float) -> int:
+    """The fewest null draws for which an order statistic has family-wise error rate <= ``alpha``:
+    ``ceil(1/alpha) - 1`` (19 for ``alpha = 0.05``)."""
+    if not 0 < alpha < 1:
+        raise BandwidthInputError(f"alpha: expected a number in (0, 1), got {alpha!r}")
+    return math.ceil(1 / alpha - 1e-12) - 1
+
+
+def order_statistic_threshold(maxima, alpha: float) -> tuple[float, int, float]:
+    """``(threshold, j, false_alarm_rate)``: the exact rule of :class:`PairSignificance`."""
+    m = len(maxima)
+    j = math.ceil((1 - alpha) * (m + 1) - 1e-12)
+    if j > m:
+        raise BandwidthInputError(f"{m} null draws cannot give a family-wise error rate of {alpha}: "
+                                  f"use at least {draws_needed(alpha)} draws")
+    return float(sorted(maxima)[j - 1]), j, (m + 1 - j) / (m + 1)
+
+
+def pair_significance(scores: CompositionScores, weights, alpha: float = 0.05, n_draws: int = 19,
                       seed: int = 0) -> PairSignificance:
     """Count the pairs whose score exceeds the family-wise threshold of :func:`max_statistic_null`.
 
-    ``threshold`` = the ``1 - alpha`` quantile of the per-draw maxima (with ``n_draws = 20`` and
-    ``alpha = 0.05`` that is the largest maximum but one, interpolated). ``weights`` must be the
-    :class:`LayerWeights` the scores were computed from.
+    ``threshold`` = the order statistic ``M_(j)`` of the per-draw maxima with
+    ``j = ceil((1 - alpha)(n_draws + 1))`` (:class:`PairSignificance`); ``false_alarm_rate`` is its
+    exact family-wise error rate. ``weights`` must be the :class:`LayerWeights` the scores were
+    computed from.
     """
     if not 0 < alpha < 1:
         raise BandwidthInputError(f"alpha: expected a number in (0, 1), got {alpha!r}")
+    if isinstance(n_draws, int) and not isinstance(n_draws, bool) and 0 < n_draws < draws_needed(alpha):
+        raise BandwidthInputError(f"n_draws = {n_draws} cannot give a family-wise error rate of {alpha}: "
+                                  f"use at least {draws_needed(alpha)} draws")
     maxima, mean, std = max_statistic_null(weights, scores.kind, n_draws, seed)
-    thr = float(torch.quantile(torch.tensor(maxima, dtype=torch.float64), 1 - alpha))
+    thr, j, rate = order_statistic_threshold(maxima, alpha)
     v = scores.valid()
     above3 = int((v > scores.baseline_mean + 3 * scores.baseline_std).sum())
     p3 = 0.5 * math.erfc(3 / math.sqrt(2))
     return PairSignificance(kind=scores.kind, n_pairs=int(v.numel()), n_draws=n_draws, alpha=alpha,
                             null_max=maxima, threshold=thr, n_significant=int((v > thr).sum()),
                             above_3std=above3, expected_by_chance_3std=v.numel() * p3,
-                            null_mean=mean, null_std=std)
+                            null_mean=mean, null_std=std, false_alarm_rate=rate, order_statistic=j)

@@ -20,12 +20,14 @@ utilization numbers. Here the cost of narrowing the stream is *measured*:
    would describe one token; and projecting it onto directions fitted without it destroys the
    attention sink the model relies on. The curve then measures the bandwidth the ordinary tokens
    need. ``skip_massive=False`` projects and fits every row.
-3. **Measure on held-out prompts** (not used for the fit): the mean next-token cross-entropy
+3. **Measure on held-out prompts** (not used for the fit; 24 short texts, about 500 tokens on the
+   embedded model's tokenizer): the mean next-token cross-entropy
    ``loss = mean_t -log q(x_{t+1} | x_<=t)`` and ``KL(p || q) = mean_t sum_v p_v (log p_v - log q_v)``
    between the unmodified model ``p`` and the projected one ``q``, both over real (unpadded) positions;
-   ``delta_loss = loss - base_loss``.
+   ``delta_loss = loss - base_loss``, with a 95 % percentile-bootstrap interval over held-out
+   *sequences* (:func:`bootstrap_delta`; paired, since both losses are on the same tokens).
 4. **Baseline.** The same with a random k-dimensional subspace (orthonormalised Gaussian, same
-   ``mu``), averaged over ``n_random`` draws: how much of the effect is "any k directions" rather
+   ``mu``), averaged over ``n_random`` draws (each draw's ``delta_loss`` is kept): how much of the effect is "any k directions" rather
    than "the top-k principal directions".
 
 At ``k = d_model`` the projection is the identity and the model is unchanged (a test checks this).
@@ -105,6 +107,24 @@ HELDOUT_PROMPTS = [
     "Tokyo is the capital of Japan, and Canberra is the capital of Australia.",
     "When the train finally arrived, the passengers hurried onto the crowded platform.",
     "The students solved the equation 3x + 5 = 20 and found that x equals 5.",
+    "Every autumn the swallows leave the village and fly south to spend the winter in Africa.",
+    "while queue:\n    node = queue.pop(0)\n    for child in node.children:\n        queue.append(child)",
+    "The doctor advised him to drink more water, sleep eight hours a night and walk every day.",
+    "Copper is a good conductor of electricity, which is why it is used in most household wiring.",
+    "The bakery on the corner sells fresh croissants every morning until they run out around ten.",
+    "In chess, the queen can move any number of squares along a row, a column or a diagonal.",
+    "The hikers reached the summit just before sunset and watched the valley turn gold below them.",
+    "Water molecules are made of two hydrogen atoms bonded to one oxygen atom.",
+    "Thank you for your order. Your parcel will be delivered within three working days.",
+    "The orchestra tuned their instruments while the audience slowly found their seats.",
+    "Most spiders have eight eyes, but many of them still see the world quite poorly.",
+    "The old lighthouse keeper climbed the spiral stairs every evening to light the lamp.",
+    "A leap year has 366 days, and February then has 29 days instead of 28.",
+    "The city council voted to close the main street to cars on Sundays during the summer.",
+    "She packed a map, a torch, some sandwiches and a warm jumper for the long walk.",
+    "Sound travels faster in water than in air, and faster still in steel.",
+    "The farmer checked the fences after the storm and found two of the gates blown open.",
+    "numbers = [4, 8, 15, 16, 23, 42]\ntotal = sum(numbers)\nprint(total / len(numbers))",
 ]
 
 
@@ -159,19 +179,43 @@ def _logprobs(model, batches) -> list[torch.Tensor]:
     return [torch.log_softmax(model(**enc, use_cache=False).logits[:, :-1].float(), dim=-1) for enc in batches]
 
 
-def _loss_and_kl(batches, logp, base_logp=None) -> tuple[float, float]:
-    """Mean next-token loss over real positions, and mean KL(base || this) when ``base_logp`` is given."""
-    nll, kl, n = 0.0, 0.0, 0
+def _per_sequence(batches, logp, base_logp=None) -> torch.Tensor:
+    """``[n_sequences, 3]``: summed next-token loss, summed KL(base || this) (0 without ``base_logp``)
+    and the number of real predicted positions, per held-out sequence."""
+    out = []
     for i, enc in enumerate(batches):
         target = enc["input_ids"][:, 1:]
         mask = (enc["attention_mask"][:, 1:] * enc["attention_mask"][:, :-1]).bool()
         lp = logp[i]
-        nll += float(-lp.gather(-1, target[..., None])[..., 0][mask].sum())
-        if base_logp is not None:
-            b = base_logp[i]
-            kl += float((b.exp() * (b - lp)).sum(-1)[mask].sum())
-        n += int(mask.sum())
-    return nll / n, kl / n
+        nll = (-lp.gather(-1, target[..., None])[..., 0] * mask).double().sum(1)
+        kl = ((base_logp[i].exp() * (base_logp[i] - lp)).sum(-1) * mask).double().sum(1) \
+            if base_logp is not None else torch.zeros_like(nll)
+        out.append(torch.stack([nll, kl, mask.sum(1).double()], 1))
+    return torch.cat(out)
+
+
+def _loss_and_kl(batches, logp, base_logp=None) -> tuple[float, float]:
+    """Mean next-token loss over real positions, and mean KL(base || this) when ``base_logp`` is given."""
+    t = _per_sequence(batches, logp, base_logp).sum(0)
+    return float(t[0] / t[2]), float(t[1] / t[2])
+
+
+def bootstrap_delta(per_seq: torch.Tensor, base_per_seq: torch.Tensor, n_boot: int = 2000,
+                    level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``delta_loss`` over held-out *sequences*.
+
+    ``per_seq``/``base_per_seq``: :func:`_per_sequence` of the modified and the unmodified model on the
+    same sequences. Each resample draws sequences with replacement and recomputes
+    ``delta = sum(nll) / sum(n) - sum(nll_base) / sum(n)`` (paired: the same tokens on both sides).
+    Resampling whole sequences, not tokens, keeps the correlation of tokens within a text.
+    """
+    g = torch.Generator().manual_seed(seed)
+    m = per_seq.shape[0]
+    idx = torch.randint(0, m, (n_boot, m), generator=g)
+    nll, nll0, n = per_seq[:, 0][idx].sum(1), base_per_seq[:, 0][idx].sum(1), per_seq[:, 2][idx].sum(1)
+    d = (nll - nll0) / n
+    lo, hi = torch.quantile(d, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=d.dtype))
+    return float(lo), float(hi)
 
 
 @dataclass
@@ -198,10 +242,17 @@ class CompressionCurve:
         """``{layer, k, subspace ("pca"|"random"), loss, kl, delta_loss}`` (random: mean over draws)."""
         return [{k: r[k] for k in ("layer", "k", "subspace", "loss", "kl", "delta_loss")} for r in self.rows]
 
+    def interval_records(self) -> list[dict]:
+        """``records()`` plus the 95 % bootstrap interval of ``delta_loss`` over held-out sequences
+        (``delta_loss_lo``, ``delta_loss_hi``) and, for random subspaces, every draw's ``delta_loss``."""
+        keys = ("layer", "k", "subspace", "loss", "kl", "delta_loss", "delta_loss_lo", "delta_loss_hi",
+                "draws_delta_loss")
+        return [{k: r.get(k) for k in keys} for r in self.rows]
+
     def to_dict(self) -> dict:
         return {"layers": self.layers, "ks": self.ks, "base_loss": self.base_loss,
                 "tolerance": self.tolerance, "tolerance_unit": "nats of next-token loss (absolute)",
-                "records": self.records(), "random_kl_std": [r.get("kl_std") for r in self.rows],
+                "records": self.records(), "intervals": self.interval_records(), "random_kl_std": [r.get("kl_std") for r in self.rows],
                 "smallest_k": {str(k): v for k, v in self.smallest_k.items()},
                 "smallest_k_random": {str(k): v for k, v in self.smallest_k_random.items()},
                 "smallest_k_kl": {str(k): v for k, v in self.smallest_k_kl.items()},
@@ -288,7 +339,14 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
     if n_heldout == 0:
         raise BandwidthInputError("heldout_prompts: every prompt is a single token; nothing to predict")
     base_logp = _logprobs(model, batches)
+    base_seq = _per_sequence(batches, base_logp)
     base_loss, _ = _loss_and_kl(batches, base_logp)
+
+    def measure(with_projection):
+        with with_projection:
+            seq = _per_sequence(batches, _logprobs(model, batches), base_logp)
+        tot = seq.sum(0)
+        return seq, float(tot[0] / tot[2]), float(tot[1] / tot[2])
 
     gen = torch.Generator().manual_seed(seed)
     rows, explained = [], {}
@@ -302,24 +360,29 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
             mu, V, _ = principal_directions(x, name="calibration residuals", layer=L)
             explained[L] = _explained(x, mu, V, ks)
             for k in ks:
-                with project_residual(model, L, mu, V[:, :k], keep_ratio):
-                    loss, kl = _loss_and_kl(batches, _logprobs(model, batches), base_logp)
+                seq, loss, kl = measure(project_residual(model, L, mu, V[:, :k], keep_ratio))
+                lo, hi = bootstrap_delta(seq, base_seq, seed=seed)
                 rows.append({"layer": L, "k": k, "subspace": "pca", "loss": loss, "kl": kl,
-                             "delta_loss": loss - base_loss})
+                             "delta_loss": loss - base_loss, "delta_loss_lo": lo, "delta_loss_hi": hi})
                 bar.update(1)
                 if n_random and k == d:
                     # a d-dimensional subspace is the whole space: every random draw is the identity
-                    rows.append({**rows[-1], "subspace": "random", "kl_std": 0.0})
+                    rows.append({**rows[-1], "subspace": "random", "kl_std": 0.0,
+                                 "draws_delta_loss": [loss - base_loss] * n_random})
                     bar.update(n_random)
                 elif n_random:
                     draws = []
                     for _ in range(n_random):
-                        with project_residual(model, L, mu, random_subspace(d, k, gen), keep_ratio):
-                            draws.append(_loss_and_kl(batches, _logprobs(model, batches), base_logp))
+                        draws.append(measure(project_residual(model, L, mu, random_subspace(d, k, gen),
+                                                              keep_ratio)))
                         bar.update(1)
-                    t = torch.tensor(draws, dtype=torch.float64)
+                    t = torch.tensor([(ls_, kl_) for _, ls_, kl_ in draws], dtype=torch.float64)
+                    seq_all = torch.stack([sq for sq, _, _ in draws]).mean(0)   # mean over draws, per sequence
+                    lo, hi = bootstrap_delta(seq_all, base_seq, seed=seed)
                     rows.append({"layer": L, "k": k, "subspace": "random", "loss": float(t[:, 0].mean()),
                                  "kl": float(t[:, 1].mean()), "delta_loss": float(t[:, 0].mean()) - base_loss,
+                                 "delta_loss_lo": lo, "delta_loss_hi": hi,
+                                 "draws_delta_loss": [float(v) - base_loss for v in t[:, 0]],
                                  "kl_std": float(t[:, 1].std()) if n_random > 1 else None})
     finally:
         bar.close()

@@ -363,6 +363,76 @@ def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequenc
     return meter.report()
 
 
+@dataclass
+class DirectionErasure:
+    """Erasure per direction (:func:`direction_erasure`). ``beta[i]``: the coefficient of the write on
+    the read along the read's i-th principal direction; ``variance_share[i]``: that direction's share
+    of the read's (centred) variance; ``per_vector``: ``mean_t <w_t, r_t> / ||r_t||^2`` on the same rows."""
+    beta: torch.Tensor
+    variance_share: torch.Tensor
+    per_vector: float
+    n_tokens: int
+    #: the most negative beta over all directions when the write rows are shuffled against the read
+    #: rows (``n_perm`` permutations): what chance alone produces. A beta below it is not chance.
+    null_min: float = float("nan")
+
+    @property
+    def most_negative(self) -> tuple[int, float]:
+        """``(i, beta_i)`` for the direction the write removes most of."""
+        i = int(torch.argmin(self.beta))
+        return i, float(self.beta[i])
+
+    def weighted_mean(self) -> float:
+        """``sum_i variance_share_i * beta_i``: the share of the read's variation the write removes overall."""
+        return float((self.variance_share * self.beta).sum() / self.variance_share.sum())
+
+
+def direction_erasure(write, read, k: int | None = None, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
+                      write_ratio: float = 10.0, n_perm: int = 20, seed: int = 0) -> DirectionErasure:
+    """How much of what it read a component removes, per principal direction of what it read.
+
+    ``write``, ``read``: ``[tokens, d_model]`` (what the component wrote, the residual it read). Rows
+    whose read norm is at least ``massive_ratio`` times the median read norm (massive rows), or whose
+    write norm is at least ``write_ratio`` (10) times the median write norm (the token where a component
+    creates a massive activation, which would otherwise dominate the regression), are left out. With ``v_i`` the principal
+    directions of the centred read rows (by decreasing variance) and ``a_t = (r_t - mean r) . v_i``,
+    ``b_t = (w_t - mean w) . v_i``:
+
+        beta_i = sum_t a_t b_t / sum_t a_t^2
+
+    is the least-squares coefficient of the write on the read along ``v_i``: ``-1`` means the
+    component cancels the token-to-token variation along ``v_i`` completely, ``0`` that it leaves it
+    alone. The per-vector projection (module docstring) averages over all directions at once; a
+    component can leave most directions alone and erase one. ``k``: the number of leading directions
+    (default: all with non-zero variance, at most ``tokens // 4`` so that each beta rests on four or
+    more tokens per direction). ``null_min``: the most negative beta over all directions and ``n_perm``
+    random pairings of write rows with read rows (a permutation null; with few tokens a component
+    that writes a lot can reach a strongly negative beta by chance).
+    """
+    from .metrics import principal_directions
+    w = torch.as_tensor(write).detach().double()
+    r = torch.as_tensor(read).detach().double()
+    if w.ndim != 2 or w.shape != r.shape:
+        raise BandwidthInputError(f"write/read: expected two [tokens, d_model] tensors of one shape, got "
+                                  f"{tuple(w.shape)} and {tuple(r.shape)}")
+    keep = ~massive_mask(r.norm(dim=1), massive_ratio) & ~massive_mask(w.norm(dim=1), write_ratio)
+    w, r = w[keep], r[keep]
+    if r.shape[0] < 8:
+        raise BandwidthInputError(f"read: {r.shape[0]} non-massive tokens; need at least 8")
+    mu, V, var = principal_directions(r, name="read residual")
+    kmax = min(int((var > 1e-12 * var[0]).sum()), r.shape[0] // 4)
+    k = kmax if k is None else min(int(k), kmax)
+    a = (r - mu) @ V[:, :k]
+    b = (w - w.mean(0)) @ V[:, :k]
+    beta = (a * b).sum(0) / a.pow(2).sum(0)
+    g = torch.Generator().manual_seed(seed)
+    null = [float(((a * b[torch.randperm(len(b), generator=g)]).sum(0) / a.pow(2).sum(0)).min())
+            for _ in range(n_perm)]
+    per_vector = float(((w * r).sum(1) / r.pow(2).sum(1)).mean())
+    return DirectionErasure(beta=beta, variance_share=var[:k] / var.sum(), per_vector=per_vector,
+                            n_tokens=int(r.shape[0]), null_min=min(null) if null else float("nan"))
+
+
 def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
                            exclude_massive: bool = True, layers=None) -> list[dict]:
     """Directions block L drains most, from a capture with ``resid_pre`` and ``resid_post``.

@@ -4,9 +4,11 @@ Every sentence of the lesson that states a number or a comparison is one of two 
 
 * **generated**: a code cell builds the sentence from the values it just computed and displays it
   (:meth:`Claims.say`); the numbers in it cannot disagree with the printed output beside it;
-* **registered**: the sentence is typed in a markdown cell that names a claim in an invisible marker
-  ``<!-- claims: some_id, other_id -->``, and a code cell of the same section computes whether the
-  sentence holds (:meth:`Claims.check`).
+* **registered**: the sentence is typed in a markdown cell and carries an invisible marker
+  ``<!-- claims: some_id -->`` right after it; a code cell of the same section computes whether that
+  sentence holds (:meth:`Claims.check`), and the statement it registers *is* the sentence (the tests
+  compare the two with :func:`normalize`). A marker covers one sentence, list item or table row
+  (:func:`fragments`), never a whole cell.
 
 Each claim records its id, the statement, the computed truth value ``holds`` and the numbers it rests
 on; the cell that made it is the one whose source calls ``claims.say("id", ...)`` or
@@ -46,12 +48,15 @@ _STRIP = [
     re.compile(r"\$\$.*?\$\$", re.S),                     # display math
     re.compile(r"\$[^$\n]+\$"),                           # inline math
     re.compile(r"`[^`\n]+`"),                             # inline code
+    re.compile(r"<summary>[^<]*</summary>"),              # "Hint 1" headers of collapsible hints
+    re.compile(r"^\*\*Difficulty:\*\*.*$", re.M),          # an exercise's difficulty / importance / time line
     re.compile(r"<!--.*?-->", re.S),                      # comments (the markers themselves)
     re.compile(r"<[^>\n]+>"),                             # html tags (<details>, <summary>)
-    re.compile(r"^\s{0,3}#{1,6} .*$", re.M),              # headings
+    re.compile(r"^[ \t]{0,3}#{1,6} .*$", re.M),           # headings
     re.compile(r"\]\([^)]*\)"),                           # link targets
-    re.compile(r"^\s*\d+\.\s", re.M),                     # numbered-list markers
-    re.compile(r"\b(?:et al\.|[A-Z][a-z]+(?: & [A-Z][a-z]+)?)\s*,?\s*\(?(?:19|20)\d\d\)?"),  # citations
+    re.compile(r"^[ \t]*\d+\.[ \t]", re.M),                # numbered-list markers (not across lines)
+    re.compile(r"\b(?:et al\.|[A-Z][a-z]+(?: (?:&|and) [A-Z][a-z]+)?)\s*,?\s*\(?(?:19|20)\d\d\)?"),  # citations
+    re.compile(r"\bat (?:most|least)\b", re.IGNORECASE),  # bounds ("spans at most n - 1 directions"): a digit still counts
     re.compile(r'"[^"]{1,120}"'),                           # quotations of the original lesson
     re.compile(r"\b[A-Za-z][\w.]*\d[\w.]*(?:-[\w.]+)*\b|\b[A-Za-z]+-\d[\w.-]*\b"),  # names: GPT-2, SmolLM2-135M
     re.compile(r"\b(?:Sections?|Checkpoints?|Q|LO|[Mm]odule|[Ll]esson|layer|block)\s*\d+(?:\.\d+)?"
@@ -181,24 +186,80 @@ def markers(markdown: str) -> list[str]:
     return out
 
 
+_SENTINEL = re.compile(r"\u27e6([a-z]+)\u27e7")
+_SPLIT = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n\s*[*-]\s|\n\s*\|")
+
+
+def _sentinel(i: int) -> str:
+    """A placeholder for the i-th marker made of letters only (no digit, no comparative word)."""
+    return "\u27e6" + "abcdefghijklmnopqrstuvwxyz"[i % 26] * (i // 26 + 1) + "\u27e7"
+
+
+@dataclass
+class Fragment:
+    """One sentence or list item of a markdown cell, after the notation is removed (:func:`fragments`).
+
+    ``ids``: the claims whose marker is attached to this fragment; ``quantitative``: it states a
+    number or a comparison."""
+    text: str
+    ids: list[str]
+    quantitative: bool
+
+
+def fragments(markdown: str) -> list[Fragment]:
+    """Split a markdown cell into sentences / list items / table rows and attach each marker to one.
+
+    A marker ``<!-- claims: a, b -->`` belongs to the fragment it stands in or ends: written right
+    after a sentence's full stop (on the same line or the next), it covers that sentence only. The
+    notation of :data:`_STRIP` is removed before the test for digits and comparatives.
+    """
+    found_ids: list[list[str]] = []
+
+    def mark(m):
+        found_ids.append([x.strip() for x in m.group(1).split(",") if x.strip()])
+        return " " + _sentinel(len(found_ids) - 1) + " "
+
+    text = MARKER.sub(mark, markdown)
+    # a marker right after the end of a sentence belongs to that sentence: move it before the stop
+    text = re.sub(r"([.!?])(\s*)(\u27e6[a-z]+\u27e7)", r" \3\1\2", text)
+    for pat in _STRIP:
+        text = pat.sub(" ", text)
+    out = []
+    for piece in _SPLIT.split(text):
+        ids = []
+        for m in _SENTINEL.finditer(piece):
+            letters = m.group(1)
+            ids += found_ids[(len(letters) - 1) * 26 + (ord(letters[0]) - ord("a"))]
+        plain = re.sub(r"\s+([.!?:;,])", r"\1", " ".join(_SENTINEL.sub(" ", piece).split()))
+        if not plain.strip(" .,;:|-*"):
+            continue
+        # a question states nothing: "will the loss rise by more or less?" needs no claim
+        asks = plain.rstrip(" *").endswith("?")
+        out.append(Fragment(plain, ids, not asks and bool(_DIGIT.search(plain) or _COMPARATIVE.search(plain))))
+    return out
+
+
+def normalize(sentence: str) -> str:
+    """A sentence as :func:`fragments` reads it, for comparing a claim's statement with its fragment:
+    notation removed, emphasis and end punctuation dropped, whitespace collapsed."""
+    text = MARKER.sub(" ", sentence)
+    for pat in _STRIP:
+        text = pat.sub(" ", text)
+    text = re.sub(r"[*_]", "", text)
+    text = re.sub(r"\s+([.!?:;,])", r"\1", " ".join(text.split()))
+    return text.strip(" .;:").lower()
+
+
 def unchecked_prose(markdown: str) -> list[str]:
     """The rule for typed prose: quantitative fragments of a markdown cell that no claim checks.
 
-    After removing what is notation or structure (code, math, headings, HTML tags and comments, link
-    targets, list markers, citation years, quotations in double quotes, names that contain digits such
-    as GPT-2, cross-references such as "Section 4" or "layer 12"), a
-    cell that still contains a digit or a comparative word (:data:`COMPARATIVES`, "×", "%") must
-    name at least one claim in a marker. Returns the offending fragments (empty when the cell has a
-    marker or states nothing quantitative).
+    Each sentence, list item and table row is one fragment (:func:`fragments`). After removing what
+    is notation or structure (code, math, headings, HTML tags and comments, link targets, list
+    markers, citation years, quotations in double quotes, names that contain digits such as GPT-2,
+    cross-references such as "Section 4" or "layer 12"), a fragment that still contains a digit or a
+    comparative word (:data:`COMPARATIVES`, "×", "%") must carry its own marker. A marker covers only
+    the fragment it is attached to, so one marker at the end of a cell no longer vouches for the
+    sentences before it. A question (a fragment ending in "?") states nothing and needs no claim.
+    Returns the offending fragments.
     """
-    if markers(markdown):
-        return []
-    text = markdown
-    for pat in _STRIP:
-        text = pat.sub(" ", text)
-    found = []
-    for sentence in re.split(r"(?<=[.!?:;])\s+|\n\s*\n|\n\s*[*-]\s", text):
-        s = " ".join(sentence.split())
-        if s and (_DIGIT.search(s) or _COMPARATIVE.search(s)):
-            found.append(s[:160])
-    return found
+    return [f.text[:160] for f in fragments(markdown) if f.quantitative and not f.ids]

@@ -319,7 +319,8 @@ COMPOSITION_KEYS = ("kind", "src_labels", "dst_labels", "scores", "baseline_mean
 
 
 @styled
-def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cells: int = 144
+def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cells: int = 144,
+                            threshold: float | None = None, threshold_label: str = "family-wise threshold"
                             ) -> AccessibleFigure:
     """Composition scores between components with the random-matrix baseline.
 
@@ -328,7 +329,9 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     not compose (e.g. a later layer cannot feed an earlier one). The score is
     ``||W_A W_B||_F / (||W_A||_F ||W_B||_F)``. Cells above ``baseline_mean + n_std * baseline_std`` get
     a diamond glyph; not-applicable cells are hatched grey. The colour bar carries a line at the
-    threshold. With at most ``annotate_max_cells`` cells every cell also shows its value.
+    threshold. With at most ``annotate_max_cells`` cells every cell also shows its value. ``threshold``
+    (e.g. the family-wise threshold of :func:`~residual_bandwidth.composition.pair_significance`)
+    replaces ``mean + n_std * std`` as the line and the diamonds, named ``threshold_label``.
     Table: every applicable pair with its score, z-score against the baseline and the flag.
     """
     if not isinstance(comp, Mapping):
@@ -350,7 +353,8 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     if std < 0:
         raise BandwidthInputError(f"baseline_std: must be >= 0, got {std}")
     n_std = _num(n_std, "n_std", allow_nan=False)
-    thr = mean + n_std * std
+    thr = mean + n_std * std if threshold is None else _num(threshold, "threshold", allow_nan=False)
+    short = f"mean + {format_number(n_std)} std" if threshold is None else threshold_label
     title = f"{kind} composition scores with the random baseline"
     if scores.size == 0 or not np.isfinite(scores).any():
         return _placeholder(title, "No applicable component pair has a score, so there is nothing to draw.",
@@ -373,7 +377,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     above = np.isfinite(scores) & (scores > thr)
     ys, xs = np.nonzero(above)
     _glyph(ax, xs, ys, "D", _glyph_size(len(src), len(dst)) * 0.8,
-           label=f"above baseline mean + {format_number(n_std)} std ({format_number(thr)})")
+           label=f"above {'baseline ' if threshold is None else ''}{short} ({format_number(thr)})")
     if scores.size <= annotate_max_cells:
         for a in range(len(src)):
             for b in range(len(dst)):
@@ -388,7 +392,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     ax.set_ylabel("source component (writes)")
     ax.set_title(title)
     handles = [Line2D([], [], marker="D", linestyle="none", markersize=8, markerfacecolor="black",
-                      markeredgecolor="white", label=f"above mean + {format_number(n_std)} std (diamond)"),
+                      markeredgecolor="white", label=f"above {short} (diamond)"),
                Line2D([], [], color="black", linestyle="--",
                       label=f"threshold {format_number(thr)} (dashed line on the colour bar)")]
     if na.any():
@@ -408,11 +412,11 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
         f"Heatmap of {kind} composition scores from {len(src)} source to {len(dst)} destination components:",
         f"{applicable} applicable pairs, {int(na.sum())} not applicable (hatched).",
         f"Random baseline {format_number(mean)} +/- {format_number(std)}; {int(above.sum())} pair(s) exceed",
-        f"mean + {format_number(n_std)} std = {format_number(thr)} (diamonds).",
+        f"{short} = {format_number(thr)} (diamonds).",
         f"Scores range {format_number(float(np.nanmin(scores)))} to {format_number(float(np.nanmax(scores)))}.",
         f"Strongest: {best}."])
     table = [{"kind": kind, "src": src[a], "dst": dst[b], "score": float(scores[a, b]),
-              "z_vs_baseline": float(z[a, b]), "above_baseline": bool(above[a, b])}
+              "z_vs_baseline": float(z[a, b]), ("above_baseline" if threshold is None else "above_threshold"): bool(above[a, b])}
              for a in range(len(src)) for b in range(len(dst)) if np.isfinite(scores[a, b])]
     return _finish(fig, alt, table, title, notes)
 
