@@ -318,12 +318,15 @@ def write(results: dict, out: Path, titles: dict[str, str] | None = None, figure
 
 
 def item_titles(lesson_id: str) -> dict[str, str]:
-    """item -> exercise title, from the lesson metadata (the one source of truth); {} for a lesson
-    without metadata in this package (the page then names items by id)."""
-    from residual_bandwidth.course.lesson import LessonMetadataError, load_lesson
+    """item -> exercise title as the student reads it in the notebook and the feedback page
+    (:func:`autograder.scoring.exercise_titles`); {} for a lesson this repository does not hold (the
+    page then names items by id)."""
+    from residual_bandwidth.course.lesson import LessonMetadataError
+    from .notebook import SpecError, load_spec
+    from .scoring import exercise_titles
     try:
-        return {k: v.get("title", k) for k, v in load_lesson(lesson_id).items.items()}
-    except LessonMetadataError:
+        return exercise_titles(load_spec(lesson_id))
+    except (LessonMetadataError, SpecError):
         return {}
 
 

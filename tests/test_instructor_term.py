@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autograder.notebook import grade_id, load_spec  # noqa: E402
+from autograder.scoring import exercise_titles  # noqa: E402
 from autograder.threshold_suite import solved  # noqa: E402
 from fair_grading_answers import ANSWERS  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
@@ -195,7 +196,7 @@ def test_same_name_students_keep_their_own_grades(term):
 def test_an_infinite_loop_costs_its_exercise_only_and_says_which(term):
     _, out, _, steps = term
     s = steps["after_class"][1]["moodle-1009"]
-    title = SPEC.meta.items["checkpoint_3"]["title"]
+    title = exercise_titles(SPEC)["checkpoint_3"]   # as the student reads it in the notebook
     assert s["status"] == "graded" and s["score"] == FULL - ITEM["checkpoint_3"]
     item = next(i for i in s["items"] if i["item"] == "checkpoint_3")
     assert item["score"] == 0 and any(title in n for n in item["notes"]), item
