@@ -14,7 +14,7 @@ The lesson's ideas, one module each:
   streaming    running mean and covariance (Welford / Chan) in constant memory
   validation   strict input checks with messages that name the problem
 Plumbing, in subpackages:
-  monitor/     BandwidthMonitor on live inference: core, alerts, export (JSON lines, Prometheus)
+  monitor/     BandwidthMonitor on live inference, from parts: measure, alerts, export (JSON lines, Prometheus)
   viz/         accessible figures: core (container, palette, styling), then the figure families
   course/      lesson metadata, model loading, the report job (make lesson), the CLI, the explorer,
                the lesson's checked claims

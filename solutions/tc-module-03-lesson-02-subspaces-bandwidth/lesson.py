@@ -1078,7 +1078,7 @@ claims.say(
 # <!-- claims: monitor_output_unchanged, monitor_refuses_then_judges -->
 
 # %%
-from residual_bandwidth.monitor import BandwidthMonitor
+from residual_bandwidth.monitor import BandwidthMonitor, MonitorConfig
 from residual_bandwidth.viz import plot_monitor_timeline
 
 from residual_bandwidth.compression import CALIBRATION_PROMPTS
@@ -1087,7 +1087,7 @@ traffic = list(prompts) + ["Hi", "!!!!!!!!", "Translate to French: good morning,
 probe = tokenizer(traffic[0], return_tensors="pt")
 logits_without = model(**probe).logits
 # max_positions=None: every real token enters the traffic statistics (the default samples 32 per request)
-with BandwidthMonitor(model, max_positions=None) as mon:
+with BandwidthMonitor(model, config=MonitorConfig(max_positions=None)) as mon:
     logits_with = model(**probe).logits       # the probe is one request too
     for text in traffic:                      # one request per prompt, as a server would see them
         model(**tokenizer(text, return_tensors="pt"))
