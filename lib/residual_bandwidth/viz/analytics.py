@@ -100,6 +100,24 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     ax.set_xlabel("position and token")
     ax.set_ylabel("layer (block index)")
     ax.set_title(title + f" (prompt {prompt})")
+    _severity_legend(fig)
+    if len(layers) == 1:
+        notes.append("Only one layer has records.")
+    if len(positions) == 1:
+        notes.append("The prompt has records for a single position.")
+    alt = _bottleneck_alt(value, prompt, len(prompts), positions, layers, sev, rows, tok)
+    table = [{k: r[k] for k in GRID_KEYS} for r in rows]
+    return _finish(fig, alt, table, title, notes)
+
+
+# =============================================================================================
+# LO3: memory management, composition and compression (records from the analytics module)
+# =============================================================================================
+
+
+
+def _severity_legend(fig) -> None:
+    """The bottleneck heatmap's legend: a glyph per severity, the hatch of massive cells."""
     handles = [Line2D([], [], marker=m, linestyle="none", markersize=9, markerfacecolor="black",
                       markeredgecolor="white", label=lab) for s, (m, lab) in SEVERITY_GLYPHS.items()
                if s != "massive"]
@@ -107,10 +125,10 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
                          label=SEVERITY_GLYPHS["massive"][1]))
     handles.append(Patch(facecolor="white", edgecolor="0.5", label="no glyph: severity none"))
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    if len(layers) == 1:
-        notes.append("Only one layer has records.")
-    if len(positions) == 1:
-        notes.append("The prompt has records for a single position.")
+
+
+def _bottleneck_alt(value, prompt, n_prompts, positions, layers, sev, rows, tok) -> str:
+    """The heatmap's alt text: counts by severity, the highest cell, critical and massive cells."""
     counts = Counter(sev[sev != ""].tolist())
     count_txt = ", ".join(f"{counts.get(s, 0)} {s}" for s in SEVERITIES)
     shown = [r for r in rows if not r["massive"] and math.isfinite(r[value])]
@@ -129,19 +147,12 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     mass_txt = "; ".join(f"position {q} {tok[q]!r} is a massive activation at layers "
                          f"{format_ranges([r['layer'] for r in rows if r['massive'] and r['position'] == q])}"
                          for q in mass_pos[:4])
-    alt = (f"Heatmap of bottleneck {value} for prompt {prompt}"
-           + (f" (1 of {len(prompts)} prompts)" if len(prompts) > 1 else "")
-           + f": {len(positions)} positions x {len(layers)} layers. Cells by severity: {count_txt}. "
-           + top_txt + (" " + crit_txt if crit_txt else "")
-           + (" " + mass_txt[:1].upper() + mass_txt[1:] + " (hatched, starred, excluded from the colour scale)."
-              if mass_txt else ""))
-    table = [{k: r[k] for k in GRID_KEYS} for r in rows]
-    return _finish(fig, alt, table, title, notes)
-
-
-# =============================================================================================
-# LO3: memory management, composition and compression (records from the analytics module)
-# =============================================================================================
+    return (f"Heatmap of bottleneck {value} for prompt {prompt}"
+            + (f" (1 of {n_prompts} prompts)" if n_prompts > 1 else "")
+            + f": {len(positions)} positions x {len(layers)} layers. Cells by severity: {count_txt}. "
+            + top_txt + (" " + crit_txt if crit_txt else "")
+            + (" " + mass_txt[:1].upper() + mass_txt[1:] + " (hatched, starred, excluded from the colour scale)."
+               if mass_txt else ""))
 
 
 @styled
