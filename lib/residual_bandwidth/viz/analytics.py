@@ -522,47 +522,9 @@ def plot_compression_curve(records, base_loss: float | None = None, tolerance: f
             for axis, ys in ((ax, dl), (bx, kl)):
                 axis.plot(k, ys, color=st["color"], linestyle=ls, marker=st["marker"], markersize=6,
                           markerfacecolor=face, markeredgecolor=st["color"], linewidth=1.6)
-        pca = sorted((r["k"], r["delta_loss"], r["kl"]) for r in recs if r["layer"] == L and r["subspace"] == "pca")
-        rnd = {r["k"]: r["delta_loss"] for r in recs if r["layer"] == L and r["subspace"] == "random"}
-        if tolerance is not None and pca:
-            ok = [k for k, dl, _ in pca if math.isfinite(dl) and dl <= tolerance]
-            if ok:
-                kmin = min(ok)
-                dl = dict((k, d) for k, d, _ in pca)[kmin]
-                s = (f"Layer {L}: the top {kmin} principal directions keep the loss increase within "
-                     f"{format_number(tolerance)} nats ({'+' if dl >= 0 else ''}{format_number(dl)})")
-                if kmin in rnd:
-                    s += f"; a random {kmin}-dimensional subspace costs {'+' if rnd[kmin] >= 0 else ''}{format_number(rnd[kmin])}"
-                sentences.append(s + ".")
-            else:
-                sentences.append(f"Layer {L}: no tested k (up to {max(k for k, _, _ in pca)}) keeps the loss "
-                                 f"increase within {format_number(tolerance)} nats.")
-        elif pca:
-            k0, d0, _ = pca[0]
-            sentences.append(f"Layer {L}: at k = {k0} the loss increase is {format_number(d0)} nats"
-                             + (f" (random: {format_number(rnd[k0])})" if k0 in rnd else "") + ".")
-    for axis, ylabel, sub in ((ax, "loss increase over the unmodified model (nats/token)", "next-token loss"),
-                              (bx, "KL(unmodified || projected) (nats/token)", "KL divergence")):
-        ks = sorted({r["k"] for r in recs})
-        if len(ks) > 1 and ks[0] > 0:
-            axis.set_xscale("log", base=2)
-        axis.set_xlabel("k, dimensions kept (log2 scale)" if len(ks) > 1 else "k, dimensions kept")
-        axis.set_ylabel(ylabel)
-        axis.set_title(sub)
-        axis.grid(True, alpha=0.3)
-        if d_model:
-            axis.axvline(d_model, color="0.4", linewidth=1, linestyle=":")
-    if tolerance is not None:
-        ax.axhline(tolerance, color="black", linestyle="-.", linewidth=1.2)
-        ax.text(0.99, tolerance, f"tolerance {format_number(tolerance)} nats", transform=ax.get_yaxis_transform(),
-                ha="right", va="bottom", fontsize=9, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
-    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
-               for i, L in enumerate(layers)]
-    handles += [Line2D([], [], color="0.3", linestyle="-", marker="o", markerfacecolor="0.3",
-                       label="top-k principal directions (filled, solid)"),
-                Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white",
-                       label="random k-dim subspace (open, dashed)")]
-    bx.legend(handles=handles, loc="upper right", fontsize=8)
+        sentences += _compression_sentence(L, recs, tolerance)
+    _compression_axes(ax, bx, recs, d_model, tolerance)
+    _compression_legend(bx, layers)
     fig.suptitle(title)
     if len({r["k"] for r in recs}) == 1:
         notes.append("Only one k was measured, so there is no curve yet.")
@@ -579,3 +541,56 @@ def plot_compression_curve(records, base_loss: float | None = None, tolerance: f
     return _finish(fig, alt, table, title, notes)
 
 
+def _compression_sentence(L, recs, tolerance) -> list[str]:
+    """The alt-text sentence of one layer: the smallest k within tolerance (and what a random subspace of
+    that size costs), or the cost at the smallest k when no tolerance is given."""
+    out = []
+    pca = sorted((r["k"], r["delta_loss"], r["kl"]) for r in recs if r["layer"] == L and r["subspace"] == "pca")
+    rnd = {r["k"]: r["delta_loss"] for r in recs if r["layer"] == L and r["subspace"] == "random"}
+    if tolerance is not None and pca:
+        ok = [k for k, dl, _ in pca if math.isfinite(dl) and dl <= tolerance]
+        if ok:
+            kmin = min(ok)
+            dl = dict((k, d) for k, d, _ in pca)[kmin]
+            s = (f"Layer {L}: the top {kmin} principal directions keep the loss increase within "
+                 f"{format_number(tolerance)} nats ({'+' if dl >= 0 else ''}{format_number(dl)})")
+            if kmin in rnd:
+                s += f"; a random {kmin}-dimensional subspace costs {'+' if rnd[kmin] >= 0 else ''}{format_number(rnd[kmin])}"
+            out.append(s + ".")
+        else:
+            out.append(f"Layer {L}: no tested k (up to {max(k for k, _, _ in pca)}) keeps the loss "
+                       f"increase within {format_number(tolerance)} nats.")
+    elif pca:
+        k0, d0, _ = pca[0]
+        out.append(f"Layer {L}: at k = {k0} the loss increase is {format_number(d0)} nats"
+                   + (f" (random: {format_number(rnd[k0])})" if k0 in rnd else "") + ".")
+    return out
+
+
+def _compression_axes(ax, bx, recs, d_model, tolerance) -> None:
+    """Axis labels and scales of both panels, the d_model line and the tolerance line."""
+    for axis, ylabel, sub in ((ax, "loss increase over the unmodified model (nats/token)", "next-token loss"),
+                              (bx, "KL(unmodified || projected) (nats/token)", "KL divergence")):
+        ks = sorted({r["k"] for r in recs})
+        if len(ks) > 1 and ks[0] > 0:
+            axis.set_xscale("log", base=2)
+        axis.set_xlabel("k, dimensions kept (log2 scale)" if len(ks) > 1 else "k, dimensions kept")
+        axis.set_ylabel(ylabel)
+        axis.set_title(sub)
+        axis.grid(True, alpha=0.3)
+        if d_model:
+            axis.axvline(d_model, color="0.4", linewidth=1, linestyle=":")
+    if tolerance is not None:
+        ax.axhline(tolerance, color="black", linestyle="-.", linewidth=1.2)
+        ax.text(0.99, tolerance, f"tolerance {format_number(tolerance)} nats", transform=ax.get_yaxis_transform(),
+                ha="right", va="bottom", fontsize=9, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+
+
+def _compression_legend(bx, layers) -> None:
+    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
+               for i, L in enumerate(layers)]
+    handles += [Line2D([], [], color="0.3", linestyle="-", marker="o", markerfacecolor="0.3",
+                       label="top-k principal directions (filled, solid)"),
+                Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white",
+                       label="random k-dim subspace (open, dashed)")]
+    bx.legend(handles=handles, loc="upper right", fontsize=8)
