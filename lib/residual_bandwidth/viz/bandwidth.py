@@ -49,42 +49,15 @@ def plot_singular_spectra(report, layers=None, which: str = "without_massive",
                   ("entropy_rank", "entropy effective rank", "^")]
     n_zero_total = 0
     for i, L in enumerate(chosen):
-        m = by_layer[L]
-        lam = np.asarray(m.eigenvalues, dtype=float)
-        sig = np.sqrt(np.clip(lam, 0, None))
-        share = lam / lam.sum()
-        cum = np.cumsum(share)
-        for k, (s, sh, c) in enumerate(zip(sig, share, cum), start=1):
-            table.append({"layer": L, "component": k, "singular_value": float(s),
-                          "variance_share": float(sh), "cumulative_share": float(c)})
-        pos = sig > 0
-        n_zero_total += int((~pos).sum())
-        idx = np.arange(1, sig.size + 1)
-        st = _style(i)
-        ax.plot(idx[pos], sig[pos], color=st["color"], linestyle=st["linestyle"], linewidth=1.8,
-                label=f"layer {L}")
-        for attr, _, marker in rank_marks:
-            r = float(getattr(m, attr))
-            y = float(np.interp(r, idx[pos], sig[pos])) if pos.sum() > 1 else float(sig[0])
-            ax.scatter([r], [y], marker=marker, s=70 if marker != "|" else 160, color=st["color"],
-                       edgecolors="black" if marker != "|" else None, linewidths=1.0, zorder=3)
-        nz = sig[pos]
-        sentences.append(
-            f"Layer {L}: sigma falls from {format_number(nz[0])} to {format_number(nz[-1])} over "
-            f"{int(pos.sum())} non-zero components; r{p} = {m.variance_rank}, participation ratio "
-            f"{format_number(m.participation_ratio)}, stable rank {format_number(m.stable_rank)}, "
-            f"entropy rank {format_number(m.entropy_rank)}.")
+        n_zero, sentence = _spectrum_line(ax, i, L, by_layer[L], rank_marks, table, p)
+        n_zero_total += n_zero
+        sentences.append(sentence)
     ax.set_yscale("log")
     ax.set_xlabel("principal component index i (1 = largest variance)")
     ax.set_ylabel("singular value sigma_i of the centred residual\n(residual units, log scale)")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    layer_legend = ax.legend(title="layer (colour + line style)", loc="upper right")
-    ax.add_artist(layer_legend)
-    proxies = [Line2D([], [], color="black", marker=mk, linestyle="none", markersize=8 if mk != "|" else 12,
-                      markerfacecolor="white" if mk != "|" else "black", label=lab)
-               for _, lab, mk in rank_marks]
-    ax.legend(handles=proxies, title="rank markers (on each curve)", loc="lower left")
+    _rank_legends(ax, rank_marks)
     if len(report.layers) == 1:
         notes.append("Only one layer was analysed, so there is no change with depth to show.")
     if n_zero_total:
@@ -96,6 +69,44 @@ def plot_singular_spectra(report, layers=None, which: str = "without_massive",
            f"({'without' if which == 'without_massive' else 'including'} massive activations), "
            f"d_model {report.d_model}. " + " ".join(sentences))
     return _finish(fig, alt, table, title, notes)
+
+
+def _spectrum_line(ax, i, L, m, rank_marks, table, p) -> tuple[int, str]:
+    """Draw layer ``L``'s spectrum with its rank markers, add its rows to ``table``; return the number
+    of exactly-zero singular values (not drawable on a log axis) and the alt-text sentence."""
+    lam = np.asarray(m.eigenvalues, dtype=float)
+    sig = np.sqrt(np.clip(lam, 0, None))
+    share = lam / lam.sum()
+    cum = np.cumsum(share)
+    for k, (s, sh, c) in enumerate(zip(sig, share, cum), start=1):
+        table.append({"layer": L, "component": k, "singular_value": float(s),
+                      "variance_share": float(sh), "cumulative_share": float(c)})
+    pos = sig > 0
+    idx = np.arange(1, sig.size + 1)
+    st = _style(i)
+    ax.plot(idx[pos], sig[pos], color=st["color"], linestyle=st["linestyle"], linewidth=1.8,
+            label=f"layer {L}")
+    for attr, _, marker in rank_marks:
+        r = float(getattr(m, attr))
+        y = float(np.interp(r, idx[pos], sig[pos])) if pos.sum() > 1 else float(sig[0])
+        ax.scatter([r], [y], marker=marker, s=70 if marker != "|" else 160, color=st["color"],
+                   edgecolors="black" if marker != "|" else None, linewidths=1.0, zorder=3)
+    nz = sig[pos]
+    return int((~pos).sum()), (
+        f"Layer {L}: sigma falls from {format_number(nz[0])} to {format_number(nz[-1])} over "
+        f"{int(pos.sum())} non-zero components; r{p} = {m.variance_rank}, participation ratio "
+        f"{format_number(m.participation_ratio)}, stable rank {format_number(m.stable_rank)}, "
+        f"entropy rank {format_number(m.entropy_rank)}.")
+
+
+def _rank_legends(ax, rank_marks) -> None:
+    """Two legends: the layers (colour + line style) and the rank markers."""
+    layer_legend = ax.legend(title="layer (colour + line style)", loc="upper right")
+    ax.add_artist(layer_legend)
+    proxies = [Line2D([], [], color="black", marker=mk, linestyle="none", markersize=8 if mk != "|" else 12,
+                      markerfacecolor="white" if mk != "|" else "black", label=lab)
+               for _, lab, mk in rank_marks]
+    ax.legend(handles=proxies, title="rank markers (on each curve)", loc="lower left")
 
 
 @styled
