@@ -68,22 +68,9 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
         positions = positions[:max_positions]
         rows = [r for r in rows if r["position"] in set(positions)]
     tok, grid, sev = _bottleneck_grid(rows, layers, positions, value)
-    colour = np.where(sev == "massive", np.nan, grid)
     fig, axes = _figure((max(6.5, 1.6 + 0.34 * len(positions)), max(4.0, 1.8 + 0.2 * len(layers))))
     ax = axes[0, 0]
-    ax.set_facecolor("0.85")
-    cnorm = _color_norm(colour, log=False, notes=notes, what=value)
-    im = ax.imshow(colour, aspect="auto", origin="lower", cmap=HEATMAP_CMAP, norm=cnorm,
-                   interpolation="nearest")
-    fig.colorbar(im, ax=ax, label=f"{value.replace('_', ' ')} (unitless; massive cells excluded)")
-    for a, b in zip(*np.nonzero(sev == "massive")):
-        ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.25",
-                               linewidth=0))
-    size = _glyph_size(len(layers), len(positions))
-    for s, (marker, label) in SEVERITY_GLYPHS.items():
-        ys, xs = np.nonzero(sev == s)
-        _glyph(ax, xs, ys, marker, size * (1.4 if s == "massive" else 1.0), label=label,
-               light=(s == "massive"))
+    _bottleneck_cells(fig, ax, grid, sev, value, notes)
     _thin_ticks(ax, "x", [f"{q} {token_label(tok[q])}" for q in positions], rotate=True)
     _thin_ticks(ax, "y", [str(L) for L in layers])
     ax.set_xlabel("position and token")
@@ -103,6 +90,24 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
 # LO3: memory management, composition and compression (records from the analytics module)
 # =============================================================================================
 
+
+
+def _bottleneck_cells(fig, ax, grid, sev, value, notes) -> None:
+    """The heatmap (massive cells hatched and out of the colour scale) and the severity glyphs."""
+    colour = np.where(sev == "massive", np.nan, grid)
+    ax.set_facecolor("0.85")
+    cnorm = _color_norm(colour, log=False, notes=notes, what=value)
+    im = ax.imshow(colour, aspect="auto", origin="lower", cmap=HEATMAP_CMAP, norm=cnorm,
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=f"{value.replace('_', ' ')} (unitless; massive cells excluded)")
+    for a, b in zip(*np.nonzero(sev == "massive")):
+        ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.25",
+                               linewidth=0))
+    size = _glyph_size(*grid.shape)
+    for s, (marker, label) in SEVERITY_GLYPHS.items():
+        ys, xs = np.nonzero(sev == s)
+        _glyph(ax, xs, ys, marker, size * (1.4 if s == "massive" else 1.0), label=label,
+               light=(s == "massive"))
 
 
 def _bottleneck_grid(rows, layers, positions, value):

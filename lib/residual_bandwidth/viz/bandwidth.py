@@ -163,18 +163,23 @@ def plot_cumulative_variance(report, layers=None, max_layers: int = 4) -> Access
     ax.set_ylabel("share of total variance held by the top k")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
-               for i, L in enumerate(chosen)]
-    handles += [Line2D([], [], color="0.3", linestyle=ls, label=lab) for _, lab, ls in variants]
-    handles += [Line2D([], [], color="black", marker="|", markersize=12, linestyle="none",
-                       label=f"r{pp}: first k at or above the line")]
-    ax.legend(handles=handles, loc="lower right")
+    _cumulative_legend(ax, chosen, variants, pp)
     if len(report.layers) == 1:
         notes.append("Only one layer was analysed.")
     alt = (f"Cumulative share of variance against the number of principal components k, at layers "
            f"{', '.join(map(str, chosen))} (d_model {report.d_model}), with a dashed line at {pp}%. "
            + " ".join(sentences))
     return _finish(fig, alt, table, title, notes)
+
+
+def _cumulative_legend(ax, chosen, variants, pp) -> None:
+    """Layers (colour + marker), the two position sets (line style) and the r_p tick."""
+    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
+               for i, L in enumerate(chosen)]
+    handles += [Line2D([], [], color="0.3", linestyle=ls, label=lab) for _, lab, ls in variants]
+    handles += [Line2D([], [], color="black", marker="|", markersize=12, linestyle="none",
+                       label=f"r{pp}: first k at or above the line")]
+    ax.legend(handles=handles, loc="lower right")
 
 
 @styled
