@@ -329,15 +329,7 @@ def plot_norm_heatmap(capture, report=None, prompt: int = 0, kind: str | None = 
         notes.append(f"Only the first {max_positions} of {len(rows)} positions are shown.")
         rows = rows[:max_positions]
     layers = capture.layers
-    norms = np.array([capture.get(kind, L).double().norm(dim=1).numpy() for L in layers])  # [L, N]
-    median = np.median(norms, axis=1)
-    grid = norms[:, rows]
-    ratio = grid / np.where(median > 0, median, np.nan)[:, None]
-    if report is not None and report.kind == kind:
-        flagged = {(m.layer, m.row) for m in report.massive}
-        mass = np.array([[(L, r) in flagged for r in rows] for L in layers])
-    else:
-        mass = np.nan_to_num(ratio, nan=np.inf) >= massive_ratio
+    grid, ratio, mass = _norm_grid(capture, kind, rows, report, massive_ratio)
     tokens = [capture.tokens[r] for r in rows]
     positions = [int(capture.position[r]) for r in rows]
     title = f"Residual norm by layer and position ({kind}, prompt {prompt})"
@@ -361,23 +353,46 @@ def plot_norm_heatmap(capture, report=None, prompt: int = 0, kind: str | None = 
         notes.append("Only one layer was captured.")
     if len(rows) == 1:
         notes.append("The prompt has a single position.")
+    alt = _norm_heatmap_alt(prompt, capture.n_rows, layers, positions, tokens, (grid, ratio), (xs, ys))
+    table = [{"layer": L, "position": positions[c], "token": tokens[c], "norm": float(grid[r, c]),
+              "ratio_to_layer_median": float(ratio[r, c]), "massive": bool(mass[r, c])}
+             for r, L in enumerate(layers) for c in range(len(rows))]
+    return _finish(fig, alt, table, title, notes)
+
+
+def _norm_grid(capture, kind, rows, report, massive_ratio):
+    """``(norms [layer, position], ratio to the layer's median over all captured rows, massive flags)``;
+    the massive flags are the report's when it is of the same kind (so figure and report agree)."""
+    layers = capture.layers
+    norms = np.array([capture.get(kind, L).double().norm(dim=1).numpy() for L in layers])  # [L, N]
+    median = np.median(norms, axis=1)
+    grid = norms[:, rows]
+    ratio = grid / np.where(median > 0, median, np.nan)[:, None]
+    if report is not None and report.kind == kind:
+        flagged = {(m.layer, m.row) for m in report.massive}
+        mass = np.array([[(L, r) in flagged for r in rows] for L in layers])
+    else:
+        mass = np.nan_to_num(ratio, nan=np.inf) >= massive_ratio
+    return grid, ratio, mass
+
+
+def _norm_heatmap_alt(prompt, n_captured, layers, positions, tokens, grids, glyphs) -> str:
+    """Alt text: the median norm over depth, the largest norm and where, the massive positions."""
+    grid, ratio = grids
+    xs, ys = glyphs
     med_pos = np.median(grid, axis=1)
     li, pi = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
     massive_cols = sorted(set(xs.tolist()))
     mass_txt = "; ".join(
         f"position {positions[c]} {tokens[c]!r} is massive at layers {format_ranges([layers[y] for y in ys[xs == c]])}"
         for c in massive_cols[:4]) or "no position is massive"
-    alt = (f"Heatmap of residual norms for prompt {prompt} ({len(rows)} positions x {len(layers)} layers, "
-           f"log colour scale). The median norm over this prompt's positions goes from "
-           f"{format_number(float(med_pos[0]))} at layer {layers[0]} to {format_number(float(med_pos[-1]))} "
-           f"at layer {layers[-1]}. The largest norm is {format_number(float(grid[li, pi]))} at layer "
-           f"{layers[li]}, position {positions[pi]} {tokens[pi]!r}, "
-           f"{format_number(float(ratio[li, pi]))} times that layer's median over all "
-           f"{capture.n_rows} captured positions. {mass_txt[:1].upper() + mass_txt[1:]} (stars).")
-    table = [{"layer": L, "position": positions[c], "token": tokens[c], "norm": float(grid[r, c]),
-              "ratio_to_layer_median": float(ratio[r, c]), "massive": bool(mass[r, c])}
-             for r, L in enumerate(layers) for c in range(len(rows))]
-    return _finish(fig, alt, table, title, notes)
+    return (f"Heatmap of residual norms for prompt {prompt} ({len(positions)} positions x {len(layers)} layers, "
+            f"log colour scale). The median norm over this prompt's positions goes from "
+            f"{format_number(float(med_pos[0]))} at layer {layers[0]} to {format_number(float(med_pos[-1]))} "
+            f"at layer {layers[-1]}. The largest norm is {format_number(float(grid[li, pi]))} at layer "
+            f"{layers[li]}, position {positions[pi]} {tokens[pi]!r}, "
+            f"{format_number(float(ratio[li, pi]))} times that layer's median over all "
+            f"{n_captured} captured positions. {mass_txt[:1].upper() + mass_txt[1:]} (stars).")
 
 
 # =============================================================================================
