@@ -428,6 +428,19 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
     fig, axes = _figure((14, 4.6), ncols=3)
     ax, bx, cx = axes[0]
     notes = []
+    _explorer_norms(ax, capture, rows, (norms, median, mass_rows), massive_ratio, excluded, prompt)
+    _explorer_cumulative(bx, used, other, excluded, p)
+    ranks = _explorer_ranks(cx, report, layer, used, excluded)
+    fig.suptitle(title)
+    if len(rows) == 1:
+        notes.append("The prompt has a single token.")
+    alt = _explorer_alt(capture, rows, (norms, median, mass_rows), (layer, prompt, excluded, pp), used, other, ranks)
+    return _finish(fig, alt, report_rows(report, selected=layer), title, notes)
+
+
+def _explorer_norms(ax, capture, rows, measured, massive_ratio, excluded, prompt) -> None:
+    """Panel 1: the norm per position; massive ones hatched and starred, median and threshold lines."""
+    norms, median, mass_rows = measured
     x = np.arange(len(rows))
     vals = norms[rows]
     is_m = np.array([r in mass_rows for r in rows], dtype=bool)
@@ -452,6 +465,11 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
                        Line2D([], [], color="black", linestyle="--",
                               label=f"{format_number(massive_ratio)}x median (massive threshold)")],
               loc="upper right", fontsize=8)
+
+
+def _explorer_cumulative(bx, used, other, excluded, p) -> None:
+    """Panel 2: cumulative variance of the analysed positions (and of all positions), r_p marked."""
+    pp = round(100 * p)
     for m, ls, lab in ((used, "-", "analysed positions" + (" (massive excluded)" if excluded else "")),
                        (other, ":", "all positions (massive included)")):
         if m is None:
@@ -469,6 +487,11 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
     bx.set_title(f"Cumulative variance, r{pp} = {used.variance_rank} (| marks r{pp})")
     bx.legend(loc="lower right", fontsize=8)
     bx.grid(True, alpha=0.3)
+
+
+def _explorer_ranks(cx, report, layer, used, excluded) -> list[int]:
+    """Panel 3: r_p across layers with the chosen one ringed; returns the ranks drawn."""
+    pp = round(100 * report.variance_threshold)
     ranks = [m.variance_rank for m in report.without_massive]
     cx.plot(report.layers, ranks, label=f"r{pp}" + (" without massive" if excluded else ""), **_style(0))
     if excluded:
@@ -481,23 +504,26 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
     cx.set_title(f"r{pp} by layer")
     cx.legend(loc="best", fontsize=8)
     cx.grid(True, alpha=0.3)
-    fig.suptitle(title)
-    if len(rows) == 1:
-        notes.append("The prompt has a single token.")
+    return ranks
+
+
+def _explorer_alt(capture, rows, measured, where, used, other, ranks) -> str:
+    """Alt text: the massive positions, r_p of this layer (and with massive positions), r_p over depth."""
+    norms, median, mass_rows = measured
+    layer, prompt, excluded, pp = where
     loud = [r for r in rows if r in mass_rows]
     loud_txt = ("; ".join(f"position {int(capture.position[r])} {capture.tokens[r]!r} is massive (norm "
                           f"{format_number(float(norms[r]))} = {format_number(float(norms[r] / median))} "
                           f"times the median {format_number(median)})" for r in loud[:3])
                 + (", excluded from the spectrum." if excluded else ", kept in the spectrum.")
                 if loud else "No position is massive at this layer.")
-    alt = (f"Prompt {prompt}, {len(rows)} tokens, layer {layer}. {loud_txt} With {used.n_positions} "
-           f"positions analysed, {pp}% of the variance lies in r{pp} = {used.variance_rank} of "
-           f"min(n, d) = {min(used.n_positions, used.d_model)} available directions (utilization "
-           f"{format_percent(used.utilization_available)}; {format_percent(used.utilization_d_model)} of "
-           f"d_model {used.d_model})"
-           + (f"; with the massive position(s) included r{pp} = {other.variance_rank}" if other else "")
-           + f". Across layers r{pp} ranges {min(ranks)} to {max(ranks)}.")
-    return _finish(fig, alt, report_rows(report, selected=layer), title, notes)
+    return (f"Prompt {prompt}, {len(rows)} tokens, layer {layer}. {loud_txt} With {used.n_positions} "
+            f"positions analysed, {pp}% of the variance lies in r{pp} = {used.variance_rank} of "
+            f"min(n, d) = {min(used.n_positions, used.d_model)} available directions (utilization "
+            f"{format_percent(used.utilization_available)}; {format_percent(used.utilization_d_model)} of "
+            f"d_model {used.d_model})"
+            + (f"; with the massive position(s) included r{pp} = {other.variance_rank}" if other else "")
+            + f". Across layers r{pp} ranges {min(ranks)} to {max(ranks)}.")
 
 
 def report_rows(report, selected: int | None = None) -> list[dict]:
