@@ -226,5 +226,5 @@ def test_set_up_and_helper_cells_are_collapsed_so_the_lesson_starts_at_once():
                     visible += len(c.source.splitlines())
         assert visible <= 15, (path, visible)
         assert any("set_custom_exc" in s for s in collapsed) and any("load_model" in s for s in collapsed)
-        assert any("from residual_bandwidth.course import checks" in s for s in collapsed)
+        assert any("checks, close, not_attempted" in s for s in collapsed)
 

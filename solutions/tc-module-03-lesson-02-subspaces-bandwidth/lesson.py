@@ -172,9 +172,8 @@ import torch
 from IPython.display import Markdown, display
 from sklearn.decomposition import PCA
 import residual_bandwidth as rb
-from residual_bandwidth.course import checks
-from residual_bandwidth.course.checks import (NOT_ATTEMPTED, attempt, check, close, not_attempted,
-                                              seed_checkpoint_1_data, seed_rank, variance_rank)
+from residual_bandwidth.course import (NOT_ATTEMPTED, attempt, check, checks, close, not_attempted,
+                                       seed_checkpoint_1_data, seed_rank, variance_rank)
 
 
 # %% [markdown]
