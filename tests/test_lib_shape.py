@@ -20,7 +20,7 @@ LESSON = next(ROOT.glob("solutions/*/lesson.py"))
 #: issue 23's target for lib/ (code lines: no docstrings, comments or blank lines). Not reached yet:
 #: CODE_BUDGET is the ceiling measured after this branch's cuts and may only go down towards it.
 CODE_TARGET = 4_700
-CODE_BUDGET = 5_913
+CODE_BUDGET = 5_907
 MAX_FUNCTION_LINES = 60
 #: functions still longer than MAX_FUNCTION_LINES (to be split; the list may only shrink)
 LONG_FUNCTIONS = {"compression.py:compression_curve"}   # the science helper's module (issue 24)
@@ -62,7 +62,7 @@ def _imports(path: Path, package: str) -> set[str]:
             continue
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            out.add(f"{base}.{node.module}" if node.module else base)
+            out.update([f"{base}.{node.module}"] if node.module else [f"{base}.{a.name}" for a in node.names])
         todo += list(ast.iter_child_nodes(node))
     return out
 

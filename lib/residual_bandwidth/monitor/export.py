@@ -21,20 +21,14 @@ from .measure import RequestRecord
 logger = logging.getLogger("residual_bandwidth.monitor")
 
 
-def _finite_or_none(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _json_safe(obj):
+    """A copy JSON can write without NaN/Inf (non-finite floats become ``null``, numpy scalars Python's)."""
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    return _finite_or_none(obj)
+    obj = obj.item() if isinstance(obj, (np.floating, np.integer)) else obj
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def recommendations(summaries: list[dict], totals: dict, config, curve=None) -> list[str]:
@@ -274,23 +268,19 @@ class _TrafficCollector:
     def __init__(self, exporter: PrometheusExporter):
         self.exporter = exporter
 
+    #: summary key -> (metric name after ``<namespace>_traffic_``, help text)
+    FAMILIES = {"n": ("rows", "Positions in the streaming covariance"),
+                "variance_rank": ("variance_rank", "Directions holding p of all traffic variance"),
+                "participation_ratio": ("participation_ratio", "(sum lambda)^2 / sum lambda^2 of all traffic"),
+                "stable_rank": ("stable_rank", "sum lambda / lambda_max of all traffic"),
+                "utilization_d_model": ("utilization_d_model", "variance rank / d_model of all traffic"),
+                "mean_norm": ("mean_norm", "Mean token norm over all traffic")}
+
     def _families(self):
         from prometheus_client.core import GaugeMetricFamily
         ns = self.exporter.namespace
-        fams = {
-            "n": GaugeMetricFamily(f"{ns}_traffic_rows", "Positions in the streaming covariance", labels=["layer"]),
-            "variance_rank": GaugeMetricFamily(
-                f"{ns}_traffic_variance_rank", "Directions holding p of all traffic variance", labels=["layer"]),
-            "participation_ratio": GaugeMetricFamily(
-                f"{ns}_traffic_participation_ratio", "(sum lambda)^2 / sum lambda^2 of all traffic", labels=["layer"]),
-            "stable_rank": GaugeMetricFamily(
-                f"{ns}_traffic_stable_rank", "sum lambda / lambda_max of all traffic", labels=["layer"]),
-            "utilization_d_model": GaugeMetricFamily(
-                f"{ns}_traffic_utilization_d_model", "variance rank / d_model of all traffic", labels=["layer"]),
-            "mean_norm": GaugeMetricFamily(
-                f"{ns}_traffic_mean_norm", "Mean token norm over all traffic", labels=["layer"]),
-        }
-        return fams
+        return {key: GaugeMetricFamily(f"{ns}_traffic_{name}", text, labels=["layer"])
+                for key, (name, text) in self.FAMILIES.items()}
 
     def describe(self):
         return list(self._families().values())
