@@ -37,8 +37,9 @@ lesson: $(STAMP)
 test: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m pytest
 
+# the student's JupyterLab: nbgrader's instructor tools hidden, as on Binder (tools/student_lab_config/)
 lab: $(STAMP)
-	$(BIN)/jupyter lab lessons/ $(if $(filter 0,$(shell id -u)),--allow-root,)
+	JUPYTER_CONFIG_DIR=$(abspath tools/student_lab_config) $(BIN)/jupyter lab lessons/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 env:
 	$(PYTHON) tools/sync_env.py

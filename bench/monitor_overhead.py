@@ -41,7 +41,7 @@ import torch
 from common import describe_machine, machine as describe
 
 from residual_bandwidth import load_model
-from residual_bandwidth.monitor import BandwidthMonitor
+from residual_bandwidth.monitor import BandwidthMonitor, MonitorConfig
 
 PROMPTS = [
     "The transformer architecture revolutionized natural language processing by introducing attention.",
@@ -119,8 +119,8 @@ def bench_batch(model, enc, monitor: BandwidthMonitor, reps: int, warmup: int) -
 
 def make_monitor(model, layers, max_positions, min_tokens_for_rank) -> BandwidthMonitor:
     kw = {} if max_positions is None else {"max_positions": max_positions or None}
-    return BandwidthMonitor(model, layers=layers, min_tokens_for_rank=min_tokens_for_rank,
-                            history_size=10_000, **kw)
+    return BandwidthMonitor(model, layers=layers, config=MonitorConfig(
+        min_tokens_for_rank=min_tokens_for_rank, history_size=10_000, **kw))
 
 
 def main(argv=None):
@@ -155,9 +155,9 @@ def main(argv=None):
         monitor = make_monitor(model, layers, max_pos, args.min_tokens_for_rank)
         monitor.attach()  # resolves the layer list
         config = {"label": label, "kind": monitor.kind, "layers": monitor.layers,
-                  "max_positions": monitor.max_positions,
-                  "min_tokens_for_rank": monitor.min_tokens_for_rank,
-                  "exclude_massive": monitor.exclude_massive,
+                  "max_positions": monitor.config.max_positions,
+                  "min_tokens_for_rank": monitor.config.min_tokens_for_rank,
+                  "exclude_massive": monitor.config.exclude_massive,
                   "eigenvalues": "lazy (traffic_summary / recommendations / scrape only)",
                   "logging": "off", "thresholds": monitor.thresholds}
         monitor.detach()

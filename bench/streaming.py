@@ -4,7 +4,7 @@ Not a test: it prints what it measured (``make bench``). Two parts, one run:
 
 1. **Model-generated traffic.** The embedded model serves windows of 256 tokens (standard-library
    documentation as text, batches of 8) with a :class:`BandwidthMonitor` attached that streams
-   *every* real position of its watched layers (``max_positions=None``) into its running mean and
+   *every* real position of its watched layers (``MonitorConfig(max_positions=None)``) into its running mean and
    scatter. Printed: positions per second, the resident memory after the first batch and at the
    end. At the ~550 tokens/s of this model on 2 CPU cores, 1M model-generated positions would take
    about half an hour, so the default is ``--model-positions 16384``; pass ``1048576`` to do it.
@@ -36,13 +36,13 @@ from common import describe_machine, machine, rss_mib, token_windows, write_json
 
 from residual_bandwidth import load_model
 from residual_bandwidth import metrics as M
-from residual_bandwidth.monitor import BandwidthMonitor
+from residual_bandwidth.monitor import AlertPolicy, BandwidthMonitor, MonitorConfig
 from residual_bandwidth.streaming import StreamingMoments
 
 
 def model_traffic(lm, positions: int, batch: int = 8, window: int = 256) -> tuple[dict, BandwidthMonitor]:
     ids = token_windows(lm.tokenizer, positions, window)
-    monitor = BandwidthMonitor(lm.model, max_positions=None, history_size=100)
+    monitor = BandwidthMonitor(lm.model, config=MonitorConfig(max_positions=None, history_size=100))
     rss, t_first, n_first, seen = [], None, 0, 0
     n_batches = -(-ids.shape[0] // batch)
     with torch.no_grad(), monitor:
@@ -97,8 +97,8 @@ def gaussian_sampler(mean, lam, vec, seed: int):
 def synthetic_traffic(mean, lam, vec, layer: int, positions: int, request_rows: int, seed: int) -> dict:
     d = mean.shape[0]
     draw = gaussian_sampler(mean, lam, vec, seed)
-    monitor = BandwidthMonitor(None, layers=[layer], max_positions=None, d_model=d, history_size=100,
-                               thresholds={})
+    monitor = BandwidthMonitor(None, layers=[layer], alerts=AlertPolicy({}),
+                               config=MonitorConfig(max_positions=None, d_model=d, history_size=100))
     n_requests = math.ceil(positions / request_rows)
     marks, seen = [], 0
     monitor.observe({layer: draw(request_rows)})

@@ -107,16 +107,18 @@ def test_student_version_has_no_solutions_or_hidden_tests():
     assert grade_cells(src) == grade_cells(rel)
 
 
-def test_validation_passes_on_source_and_on_the_untouched_student_version():
-    """nbgrader's validator runs the student version as a student would (no hidden tests): an untouched
-    notebook reports "not attempted" instead of failing, so nothing fails before anything is attempted."""
+def test_validation_passes_on_source_and_lists_every_item_of_the_untouched_student_version():
+    """nbgrader's validator runs the student version as a student would (no hidden tests): the source
+    passes, and on an untouched notebook Validate lists every exercise as not attempted yet (each visible
+    test cell writes one stderr line then) instead of reporting success. tests/test_lesson_validate.py
+    checks a half-done notebook too."""
     from nbgrader.validator import Validator
     from traitlets.config import Config
     # nbgrader's default is 30 s per cell; this test is about correctness, not a slow shared CPU
     config = Config({"Execute": {"timeout": 900}})
     assert Validator(config=config).validate(str(SOURCE)) == {}
-    result = Validator(config=config).validate(str(RELEASE))
-    assert not result.get("failed"), result
+    failed = Validator(config=config).validate(str(RELEASE)).get("failed", [])
+    assert len(failed) == len(META.items) and all("not attempted yet" in f["raw_error"] for f in failed), failed
 
 
 # ---- execution (the executed_source fixture is in conftest.py, shared with test_lesson_claims.py) ------
@@ -145,12 +147,15 @@ def test_run_all_on_the_untouched_student_version_reaches_the_end(tmp_path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code), [c.id for c in code if not c.execution_count]
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
-    said = [o["data"]["text/markdown"] for c in code for o in c.outputs if "text/markdown" in o.get("data", {})]
-    not_attempted = [t for t in said if "not attempted yet" in t]
-    # every not_attempted(...) call of the notebook runs once (one per answer function; Q3 has two, and
-    # Checkpoint 2 is also tried on the model), and every graded item has at least one
-    calls = sum(c.source.count("not_attempted(\"") for c in code)
-    assert len(not_attempted) == calls >= len(META.items), (calls, not_attempted)
+    def said(c):
+        return [o["data"]["text/markdown"] for o in c.outputs
+                if "text/markdown" in o.get("data", {}) and "not attempted yet" in o["data"]["text/markdown"]]
+    # every visible test cell says so (Q3 twice: two functions), and so does each other cell that tries
+    # an answer (Checkpoint 2 is also tried on the model)
+    visible = [c for c in code if c.metadata.get("nbgrader", {}).get("grade_id", "").endswith("__visible")]
+    assert len(visible) == len(META.items) and all(said(c) for c in visible), [c.id for c in visible if not said(c)]
+    others = [c for c in code if c not in visible]
+    assert sum(len(said(c)) for c in others) == sum(c.source.count("not_attempted(\"") for c in others) >= 1
 
 
 def test_untouched_student_version_scores_zero_under_nbgrader_autograde(tmp_path):

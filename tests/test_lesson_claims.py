@@ -54,9 +54,11 @@ def parts(nb) -> list[str]:
 
 def claims_of(nb) -> dict[str, dict]:
     found = [o for c in nb.cells for o in c.get("outputs", [])
-             if o.get("metadata", {}).get("claims_summary") and "application/json" in o.get("data", {})]
+             if o.get("metadata", {}).get("claims_summary")]
     assert len(found) == 1, f"expected one claims summary output, found {len(found)}"
-    data = found[0]["data"]["application/json"]
+    # shown as a table (no JSON renderer in JupyterLab); the data rides in the output's metadata
+    assert {"text/html", "text/markdown"} <= set(found[0]["data"]) and "application/json" not in found[0]["data"]
+    data = found[0]["metadata"]["claims"]
     return {c["id"]: c for c in data["claims"]}
 
 

@@ -208,3 +208,23 @@ def test_running_a_cell_too_early_names_the_cell_to_run_first():
     assert errors[1] == ["NameError"] and "section 2 (Capturing the residual stream)" in texts[1], texts[1]
     assert "set-up cell of section 0" in texts[2], texts[2]
     assert "starting with section 0 (Setup)" in texts[3], texts[3]
+
+
+def test_set_up_and_helper_cells_are_collapsed_so_the_lesson_starts_at_once():
+    """The set-up and helper cells open collapsed (jupyter.source_hidden, from ``hidden=true`` in the
+    cell header of the text source): at most 15 visible code lines come before section 1's idea."""
+    for path in (SOURCE, RELEASE):
+        nb = nbformat.read(path, 4)
+        visible, collapsed = 0, []
+        for c in nb.cells:
+            if c.cell_type == "markdown" and c.source.startswith("## 1."):
+                break
+            if c.cell_type == "code":
+                if c.metadata.get("jupyter", {}).get("source_hidden"):
+                    collapsed.append(c.source)
+                else:
+                    visible += len(c.source.splitlines())
+        assert visible <= 15, (path, visible)
+        assert any("set_custom_exc" in s for s in collapsed) and any("load_model" in s for s in collapsed)
+        assert any("checks, close, not_attempted" in s for s in collapsed)
+

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from residual_bandwidth import capture_residuals
 from residual_bandwidth.metrics import compute_metrics
 from residual_bandwidth.compat import ProductionBandwidthMonitor
-from residual_bandwidth.monitor import DEFAULT_THRESHOLDS, BandwidthMonitor, default_layers
+from residual_bandwidth.monitor import (DEFAULT_THRESHOLDS, AlertPolicy, BandwidthMonitor, JsonLinesLog,
+                                        MonitorConfig, default_layers)
 from residual_bandwidth.validation import BandwidthInputError
 
 PROMPTS = [
@@ -64,7 +65,7 @@ def test_logits_bit_identical_with_and_without_monitor_llama(embedded):
     model, tok = embedded.model, embedded.tokenizer
     enc = tok(PROMPTS[:3], return_tensors="pt", padding=True)
     plain = model(**enc).logits
-    with BandwidthMonitor(model, layers="all", max_positions=None) as mon:
+    with BandwidthMonitor(model, layers="all", config=MonitorConfig(max_positions=None)) as mon:
         watched = model(**enc).logits
     assert torch.equal(plain, watched)
     assert mon.totals()["requests_ok"] == 1
@@ -115,8 +116,7 @@ def test_detach_leaves_no_hooks_also_after_an_exception(tiny):
 def test_every_kind_matches_capture_with_padding(tiny, kind):
     """Streaming stats over padded batches == batch computation on capture_residuals' rows."""
     model, tok = tiny
-    mon = BandwidthMonitor(model, layers="all", kind=kind, exclude_massive=False, max_positions=None,
-                           thresholds={})
+    mon = BandwidthMonitor(model, layers="all", kind=kind, config=MonitorConfig(exclude_massive=False, max_positions=None), alerts=AlertPolicy({}))
     with mon:
         for i in range(0, len(PROMPTS), 3):  # right-padded batches of different lengths
             model(**tok(PROMPTS[i:i + 3], return_tensors="pt", padding=True))
@@ -133,7 +133,7 @@ def test_every_kind_matches_capture_with_padding(tiny, kind):
 @torch.no_grad()
 def test_llama_layers_match_capture(embedded):
     model, tok = embedded.model, embedded.tokenizer
-    with BandwidthMonitor(model, layers=[3, 15], exclude_massive=False, max_positions=None) as mon:
+    with BandwidthMonitor(model, layers=[3, 15], config=MonitorConfig(exclude_massive=False, max_positions=None)) as mon:
         model(**tok(PROMPTS[:4], return_tensors="pt", padding=True))
     cap = capture_residuals(model, tok, PROMPTS[:4], kinds=["resid_post"], layers=[3, 15], batch_size=4,
                             progress=False)
@@ -163,7 +163,7 @@ def test_left_padded_generation_uses_the_last_mask_columns(tiny):
 def test_first_token_of_each_sequence_from_the_mask(rng):
     """The sink flag follows the mask: first real column with left padding, none in a cached step."""
     d = 16
-    mon = BandwidthMonitor(layers=[0], thresholds={})
+    mon = BandwidthMonitor(layers=[0], alerts=AlertPolicy({}))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     h = torch.from_numpy(rng.normal(size=(2, 6, d)))
     h[0, 2] *= 100   # first real token of the left-padded sequence
@@ -184,7 +184,7 @@ def test_first_token_of_each_sequence_from_the_mask(rng):
 # --------------------------------------------------------------------------------------------
 def test_observe_stream_equals_batch_in_random_chunks(rng):
     d, layers = 12, [0, 5]
-    mon = BandwidthMonitor(layers=layers, exclude_massive=False, max_positions=None, thresholds={})
+    mon = BandwidthMonitor(layers=layers, config=MonitorConfig(exclude_massive=False, max_positions=None), alerts=AlertPolicy({}))
     seen = {L: [] for L in layers}
     for _ in range(120):
         b, t = int(rng.integers(1, 4)), int(rng.integers(1, 9))
@@ -210,7 +210,7 @@ def test_observe_stream_equals_batch_in_random_chunks(rng):
 def test_per_request_ranks_massive_rows_and_sampling(rng):
     d = 32
     x = rng.normal(size=(40, d))
-    mon = BandwidthMonitor(layers=[0], max_positions=None, thresholds={})
+    mon = BandwidthMonitor(layers=[0], config=MonitorConfig(max_positions=None), alerts=AlertPolicy({}))
     rec = mon.observe({0: torch.from_numpy(x)}).layers[0]
     ref = compute_metrics(x)
     assert rec.variance_rank == ref.variance_rank and rec.rank_rows == 40
@@ -228,8 +228,8 @@ def test_per_request_ranks_massive_rows_and_sampling(rng):
     assert rec.massive_other_fraction == 1 / 40 and rec.rank_rows == 38
     assert mon.traffic(0).n == 40 + 38  # massive rows are left out of the statistics
 
-    a = BandwidthMonitor(layers=[0], max_positions=16, thresholds={}, seed=3)
-    b = BandwidthMonitor(layers=[0], max_positions=16, thresholds={}, seed=3)
+    a = BandwidthMonitor(layers=[0], config=MonitorConfig(max_positions=16, seed=3), alerts=AlertPolicy({}))
+    b = BandwidthMonitor(layers=[0], config=MonitorConfig(max_positions=16, seed=3), alerts=AlertPolicy({}))
     for m in (a, b):
         r = m.observe({0: torch.from_numpy(x)}).layers[0]
         assert r.rank_rows == 16 and r.n_tokens == 40
@@ -239,7 +239,7 @@ def test_per_request_ranks_massive_rows_and_sampling(rng):
 
 def test_short_requests_use_the_typical_traffic_norm():
     """A lone sink token is its own median; the layer's typical norm still exposes it."""
-    mon = BandwidthMonitor(layers=[0], thresholds={})
+    mon = BandwidthMonitor(layers=[0], alerts=AlertPolicy({}))
     mon.observe({0: const_norm_rows(1.0, n=8)})
     rec = mon.observe({0: const_norm_rows(100.0, n=1)}).layers[0]
     assert rec.massive_count == 1 and rec.max_norm_ratio == pytest.approx(100.0)
@@ -249,8 +249,7 @@ def test_short_requests_use_the_typical_traffic_norm():
 def test_memory_bounded_over_10000_requests(caplog):
     caplog.set_level(logging.CRITICAL + 1, logger="residual_bandwidth.monitor")  # pytest keeps records
     d = 8
-    mon = BandwidthMonitor(layers=[0, 1], history_size=100, alert_history_size=50, max_positions=None,
-                           min_tokens_for_rank=4)
+    mon = BandwidthMonitor(layers=[0, 1], config=MonitorConfig(history_size=100, max_positions=None, min_tokens_for_rank=4), alerts=AlertPolicy(history_size=50))
     g = torch.Generator().manual_seed(0)
     base = torch.randn(10, d, generator=g, dtype=torch.float64)
 
@@ -275,8 +274,8 @@ def test_memory_bounded_over_10000_requests(caplog):
     assert len(mon.history) == 100 and mon.history[-1].request == 10_000
     assert len(mon.alert_records()) == 50 and mon.totals()["alerts"] == 2 * 2 * 200  # start + resolve
     assert [mon._traffic[L].moments.scatter.data_ptr() for L in (0, 1)] == ptrs
-    assert [mon._traffic[L].moments.nbytes for L in (0, 1)] == nbytes == [8 * (d + d * d + mon.covariance_batch_rows * d)] * 2
-    assert len(mon._alert_state) <= len(DEFAULT_THRESHOLDS) * 2 + 1
+    assert [mon._traffic[L].moments.nbytes for L in (0, 1)] == nbytes == [8 * (d + d * d + mon.config.covariance_batch_rows * d)] * 2
+    assert len(mon.alerts.state) <= len(DEFAULT_THRESHOLDS) * 2 + 1
     assert len(mon.prometheus_text().splitlines()) == len(text_at_2000.splitlines())
     assert len(gc.get_objects()) - objects_at_2000 < 300
 
@@ -291,7 +290,7 @@ def _alerts(mon):
 
 def test_alerts_fire_exactly_at_thresholds_and_deduplicate():
     just_below = float(np.nextafter(2.0, 0.0))
-    mon = BandwidthMonitor(layers=[0], thresholds={"mean_norm": {"warning": 2.0, "critical": 4.0}})
+    mon = BandwidthMonitor(layers=[0], alerts=AlertPolicy({"mean_norm": {"warning": 2.0, "critical": 4.0}}))
     values = [1.0, 2.0, 3.0, 2.0, 4.0, 5.0, 3.0, just_below, 1.0, 4.0, 0.5]
     for v in values:
         rec = mon.observe({0: const_norm_rows(v)})
@@ -311,13 +310,13 @@ def test_alerts_fire_exactly_at_thresholds_and_deduplicate():
 
 
 def test_below_direction_and_hysteresis():
-    mon = BandwidthMonitor(layers=[0], thresholds={"median_norm": {"warning": 2.0, "critical": 1.0}})
+    mon = BandwidthMonitor(layers=[0], alerts=AlertPolicy({"median_norm": {"warning": 2.0, "critical": 1.0}}))
     assert mon.threshold_directions == {"median_norm": "below"}
     for v in (3.0, 2.0, 1.5, 1.0, 2.5):
         mon.observe({0: const_norm_rows(v)})
     assert [(a[0], a[3], a[5]) for a in _alerts(mon)] == [(2, "warning", 2.0), (4, "critical", 1.0),
                                                            (5, "resolved", 1.0)]
-    mon = BandwidthMonitor(layers=[0], hysteresis=0.125, thresholds={"mean_norm": {"warning": 2.0, "critical": None}})
+    mon = BandwidthMonitor(layers=[0], alerts=AlertPolicy({"mean_norm": {"warning": 2.0, "critical": None}}, hysteresis=0.125))
     for v in (2.0, 1.875, 1.75, 1.5, 2.0):  # clears only below 2.0 - 0.125 * 2.0 = 1.75
         mon.observe({0: const_norm_rows(v)})
     assert [(a[0], a[3]) for a in _alerts(mon)] == [(1, "warning"), (4, "resolved"), (5, "warning")]
@@ -341,9 +340,9 @@ def test_threshold_validation():
     for bad in ({"nope": {"warning": 1}}, {"mean_norm": {"warning": None, "critical": None}},
                 {"mean_norm": {"warning": float("nan")}}, {"mean_norm": {"warn": 1}}, [1]):
         with pytest.raises(BandwidthInputError):
-            BandwidthMonitor(thresholds=bad)
+            BandwidthMonitor(alerts=AlertPolicy(bad))
     with pytest.raises(BandwidthInputError):
-        BandwidthMonitor(hysteresis=1.5)
+        BandwidthMonitor(alerts=AlertPolicy(hysteresis=1.5))
     with pytest.raises(BandwidthInputError):
         BandwidthMonitor(kind="logits")
 
@@ -353,7 +352,7 @@ def test_threshold_validation():
 # --------------------------------------------------------------------------------------------
 def test_bad_requests_are_counted_logged_alerted_and_skipped(rng):
     log = io.StringIO()
-    mon = BandwidthMonitor(layers=[0, 1], log=log, max_positions=None, thresholds={})
+    mon = BandwidthMonitor(layers=[0, 1], config=MonitorConfig(max_positions=None), alerts=AlertPolicy({}), log=log)
     good = {0: torch.from_numpy(rng.normal(size=(10, 6))), 1: torch.from_numpy(rng.normal(size=(10, 6)))}
     assert mon.observe(good).status == "ok"
     snapshot = mon.traffic(0)
@@ -437,7 +436,7 @@ def test_internal_errors_never_break_the_model(tiny, monkeypatch):
     def broken(*a, **k):
         raise ZeroDivisionError("monitor bug")
 
-    monkeypatch.setattr(mon, "_layer_stats", broken)
+    monkeypatch.setattr(mon.measure, "layer_stats", broken)
     with mon:
         assert torch.equal(model(**enc).logits, plain)
     assert mon.totals()["internal_errors"] == 1
@@ -453,8 +452,7 @@ def test_concurrent_threads_give_the_same_totals_as_sequential(tiny):
     encs = [tok([p], return_tensors="pt") for p in prompts]
 
     def new():
-        return BandwidthMonitor(model, layers="all", exclude_massive=False, max_positions=None,
-                                history_size=100)
+        return BandwidthMonitor(model, layers="all", config=MonitorConfig(exclude_massive=False, max_positions=None, history_size=100))
 
     seq = new()
     with seq, torch.no_grad():
@@ -533,7 +531,7 @@ def test_prometheus_text_parses_and_matches_the_monitor(rng):
 
 
 def test_http_server_on_loopback_and_stop(rng):
-    mon = BandwidthMonitor(layers=[0], thresholds={})
+    mon = BandwidthMonitor(layers=[0], alerts=AlertPolicy({}))
     _fill(mon, rng, n=5)
     port = mon.serve(port=0)
     try:
@@ -559,14 +557,14 @@ def test_jsonl_log_file(tmp_path, rng):
     assert {e["level"] for e in lines if e["event"] == "alert"} >= {"critical", "resolved"}
     first = next(e for e in lines if e["event"] == "request")
     assert set(first["layers"]) == {"0", "3"} and first["status"] == "ok"
-    quiet = BandwidthMonitor(layers=[0, 3], log=io.StringIO(), log_requests=False)
+    quiet = BandwidthMonitor(layers=[0, 3], log=JsonLinesLog(io.StringIO(), requests=False))
     _fill(quiet, rng, n=3)
-    kinds = [json.loads(line)["event"] for line in quiet._log.getvalue().splitlines()]
+    kinds = [json.loads(line)["event"] for line in quiet.log.stream.getvalue().splitlines()]
     assert kinds.count("request") == 1  # only the bad one
 
 
 def test_timeline_and_alert_record_contracts(rng):
-    mon = BandwidthMonitor(layers=[0, 3], history_size=20)
+    mon = BandwidthMonitor(layers=[0, 3], config=MonitorConfig(history_size=20))
     _fill(mon, rng)
     tl = mon.timeline_records()
     assert tl and all(set(r) == {"request", "timestamp", "layer", "metric", "value"} for r in tl)
@@ -623,7 +621,7 @@ def test_default_layers_and_alias():
     with pytest.raises(BandwidthInputError):
         BandwidthMonitor(layers=[-1])
     with pytest.raises(BandwidthInputError):
-        BandwidthMonitor(max_positions=1)
+        BandwidthMonitor(config=MonitorConfig(max_positions=1))
 
 
 def test_attach_validates_layers_and_model(tiny):
@@ -647,12 +645,12 @@ def test_processing_restores_the_callers_thread_setting(rng):
     torch.set_num_threads(2)
     try:
         seen = []
-        mon = BandwidthMonitor(layers=[0], thresholds={})
+        mon = BandwidthMonitor(layers=[0], alerts=AlertPolicy({}))
         orig = mon._process_request
         mon._process_request = lambda req: (seen.append(torch.get_num_threads()), orig(req))[1]
         assert mon.observe({0: torch.from_numpy(rng.normal(size=(10, 8)))}).status == "ok"
         assert seen == [1] and torch.get_num_threads() == 2
-        off = BandwidthMonitor(layers=[0], thresholds={}, single_thread=False)
+        off = BandwidthMonitor(layers=[0], config=MonitorConfig(single_thread=False), alerts=AlertPolicy({}))
         orig_off = off._process_request
         off._process_request = lambda req: (seen.append(torch.get_num_threads()), orig_off(req))[1]
         off.observe({0: torch.from_numpy(rng.normal(size=(10, 8)))})
@@ -668,7 +666,7 @@ def test_width_is_judged_only_from_a_sample_that_can_span_it(rng):
     assert width_rule(48, 48) == {"can_judge_width": False, "positions_needed": 49, "positions_missing": 1}
     assert width_rule(49, 48)["can_judge_width"] and width_rule(49, 48)["positions_missing"] == 0
     d = 16
-    mon = BandwidthMonitor(layers=[0], exclude_massive=False, max_positions=None, thresholds={})
+    mon = BandwidthMonitor(layers=[0], config=MonitorConfig(exclude_massive=False, max_positions=None), alerts=AlertPolicy({}))
     mon.observe({0: torch.from_numpy(rng.normal(size=(1, 10, d)))})
     s = mon.traffic_summary(0)
     assert s["n"] == 10 and s["variance_rank"] <= 9 and not s["can_judge_width"] and s["positions_missing"] == 7

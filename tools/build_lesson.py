@@ -17,6 +17,9 @@ Cell roles (``key=value`` pairs in the header line; values are JSON)::
                                                                   TESTS is removed for students
     # %% role="locked" grade_id="setup__checks"                   read-only helper cell
     # %% tags=["parameters"]                                      ordinary cells may carry tags
+    # %% hidden=true                                              source collapsed when the notebook
+                                                                  opens (jupyter.source_hidden): set-up
+                                                                  and helper cells
 
 Grade ids are ``<item>__<part>`` and every item of the lesson metadata needs a ``__visible`` and a
 ``__hidden`` tests cell. Cell ids are derived, never numbered: a grade cell's id is its grade id, an
@@ -43,7 +46,7 @@ sys.path.insert(0, str(ROOT / "lib"))
 from residual_bandwidth.course import item_of, load_lesson  # noqa: E402
 
 ROLES = ("answer", "tests", "locked")
-KEYS = {"role", "grade_id", "points", "tags", "id"}
+KEYS = {"role", "grade_id", "points", "tags", "id", "hidden"}
 # metadata jupytext itself may add while parsing; it describes the text layout, not the cell
 JUPYTEXT_KEYS = {"lines_to_next_cell", "lines_to_end_of_cell_marker", "cell_marker", "region_name"}
 MARKERS = {"BEGIN SOLUTION": "END SOLUTION", "BEGIN HIDDEN TESTS": "END HIDDEN TESTS"}
@@ -131,6 +134,11 @@ def convert(source_path: Path, meta=None) -> nbformat.NotebookNode:
             return values[m.group(1)]
         cell.source = TOKEN.sub(fill, cell.source)
 
+        hidden = md.pop("hidden", False)
+        if not isinstance(hidden, bool):
+            raise LessonSourceError(f"{where}: hidden= takes true or false, got {hidden!r}")
+        if hidden:
+            md["jupyter"] = {"source_hidden": True}
         role = md.pop("role", None)
         gid, points = md.pop("grade_id", None), md.pop("points", None)
         if role is None:

@@ -14,27 +14,31 @@ The lesson's ideas, one module each:
   streaming    running mean and covariance (Welford / Chan) in constant memory
   validation   strict input checks with messages that name the problem
 Plumbing, in subpackages:
-  monitor/     BandwidthMonitor on live inference: core, alerts, export (JSON lines, Prometheus)
+  monitor/     BandwidthMonitor on live inference, from parts: measure, alerts, export (JSON lines, Prometheus)
   viz/         accessible figures: core (container, palette, styling), then the figure families
   course/      lesson metadata, model loading, the report job (make lesson), the CLI, the explorer,
                the lesson's checked claims
   compat       the seed lesson's names (ProductionBandwidthMonitor, BandwidthVisualizer, effective_rank)
 """
 from .analyzer import BandwidthReport, ResidualBandwidthAnalyzer
-from .bottlenecks import BottleneckReport, find_bottlenecks
-from .capture import (KINDS, Listener, ResidualCapture, ResidualRecorder, capture_residuals, hook_name,
-                      model_dims, run_listeners)
-from .composition import CompositionScores, component_subspaces, composition_scores, principal_angles
-from .compression import CompressionCurve, compression_curve, project_residual
-from .memory import (ErasureMeter, MemoryReport, erasure_from_activations, head_records, memory_management,
-                     neuron_cosines)
+from .bottlenecks import BottleneckReport, find_bottlenecks, heldout_spread, layer_scores, severity
+from .capture import (KINDS, Listener, ResidualCapture, ResidualRecorder, architecture_of, capture_residuals,
+                      hook_name, model_dims, run_listeners)
+from .composition import (CompositionScores, component_subspaces, composition_scores, pair_significance,
+                          principal_angles)
+from .compression import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, CompressionCurve, compression_curve,
+                          project_residual)
+from .memory import (ErasureMeter, MemoryReport, combined_ranking, direction_erasure, erasure_from_activations,
+                     head_records, memory_management, neg_share, neuron_cosines)
 from .metrics import (BandwidthMetrics, Spectrum, anisotropy, compute_metrics, entropy_effective_rank,
                       participation_ratio, principal_directions, rank_family, spectral_entropy, spectrum,
                       stable_rank, variance_threshold_rank)
 from .compat import ProductionBandwidthMonitor
+from .convergence import plot_rank_against_n, rank_against_n
 from .course.models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
-from .monitor import BandwidthMonitor
+from .monitor import AlertPolicy, BandwidthMonitor, JsonLinesLog, MonitorConfig, PrometheusExporter
 from .outliers import MassiveActivation, OutlierDimension, massive_mask, massive_rows, outlier_dimensions
+from .superposition import plot_superposition, sparsity_sweep
 from .streaming import LayerStreamer, StreamedLayers, StreamingMoments, stream_layer_statistics
 from .validation import BandwidthInputError
 from .weights import LayerWeights, all_layer_weights, layer_weights
@@ -53,3 +57,29 @@ def __getattr__(name):
         import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    # capture and the one shared forward pass
+    "KINDS", "Listener", "ResidualCapture", "ResidualRecorder", "architecture_of", "capture_residuals",
+    "hook_name", "model_dims", "run_listeners",
+    # metrics, massive activations, reports
+    "BandwidthMetrics", "Spectrum", "anisotropy", "compute_metrics", "entropy_effective_rank",
+    "participation_ratio", "principal_directions", "rank_family", "spectral_entropy", "spectrum",
+    "stable_rank", "variance_threshold_rank", "MassiveActivation", "OutlierDimension", "massive_mask",
+    "massive_rows", "outlier_dimensions", "BandwidthReport", "ResidualBandwidthAnalyzer",
+    # the analyses
+    "LayerWeights", "all_layer_weights", "layer_weights", "BottleneckReport", "find_bottlenecks",
+    "heldout_spread", "layer_scores", "severity", "direction_erasure", "ErasureMeter", "MemoryReport", "combined_ranking", "erasure_from_activations",
+    "head_records", "memory_management", "neg_share", "neuron_cosines", "CompositionScores",
+    "component_subspaces", "composition_scores", "pair_significance", "principal_angles",
+    "CALIBRATION_PROMPTS", "HELDOUT_PROMPTS", "CompressionCurve", "compression_curve", "project_residual",
+    # how r95 grows with the sample; a toy model of superposition
+    "rank_against_n", "plot_rank_against_n", "sparsity_sweep", "plot_superposition",
+    # streaming and the live monitor
+    "LayerStreamer", "StreamedLayers", "StreamingMoments", "stream_layer_statistics", "AlertPolicy",
+    "BandwidthMonitor", "JsonLinesLog", "MonitorConfig", "PrometheusExporter", "ProductionBandwidthMonitor",
+    # models, errors, lazily loaded names
+    "EMBEDDED", "LoadedModel", "ModelUnavailableError", "load_model", "BandwidthInputError",
+    *_LAZY,
+]

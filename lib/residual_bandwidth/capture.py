@@ -34,7 +34,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .validation import BandwidthInputError, all_finite, as_matrix, check_prompts
+from .validation import BandwidthInputError, all_finite, as_matrix, check_int, check_prompts
 
 KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
@@ -314,10 +314,8 @@ def check_max_length(model: torch.nn.Module, max_length) -> tuple[int | None, st
     maximum positions (or is None and the model has one) the model's limit is used, and ``note``
     names it so the caller can say so when a prompt was actually cut there.
     """
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                   or max_length < 1):
-        raise BandwidthInputError(f"max_length: expected a positive int (tokens per prompt) or None, "
-                                  f"got {max_length!r}")
+    if max_length is not None:
+        check_int(max_length, "max_length", low=1)  # tokens per prompt
     limit = max_positions(model)
     if limit is not None and (max_length is None or max_length > limit):
         return limit, (f"prompts longer than the model's maximum of {limit} positions (config "
@@ -423,8 +421,7 @@ def run_listeners(model: torch.nn.Module, tokenizer, prompts: Sequence[str], lis
     also when the forward pass raises.
     """
     prompts = check_prompts(prompts)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BandwidthInputError(f"batch_size: expected a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size", low=1)
     if not listeners:
         raise BandwidthInputError("listeners: nothing to run the model for")
     handles = []

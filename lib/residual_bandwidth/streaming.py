@@ -45,7 +45,7 @@ from . import metrics as _m
 from .capture import (Listener, add_hook, architecture_of, check_layers, check_tokenizer, hook_name,
                       hook_point, run_listeners)
 from .outliers import massive_mask
-from .validation import BandwidthInputError, all_finite, check_dense, check_positive, check_prompts
+from .validation import BandwidthInputError, all_finite, check_dense, check_int, check_positive, check_prompts
 
 
 class StreamingMoments:
@@ -73,12 +73,8 @@ class StreamingMoments:
     """
 
     def __init__(self, d_model: int, buffer_rows: int = 0, precision: str = "float64"):
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise BandwidthInputError(f"d_model: expected a positive int, got {d_model!r}")
-        if isinstance(buffer_rows, bool) or not isinstance(buffer_rows, int) or buffer_rows < 0:
-            raise BandwidthInputError(f"buffer_rows: expected an int >= 0, got {buffer_rows!r}")
-        self.d_model = d_model
-        self.buffer_rows = buffer_rows
+        self.d_model = check_int(d_model, "d_model", low=1)
+        self.buffer_rows = check_int(buffer_rows, "buffer_rows", low=0)
         self.precision = precision
         self._dtype = _m._check_precision(precision)
         self._n = 0

@@ -157,6 +157,16 @@ def check_positive(value, name: str) -> float:
     return v
 
 
+def check_int(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """An integer (``int`` or a numpy integer, never ``bool``) with ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or (low is not None and value < low) or (high is not None and value > high):
+        what = "a positive int" if low == 1 else (f"an int >= {low}" if low is not None else "an int")
+        raise BandwidthInputError(f"{name}: expected {what}{f' <= {high}' if high is not None else ''}, "
+                                  f"got {value!r}")
+    return int(value)
+
+
 def check_prompts(prompts) -> list[str]:
     """A non-empty list of non-empty strings (a single string is wrapped)."""
     if isinstance(prompts, str):

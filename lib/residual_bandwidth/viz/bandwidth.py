@@ -49,42 +49,15 @@ def plot_singular_spectra(report, layers=None, which: str = "without_massive",
                   ("entropy_rank", "entropy effective rank", "^")]
     n_zero_total = 0
     for i, L in enumerate(chosen):
-        m = by_layer[L]
-        lam = np.asarray(m.eigenvalues, dtype=float)
-        sig = np.sqrt(np.clip(lam, 0, None))
-        share = lam / lam.sum()
-        cum = np.cumsum(share)
-        for k, (s, sh, c) in enumerate(zip(sig, share, cum), start=1):
-            table.append({"layer": L, "component": k, "singular_value": float(s),
-                          "variance_share": float(sh), "cumulative_share": float(c)})
-        pos = sig > 0
-        n_zero_total += int((~pos).sum())
-        idx = np.arange(1, sig.size + 1)
-        st = _style(i)
-        ax.plot(idx[pos], sig[pos], color=st["color"], linestyle=st["linestyle"], linewidth=1.8,
-                label=f"layer {L}")
-        for attr, _, marker in rank_marks:
-            r = float(getattr(m, attr))
-            y = float(np.interp(r, idx[pos], sig[pos])) if pos.sum() > 1 else float(sig[0])
-            ax.scatter([r], [y], marker=marker, s=70 if marker != "|" else 160, color=st["color"],
-                       edgecolors="black" if marker != "|" else None, linewidths=1.0, zorder=3)
-        nz = sig[pos]
-        sentences.append(
-            f"Layer {L}: sigma falls from {format_number(nz[0])} to {format_number(nz[-1])} over "
-            f"{int(pos.sum())} non-zero components; r{p} = {m.variance_rank}, participation ratio "
-            f"{format_number(m.participation_ratio)}, stable rank {format_number(m.stable_rank)}, "
-            f"entropy rank {format_number(m.entropy_rank)}.")
+        n_zero, sentence = _spectrum_line(ax, i, L, by_layer[L], rank_marks, table, p)
+        n_zero_total += n_zero
+        sentences.append(sentence)
     ax.set_yscale("log")
     ax.set_xlabel("principal component index i (1 = largest variance)")
     ax.set_ylabel("singular value sigma_i of the centred residual\n(residual units, log scale)")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    layer_legend = ax.legend(title="layer (colour + line style)", loc="upper right")
-    ax.add_artist(layer_legend)
-    proxies = [Line2D([], [], color="black", marker=mk, linestyle="none", markersize=8 if mk != "|" else 12,
-                      markerfacecolor="white" if mk != "|" else "black", label=lab)
-               for _, lab, mk in rank_marks]
-    ax.legend(handles=proxies, title="rank markers (on each curve)", loc="lower left")
+    _rank_legends(ax, rank_marks)
     if len(report.layers) == 1:
         notes.append("Only one layer was analysed, so there is no change with depth to show.")
     if n_zero_total:
@@ -96,6 +69,44 @@ def plot_singular_spectra(report, layers=None, which: str = "without_massive",
            f"({'without' if which == 'without_massive' else 'including'} massive activations), "
            f"d_model {report.d_model}. " + " ".join(sentences))
     return _finish(fig, alt, table, title, notes)
+
+
+def _spectrum_line(ax, i, L, m, rank_marks, table, p) -> tuple[int, str]:
+    """Draw layer ``L``'s spectrum with its rank markers, add its rows to ``table``; return the number
+    of exactly-zero singular values (not drawable on a log axis) and the alt-text sentence."""
+    lam = np.asarray(m.eigenvalues, dtype=float)
+    sig = np.sqrt(np.clip(lam, 0, None))
+    share = lam / lam.sum()
+    cum = np.cumsum(share)
+    for k, (s, sh, c) in enumerate(zip(sig, share, cum), start=1):
+        table.append({"layer": L, "component": k, "singular_value": float(s),
+                      "variance_share": float(sh), "cumulative_share": float(c)})
+    pos = sig > 0
+    idx = np.arange(1, sig.size + 1)
+    st = _style(i)
+    ax.plot(idx[pos], sig[pos], color=st["color"], linestyle=st["linestyle"], linewidth=1.8,
+            label=f"layer {L}")
+    for attr, _, marker in rank_marks:
+        r = float(getattr(m, attr))
+        y = float(np.interp(r, idx[pos], sig[pos])) if pos.sum() > 1 else float(sig[0])
+        ax.scatter([r], [y], marker=marker, s=70 if marker != "|" else 160, color=st["color"],
+                   edgecolors="black" if marker != "|" else None, linewidths=1.0, zorder=3)
+    nz = sig[pos]
+    return int((~pos).sum()), (
+        f"Layer {L}: sigma falls from {format_number(nz[0])} to {format_number(nz[-1])} over "
+        f"{int(pos.sum())} non-zero components; r{p} = {m.variance_rank}, participation ratio "
+        f"{format_number(m.participation_ratio)}, stable rank {format_number(m.stable_rank)}, "
+        f"entropy rank {format_number(m.entropy_rank)}.")
+
+
+def _rank_legends(ax, rank_marks) -> None:
+    """Two legends: the layers (colour + line style) and the rank markers."""
+    layer_legend = ax.legend(title="layer (colour + line style)", loc="upper right")
+    ax.add_artist(layer_legend)
+    proxies = [Line2D([], [], color="black", marker=mk, linestyle="none", markersize=8 if mk != "|" else 12,
+                      markerfacecolor="white" if mk != "|" else "black", label=lab)
+               for _, lab, mk in rank_marks]
+    ax.legend(handles=proxies, title="rank markers (on each curve)", loc="lower left")
 
 
 @styled
@@ -152,18 +163,23 @@ def plot_cumulative_variance(report, layers=None, max_layers: int = 4) -> Access
     ax.set_ylabel("share of total variance held by the top k")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
-               for i, L in enumerate(chosen)]
-    handles += [Line2D([], [], color="0.3", linestyle=ls, label=lab) for _, lab, ls in variants]
-    handles += [Line2D([], [], color="black", marker="|", markersize=12, linestyle="none",
-                       label=f"r{pp}: first k at or above the line")]
-    ax.legend(handles=handles, loc="lower right")
+    _cumulative_legend(ax, chosen, variants, pp)
     if len(report.layers) == 1:
         notes.append("Only one layer was analysed.")
     alt = (f"Cumulative share of variance against the number of principal components k, at layers "
            f"{', '.join(map(str, chosen))} (d_model {report.d_model}), with a dashed line at {pp}%. "
            + " ".join(sentences))
     return _finish(fig, alt, table, title, notes)
+
+
+def _cumulative_legend(ax, chosen, variants, pp) -> None:
+    """Layers (colour + marker), the two position sets (line style) and the r_p tick."""
+    handles = [Line2D([], [], color=_style(i)["color"], marker=_style(i)["marker"], label=f"layer {L}")
+               for i, L in enumerate(chosen)]
+    handles += [Line2D([], [], color="0.3", linestyle=ls, label=lab) for _, lab, ls in variants]
+    handles += [Line2D([], [], color="black", marker="|", markersize=12, linestyle="none",
+                       label=f"r{pp}: first k at or above the line")]
+    ax.legend(handles=handles, loc="lower right")
 
 
 @styled
@@ -313,15 +329,7 @@ def plot_norm_heatmap(capture, report=None, prompt: int = 0, kind: str | None = 
         notes.append(f"Only the first {max_positions} of {len(rows)} positions are shown.")
         rows = rows[:max_positions]
     layers = capture.layers
-    norms = np.array([capture.get(kind, L).double().norm(dim=1).numpy() for L in layers])  # [L, N]
-    median = np.median(norms, axis=1)
-    grid = norms[:, rows]
-    ratio = grid / np.where(median > 0, median, np.nan)[:, None]
-    if report is not None and report.kind == kind:
-        flagged = {(m.layer, m.row) for m in report.massive}
-        mass = np.array([[(L, r) in flagged for r in rows] for L in layers])
-    else:
-        mass = np.nan_to_num(ratio, nan=np.inf) >= massive_ratio
+    grid, ratio, mass = _norm_grid(capture, kind, rows, report, massive_ratio)
     tokens = [capture.tokens[r] for r in rows]
     positions = [int(capture.position[r]) for r in rows]
     title = f"Residual norm by layer and position ({kind}, prompt {prompt})"
@@ -345,23 +353,46 @@ def plot_norm_heatmap(capture, report=None, prompt: int = 0, kind: str | None = 
         notes.append("Only one layer was captured.")
     if len(rows) == 1:
         notes.append("The prompt has a single position.")
+    alt = _norm_heatmap_alt(prompt, capture.n_rows, layers, positions, tokens, (grid, ratio), (xs, ys))
+    table = [{"layer": L, "position": positions[c], "token": tokens[c], "norm": float(grid[r, c]),
+              "ratio_to_layer_median": float(ratio[r, c]), "massive": bool(mass[r, c])}
+             for r, L in enumerate(layers) for c in range(len(rows))]
+    return _finish(fig, alt, table, title, notes)
+
+
+def _norm_grid(capture, kind, rows, report, massive_ratio):
+    """``(norms [layer, position], ratio to the layer's median over all captured rows, massive flags)``;
+    the massive flags are the report's when it is of the same kind (so figure and report agree)."""
+    layers = capture.layers
+    norms = np.array([capture.get(kind, L).double().norm(dim=1).numpy() for L in layers])  # [L, N]
+    median = np.median(norms, axis=1)
+    grid = norms[:, rows]
+    ratio = grid / np.where(median > 0, median, np.nan)[:, None]
+    if report is not None and report.kind == kind:
+        flagged = {(m.layer, m.row) for m in report.massive}
+        mass = np.array([[(L, r) in flagged for r in rows] for L in layers])
+    else:
+        mass = np.nan_to_num(ratio, nan=np.inf) >= massive_ratio
+    return grid, ratio, mass
+
+
+def _norm_heatmap_alt(prompt, n_captured, layers, positions, tokens, grids, glyphs) -> str:
+    """Alt text: the median norm over depth, the largest norm and where, the massive positions."""
+    grid, ratio = grids
+    xs, ys = glyphs
     med_pos = np.median(grid, axis=1)
     li, pi = np.unravel_index(int(np.nanargmax(grid)), grid.shape)
     massive_cols = sorted(set(xs.tolist()))
     mass_txt = "; ".join(
         f"position {positions[c]} {tokens[c]!r} is massive at layers {format_ranges([layers[y] for y in ys[xs == c]])}"
         for c in massive_cols[:4]) or "no position is massive"
-    alt = (f"Heatmap of residual norms for prompt {prompt} ({len(rows)} positions x {len(layers)} layers, "
-           f"log colour scale). The median norm over this prompt's positions goes from "
-           f"{format_number(float(med_pos[0]))} at layer {layers[0]} to {format_number(float(med_pos[-1]))} "
-           f"at layer {layers[-1]}. The largest norm is {format_number(float(grid[li, pi]))} at layer "
-           f"{layers[li]}, position {positions[pi]} {tokens[pi]!r}, "
-           f"{format_number(float(ratio[li, pi]))} times that layer's median over all "
-           f"{capture.n_rows} captured positions. {mass_txt[:1].upper() + mass_txt[1:]} (stars).")
-    table = [{"layer": L, "position": positions[c], "token": tokens[c], "norm": float(grid[r, c]),
-              "ratio_to_layer_median": float(ratio[r, c]), "massive": bool(mass[r, c])}
-             for r, L in enumerate(layers) for c in range(len(rows))]
-    return _finish(fig, alt, table, title, notes)
+    return (f"Heatmap of residual norms for prompt {prompt} ({len(positions)} positions x {len(layers)} layers, "
+            f"log colour scale). The median norm over this prompt's positions goes from "
+            f"{format_number(float(med_pos[0]))} at layer {layers[0]} to {format_number(float(med_pos[-1]))} "
+            f"at layer {layers[-1]}. The largest norm is {format_number(float(grid[li, pi]))} at layer "
+            f"{layers[li]}, position {positions[pi]} {tokens[pi]!r}, "
+            f"{format_number(float(ratio[li, pi]))} times that layer's median over all "
+            f"{n_captured} captured positions. {mass_txt[:1].upper() + mass_txt[1:]} (stars).")
 
 
 # =============================================================================================
@@ -397,6 +428,19 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
     fig, axes = _figure((14, 4.6), ncols=3)
     ax, bx, cx = axes[0]
     notes = []
+    _explorer_norms(ax, capture, rows, (norms, median, mass_rows), massive_ratio, excluded, prompt)
+    _explorer_cumulative(bx, used, other, excluded, p)
+    ranks = _explorer_ranks(cx, report, layer, used, excluded)
+    fig.suptitle(title)
+    if len(rows) == 1:
+        notes.append("The prompt has a single token.")
+    alt = _explorer_alt(capture, rows, (norms, median, mass_rows), (layer, prompt, excluded, pp), used, other, ranks)
+    return _finish(fig, alt, report_rows(report, selected=layer), title, notes)
+
+
+def _explorer_norms(ax, capture, rows, measured, massive_ratio, excluded, prompt) -> None:
+    """Panel 1: the norm per position; massive ones hatched and starred, median and threshold lines."""
+    norms, median, mass_rows = measured
     x = np.arange(len(rows))
     vals = norms[rows]
     is_m = np.array([r in mass_rows for r in rows], dtype=bool)
@@ -421,6 +465,11 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
                        Line2D([], [], color="black", linestyle="--",
                               label=f"{format_number(massive_ratio)}x median (massive threshold)")],
               loc="upper right", fontsize=8)
+
+
+def _explorer_cumulative(bx, used, other, excluded, p) -> None:
+    """Panel 2: cumulative variance of the analysed positions (and of all positions), r_p marked."""
+    pp = round(100 * p)
     for m, ls, lab in ((used, "-", "analysed positions" + (" (massive excluded)" if excluded else "")),
                        (other, ":", "all positions (massive included)")):
         if m is None:
@@ -438,6 +487,11 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
     bx.set_title(f"Cumulative variance, r{pp} = {used.variance_rank} (| marks r{pp})")
     bx.legend(loc="lower right", fontsize=8)
     bx.grid(True, alpha=0.3)
+
+
+def _explorer_ranks(cx, report, layer, used, excluded) -> list[int]:
+    """Panel 3: r_p across layers with the chosen one ringed; returns the ranks drawn."""
+    pp = round(100 * report.variance_threshold)
     ranks = [m.variance_rank for m in report.without_massive]
     cx.plot(report.layers, ranks, label=f"r{pp}" + (" without massive" if excluded else ""), **_style(0))
     if excluded:
@@ -450,23 +504,26 @@ def plot_layer_explorer(report, capture, layer: int, prompt: int = 0,
     cx.set_title(f"r{pp} by layer")
     cx.legend(loc="best", fontsize=8)
     cx.grid(True, alpha=0.3)
-    fig.suptitle(title)
-    if len(rows) == 1:
-        notes.append("The prompt has a single token.")
+    return ranks
+
+
+def _explorer_alt(capture, rows, measured, where, used, other, ranks) -> str:
+    """Alt text: the massive positions, r_p of this layer (and with massive positions), r_p over depth."""
+    norms, median, mass_rows = measured
+    layer, prompt, excluded, pp = where
     loud = [r for r in rows if r in mass_rows]
     loud_txt = ("; ".join(f"position {int(capture.position[r])} {capture.tokens[r]!r} is massive (norm "
                           f"{format_number(float(norms[r]))} = {format_number(float(norms[r] / median))} "
                           f"times the median {format_number(median)})" for r in loud[:3])
                 + (", excluded from the spectrum." if excluded else ", kept in the spectrum.")
                 if loud else "No position is massive at this layer.")
-    alt = (f"Prompt {prompt}, {len(rows)} tokens, layer {layer}. {loud_txt} With {used.n_positions} "
-           f"positions analysed, {pp}% of the variance lies in r{pp} = {used.variance_rank} of "
-           f"min(n, d) = {min(used.n_positions, used.d_model)} available directions (utilization "
-           f"{format_percent(used.utilization_available)}; {format_percent(used.utilization_d_model)} of "
-           f"d_model {used.d_model})"
-           + (f"; with the massive position(s) included r{pp} = {other.variance_rank}" if other else "")
-           + f". Across layers r{pp} ranges {min(ranks)} to {max(ranks)}.")
-    return _finish(fig, alt, report_rows(report, selected=layer), title, notes)
+    return (f"Prompt {prompt}, {len(rows)} tokens, layer {layer}. {loud_txt} With {used.n_positions} "
+            f"positions analysed, {pp}% of the variance lies in r{pp} = {used.variance_rank} of "
+            f"min(n, d) = {min(used.n_positions, used.d_model)} available directions (utilization "
+            f"{format_percent(used.utilization_available)}; {format_percent(used.utilization_d_model)} of "
+            f"d_model {used.d_model})"
+            + (f"; with the massive position(s) included r{pp} = {other.variance_rank}" if other else "")
+            + f". Across layers r{pp} ranges {min(ranks)} to {max(ranks)}.")
 
 
 def report_rows(report, selected: int | None = None) -> list[dict]:
