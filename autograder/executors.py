@@ -265,6 +265,11 @@ _RESULT_TYPES = {"student": str, "submitted_as": str, "status": str, "reason": s
                  "pass": (bool, type(None)), "objectives": dict, "items": list, "evidence": list, "notes": list,
                  "autograde_score": (float, int, type(None)), "notebook": str, "feedback": str,
                  "seconds": (float, int)}
+# identity and bookkeeping fields: the client (the store) fills them from the submission and its own
+# records; whatever a worker sends there is type-checked, then discarded
+_CLIENT_FIELDS = {"late": bool, "lms": (str, type(None)), "lms_user_id": (str, type(None)), "display_name": str,
+                  "lms_submission_id": (str, type(None)), "sha256": str, "grader_version": str,
+                  "probe_seed": (int, type(None)), "mode": str, "graded_at": str, "overrides": list, "history": list}
 
 
 def _finite(x, what: str) -> None:
@@ -283,8 +288,8 @@ def accept(payload, task: dict, spec, sdir: Path) -> StudentResult:
     if not isinstance(d, dict) or set(d) != keys:
         raise InvalidResult(f"the result's fields are not those of a StudentResult: {sorted(d)[:20] if isinstance(d, dict) else d!r}")
     for k in keys:   # fields added later to StudentResult: plain JSON values
-        t = _RESULT_TYPES.get(k, (str, int, float, bool, list, dict, type(None)))
-        if not isinstance(d[k], t) or (isinstance(d[k], bool) and k not in ("pass",)):
+        t = _RESULT_TYPES.get(k) or _CLIENT_FIELDS.get(k) or (str, int, float, list, dict, type(None))
+        if not isinstance(d[k], t) or (isinstance(d[k], bool) and t is not bool and bool not in (t if isinstance(t, tuple) else (t,))):
             raise InvalidResult(f"field {k!r} has type {type(d[k]).__name__}")
     if d["student"] != task["student"] or d["submitted_as"] != task["submitted_as"]:
         raise InvalidResult(f"the result is for student {d['student']!r}, not {task['student']!r}")
@@ -322,7 +327,8 @@ def accept(payload, task: dict, spec, sdir: Path) -> StudentResult:
             raise InvalidResult(f"unexpected file path {name[:100]!r}")
         else:
             targets[name] = sdir / p.parts[0] / task["student"] / spec.lesson_id / Path(*p.parts[1:])
-    res = student_from_dict(d)
+    res = student_from_dict({**d, **{k: getattr(StudentResult(d["student"], d["submitted_as"], d["status"]), k)
+                                     for k in _CLIENT_FIELDS if k in d}})   # the client's, not the worker's
     shutil.rmtree(sdir, ignore_errors=True)
     if res.status == ERRORED:
         return res

@@ -437,7 +437,7 @@ def analyze_bandwidth(residual_states, p=0.95):
 
 
 # %% role="tests" grade_id="checkpoint_1__visible" points=1
-# Visible tests: the original lesson's checkpoint-1 data, the same data with a mean, and one layer alone
+# Visible tests: the checkpoint-1 data of the claims you will meet, the same data with a mean, and one layer alone
 seed_states = checks.checkpoint_1(analyze_bandwidth)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:

@@ -58,14 +58,14 @@ def not_attempted(title, names):
 
 
 def seed_checkpoint_1_data(seed=0):
-    """The original lesson's checkpoint-1 data: 4 layers x 20 tokens, ranks 10..25 in 64 dims, + noise."""
+    """Checkpoint 1's data, as in the claims you will meet: 4 layers x 20 tokens, ranks 10..25 in 64 dims, + noise."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(20, 10 + 5 * i, generator=g) @ torch.randn(10 + 5 * i, 64, generator=g)
             + 0.1 * torch.randn(20, 64, generator=g) for i in range(4)]
 
 
 def seed_rank(x):
-    """The original lesson's computation: cumulative *sigma* (not sigma^2), no centring."""
+    """The rank recipe you will meet in the wild: cumulative *sigma* (not sigma^2), no centring."""
     s = torch.linalg.svdvals(torch.as_tensor(x).double())
     return int((torch.cumsum(s, 0) < 0.95 * s.sum()).sum()) + 1
 
@@ -83,7 +83,7 @@ def _pca_rank(x, p=0.95) -> int:
 
 
 def checkpoint_1(analyze_bandwidth):
-    """The original lesson's checkpoint-1 data, the same data with a mean, and one layer alone."""
+    """Checkpoint 1's data, the same data with a mean, and one layer alone."""
     seed_states = seed_checkpoint_1_data(0)
     res = attempt(analyze_bandwidth, seed_states)
     if res is NOT_ATTEMPTED:
@@ -94,7 +94,7 @@ def checkpoint_1(analyze_bandwidth):
           f"return a dict with the four keys; got {res!r}")
     pooled = torch.cat(seed_states).double()
     expected, got = _pca_rank(pooled), res["effective_rank"]
-    hint = (" That is the original lesson's number: square the singular values (variance is sigma^2) and centre."
+    hint = (" That is the number of the common recipe (cumulative sigma, uncentred): square the singular values (variance is sigma^2) and centre."
             if got == seed_rank(pooled) else "")
     check(got == expected, f"effective_rank = {got}, but {expected} principal directions hold 95% of the variance.{hint}")
     check(res["total_dimensions"] == 64, f"total_dimensions should be d_model = 64, got {res['total_dimensions']}")
@@ -162,7 +162,7 @@ def checkpoint_3(utilization_alert):
     """Too few positions (n < d and n == d), every direction used, few used, exactly at a threshold.
     Returns ``(short, g)``."""
     g = torch.Generator().manual_seed(3)
-    short = torch.randn(15, 48, generator=g)                      # the original lesson's shape
+    short = torch.randn(15, 48, generator=g)                      # the shape of the claim you will meet (15 positions, 48 dims)
     res = attempt(utilization_alert, short)
     if res is NOT_ATTEMPTED:
         not_attempted("Checkpoint 3", "utilization_alert")
