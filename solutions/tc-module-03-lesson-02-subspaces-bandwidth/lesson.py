@@ -1438,7 +1438,7 @@ _ = utilization_alert(torch.randn(60, 24, generator=g), warning=0.5, critical=0.
 import time as _time
 
 from residual_bandwidth import CALIBRATION_PROMPTS
-from residual_bandwidth import BandwidthMonitor
+from residual_bandwidth import BandwidthMonitor, MonitorConfig
 
 
 def timed(requests_, repeats=9):
@@ -1465,7 +1465,7 @@ for name in list(requests)[:2]:
                                  kinds=["resid_post"], layers=[L], progress=False).get("resid_post", L)
     util[name] = rb.compute_metrics(state[1:]).utilization_available
 bare = timed(requests)
-with BandwidthMonitor(model, max_positions=None) as mon_t:
+with BandwidthMonitor(model, config=MonitorConfig(max_positions=None)) as mon_t:
     watched = timed(requests)
 for name in requests:
     print(f"{name:<28} {requests[name]['input_ids'].shape[1]:>3} tokens: "
@@ -1974,7 +1974,7 @@ import contextlib
 
 from residual_bandwidth import CALIBRATION_PROMPTS, project_residual
 from residual_bandwidth import principal_directions
-from residual_bandwidth import BandwidthMonitor
+from residual_bandwidth import BandwidthMonitor, MonitorConfig
 from residual_bandwidth import massive_mask
 
 calib_L = rb.capture_residuals(model, tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"], layers=[L],
@@ -1987,7 +1987,7 @@ k_deg = cap.d_model // 9
 def watch(degraded):
     """Run the traffic through a fresh monitor; return its alerts and traffic summary, and the held-out loss."""
     ctx = project_residual(model, L, mu_L, V_L[:, :k_deg], massive_ratio=4.0) if degraded else contextlib.nullcontext()
-    with BandwidthMonitor(model, max_positions=None) as mon_d, ctx:
+    with BandwidthMonitor(model, config=MonitorConfig(max_positions=None)) as mon_d, ctx:
         for text in traffic:                  # Section 8's requests, then its batches of calibration text
             model(**tokenizer(text, return_tensors="pt"))
         extra = [p_ for p_ in CALIBRATION_PROMPTS if p_ not in traffic]
