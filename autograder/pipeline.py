@@ -768,13 +768,13 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     ex = None
     held = ExitStack()
     try:
-        store = held.enter_context(results_store.open_locked(opts.out, wait=opts.wait))   # one run per --out
         tmpl = template(spec)
         seed = opts.probe_seed if opts.probe_seed is not None else offering_probe_seed()
         probes = ProbeSet.build(spec, seed) if opts.recheck else None
-        # connects to the cluster / checks the sandbox before any student is recorded
+        # connects to the cluster / checks the sandbox before anything is written to opts.out
         ex = executors.make(opts, spec, run_dir, tmpl, probes, warnings)
         ctx = ex.ctx
+        store = held.enter_context(results_store.open_locked(opts.out, wait=opts.wait))   # one run per --out
         subs = _roster(opts.roster, discover(Path(submissions), spec.lesson_id, spec.notebook_name, run_dir),
                        store.known(spec.lesson_id))
         out_db = opts.out / "gradebook.db"

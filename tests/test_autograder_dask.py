@@ -282,11 +282,11 @@ def _payload(tmp_path, **change) -> tuple[dict, dict]:
                         items=items)
     payload = {"format": executors.FORMAT, "worker": "tcp://w:1", "sha256": task["sha256"], "result": res.as_dict(),
                "files": {}}
-    for k, v in change.items():
-        if k in payload["result"]:
-            payload["result"][k] = v
-        else:
+    for k, v in change.items():   # the envelope's keys, else the result's fields
+        if k in ("format", "worker", "sha256", "files"):
             payload[k] = v
+        else:
+            payload["result"][k] = v
     return payload, task
 
 
