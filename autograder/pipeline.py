@@ -430,7 +430,11 @@ def recheck_again(prepared, f: SubmissionFolders, ctx: Context, faults: list, ve
     subset = ProbeSet(p.seed, {i: p.probes[i] for i in keep}, {i: p.cases[i] for i in keep},
                       {i: p.expected[i] for i in keep}, {i: p.payload[i] for i in keep})
     nb = copy.deepcopy(prepared)
-    nb.cells = [c for c in nb.cells if c.metadata.get(LABEL, {}).get("cell") not in lost_cells]
+    spec = ctx.spec
+    # without the lost cells, and without the lost exercises' test cells: the re-check runs the visible
+    # tests too, and a crash in one (the test calling the student's function) would end it again
+    nb.cells = [c for c in nb.cells if c.metadata.get(LABEL, {}).get("cell") not in lost_cells
+                and not (grade_id(c) in spec.grade_cells and spec.grade_cells[grade_id(c)].item in lost_items)]
     running = start_recheck(nb, f, ctx, subset, "recheck-again")
     again, _ = finish(running, subset, ctx.spec)
     return {**verdicts, **{i: again[i] for i in keep}}, running
