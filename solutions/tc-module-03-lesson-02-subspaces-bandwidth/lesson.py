@@ -438,7 +438,8 @@ def analyze_bandwidth(residual_states, p=0.95):
 
 # %% role="tests" grade_id="checkpoint_1__visible" points=1
 # Visible tests: the checkpoint-1 data of the claims you will meet, the same data with a mean, and one layer alone
-seed_states = checks.checkpoint_1(analyze_bandwidth)
+seed_states = checks.inputs("checkpoint_1")   # also used by the hidden part below
+_ = checks.checkpoint_1(analyze_bandwidth)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -895,7 +896,8 @@ def find_crowded_positions(X, loud_ratio=2.0, massive_ratio=4.0, critical_score=
 
 # %% role="tests" grade_id="checkpoint_2__visible" points=1
 # Visible tests: one crowded row, one loud-but-one-dimensional row, two massive rows
-X, g = checks.checkpoint_2(find_crowded_positions)
+X, g = checks.inputs("checkpoint_2")   # also used by the hidden part and the hidden cell below
+_ = checks.checkpoint_2(find_crowded_positions)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -1404,7 +1406,8 @@ def utilization_alert(state, warning=0.75, critical=0.9, p=0.95):
 
 # %% role="tests" grade_id="checkpoint_3__visible" points=1
 # Visible tests: too few positions, every direction used, few used, exactly at a threshold
-short, g = checks.checkpoint_3(utilization_alert)
+short, g = checks.inputs("checkpoint_3")
+_ = checks.checkpoint_3(utilization_alert)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -2127,7 +2130,8 @@ def effective_rank_family(X):
 
 # %% role="tests" grade_id="summative_q1__visible" points=1
 # Visible tests: the mean and the basis do not matter, a worked example, k equal directions give k
-X, g = checks.summative_q1(effective_rank_family)
+X, g = checks.inputs("summative_q1")
+_ = checks.summative_q1(effective_rank_family)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -2206,7 +2210,8 @@ class RunningCovariance:
 
 # %% role="tests" grade_id="summative_q2__visible" points=1
 # Visible tests: two updates, one row at a time, a mean a million times the spread
-data, g = checks.summative_q2(RunningCovariance)
+data, g = checks.inputs("summative_q2")
+_ = checks.summative_q2(RunningCovariance)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
@@ -2273,7 +2278,8 @@ def write_read_projection(write, read):
 
 # %% role="tests" grade_id="summative_q3__visible" points=1
 # Visible tests: an exact eraser and copier, a random head, writes of -read and of a projection
-eraser_V, eraser_O, read, g = checks.summative_q3(eraser_share, write_read_projection)
+eraser_V, eraser_O, read, g = checks.inputs("summative_q3")
+_ = checks.summative_q3(eraser_share, write_read_projection)
 ### BEGIN HIDDEN TESTS
 # while grading: an exercise that is not attempted raises here and scores 0 (assigned, so no value is shown:
 # nbgrader would read a number shown by a test cell as partial credit)
