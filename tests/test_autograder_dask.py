@@ -174,15 +174,24 @@ def test_killed_workers_rerun_elsewhere_or_error_and_the_batch_completes(cluster
     kills its worker twice: errored (allowed-failures 1), the rest of the batch is graded."""
     cl, client = cluster
     subs = make_class(tmp_path / "subs", {"alice": "correct", "bob": "correct", "carol": "untouched"})
-    out = tmp_path / "out"
-    killer = Killer(cl, client, {"alice": 1, "bob": 2})
-    killer.start()
-    try:
-        r = subprocess.run(grade_cmd(subs, out, "--executor", "dask", "--scheduler", cl.scheduler_address,
-                                     "--no-feedback"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-    finally:
-        killer.stop = True
-        killer.join()
+    # The killer only strikes a worker whose one task is the target; when the scheduler gives a worker two
+    # tasks at the wrong moment it can miss its window (the grader is not at fault). Such a run does not
+    # test the plan, so it is repeated (at most three runs, each into a fresh folder).
+    for attempt_ in range(3):
+        out = tmp_path / f"out{attempt_}"
+        killer = Killer(cl, client, {"alice": 1, "bob": 2})
+        killer.start()
+        try:
+            r = subprocess.run(grade_cmd(subs, out, "--executor", "dask", "--scheduler", cl.scheduler_address,
+                                         "--no-feedback"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+        finally:
+            killer.stop = True
+            killer.join()
+        if [s for s, _, _ in killer.log].count("alice") == 1 and [s for s, _, _ in killer.log].count("bob") == 2:
+            break
+        deadline = time.monotonic() + 60   # the nannies restart killed workers before the next run
+        while len(client.scheduler_info()["workers"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
     assert [s for s, _, _ in killer.log].count("alice") == 1 and [s for s, _, _ in killer.log].count("bob") == 2, killer.log
     res = load(out)
     assert r.returncode == 2, r.stderr[-3000:]

@@ -66,11 +66,11 @@ def validate(nb, tmp_path: Path, name: str) -> dict:
 
 
 def failed_items(result: dict) -> dict[str, str]:
-    """``{item: error text}`` of the failed cells Validate lists (each visible test cell is one call
-    ``checks.<item>(...)``, so its source names the item)."""
+    """``{item: error text}`` of the failed cells Validate lists (each visible test cell takes its inputs
+    with ``checks.inputs(...)`` and makes one call ``checks.<item>(...)``, so its source names the item)."""
     out = {}
     for f in result.get("failed", []):
-        m = re.search(r"checks\.(\w+)\(", f["source"])
+        m = re.search(r"checks\.(?!inputs\b)(\w+)\(", f["source"])
         assert m, f"Validate listed a cell that is not a visible test: {f['source'][:200]}"
         out[m.group(1)] = f["raw_error"]
     return out
