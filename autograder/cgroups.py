@@ -14,7 +14,8 @@ however many processes it starts (CFS shares time between *groups* first), and a
 ``cpu_quota`` CPUs even on an idle machine; its memory (tmpfs pages included) and task count are
 capped. When the submission is done, :meth:`Group.remove` kills everything still in it
 (``cgroup.kill`` on v2; on v1 SIGKILL to every pid in ``cgroup.procs`` until none is left) and
-removes the folders.
+removes the folders. A grader that was killed (SIGKILL, a lost Dask worker) cannot remove its
+run's group; the next grader on the machine sweeps such groups (:func:`sweep_stale`).
 
 Two layouts are supported, detected by :func:`detect`:
 
@@ -109,6 +110,38 @@ class Hierarchy:
 
     def run_group(self, name: str, policy: Policy) -> "RunGroup":
         return RunGroup(self, name, policy)
+
+    def sweep_stale(self, min_age_s: float = 600.0) -> list[Path]:
+        """Remove the run groups of graders that died without cleaning up; returns what was removed.
+
+        A run group ``autograder-[dask-]<date>-<time>-<pid>-<hex>`` is stale when its grader's pid
+        is gone, no process is left anywhere in it, and it is older than ``min_age_s`` (so a group of
+        a grader in another pid namespace, which looks dead from here, is kept while it may be in use).
+        """
+        removed = []
+        for base in self.bases.values():
+            for d in base.glob("autograder-*"):
+                parts = d.name.split("-")
+                if not d.is_dir() or len(parts) < 5 or not parts[-2].isdigit():
+                    continue
+                try:
+                    os.kill(int(parts[-2]), 0)
+                    continue                       # its grader is alive
+                except ProcessLookupError:
+                    pass
+                except (PermissionError, OverflowError):
+                    continue
+                try:
+                    if time.time() - d.stat().st_mtime < min_age_s or any(_procs(p) for p in [d, *d.rglob("*")]
+                                                                           if p.is_dir()):
+                        continue
+                    for p in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                        _rmdir(p)
+                    _rmdir(d)
+                    removed.append(d)
+                except OSError:
+                    continue                       # in use after all, or not ours to remove
+        return removed
 
 
 def detect(mount: Path = MOUNT) -> Hierarchy:

@@ -197,24 +197,29 @@ def _item_rows(rep: ClassReport) -> list[dict]:
             for i in rep.items]
 
 
+def _hbars(labels: list[str], values: list[float], row_height: float, **style):
+    """A horizontal bar chart, one bar per label, the first at the top; returns (figure, axes)."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, row_height * len(labels) + 1.5))
+    ax.barh(range(len(labels)), values, **style)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    return fig, ax
+
+
 def _figures(rep: ClassReport):
     """Two accessible figures: facility with discrimination per item, and mastery per objective."""
     from residual_bandwidth.viz.core import OKABE_ITO, AccessibleFigure, styled
 
     @styled
     def items_figure():
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 0.5 * len(rep.items) + 1.5))
-        ys = range(len(rep.items))
-        fac = [100 * (i.facility or 0) for i in rep.items]
-        ax.barh(list(ys), fac, color=OKABE_ITO[0], hatch="//", edgecolor="white")
-        for y, i in zip(ys, rep.items):
+        fig, ax = _hbars([i.title for i in rep.items], [100 * (i.facility or 0) for i in rep.items], 0.5,
+                         color=OKABE_ITO[0], hatch="//", edgecolor="white")
+        for y, i in enumerate(rep.items):
             d = "n/a" if i.discrimination is None else f"{i.discrimination:.2f}"
             ax.text(101, y, f"r = {d}", va="center", fontsize=9)
         ax.axvline(100 * rep.threshold, color=OKABE_ITO[3], linestyle="--")
-        ax.set_yticks(list(ys), [i.title for i in rep.items])
         ax.set_xlim(0, 120)
-        ax.invert_yaxis()
         ax.set_xlabel(f"share of the item's points the class earned (%); dashed line: pass line ({rep.threshold:.0%})")
         ax.set_title("Item facility (bars) and discrimination r (text)")
         fig.tight_layout()
@@ -226,15 +231,11 @@ def _figures(rep: ClassReport):
 
     @styled
     def objectives_figure():
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 0.6 * len(rep.objectives) + 1.5))
-        ys = range(len(rep.objectives))
-        ax.barh(list(ys), [100 * (o.mastery or 0) for o in rep.objectives], color=OKABE_ITO[2], edgecolor="black")
-        for y, o in zip(ys, rep.objectives):
+        fig, ax = _hbars([o.objective for o in rep.objectives], [100 * (o.mastery or 0) for o in rep.objectives],
+                         0.6, color=OKABE_ITO[2], edgecolor="black")
+        for y, o in enumerate(rep.objectives):
             ax.text(1, y, "n/a" if o.mastery is None else f"{o.mastery:.0%}", va="center", fontsize=9)
-        ax.set_yticks(list(ys), [o.objective for o in rep.objectives])
         ax.set_xlim(0, 100)
-        ax.invert_yaxis()
         ax.set_xlabel(f"students at or above {rep.threshold:.0%} of the objective's points (%)")
         ax.set_title("Mastery per learning objective")
         fig.tight_layout()

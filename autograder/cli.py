@@ -185,11 +185,24 @@ def _override(args) -> int:
                     gradebook.set_item_points(db, lesson, args.student, list(it["parts"]), args.points)
                 what = (f"{args.student} {args.item}: {args.points:g}/{it['max_score']:g} "
                         f"(computed {it['score']:g}) by {by}: {reason}")
-            export_all(store, args.out, lesson)
+            run = export_all(store, args.out, lesson)
+            page, problem = None, ""
+            try:   # the student's feedback page shows the store's grade too
+                from .notebook import load_spec
+                from .pipeline import WORK, refresh_feedback
+                res = next(s for s in run.students if s.student == args.student)
+                page = refresh_feedback(args.out, load_spec(lesson), res, WORK / "runs")
+            except (RuntimeError, OSError, FileNotFoundError) as e:
+                problem = str(e)
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{what}; results files regenerated in {args.out}")
+    if page is not None:
+        print(f"feedback page written again: {page}")
+    else:
+        print(f"warning: the feedback page of {args.student} was not written again "
+              f"({problem or 'graded without feedback'}); it shows the grader's score", file=sys.stderr)
     return 0
 
 

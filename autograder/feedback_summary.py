@@ -9,7 +9,7 @@ feedback template (``autograder/templates/rb_feedback/rb_feedback.html.j2``, use
 * one row per exercise, named by its title (:func:`autograder.scoring.exercise_titles`): visible
   and hidden points, what the hidden checks found — only the *property* that failed
   ("fails on data with a large mean"), never the hidden inputs or the instructor's detail — and the
-  notes (a cell that timed out, lost the kernel or raised);
+  notes (a cell that timed out, lost the kernel or raised; a manual override with its reason);
 * for every nbgrader cell, the label its panel gets ("Checkpoint 1 — …: visible tests").
 
 Every string here is text (the template escapes it); notes may quote the student's own error messages.
@@ -21,6 +21,13 @@ from .results import ItemResult, StudentResult
 from .scoring import FAILED, LOST_NOTE, exercise_titles, is_hidden_part
 
 
+def _stored_prop(it: ItemResult) -> str:
+    """The failed property as the store keeps it: ``recheck_detail`` is ``"<property> — <detail>"``
+    (:func:`autograder.scoring.score_items`); only the property is for the student."""
+    d = it.recheck_detail or ""
+    return d.split(" — ", 1)[0].rsplit("; ", 1)[-1].strip() if " — " in d else ""
+
+
 def _hidden_result(it: ItemResult, verdict, hidden: tuple[float, float]) -> str:
     if hidden[1] == 0:
         return ""
@@ -28,7 +35,14 @@ def _hidden_result(it: ItemResult, verdict, hidden: tuple[float, float]) -> str:
         return "not run (see the note)"
     if verdict is not None and verdict.verdict in FAILED:
         return verdict.prop or "fails on a hidden input"
+    if verdict is None and it.recheck in FAILED:   # from the store (a page written again after an override)
+        return _stored_prop(it) or "fails on a hidden input"
     return "passed" if hidden[0] >= hidden[1] - 1e-9 else "failed"
+
+
+def _adjusted_note(o: dict, it: ItemResult) -> str:
+    return (f"Your instructor set this exercise to {o['points']:g} of {it.max_score:g} points "
+            f"(the grader gave {o['computed']:g}): {o['reason']}")
 
 
 def summary(res: StudentResult, spec: LessonSpec, verdicts: dict | None = None, notes: list[str] | None = None) -> dict:
@@ -37,6 +51,7 @@ def summary(res: StudentResult, spec: LessonSpec, verdicts: dict | None = None, 
     titles = exercise_titles(spec)
     threshold = spec.meta.passing_threshold
     items = []
+    adjusted = {o["item"]: o for o in res.overrides or []}
     for it in res.items:
         vis = [(p, spec.grade_cells[g].points) for g, p in it.parts.items() if g in spec.grade_cells and not is_hidden_part(g)]
         hid = [(p, spec.grade_cells[g].points) for g, p in it.parts.items() if g in spec.grade_cells and is_hidden_part(g)]
@@ -45,7 +60,8 @@ def summary(res: StudentResult, spec: LessonSpec, verdicts: dict | None = None, 
         items.append({"item": it.item, "title": titles.get(it.item, it.item), "objective": it.objective,
                       "score": it.score, "max_score": it.max_score, "visible": list(visible), "hidden": list(hidden),
                       "visible_result": "" if not visible[1] else "passed" if visible[0] >= visible[1] - 1e-9 else "failed",
-                      "hidden_result": _hidden_result(it, verdicts.get(it.item), hidden), "notes": list(it.notes)})
+                      "hidden_result": _hidden_result(it, verdicts.get(it.item), hidden),
+                      "notes": list(it.notes) + ([_adjusted_note(adjusted[it.item], it)] if it.item in adjusted else [])})
     objectives = [{"id": lo, "text": spec.meta.objectives.get(lo, ""), **res.objectives[lo]}
                   for lo in spec.meta.objectives if lo in res.objectives]
     cells = {}

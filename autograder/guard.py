@@ -182,19 +182,10 @@ def read_log(path, max_bytes: int = 64 * 1024**2) -> list[dict]:
     the re-check's results (missing file: none; lines that are not a JSON object: skipped; only the
     first ``max_bytes`` are read, the file is written by untrusted code)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read(max_bytes)
+        with open(path, "rb") as f:
+            return parse_lines(f.read(max_bytes))
     except OSError:
         return []
-    out = []
-    for line in text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
 
 
 def parse_lines(data: bytes) -> list[dict]:

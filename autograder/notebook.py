@@ -263,10 +263,26 @@ def is_added(cell, spec: LessonSpec) -> bool:
     return cell.cell_type == "code" and not grade_id(cell) and not is_demo(cell, spec)
 
 
+LABEL = "autograder"   # cell metadata key: the grader's label of each cell of the graded notebook (pipeline.label_cells)
+
+
+def cell_number(cell, index: int) -> int | None:
+    """The student's own number of the cell at ``index`` (1-based, every cell counted, as the student
+    counts them in the notebook they handed in): the grader's label when the notebook was prepared for
+    grading (``None``: a cell the grader put back), else ``index + 1``."""
+    meta = cell.get("metadata", {}).get(LABEL)
+    if isinstance(meta, dict) and "cell" in meta:
+        n = meta["cell"]
+        return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 100_000 else None
+    return index + 1
+
+
 def cell_label(cell, index: int) -> str:
-    """``cell N (grade id)`` or ``cell N (id …)``: how evidence and notes name a cell."""
-    gid = grade_id(cell)
-    return f"cell {index} ({gid})" if gid else f"cell {index} (id {cell.get('id', '?')})"
+    """``cell N (grade id)`` or ``cell N (id …)``, N from :func:`cell_number`: how evidence and notes name
+    a cell (``a cell the grader put back (grade id)`` for one the student deleted)."""
+    gid, n = grade_id(cell), cell_number(cell, index)
+    where = f"cell {n}" if n is not None else "a cell the grader put back"
+    return f"{where} ({gid})" if gid else f"{where} (id {cell.get('id', '?')})"
 
 
 def repair(nb, spec: LessonSpec) -> nbformat.NotebookNode:
@@ -306,15 +322,3 @@ def drop_demo_cells(nb, spec: LessonSpec) -> nbformat.NotebookNode:
     nb = copy.deepcopy(nb)
     nb.cells = [c for c in nb.cells if not is_demo(c, spec)]
     return nb
-
-
-def student_code_cells(nb, spec: LessonSpec) -> list[tuple[str, str]]:
-    """(label, source) of the code the out-of-kernel re-check runs: answer and added cells, in order."""
-    out = []
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "code":
-            continue
-        gid = grade_id(cell)
-        if (gid and gid in spec.answer_cells) or (not gid and is_added(cell, spec)):
-            out.append((cell_label(cell, i), cell.source))
-    return out

@@ -63,10 +63,10 @@ from .guard import PipeReader, read_log
 from .integrity import runtime_findings, submission_findings
 from .static import unparsed_cells_that_ran
 from .kernel import KERNEL_NAME, write_kernelspec
-from .notebook import (OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, grade_id, is_demo, load_spec,
+from .notebook import (LABEL, OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, grade_id, is_demo, load_spec,
                        read_submission, repair)
 from .procs import Worker, WorkerDied, kill_tree, read_pidfile
-from .recheck import ProbeSet, RegradeNeeded, Running, finish, start
+from .recheck import ProbeSet, RegradeNeeded, Running, clean_text, finish, start
 from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +296,6 @@ def _failure_reason(answer: dict, cell_timeout: int) -> str:
     return f"nbgrader autograde failed: {tail or 'no message'}"
 
 
-LABEL = "autograder"   # cell metadata key: the grader's label of each cell of the graded notebook
 
 
 def label_cells(nb, spec: LessonSpec) -> None:
@@ -548,12 +547,8 @@ def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult, summar
         page = f.feedback / f.student / ctx.spec.lesson_id / (Path(ctx.spec.notebook_name).stem + ".html")
         if not fb.get("ok"):
             res.notes.append("feedback generation failed: " + _failure_reason(fb, ctx.cell_timeout))
-        elif page.exists():   # WCAG 2.1 AA fixes for nbgrader's feedback template
-            page.write_text(add_csp(make_accessible(page.read_text(encoding="utf-8"))), encoding="utf-8")
-            src = f.submitted / f.student / ctx.spec.lesson_id
-            for name in EXCHANGE_FILES:   # the layout `nbgrader release_feedback` expects
-                if (src / name).is_file() and not (page.parent / name).exists():
-                    shutil.copyfile(src / name, page.parent / name)
+        elif page.exists():
+            _finish_page(page, f.submitted / f.student / ctx.spec.lesson_id)
     except WorkerDied as e:
         res.notes.append(f"feedback generation failed: worker {e.reason}")
     finally:
@@ -624,6 +619,56 @@ def grade_one(sub: Submission, ctx: Context) -> StudentResult:
         res.seconds = round(time.monotonic() - t0, 2)
 
 
+def _finish_page(page: Path, exchange_src: Path) -> None:
+    """WCAG 2.1 AA fixes and the Content-Security-Policy on nbgrader's page, and the exchange files
+    next to it (the layout ``nbgrader release_feedback`` expects)."""
+    page.write_text(add_csp(make_accessible(page.read_text(encoding="utf-8"))), encoding="utf-8")
+    for name in EXCHANGE_FILES:
+        if (exchange_src / name).is_file() and not (page.parent / name).exists():
+            shutil.copyfile(exchange_src / name, page.parent / name)
+
+
+def refresh_feedback(out: Path, spec: LessonSpec, res: StudentResult, work: Path) -> Path | None:
+    """Write ``res``'s feedback page again from the results folder ``out``, so that it shows what the
+    store says now (a manual override, or one that survived a re-grade): ``nbgrader generate_feedback``
+    on the kept autograded notebook with ``out/gradebook.db`` (which holds the override's cell points)
+    and the summary of ``res`` (overrides applied, see :func:`autograder.exports.build`). No student
+    code runs. Notes about cells outside every exercise are not kept in the store and are left out.
+
+    Returns the page; None when ``out`` has no autograded notebook of the student (graded with
+    ``--no-feedback``, or errored). Raises RuntimeError when nbgrader fails (the old page is kept)."""
+    src = out / "autograded" / res.student / spec.lesson_id
+    if not (src / spec.notebook_name).is_file() or not (out / "gradebook.db").is_file():
+        return None
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="feedback-", dir=work))
+    try:
+        req = {"op": "feedback", "lesson": spec.lesson_id, "student": res.student,
+               "submitted": str(out / "autograded"), "autograded": str(out / "autograded"), "feedback": str(tmp),
+               "release": str(template(spec) / "release"), "db": str(out / "gradebook.db"), "cell_timeout": 60,
+               "max_output_bytes": 0, "max_total_output_bytes": 0, "interrupt_grace": 0, "kernel_name": KERNEL_NAME,
+               "ipc": None, "env": {}, "summary": feedback_summary.summary(res, spec)}
+        worker = Worker([sys.executable, "-m", "autograder.nbgrader_worker"], tool_env(), tmp / "worker.log", ROOT)
+        try:
+            answer = worker.request(req, timeout=300, memory_bytes=4 * GB)
+        except WorkerDied as e:
+            answer = {"ok": False, "error": f"worker {e.reason}"}
+        finally:
+            worker.stop()
+        page_name = Path(spec.notebook_name).stem + ".html"
+        made = tmp / res.student / spec.lesson_id / page_name
+        if not answer.get("ok") or not made.is_file():
+            raise RuntimeError(f"nbgrader generate_feedback failed for {res.student}: "
+                               f"{clean_text(str(answer.get('error') or answer.get('log', ''))[-500:])}")
+        page = out / "feedback" / res.student / spec.lesson_id / page_name
+        page.parent.mkdir(parents=True, exist_ok=True)
+        _finish_page(made, page.parent)
+        os.replace(made, page)
+        return page
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---- merging (main thread only) ---------------------------------------------------------------------
 def publish(res: StudentResult, ctx: Context, out_db: Path, run: "results_store.Run | None" = None,
             sub: Submission | None = None) -> None:
@@ -688,6 +733,8 @@ def _cgroups(opts: Options, run_dir: Path, warnings: list[str]) -> cgroups.RunGr
         policy = cgroups.policy_for(int(opts.memory_gb * GB), limits.tmp_bytes, limits.processes, cgroups.cpus(),
                                     opts.jobs)
         try:
+            for d in h.sweep_stale():
+                print(f"isolation: removed the stale cgroup {d} of a grader that died", file=sys.stderr)
             run = h.run_group(run_dir.name, policy)
         except OSError as e:
             h = cgroups.Hierarchy("none", reason=f"cannot create the run's cgroup: {e}")
@@ -811,6 +858,14 @@ def grade(submissions: Path, opts: Options) -> RunResult:
         rec.finish(seconds=round(time.monotonic() - t0, 2), graded=len(results), skipped=len(skipped))
         run = export_all(store, opts.out, spec.lesson_id)   # every results file, from the whole store
         run.batch, run.skipped = sorted([r.student for r in results] + skipped), skipped
+        if opts.feedback:   # a re-graded student's override survived: their page shows it too
+            graded_now = {r.student for r in results}
+            for s in run.students:
+                if s.student in graded_now and s.overrides:
+                    try:
+                        refresh_feedback(opts.out, spec, s, run_dir)
+                    except RuntimeError as e:
+                        print(f"warning: {e}", file=sys.stderr)
         return run
     finally:
         if ex is not None:

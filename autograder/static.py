@@ -49,7 +49,8 @@ import re
 import sys
 import time
 
-from .notebook import HIDDEN_BEGIN, HIDDEN_END, SOLUTION_BEGIN, SOLUTION_END, LessonSpec, grade_id, norm_source
+from .notebook import (HIDDEN_BEGIN, HIDDEN_END, SOLUTION_BEGIN, SOLUTION_END, LessonSpec, cell_label, grade_id,
+                       norm_source)
 from .results import Finding
 
 MODULE_ROOTS = {"np", "numpy", "torch", "rb", "residual_bandwidth", "builtins", "__builtins__", "sklearn", "math",
@@ -461,7 +462,7 @@ def scan_notebook(nb, spec: LessonSpec, sandboxed: bool = True) -> list[Finding]
             continue
         if not gid and (released_by_id.get(cell.get("id")) == src or src in released_sources):
             continue
-        where = f"cell {i} ({gid})" if gid else f"cell {i} (id {cell.get('id', '?')})"
+        where = cell_label(cell, i)
         if time.monotonic() > deadline:
             out.append(Finding("static", "unanalysable", where, f"the analysis ran past its {DEADLINE_S:g} s "
                                "deadline; this and the following cells were not analysed; review them by hand"))
@@ -483,14 +484,14 @@ def unparsed_cells_that_ran(graded_nb) -> list[Finding]:
         if cell.cell_type != "code" or cell.get("execution_count") is None or not cell.source.strip():
             continue
         if time.monotonic() > deadline:
-            out.append(Finding("static", "unanalysable", f"cell {i}", f"checking which cells ran ran past its "
+            out.append(Finding("static", "unanalysable", cell_label(cell, i), f"checking which cells ran ran past its "
                                f"{DEADLINE_S:g} s deadline; review the rest by hand"))
             break
         errors = {o.get("ename") for o in cell.get("outputs", []) if o.get("output_type") == "error"}
         if errors & {"SyntaxError", "IndentationError", "TabError"} or len(cell.source) > MAX_CELL_CHARS:
             continue
         if not parses(cell.source):
-            out.append(Finding("static", "unparsed-cell-ran", f"cell {i} (id {cell.get('id', '?')})",
+            out.append(Finding("static", "unparsed-cell-ran", cell_label(cell, i),
                                "the kernel ran this cell, but it is not valid (IPython) Python: a transformer "
                                "or hook changed how cells are read"))
     return out

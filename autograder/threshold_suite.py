@@ -357,6 +357,22 @@ def with_failing(nb, spec: LessonSpec, failing: set[str]) -> nbformat.NotebookNo
     return nb
 
 
+def answered(spec: LessonSpec, answers: dict[str, str | None]) -> nbformat.NotebookNode:
+    """The released notebook with each item's answer cell set to ``answers[item]``: code, or ``None``
+    for the released stub; an item not in ``answers`` gets the source solution."""
+    nb = copy.deepcopy(spec.release)
+    src = {grade_id(c): c for c in spec.source.cells if grade_id(c)}
+    for cell in nb.cells:
+        gid = grade_id(cell)
+        if gid in spec.answer_cells:
+            item = spec.answer_cells[gid].item
+            if item not in answers:
+                cell.source = strip_solution_markers(src[gid].source)
+            elif answers[item] is not None:
+                cell.source = answers[item]
+    return nb
+
+
 def insert_after_setup(nb, spec: LessonSpec, source: str, cid: str) -> nbformat.NotebookNode:
     """Add a code cell right after the last locked helper cell (before any answer)."""
     nb = copy.deepcopy(nb)

@@ -35,7 +35,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, write_json  # noqa: E402
 from autograder.notebook import load_spec  # noqa: E402
 from autograder.threshold_suite import threshold_choices, with_failing, solved  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         target = w1 / args.n
         print(f"target <= 20 s per submission (fast, serial): {'met' if target <= 20 else 'NOT met'} ({target:.1f} s)")
         result["load_average_after"] = list(os.getloadavg())
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
-            print(f"wrote {args.json}")
+        write_json(args.json, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -42,7 +42,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, write_json  # noqa: E402
 from autograder.notebook import load_spec  # noqa: E402
 from autograder.threshold_suite import solved, threshold_choices, with_failing  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
@@ -177,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"CPU per typical submission {typ:.1f} s (target <= 5 s: {'met' if typ <= 5 else 'NOT met'})")
         result["load_average_after"] = load()
         print(f"load average after: {load()}")
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2))
-            print(f"wrote {args.json}")
+        write_json(args.json, result)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -8,13 +8,13 @@ flagged, so a point won by an attack or lost by an honest student fails the test
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 
 from autograder.notebook import grade_id, load_spec, strip_solution_markers
+from autograder.threshold_suite import answered, insert_after_setup
 from fair_grading_answers import ANSWERS
 from residual_bandwidth.course import DEFAULT_LESSON
 
@@ -43,18 +43,9 @@ def submission(answers: dict, before_answers: str = "", last: str = "") -> nbfor
     """The released notebook; each item's answer is ``answers[item]`` (code, or STUB), the source
     solution when the item is absent. ``before_answers``: an added cell right after the set-up;
     ``last``: an added cell at the end."""
-    nb = copy.deepcopy(SPEC.release)
-    for cell in nb.cells:
-        gid = grade_id(cell)
-        if gid in SPEC.answer_cells:
-            item = SPEC.answer_cells[gid].item
-            if item not in answers:
-                cell.source = SOURCE[gid]
-            elif answers[item] is not STUB:
-                cell.source = answers[item]
+    nb = answered(SPEC, answers)
     if before_answers:
-        idx = max(i for i, c in enumerate(nb.cells) if grade_id(c) in SPEC.locked_cells)
-        nb.cells.insert(idx + 1, _cell(before_answers, "hostile-before"))
+        nb = insert_after_setup(nb, SPEC, before_answers, "hostile-before")
     if last:
         nb.cells.append(_cell(last, "hostile-last"))
     return nb
@@ -152,6 +143,14 @@ def _clear(result):
 getattr(_ip, "eve" + "nts").register("post_" + "run_cell", _clear)
 '''
 
+# the visible tests' own module: its assertion helper made a no-op, by a name the static scan does not see
+PATCH_CHECKS = '''
+import importlib
+_m = importlib.import_module("residual_bandwidth.course." + "che" + "cks")
+setattr(_m, "che" + "ck", lambda *a, **k: None)
+setattr(_m, "clo" + "se", lambda *a, **k: True)
+'''
+
 # forge the re-check's verdict channel: a setup_error line (with terminal escapes) into every pipe
 # this process can write, before and after a flagged builtins patch
 FORGE = r'''
@@ -220,6 +219,8 @@ def build(folder: Path) -> dict[str, Case]:
         Case(0.0, True, ["patch-module"], kernel_points=True),
         submission({**stubs, "summative_q1": WRONG_Q1, "summative_q3": WRONG_Q3}, before_answers=HIDDEN_BEHIND_SHELL))
     cases["attack_kernel_hooks"] = (Case(0.0, None, kernel_points=True), submission(stubs, before_answers=KERNEL_HOOKS))
+    cases["attack_patch_checks"] = (Case(0.0, None, kernel_points=True), submission(
+        {**stubs, "summative_q1": WRONG_Q1, "summative_q3": WRONG_Q3}, before_answers=PATCH_CHECKS))
     cases["attack_forged_verdicts"] = (Case(0.0, True, ["patch-module"]), submission(stubs, before_answers=FORGE))
     cases["attack_truncate_tripwire"] = (Case(0.0, True, ["blocked-access"]), submission(stubs, last=TRUNCATE))
     for name, (case, nb) in cases.items():

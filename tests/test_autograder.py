@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from autograder.notebook import load_spec  # noqa: E402
 from autograder.sandbox import UID_RANGE  # noqa: E402
 from autograder.threshold_suite import ATTACKS, WRITE_TARGETS, generate  # noqa: E402
+from processes import left_over  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)
@@ -77,16 +78,8 @@ def tree_hash(paths) -> str:
 
 def sandbox_processes(work: Path | None = None) -> list[str]:
     """Processes left by sandboxes (their uids) or by this run's work folder."""
-    left = []
-    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
-        try:
-            uid = p.info["uids"].real if p.info["uids"] else -1
-            cmd = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if UID_RANGE[0] <= uid < UID_RANGE[1] or (work and str(work) in cmd) or "ATTACK-SETSID" in cmd:
-            left.append(f"{p.info['pid']} uid {uid}: {cmd[:150]}")
-    return left
+    return left_over(lambda uid, cmd: UID_RANGE[0] <= uid < UID_RANGE[1] or bool(work and str(work) in cmd)
+                     or "ATTACK-SETSID" in cmd)
 
 
 @pytest.fixture(scope="module")

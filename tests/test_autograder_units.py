@@ -480,3 +480,23 @@ def test_sandbox_off_says_what_is_not_guaranteed(tmp_path):
                        timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "WITHOUT the operating-system sandbox" in r.stderr and "setsid" in r.stderr
+
+
+def test_re_check_notes_name_the_students_own_cell_number(tmp_path):
+    """The student counts cells from 1 in the notebook they handed in; a deleted and put-back cell, or a
+    demo cell dropped in fast mode, must not shift the number the re-check's notes give."""
+    from autograder.discover import Submission
+    from autograder.pipeline import read_and_prepare   # the real preparation (repair, fast mode, labels)
+    nb = solved(SPEC)
+    added = nbformat.v4.new_code_cell("x_mine = 1")
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell("my notes"))
+    nb.cells.insert(1, added)
+    path = tmp_path / "lesson.ipynb"
+    nbformat.write(nb, str(path))
+    ctx = type("Ctx", (), {"spec": SPEC, "opts": type("O", (), {"max_notebook_mb": 50, "mode": "fast"})()})()
+    _, prepared = read_and_prepare(Submission("s", "s", path), ctx)
+    labels = [label for kind, label, _ in recheck.steps_of(prepared, SPEC) if kind == "cell"]
+    assert f"cell 2 (id {added.id})" in labels, labels
+    answer_gid = next(iter(SPEC.answer_cells))
+    own = next(i for i, c in enumerate(nb.cells, 1) if grade_id(c) == answer_gid)
+    assert f"cell {own} ({answer_gid})" in labels, labels

@@ -16,7 +16,6 @@ leaked from one item into another would show — and graded twice with
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -35,7 +34,7 @@ from autograder import offering  # noqa: E402
 from autograder.notebook import grade_id, load_spec, strip_solution_markers  # noqa: E402
 from autograder.probes import MEDIANS, crowded_reference  # noqa: E402
 from autograder.recheck import ProbeSet  # noqa: E402
-from autograder.threshold_suite import CORRUPT, solved  # noqa: E402
+from autograder.threshold_suite import CORRUPT, answered, solved  # noqa: E402
 from fair_grading_answers import ANSWERS  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
@@ -48,16 +47,7 @@ STUB = None   # the released stub (raise NotImplementedError)
 
 def submission(answers: dict) -> nbformat.NotebookNode:
     """The released notebook with each item's answer cell set: code, STUB, or (absent) the solution."""
-    nb = copy.deepcopy(SPEC.release)
-    for cell in nb.cells:
-        gid = grade_id(cell)
-        if gid in SPEC.answer_cells:
-            item = SPEC.answer_cells[gid].item
-            if item not in answers:
-                cell.source = SOURCE[gid]
-            elif answers[item] is not STUB:
-                cell.source = answers[item]
-    return nb
+    return answered(SPEC, answers)
 
 
 BY_ITEM: dict[str, list] = {}

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from autograder import cgroups, sandbox, seccomp  # noqa: E402
 from autograder.notebook import HIDDEN_BEGIN, HIDDEN_END, load_spec  # noqa: E402
 from autograder.threshold_suite import insert_after_setup, solved  # noqa: E402
+from processes import left_over  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)
@@ -235,6 +236,28 @@ def test_a_failed_cgroup_entry_runs_nothing(tmp_path):
 
 
 # ---- the feedback page's cleaner -----------------------------------------------------------------------
+def test_sweep_removes_only_empty_old_groups_of_dead_graders(tmp_path):
+    dead = 4_000_000                                   # above any pid_max: no such process
+    def group(name, age_s, procs=""):
+        d = tmp_path / "cpu" / name
+        (d / "s-x" / "kernel").mkdir(parents=True)
+        if procs:                                      # cgroupfs files vanish with their folder; plain ones do not
+            (d / "s-x" / "kernel" / "cgroup.procs").write_text(procs)
+        for p in (d / "s-x" / "kernel", d / "s-x", d):
+            os.utime(p, (time.time() - age_s,) * 2)
+        return d
+    stale = group(f"autograder-20260101-000000-{dead}-abcdef", 3600)
+    stale_dask = group(f"autograder-dask-20260101-000000-{dead}-abcdef", 3600)
+    alive = group(f"autograder-20260101-000000-{os.getpid()}-abcdef", 3600)
+    young = group(f"autograder-20260101-000000-{dead}-fedcba", 5)
+    busy = group(f"autograder-20260101-000000-{dead}-123456", 3600, procs=f"{os.getpid()}\n")
+    other = group("autograder-notours", 3600)
+    h = cgroups.Hierarchy("v1", {"cpu": tmp_path / "cpu"})
+    assert sorted(h.sweep_stale()) == sorted([stale, stale_dask])
+    assert not stale.exists() and not stale_dask.exists()
+    assert alive.exists() and young.exists() and busy.exists() and other.exists()
+
+
 def test_the_cleaner_strips_script_and_handlers_and_keeps_lesson_markup():
     from autograder.nbgrader_worker import SanitizeOutputs, sanitizer
     dirty = ("<h2 id='n'>notes</h2><script>document.title = 1</script><img src='x' onerror='alert(1)' alt='a'>"
@@ -321,18 +344,14 @@ def _write(subs: Path, name: str, nb) -> None:
     nbformat.write(nb, str(d / SPEC.notebook_name))
 
 
+def run_groups() -> set[Path]:
+    return {p for p in Path("/sys/fs/cgroup").glob("**/autograder-*") if p.is_dir()} if HIERARCHY.usable else set()
+
+
 def attacker_processes() -> list[str]:
-    left = []
-    for p in psutil.process_iter(["pid", "uids", "cmdline"]):
-        try:
-            uid = p.info["uids"].real if p.info["uids"] else -1
-            cmd = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        # sandboxes of this checkout (other checkouts on the machine may be grading too) and the hog's loops
-        if (sandbox.UID_RANGE[0] <= uid < sandbox.UID_RANGE[1] and str(ROOT) in cmd) or "ATTACK-CPU" in cmd:
-            left.append(f"{p.info['pid']} uid {uid}: {cmd[:120]}")
-    return left
+    # sandboxes of this checkout (other checkouts on the machine may be grading too) and the hog's loops
+    return left_over(lambda uid, cmd: (sandbox.UID_RANGE[0] <= uid < sandbox.UID_RANGE[1] and str(ROOT) in cmd)
+                     or "ATTACK-CPU" in cmd)
 
 
 def grade_batch(subs: Path, out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, int]:
@@ -366,6 +385,7 @@ def batch(tmp_path_factory):
         pytest.skip("bubblewrap does not work here")
     base = tmp_path_factory.mktemp("hostile")
     subs, out = base / "subs", base / "out"
+    groups_before = run_groups()
     honest = solved(SPEC)
     _write(subs, "a_cpu_hog", cpu_hog(honest))
     _write(subs, "b_honest", honest)
@@ -387,7 +407,7 @@ def batch(tmp_path_factory):
     res = json.loads((out / "results.json").read_text())
     time.sleep(0.5)
     return dict(base=base, out=out, r=r, peak=peak, by={s["student"]: s for s in res["students"]}, res=res,
-                left=attacker_processes())
+                left=attacker_processes(), groups_left=sorted(run_groups() - groups_before))
 
 
 def test_the_run_says_what_isolation_was_applied(batch):
@@ -411,8 +431,7 @@ def test_cpu_starvation_leaves_the_honest_grade_exact(batch):
 
 def test_nothing_of_the_attacker_survives(batch):
     assert not batch["left"], batch["left"]
-    left = [p for p in Path("/sys/fs/cgroup").glob("**/autograder-*") if p.is_dir()] if HIERARCHY.usable else []
-    assert not left, left
+    assert not batch["groups_left"], batch["groups_left"]   # this batch's groups (other graders may hold theirs)
 
 
 @pytest.mark.parametrize("name", ["c_flood_updates", "d_flood_shared_id"])

@@ -31,6 +31,7 @@ from autograder.recheck import clean_text  # noqa: E402
 from autograder.recheck_runner import make_plain  # noqa: E402
 from autograder.static import _strings, scan_source, unparsed_cells_that_ran  # noqa: E402
 from hostile_trust_cases import HIDDEN_BEHIND_SHELL, SPEC, build  # noqa: E402
+from test_autograder import grade_cli, load  # noqa: E402
 
 INF, NAN = float("inf"), float("nan")
 
@@ -114,7 +115,7 @@ def test_a_cell_that_ran_without_parsing_is_evidence():
     magic.execution_count = 5
     nb.cells = [ran, failed, magic]
     found = unparsed_cells_that_ran(nb)
-    assert [f.where for f in found] == [f"cell 0 (id {ran.id})"] and found[0].flag
+    assert [f.where for f in found] == [f"cell 1 (id {ran.id})"] and found[0].flag
 
 
 # ---- item 10: the guard matches resolved whole paths, never words ------------------------------------------
@@ -188,7 +189,6 @@ def test_forged_records_change_no_verdict():
 # ---- the batch: attacks and honest controls through the real pipeline ---------------------------------------
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
-    from test_autograder import grade_cli, load
     base = tmp_path_factory.mktemp("hostile")
     subs, out, work = base / "subs", base / "out", base / "work"
     cases = build(subs)
@@ -196,9 +196,13 @@ def batch(tmp_path_factory):
     r = grade_cli(subs, out, "--jobs", "2", "--cell-timeout", "60", "--timeout", "400", work=work)
     seconds = time.monotonic() - t
     assert (out / "results.json").exists(), r.stdout + r.stderr
+    # the same class graded a second time, from scratch (its own store and work folder)
+    again = grade_cli(subs, base / "out2", "--jobs", "2", "--cell-timeout", "60", "--timeout", "400",
+                      work=base / "work2")
+    assert (base / "out2" / "results.json").exists(), again.stdout + again.stderr
     time.sleep(1)
-    return SimpleNamespace(cases=cases, res=load(out), out=out, rc=r.returncode, stderr=r.stderr, seconds=seconds,
-                           left=_left_running(base))
+    return SimpleNamespace(cases=cases, res=load(out), out=out, out2=base / "out2", rc=r.returncode, stderr=r.stderr,
+                           seconds=seconds, left=_left_running(base))
 
 
 def _left_running(base: Path) -> list[str]:
@@ -234,7 +238,7 @@ def test_honest_grades_are_exact_and_never_flagged(batch, name):
 
 
 @pytest.mark.parametrize("name", ["attack_inf_checkpoints", "attack_inf_q1_q3_plus_honest",
-                                  "attack_builtins_behind_shell_line", "attack_kernel_hooks",
+                                  "attack_builtins_behind_shell_line", "attack_kernel_hooks", "attack_patch_checks",
                                   "attack_forged_verdicts", "attack_truncate_tripwire"])
 def test_no_attack_keeps_a_point(batch, name):
     s, case = batch.res["by"][name], batch.cases[name]
@@ -276,6 +280,16 @@ def test_no_raw_control_characters_reach_the_results(batch):
                 yield from strings(v)
     bad = [s for s in strings(data) if any(unicodedata.category(ch) == "Cc" and ch not in "\n\t" for ch in s)]
     assert not bad, bad[:3]
+
+
+def test_graded_twice_the_exports_are_identical(batch):
+    """Every export is a view of the store without timestamps: two gradings of one class agree byte for byte."""
+    for name in ("results.csv", "items.csv", "objectives.csv"):
+        first, second = (batch.out / name).read_bytes(), (batch.out2 / name).read_bytes()
+        assert first == second, (name, first.decode()[:2000], second.decode()[:2000])
+    a, b = load(batch.out), load(batch.out2)
+    assert {k: (s["score"], s["status"]) for k, s in a["by"].items()} == \
+        {k: (s["score"], s["status"]) for k, s in b["by"].items()}
 
 
 def test_nothing_is_left_running(batch):

@@ -244,13 +244,22 @@ def test_moodle_grade_file_reads_back_as_an_lms_would(term):
 
 def test_every_graded_student_has_a_feedback_page_with_their_score(term):
     _, out, _, steps = term
-    for sid, s in steps["after_regrade"][1].items():   # pages are made when a student is graded
+    for sid, s in steps["final"][1].items():   # the store's grade: the override rewrote moodle-1009's page
         page = out / "feedback" / sid / LESSON / "lesson.html"
         assert page.exists(), sid
         text = page.read_text(encoding="utf-8")
         assert add_csp(text) == text and "script-src 'none'" in CSP, sid   # no script runs (feedback_html.CSP)
         if s["status"] != "errored":
             assert f"Your score: <strong>{s['score']:g} of" in text, sid
+
+
+def test_the_adjusted_grade_and_its_reason_are_on_the_students_page(term):
+    _, out, _, steps = term
+    assert "feedback page written again" in steps["override"].stdout, steps["override"].stdout
+    text = (out / "feedback" / "moodle-1009" / LESSON / "lesson.html").read_text(encoding="utf-8")
+    assert f"Your score: <strong>{FULL:g} of {FULL:g} points" in text
+    assert "Your instructor set this exercise to" in text and "debugging leftover" in text
+    assert text.count("Your instructor set this exercise") == 1   # only the adjusted exercise says so
 
 
 def test_class_report_and_exports_are_views_of_the_whole_store(term):

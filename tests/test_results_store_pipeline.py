@@ -25,6 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from autograder.discover import student_id  # noqa: E402
 from autograder.notebook import load_spec  # noqa: E402
 from autograder.threshold_suite import solved, with_failing  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
@@ -82,21 +83,23 @@ def test_late_batch_regrade_and_override_change_only_their_students(tmp_path):
     write(b1, "bob", set(HIDDEN[:3]))
     write(b1, "carol", corrupt=True)
     write(b1, "=dave", one_wrong)
+    dave = student_id("=dave")                            # sanitized + hash: "dave-<8 hex>"
+    assert dave.startswith("dave-") and dave != "dave"
     r = grade(b1, out)
     assert r.returncode == 2, r.stderr[-3000:]          # carol errored
     first = csv_lines(out)
     rs = rows(out)
-    assert sorted(rs) == ["alice", "bob", "carol", "dave"]
+    assert sorted(rs) == ["alice", "bob", "carol", dave]
     assert rs["alice"]["score"] == f"{TOTAL:g}" and rs["bob"]["score"] == f"{points(set(HIDDEN[:3])):g}"
     assert rs["carol"]["status"] == "errored" and rs["carol"]["score"] == ""
-    assert rs["dave"]["submitted_as"] == "'=dave"          # neutralised for spreadsheets
+    assert rs[dave]["submitted_as"] == "'=dave"          # neutralised for spreadsheets
     # batch 2: one late student
     b2 = tmp_path / "batch2"
     write(b2, "erin", one_wrong)
     r = grade(b2, out, "--late", "--no-feedback")
     assert r.returncode == 0, r.stderr[-3000:]
     second = csv_lines(out)
-    assert sorted(second) == ["alice", "bob", "carol", "dave", "erin"]
+    assert sorted(second) == ["alice", "bob", "carol", dave, "erin"]
     assert all(second[s] == first[s] for s in first), "a late batch changed other students' rows"
     assert rows(out)["erin"]["late"] == "yes" and rows(out)["erin"]["score"] == f"{points(one_wrong):g}"
     # batch 3: bob re-submits, better
@@ -111,13 +114,13 @@ def test_late_batch_regrade_and_override_change_only_their_students(tmp_path):
     # an override (logged, in every export and in gradebook.db), surviving a re-grade of dave
     item = SPEC.grade_cells[HIDDEN[0]].item
     full = SPEC.item_points(item)
-    r = subprocess.run([sys.executable, "-m", "autograder", "override", "dave", item, f"{full:g}", "--reason",
+    r = subprocess.run([sys.executable, "-m", "autograder", "override", dave, item, f"{full:g}", "--reason",
                         "hidden check too strict for this answer", "--by", "ta-1", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert rows(out)["dave"]["score"] == f"{TOTAL:g}" and gradebook_score(out, "dave") == pytest.approx(TOTAL)
+    assert rows(out)[dave]["score"] == f"{TOTAL:g}" and gradebook_score(out, dave) == pytest.approx(TOTAL)
     overridden = csv_lines(out)
-    assert all(overridden[s] == third[s] for s in third if s != "dave")
+    assert all(overridden[s] == third[s] for s in third if s != dave)
     b4 = tmp_path / "batch4"
     path = write(b4, "=dave", one_wrong)
     nb = nbformat.read(str(path), as_version=4)
@@ -125,12 +128,12 @@ def test_late_batch_regrade_and_override_change_only_their_students(tmp_path):
     nbformat.write(nb, str(path))
     r = grade(b4, out, "--no-feedback")
     assert r.returncode == 0, r.stderr[-3000:]
-    d = rows(out)["dave"]
+    d = rows(out)[dave]
     assert d["score"] == f"{TOTAL:g}" and d["overrides"] == f"{item}={full:g} by ta-1"
-    assert gradebook_score(out, "dave") == pytest.approx(TOTAL), "the override must survive in gradebook.db too"
+    assert gradebook_score(out, dave) == pytest.approx(TOTAL), "the override must survive in gradebook.db too"
     data = json.loads((out / "results.json").read_text())
     by = {s["student"]: s for s in data["students"]}
-    assert len(by["dave"]["history"]) == 2 and by["dave"]["overrides"][0]["reason"].startswith("hidden check")
+    assert len(by[dave]["history"]) == 2 and by[dave]["overrides"][0]["reason"].startswith("hidden check")
     assert [run["state"] for run in data["runs"]] == ["finished"] * 4
     # the same file again: not graded twice (resume), nothing changes
     before = (out / "results.csv").read_bytes()
