@@ -4,7 +4,7 @@ Each submission is autograded in its own copy of the run's template gradebook, s
 write the same sqlite file and nothing stale survives from an earlier attempt. The main process is
 the only writer of the merged ``<out>/gradebook.db``: a graded student's submission there is
 *replaced* (never updated in place), and an errored student's submission is *removed*, so a failed
-re-grade can never show the old score (DESIGN.md pitfall). The merged gradebook works with nbgrader's
+re-grade can never show the old score. The merged gradebook works with nbgrader's
 formgrader and ``nbgrader export`` (see autograder/README.md).
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ against real downloads (the references are given so the next reader can check th
   ``<sortable name>_[LATE_]<user id>_<submission id>_<original file name>``; the sortable name is
   lower case without spaces or punctuation (``chenwei``), ``LATE_`` marks a file submitted after the
   due date, and a student who uploaded the same file name twice gets ``-1``, ``-2`` … before the
-  extension (``lesson-1.ipynb``). Read in DESIGN.md's LMS note, in example downloads quoted by
+  extension (``lesson-1.ipynb``). Read in example downloads quoted by
   github.com/mikewesthad/canvas-unzipper (README) and github.com/TimHanneman/Canvas_submission_sort
   (README, ``sub_name.awk``: the late field and the ``-N`` suffix).
 * **Moodle** ("Download all submissions" of an Assignment). Since Moodle 3.1 one folder per student

@@ -135,7 +135,7 @@ def template(spec: LessonSpec) -> Path:
     """A gradebook + release folder for the lesson, made once per source-notebook version (cached).
 
     Made by the real ``nbgrader generate_assignment`` into a cache folder, never into ``lessons/``
-    (regenerating there deletes the released folder when grade cells changed, see DESIGN.md).
+    (regenerating there deletes the released folder when grade cells changed).
     """
     import nbgrader
     h = hashlib.sha256()
