@@ -111,7 +111,7 @@ bench: $(STAMP)
 
 # the threshold-logic suite's submissions, for a look by hand (tests/test_autograder.py grades them)
 threshold-suite: $(STAMP)
-	$(PY) -m autograder.threshold_suite $(OUT)/threshold-suite
+	$(PY) -m autograder.check.threshold_suite $(OUT)/threshold-suite
 
 # ---- lowest versions (issue 12): are pyproject.toml's lower bounds true? -------------------------
 # A separate venv with every direct dependency at the lowest version its range allows (uv's

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop (exit 1) instead of waiting when another run is using the --out folder")
     g.add_argument("--cgroups", choices=("auto", "require", "off"), default="auto",
                    help="per-submission cgroup with an equal CPU share, a CPU quota and memory/task limits "
-                        "(autograder/cgroups.py). auto (default): used when available, else a warning in the results; "
+                        "(autograder/isolate/cgroups.py). auto (default): used when available, else a warning in the results; "
                         "require: refuse to grade without; off: not used")
     g.add_argument("--executor", choices=("local", "dask"), default="local",
                    help="local (default): --jobs submissions at a time on this machine; dask: one task per "
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _summary(run) -> str:
-    from .textsafe import clean
+    from autograder.results.textsafe import clean
     batch = set(run.batch if run.batch is not None else [s.student for s in run.students])
     mine = [s for s in run.students if s.student in batch]
     c = {k: sum(1 for s in mine if s.status == k) for k in ("graded", "flagged", "errored")}
@@ -120,8 +120,8 @@ def _summary(run) -> str:
 
 
 def _export(args) -> int:
-    from .exports import export_all
-    from .store import StoreError, open_locked
+    from autograder.results.exports import export_all
+    from autograder.results.store import StoreError, open_locked
     if not (args.out / "grades.sqlite").exists():
         print(f"error: {args.out} has no results store (grades.sqlite): grade into it first", file=sys.stderr)
         return 1
@@ -136,9 +136,9 @@ def _export(args) -> int:
 
 
 def _override(args) -> int:
-    from .exports import export_all
-    from .store import StoreError, login_user, open_locked
-    from .textsafe import clean
+    from autograder.results.exports import export_all
+    from autograder.results.store import StoreError, login_user, open_locked
+    from autograder.results.textsafe import clean
     if not (args.out / "grades.sqlite").exists():
         print(f"error: {args.out} has no results store (grades.sqlite): grade into it first", file=sys.stderr)
         return 1
@@ -171,8 +171,8 @@ def _override(args) -> int:
                 if not n:
                     raise StoreError(f"{args.student} has no active override of {args.item}")
                 if db.exists():   # back to the computed per-cell scores (a refuted hidden cell stays 0)
-                    from . import gradebook
-                    from .scoring import is_hidden_part
+                    from autograder.results import gradebook
+                    from autograder.check.scoring import is_hidden_part
                     computed = {g: (0.0 if it.get("zeroed") and is_hidden_part(g) else p) for g, p in it["parts"].items()}
                     gradebook.set_item_points(db, lesson, args.student, list(it["parts"]), None, computed)
                 what = f"cleared the override of {args.item} for {args.student}"
@@ -181,19 +181,20 @@ def _override(args) -> int:
                     raise StoreError(f"{args.item} is worth 0 to {it['max_score']:g} points, not {args.points:g}")
                 store.add_override(lesson, args.student, args.item, args.points, reason, by)
                 if db.exists():   # formgrader and `nbgrader export` show it too
-                    from . import gradebook
+                    from autograder.results import gradebook
                     gradebook.set_item_points(db, lesson, args.student, list(it["parts"]), args.points)
                 what = (f"{args.student} {args.item}: {args.points:g}/{it['max_score']:g} "
                         f"(computed {it['score']:g}) by {by}: {reason}")
             run = export_all(store, args.out, lesson)
             page, problem = None, ""
-            try:   # the student's feedback page shows the store's grade too
-                from .notebook import load_spec
-                from .pipeline import WORK, refresh_feedback
-                res = next(s for s in run.students if s.student == args.student)
-                page = refresh_feedback(args.out, load_spec(lesson), res, WORK / "runs")
-            except (RuntimeError, OSError, FileNotFoundError) as e:
-                problem = str(e)
+            if (args.out / "autograded" / args.student / lesson).is_dir():   # graded with feedback
+                try:   # the student's feedback page shows the store's grade too
+                    from autograder.ingest.notebook import load_spec
+                    from autograder.pipeline import WORK, refresh_feedback
+                    res = next(s for s in run.students if s.student == args.student)
+                    page = refresh_feedback(args.out, load_spec(lesson), res, WORK / "runs")
+                except Exception as e:   # the override stands; say why the page was not written
+                    problem = f"{type(e).__name__}: {e}"
     except StoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -209,20 +210,20 @@ def _override(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, grade, print a summary; return the exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["formgrader"]:   # its own options (autograder/formgrader.py)
-        from .formgrader import main as formgrader
+    if argv[:1] == ["formgrader"]:   # its own options (autograder/results/formgrader.py)
+        from autograder.results.formgrader import main as formgrader
         return formgrader(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "export":
         return _export(args)
     if args.command == "override":
         return _override(args)
-    from .discover import InputError
-    from .executors import ExecutorUnavailable
-    from .notebook import SpecError
-    from .pipeline import Options, SandboxUnavailable, grade
-    from .sandbox import NOT_GUARANTEED
-    from .store import StoreError
+    from autograder.ingest.discover import InputError
+    from autograder.executors import ExecutorUnavailable
+    from autograder.ingest.notebook import SpecError
+    from autograder.pipeline import Options, SandboxUnavailable, grade
+    from autograder.isolate.sandbox import NOT_GUARANTEED
+    from autograder.results.store import StoreError
     from residual_bandwidth.course import DEFAULT_LESSON, LessonMetadataError
     if args.jobs < 1:
         print("error: --jobs must be at least 1", file=sys.stderr)
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.work_root = args.work_root.resolve()
     if not opts.sandbox:
         print(f"WARNING {NOT_GUARANTEED}", file=sys.stderr)
-    from .procs import limit_address_space   # the main process loads what workers wrote: bounded
+    from autograder.isolate.procs import limit_address_space   # the main process loads what workers wrote: bounded
     print(f"isolation: {limit_address_space(int((3 + 0.125 * opts.jobs) * 1024**3))}", file=sys.stderr)
     try:
         run = grade(args.submissions, opts)

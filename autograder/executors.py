@@ -19,10 +19,10 @@ result to ``on_result`` in the calling (main) thread, which is the only writer o
 
 Exactly once: Dask re-runs a task whose worker died (the scheduler's ``allowed-failures``; after that
 it raises ``KilledWorker``, and the student is ``errored`` with that reason). However often a task
-runs, the client publishes one result per student into the results store (``autograder/store.py``,
+runs, the client publishes one result per student into the results store (``autograder/results/store.py``,
 the single writer, one transaction per student), keyed by the notebook's SHA-256, the grader version
 and the run's settings, so that re-running an interrupted command grades only what is missing
-(:meth:`autograder.store.Run.resume`; an ``errored`` attempt, such as a killed worker's, is always
+(:meth:`autograder.results.store.Run.resume`; an ``errored`` attempt, such as a killed worker's, is always
 graded again).
 """
 from __future__ import annotations
@@ -44,8 +44,8 @@ from dataclasses import fields
 from pathlib import Path, PurePosixPath
 from typing import Callable, Protocol
 
-from .discover import Submission
-from .results import ERRORED, FLAGGED, GRADED, ItemResult, StudentResult, student_from_dict
+from autograder.ingest.discover import Submission
+from autograder.results.records import ERRORED, FLAGGED, GRADED, ItemResult, StudentResult, student_from_dict
 
 FORMAT = 1                       # version of the task/result payloads
 MAX_RESULT_BYTES = 200 * 10**6   # a result's files together (notebook + outputs + feedback)
@@ -84,7 +84,7 @@ def course_version() -> str:
     notebooks and metadata, nbgrader's configuration and version, the offering and Python's version.
     A worker whose value differs from the client's refuses to grade."""
     import nbgrader
-    from .pipeline import ROOT
+    from autograder.pipeline import ROOT
     h = hashlib.sha256()
     files = sorted((ROOT / "autograder").glob("*.py")) + [ROOT / "autograder" / "offering.toml", ROOT / "nbgrader_config.py"]
     files += sorted((ROOT / "solutions").glob("*/lesson.ipynb"))
@@ -149,14 +149,14 @@ class LocalExecutor:
         return f"local executor, {self.ctx.opts.jobs} at a time"
 
     def run(self, subs: list[Submission], on_result: OnResult, progress: Progress | None = None) -> None:
-        from .pipeline import grade_one
+        from autograder.pipeline import grade_one
         with ThreadPoolExecutor(max_workers=max(1, self.ctx.opts.jobs)) as ex:
             futures = {ex.submit(grade_one, s, self.ctx): s for s in subs}
             for fut in as_completed(futures):
                 on_result(fut.result(), futures[fut])
 
     def close(self) -> None:
-        from .pipeline import close_context
+        from autograder.pipeline import close_context
         close_context(self.ctx)
 
 
@@ -189,10 +189,10 @@ def worker_context(job: dict):
 
 
 def _build_context(job: dict):
-    from . import sandbox
-    from .notebook import load_spec
-    from .pipeline import WORK, Options, SandboxUnavailable, close_context, open_context, template
-    from .recheck import ProbeSet
+    from autograder.isolate import sandbox
+    from autograder.ingest.notebook import load_spec
+    from autograder.pipeline import WORK, Options, SandboxUnavailable, close_context, open_context, template
+    from autograder.check.recheck import ProbeSet
     me = _worker_name()
     mine = course_version()
     if mine != job["course_version"]:
@@ -230,7 +230,7 @@ def _build_context(job: dict):
 
 def grade_task(job: dict, task: dict) -> dict:
     """The Dask task: grade one submission on this worker; return the result and its files as bytes."""
-    from .pipeline import grade_one
+    from autograder.pipeline import grade_one
     me = _worker_name()
     try:
         ctx = worker_context(job)
@@ -337,7 +337,7 @@ def accept(payload, task: dict, spec, sdir: Path) -> StudentResult:
     for name, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(files[name])
-    from . import gradebook
+    from autograder.results import gradebook
     try:
         with gradebook.open_gradebook(sdir / "gradebook.db") as gb:
             stored = float(gb.find_submission(spec.lesson_id, task["student"]).score)
@@ -370,7 +370,7 @@ class DaskExecutor:
         self.job = {"options": options, "probe_seed": ctx.probes.seed if ctx.probes else None,
                     "course_version": course_version()}
         if self.job["probe_seed"] is None:
-            from .offering import probe_seed
+            from autograder.offering import probe_seed
             self.job["probe_seed"] = opts.probe_seed if opts.probe_seed is not None else probe_seed()
         # a worker process keeps one context per key: the same settings reuse it across runs
         same = {**self.job, "options": {k: v for k, v in options.items() if k not in ("out", "progress", "roster", "work_root")}}
@@ -410,7 +410,7 @@ class DaskExecutor:
 
     def run(self, subs: list[Submission], on_result: OnResult, progress: Progress | None = None) -> None:
         from distributed import as_completed as dask_completed
-        from .pipeline import grade_one
+        from autograder.pipeline import grade_one
         note = progress.note if progress else (lambda m: None)
         queue: deque = deque()
         for sub in subs:
@@ -495,7 +495,7 @@ class DaskExecutor:
 def make(opts, spec, run_dir: Path, tmpl: Path, probes, warnings: list[str] | None = None):
     """The executor ``opts.executor`` names, ready to run (raises ExecutorUnavailable / SandboxUnavailable);
     what the local context could not apply (e.g. no cgroups) is appended to ``warnings``."""
-    from .pipeline import Context, open_context
+    from autograder.pipeline import Context, open_context
     if opts.executor == "local":
         return LocalExecutor(open_context(spec, opts, run_dir, tmpl, probes, max(1, opts.jobs), warnings))
     if opts.executor == "dask":

@@ -7,7 +7,7 @@ each submission having its *own* course folders and gradebook, and from the grad
 whole worker (and its kernels) when a submission exceeds its wall-clock or memory limit — a fresh
 worker is started for the next one. The worker runs *outside* the sandbox and is the only writer
 of the submission's gradebook copy and executed notebook; the kernel it starts runs inside it
-(:mod:`autograder.kernel`, ZeroMQ over Unix sockets when the request carries an ``ipc`` folder), never
+(:mod:`autograder.isolate.kernel`, ZeroMQ over Unix sockets when the request carries an ``ipc`` folder), never
 sees the pipes (kernels are started with ``close_fds``) and cannot see the worker's files or process,
 so student code cannot forge an answer.
 
@@ -20,7 +20,7 @@ Requests (``op``):
   :class:`WithholdHiddenSource` and nbgrader's ``ClearHiddenTests`` so neither hidden test code nor
   its tracebacks reach students, and the page sanitized (:class:`SanitizeOutputs`,
   :class:`SafeHTMLExporter`): no script of the student's runs. With a ``summary``
-  (:mod:`autograder.feedback_summary`) the page is the course's template
+  (:mod:`autograder.results.feedback_summary`) the page is the course's template
   (``autograder/templates/rb_feedback``): score, pass line, objectives and exercises on top, cells
   named by exercise.
 
@@ -55,8 +55,8 @@ from nbclient.exceptions import DeadKernelError
 from nbclient.util import ensure_async
 from nbgrader.utils import capture_log
 
-from .notebook import HIDDEN_BEGIN, HIDDEN_END, OUTPUT_CAP_MARK
-from .scoring import is_hidden_part
+from autograder.ingest.notebook import HIDDEN_BEGIN, HIDDEN_END, OUTPUT_CAP_MARK
+from autograder.check.scoring import is_hidden_part
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -413,7 +413,7 @@ class SafeHTMLExporter(HTMLExporter):
 
 
 class AddSummary(NbGraderPreprocessor):
-    """Put the grader's summary (:mod:`autograder.feedback_summary`) into the template's resources."""
+    """Put the grader's summary (:mod:`autograder.results.feedback_summary`) into the template's resources."""
 
     summary = Dict(help="the feedback page's summary").tag(config=True)
 

@@ -7,30 +7,30 @@ nbgrader worker; ``--executor dask``, one task per submission on a Dask worker):
 
 1. :func:`read_and_prepare`: read and check the notebook (corrupt, empty, oversized → ``errored``);
    put back deleted nbgrader cells; in ``fast`` mode drop the source notebook's demo cells. Integrity
-   evidence about the submitted file (structure, static rules) comes from :mod:`autograder.integrity`;
+   evidence about the submitted file (structure, static rules) comes from :mod:`autograder.check.integrity`;
 2. :func:`make_folders`: the submission's own course folders and copy of the template gradebook;
-3. :func:`start_recheck`: the out-of-kernel re-check (:mod:`autograder.recheck`), in its own
+3. :func:`start_recheck`: the out-of-kernel re-check (:mod:`autograder.check.recheck`), in its own
    sandbox, in parallel with
 4. :func:`autograde`: the real ``nbgrader autograde`` by a worker outside the sandbox, with the
-   kernel inside it (:mod:`autograder.sandbox`, :mod:`autograder.kernel`), under per-cell and
+   kernel inside it (:mod:`autograder.isolate.sandbox`, :mod:`autograder.isolate.kernel`), under per-cell and
    per-submission limits; a cell that times out, ignores the interrupt or kills the kernel costs its
    exercise only (the worker restarts the kernel and goes on; every cell is labelled with the
    student's own cell number by :func:`label_cells`); afterwards nothing of the sandbox is left;
 5. :func:`read_grades`: the executed notebook and nbgrader's grades, checked against the lesson;
-6. :func:`score_items`: item scores by :mod:`autograder.scoring` (hidden points need the re-check's
+6. :func:`score_items`: item scores by :mod:`autograder.check.scoring` (hidden points need the re-check's
    pass; a failing check is a wrong answer, not a flag; a lost exercise scores 0 with a note naming
    it), and the failed property into the feedback;
 7. :func:`decide_status`: score and evidence → totals, pass, ``graded`` or ``flagged``;
 8. :func:`make_feedback`: ``nbgrader generate_feedback`` (hidden test code and tracebacks removed)
-   with the course's page (:mod:`autograder.feedback_summary`: pass line, objectives, exercises by
+   with the course's page (:mod:`autograder.results.feedback_summary`: pass line, objectives, exercises by
    title); a collected submission's ``timestamp.txt``/``submission_secret.txt`` go next to it.
 
 Then :func:`publish`, in the main thread of the grading command — the only writer of the results
 folder and the store, whichever executor graded (Dask workers send their files back as bytes) —
 replaces the student's entry in ``<out>/gradebook.db`` (with the student's manual overrides applied) and copies the
 autograded notebook and feedback, or removes them if the student errored, and last records the
-attempt in the results store (:mod:`autograder.store`, the commit point). After the run every results
-file is regenerated from the whole store (:mod:`autograder.exports`). Nothing in the results folder
+attempt in the results store (:mod:`autograder.results.store`, the commit point). After the run every results
+file is regenerated from the whole store (:mod:`autograder.results.exports`). Nothing in the results folder
 is written by a process that runs student code.
 """
 from __future__ import annotations
@@ -53,21 +53,23 @@ from pathlib import Path
 
 import nbformat
 
-from . import cgroups, feedback_summary, gradebook, sandbox, scoring
-from . import store as results_store
-from .exports import export_all
-from .offering import probe_seed as offering_probe_seed
-from .discover import Submission, discover, student_id
-from .feedback_html import add_csp, make_accessible
-from .guard import PipeReader, read_log
-from .integrity import runtime_findings, submission_findings
-from .static import unparsed_cells_that_ran
-from .kernel import KERNEL_NAME, write_kernelspec
-from .notebook import (LABEL, OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, grade_id, is_demo, load_spec,
+from autograder.isolate import cgroups, sandbox
+from autograder.results import feedback_summary, gradebook
+from autograder.check import scoring
+from autograder.results import store as results_store
+from autograder.results.exports import export_all
+from autograder.offering import probe_seed as offering_probe_seed
+from autograder.ingest.discover import Submission, discover, student_id
+from autograder.results.feedback_html import add_csp, make_accessible
+from autograder.isolate.guard import PipeReader, read_log
+from autograder.check.integrity import runtime_findings, submission_findings
+from autograder.check.static import unparsed_cells_that_ran
+from autograder.isolate.kernel import KERNEL_NAME, write_kernelspec
+from autograder.ingest.notebook import (LABEL, OUTPUT_CAP_MARK, LessonSpec, SubmissionError, drop_demo_cells, grade_id, is_demo, load_spec,
                        read_submission, repair)
-from .procs import Worker, WorkerDied, kill_tree, read_pidfile
-from .recheck import ProbeSet, RegradeNeeded, Running, clean_text, finish, start
-from .results import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult
+from autograder.isolate.procs import Worker, WorkerDied, kill_tree, read_pidfile
+from autograder.check.recheck import ProbeSet, RegradeNeeded, Running, clean_text, finish, start
+from autograder.results.records import ERRORED, FLAGGED, GRADED, Finding, ItemResult, RunResult, StudentResult
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -509,10 +511,10 @@ def read_grades(f: SubmissionFolders, ctx: Context) -> tuple[nbformat.NotebookNo
 # step 6
 def score_items(f: SubmissionFolders, spec: LessonSpec, grades: dict, verdicts: dict,
                 faults: list | None = None, cell_timeout: int = 0) -> tuple[list[ItemResult], list[Finding]]:
-    """Per-item scores by the one scoring rule (:func:`autograder.scoring.score_items`): the hidden
+    """Per-item scores by the one scoring rule (:func:`autograder.check.scoring.score_items`): the hidden
     points need the out-of-kernel check's pass; a failing check sets them to 0 in the submission's
     gradebook and names the failed property in its feedback; an exercise whose cell timed out or
-    lost the kernel scores 0 with a note (:func:`autograder.scoring.apply_faults`). Disagreements
+    lost the kernel scores 0 with a note (:func:`autograder.check.scoring.apply_faults`). Disagreements
     are notes, not flags."""
     items, zero, notes = scoring.score_items(spec, grades, verdicts)
     zero += scoring.apply_faults(items, spec, faults or [], cell_timeout)
@@ -536,7 +538,7 @@ def decide_status(res: StudentResult, spec: LessonSpec, findings: list[Finding])
 # step 8
 def make_feedback(f: SubmissionFolders, ctx: Context, res: StudentResult, summary: dict | None = None) -> None:
     """``nbgrader generate_feedback`` (hidden tests removed) with the course's page — ``summary``
-    (:func:`autograder.feedback_summary.summary`) on top, cells named by exercise — then the
+    (:func:`autograder.results.feedback_summary.summary`) on top, cells named by exercise — then the
     accessibility fixes."""
     worker = ctx.pool.take()
     try:
@@ -632,7 +634,7 @@ def refresh_feedback(out: Path, spec: LessonSpec, res: StudentResult, work: Path
     """Write ``res``'s feedback page again from the results folder ``out``, so that it shows what the
     store says now (a manual override, or one that survived a re-grade): ``nbgrader generate_feedback``
     on the kept autograded notebook with ``out/gradebook.db`` (which holds the override's cell points)
-    and the summary of ``res`` (overrides applied, see :func:`autograder.exports.build`). No student
+    and the summary of ``res`` (overrides applied, see :func:`autograder.results.exports.build`). No student
     code runs. Notes about cells outside every exercise are not kept in the store and are left out.
 
     Returns the page; None when ``out`` has no autograded notebook of the student (graded with
@@ -720,7 +722,7 @@ class SandboxUnavailable(RuntimeError):
 
 
 def _cgroups(opts: Options, run_dir: Path, warnings: list[str]) -> cgroups.RunGroup | None:
-    """The run's cgroup (:mod:`autograder.cgroups`); says on stderr what was applied. Unavailable:
+    """The run's cgroup (:mod:`autograder.isolate.cgroups`); says on stderr what was applied. Unavailable:
     a warning in the results (``--cgroups auto``) or :class:`SandboxUnavailable` (``require``)."""
     if opts.cgroups == "off" or not opts.sandbox:
         why = "--cgroups off" if opts.cgroups == "off" else "--sandbox off"
@@ -803,11 +805,11 @@ def grade(submissions: Path, opts: Options) -> RunResult:
     writer of the results folder and the store: it publishes each result as it arrives. A submission
     whose identical notebook the store already holds as graded with the same grader version, mode and
     probe seed (an interrupted run) is not graded again unless ``opts.regrade``
-    (:meth:`autograder.store.Run.resume`).
+    (:meth:`autograder.results.store.Run.resume`).
     """
     from contextlib import ExitStack
     import nbgrader
-    from . import executors
+    from autograder import executors
     t0 = time.monotonic()
     spec = load_spec(opts.lesson)
     opts.out = Path(opts.out).resolve()

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
-from autograder.notebook import load_spec  # noqa: E402
-from autograder.threshold_suite import threshold_choices, with_failing, solved  # noqa: E402
+from autograder.ingest.notebook import load_spec  # noqa: E402
+from autograder.check.threshold_suite import threshold_choices, with_failing, solved  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def run(subs: Path, out: Path, *extra: str) -> tuple[float, dict]:
 def sandbox_alone(repeat: int = 20) -> dict:
     """Median seconds of starting ``true`` and ``python -c pass`` in the sandbox and outside."""
     import statistics
-    from autograder import sandbox
+    from autograder.isolate import sandbox
     scratch = Path(tempfile.mkdtemp(prefix="bench-sandbox-"))
     out = {}
     try:

@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
-from autograder.notebook import load_spec  # noqa: E402
-from autograder.threshold_suite import solved, threshold_choices, with_failing  # noqa: E402
+from autograder.ingest.notebook import load_spec  # noqa: E402
+from autograder.check.threshold_suite import solved, threshold_choices, with_failing  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import nbformat
 
-from autograder.notebook import grade_id, load_spec, strip_solution_markers
-from autograder.threshold_suite import answered, insert_after_setup
+from autograder.ingest.notebook import grade_id, load_spec, strip_solution_markers
+from autograder.check.threshold_suite import answered, insert_after_setup
 from fair_grading_answers import ANSWERS
 from residual_bandwidth.course import DEFAULT_LESSON
 

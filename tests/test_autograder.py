@@ -7,7 +7,7 @@ no attack keeps a point, every honest result is intact, nothing is left running 
 the results folder changes. Two grader processes on halves of a batch into one results folder are
 serialized and give the same results.
 
-``autograder.threshold_suite`` builds submissions with known outcomes from the source notebook
+``autograder.check.threshold_suite`` builds submissions with known outcomes from the source notebook
 (all correct, exactly at the passing threshold, the largest score below it, untouched, crash,
 infinite loops, huge output, corrupt / missing / renamed notebooks, and one submission per
 cheating technique). They are graded once with ``python -m autograder grade --jobs 2`` (fast mode)
@@ -35,9 +35,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder.notebook import load_spec  # noqa: E402
-from autograder.sandbox import UID_RANGE  # noqa: E402
-from autograder.threshold_suite import ATTACKS, WRITE_TARGETS, generate  # noqa: E402
+from autograder.ingest.notebook import load_spec  # noqa: E402
+from autograder.isolate.sandbox import UID_RANGE  # noqa: E402
+from autograder.check.threshold_suite import ATTACKS, WRITE_TARGETS, generate  # noqa: E402
 from processes import left_over  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
@@ -194,14 +194,14 @@ def test_tampering_is_flagged_and_never_scores_what_the_recheck_refutes(suite, n
         hidden = {g: p for g, p in item["parts"].items() if g.endswith("__hidden")}
         visible = sum(p for g, p in item["parts"].items() if not g.endswith("__hidden"))
         if item["recheck"] in ("mismatch", "error") and any(p > 0 for p in hidden.values()):
-            # hidden points need the out-of-kernel check (autograder/scoring.py); visible points are the kernel's
+            # hidden points need the out-of-kernel check (autograder/check/scoring.py); visible points are the kernel's
             assert item["zeroed"] and item["score"] <= visible, item
 
 
 @pytest.mark.parametrize("name", ["tamper_check", "tamper_ipython", "tamper_always_equal"])
 def test_techniques_that_fool_the_kernel_are_caught_by_the_recheck(suite, name):
     s = student(suite, name)
-    # no hidden point survives a failing out-of-kernel check (autograder/scoring.py), whatever the kernel said
+    # no hidden point survives a failing out-of-kernel check (autograder/check/scoring.py), whatever the kernel said
     assert any(item["recheck"] in ("mismatch", "error") for item in s["items"]), s["items"]
     for item in s["items"]:
         if item["recheck"] in ("mismatch", "error"):   # (an answer the wrapper leaves correct passes)
@@ -231,7 +231,7 @@ def test_attacks_on_the_grader_keep_no_points(suite, name):
 def test_builtins_patched_through_an_alias_is_flagged_and_refuted(suite):
     s = student(suite, "attack_builtins_alias")
     assert s["status"] == "flagged" and "patch-module" in {e["rule"] for e in s["evidence"] if e["flag"]}, s["evidence"]
-    from autograder.scoring import is_hidden_part
+    from autograder.check.scoring import is_hidden_part
     for item in s["items"]:
         hidden = {g: p for g, p in item["parts"].items() if is_hidden_part(g)}
         visible = sum(p for g, p in item["parts"].items() if not is_hidden_part(g))
@@ -253,7 +253,7 @@ def test_the_batch_completes_with_every_honest_result_intact(suite):
     for name in ("all_correct", "at_threshold", "below_threshold", "untouched", "honest_mentions_solutions"):
         v, s = suite.variants[name], student(suite, name)
         assert s["status"] == v.status and s["score"] == pytest.approx(v.score), (name, s["status"], s["score"])
-    from autograder.gradebook import open_gradebook
+    from autograder.results.gradebook import open_gradebook
     with open_gradebook(suite.out / "gradebook.db") as gb:   # not zeroed by the setsid attack
         assert gb.find_submission(SPEC.lesson_id, "all_correct").score == pytest.approx(SPEC.total_points)
 
@@ -275,7 +275,7 @@ def test_nothing_outside_the_results_folder_changed(suite):
 
 # ---- outputs: merged gradebook and feedback ----------------------------------------------------------
 def test_merged_gradebook_matches_results_and_has_no_errored_students(suite):
-    from autograder.gradebook import open_gradebook
+    from autograder.results.gradebook import open_gradebook
     from nbgrader.api import MissingEntry
     with open_gradebook(suite.out / "gradebook.db") as gb:
         for name, s in suite.res["by"].items():
@@ -344,7 +344,7 @@ def test_failed_regrade_never_reports_the_old_score(suite, tmp_path):
     assert s["status"] == "errored" and s["score"] is None and s["pass"] is None
     assert [(h["status"], h["score"]) for h in s["history"]] == [("graded", SPEC.total_points), ("errored", None)]
     assert len(load(out)["by"]) == len(suite.variants)   # the rest of the class is kept
-    from autograder.gradebook import open_gradebook
+    from autograder.results.gradebook import open_gradebook
     from nbgrader.api import MissingEntry
     with open_gradebook(out / "gradebook.db") as gb:
         with pytest.raises(MissingEntry):
@@ -355,7 +355,7 @@ def test_failed_regrade_never_reports_the_old_score(suite, tmp_path):
 
 
 def test_wall_clock_limit_kills_the_kernel(tmp_path):
-    from autograder.threshold_suite import insert_after_setup, solved
+    from autograder.check.threshold_suite import insert_after_setup, solved
     nb = insert_after_setup(solved(SPEC), SPEC, "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
                                                 "while True:\n    pass", "loop")
     path = tmp_path / "subs" / "looper.ipynb"
@@ -420,7 +420,7 @@ def test_two_graders_at_once_on_one_results_folder_are_serialized_without_loss(s
     for name in TWO:
         assert {k: res["by"][name][k] for k in keys} == {k: student(suite, name)[k] for k in keys}, name
     assert [r["state"] for r in res["runs"]] == ["finished", "finished"]
-    from autograder.gradebook import open_gradebook
+    from autograder.results.gradebook import open_gradebook
     from nbgrader.api import MissingEntry
     with open_gradebook(out / "gradebook.db") as gb:
         for name in TWO:

@@ -27,9 +27,9 @@ distributed = pytest.importorskip("distributed")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from autograder import executors  # noqa: E402
-from autograder.notebook import load_spec  # noqa: E402
-from autograder.results import ERRORED, GRADED, ItemResult, StudentResult  # noqa: E402
-from autograder.threshold_suite import solved, threshold_choices, with_failing  # noqa: E402
+from autograder.ingest.notebook import load_spec  # noqa: E402
+from autograder.results.records import ERRORED, GRADED, ItemResult, StudentResult  # noqa: E402
+from autograder.check.threshold_suite import solved, threshold_choices, with_failing  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)
@@ -161,7 +161,7 @@ def test_dask_and_local_give_identical_results(cluster, tmp_path):
     for name in ("alice", "bob", "carol"):   # the files the workers sent back were published
         assert (tmp_path / "dask" / "autograded" / name / SPEC.lesson_id / SPEC.notebook_name).is_file()
         assert b["by"][name]["feedback"] and Path(b["by"][name]["feedback"]).is_file()
-    from autograder.gradebook import open_gradebook
+    from autograder.results.gradebook import open_gradebook
     with open_gradebook(tmp_path / "dask" / "gradebook.db") as gb:
         assert gb.find_submission(SPEC.lesson_id, "bob").score == pytest.approx(b["by"]["bob"]["score"])
     assert "Dask scheduler" in dask.stderr and "done 5 failed 2 remaining 0" in dask.stderr, dask.stderr[-2000:]
@@ -268,7 +268,8 @@ def test_workers_of_another_course_version_refuse_and_the_batch_completes(cluste
 
 
 def test_a_worker_without_a_working_sandbox_refuses(monkeypatch, tmp_path):
-    from autograder import pipeline, sandbox
+    from autograder import pipeline
+    from autograder.isolate import sandbox
     monkeypatch.setattr(sandbox, "probe", lambda scratch: (False, "bwrap (Debian package bubblewrap) is not installed"))
     opts = pipeline.Options(lesson=SPEC.lesson_id, out=tmp_path / "out")
     job = {"key": "test-no-bwrap", "course_version": executors.course_version(), "probe_seed": 7,

@@ -16,15 +16,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder import recheck  # noqa: E402
-from autograder.discover import InputError, discover, sanitize  # noqa: E402
-from autograder.integrity import structural_findings  # noqa: E402
-from autograder.notebook import (SubmissionError, drop_demo_cells, grade_id, load_spec, read_submission,  # noqa: E402
+from autograder.check import recheck  # noqa: E402
+from autograder.ingest.discover import InputError, discover, sanitize  # noqa: E402
+from autograder.check.integrity import structural_findings  # noqa: E402
+from autograder.ingest.notebook import (SubmissionError, drop_demo_cells, grade_id, load_spec, read_submission,  # noqa: E402
                                  repair, strip_solution_markers)
-from autograder.probes import PROBES, compare_fields  # noqa: E402
-from autograder.results import ERRORED, FLAGGED, GRADED, RunResult, StudentResult, write_results  # noqa: E402
-from autograder.static import scan_notebook, scan_source  # noqa: E402
-from autograder.threshold_suite import ALWAYS_EQUAL, CORRUPT, solved  # noqa: E402
+from autograder.check.probes import PROBES, compare_fields  # noqa: E402
+from autograder.results.records import ERRORED, FLAGGED, GRADED, RunResult, StudentResult, write_results  # noqa: E402
+from autograder.check.static import scan_notebook, scan_source  # noqa: E402
+from autograder.check.threshold_suite import ALWAYS_EQUAL, CORRUPT, solved  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON, item_of  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)
@@ -254,7 +254,7 @@ def test_guard_blocks_protected_paths_and_logs_them(tmp_path):
     script = textwrap.dedent(f"""
         import os, subprocess, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from autograder import guard
+        from autograder.isolate import guard
         guard.install([{str(secret)!r}, {str(tmp_path)!r}], [{str(allowed)!r}], {str(log)!r})
         results = []
         for attempt in (lambda: open({str(secret / 'answer.txt')!r}).read(),
@@ -272,7 +272,7 @@ def test_guard_blocks_protected_paths_and_logs_them(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert r.stdout.strip() == "blocked,blocked,blocked,blocked,blocked,ok", r.stdout + r.stderr
-    from autograder.guard import read_log
+    from autograder.isolate.guard import read_log
     assert sum(1 for e in read_log(log) if e["blocked"]) == 5
 
 
@@ -313,7 +313,7 @@ def test_recheck_passes_the_solution_and_catches_wrong_and_always_equal_answers(
 def test_plain_conversion_strips_always_equal_objects():
     import numpy as np
     import torch
-    from autograder.recheck_runner import make_plain
+    from autograder.check.recheck_runner import make_plain
     plain = make_plain(torch, np)
 
     class Eq(int):
@@ -351,7 +351,7 @@ def test_exit_codes_and_csv(tmp_path):
 
 
 # ---- the operating-system sandbox (bubblewrap) -----------------------------------------------------------
-from autograder import sandbox  # noqa: E402
+from autograder.isolate import sandbox  # noqa: E402
 
 needs_bwrap = pytest.mark.skipif(not sandbox.probe(Path("/tmp"))[0], reason="bubblewrap does not work here")
 
@@ -369,7 +369,8 @@ def test_sandbox_view_holds_only_what_the_code_needs(tmp_path):
         import json, os, socket
         import numpy, torch, residual_bandwidth
         out = {{"uid": os.getuid(), "cwd": os.getcwd(), "pid": os.getpid(), "ppid": os.getppid(),
-               "repo": sorted(os.listdir({str(ROOT)!r})), "package": sorted(os.listdir({str(ROOT / "autograder")!r})),
+               "repo": sorted(os.listdir({str(ROOT)!r})), "package": sorted(os.path.relpath(os.path.join(d, f), {str(ROOT / "autograder")!r})
+                                  for d, _, fs in os.walk({str(ROOT / "autograder")!r}) for f in fs),
                "solutions": os.path.exists({str(ROOT / "solutions")!r}), "git": os.path.exists({str(ROOT / ".git")!r}),
                "procs": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}}
         open("mine.txt", "w").write("ok")
@@ -485,7 +486,7 @@ def test_sandbox_off_says_what_is_not_guaranteed(tmp_path):
 def test_re_check_notes_name_the_students_own_cell_number(tmp_path):
     """The student counts cells from 1 in the notebook they handed in; a deleted and put-back cell, or a
     demo cell dropped in fast mode, must not shift the number the re-check's notes give."""
-    from autograder.discover import Submission
+    from autograder.ingest.discover import Submission
     from autograder.pipeline import read_and_prepare   # the real preparation (repair, fast mode, labels)
     nb = solved(SPEC)
     added = nbformat.v4.new_code_cell("x_mine = 1")

@@ -1,4 +1,4 @@
-"""The class report (autograder/class_report.py): numbers against independent references, the page
+"""The class report (autograder/results/class_report.py): numbers against independent references, the page
 an instructor reads (headings, tables, no script), CSV files a spreadsheet opens safely, and axe-core."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bs4 import BeautifulSoup
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder import class_report as cr  # noqa: E402
+from autograder.results import class_report as cr  # noqa: E402
 
 ITEMS = {"a": {"objective": "LO1", "max_score": 4.0}, "b": {"objective": "LO2", "max_score": 2.0}}
 TITLES = {"a": "Item A title", "b": "Item B title"}
@@ -108,8 +108,8 @@ def test_command_line(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(res))
     assert cr.main([str(tmp_path)]) == 0
     assert "Class report: tc-module-03-lesson-02-subspaces-bandwidth" in (tmp_path / "class_report.html").read_text()
-    from autograder.notebook import load_spec
-    from autograder.scoring import exercise_titles
+    from autograder.ingest.notebook import load_spec
+    from autograder.check.scoring import exercise_titles
     titles = cr.item_titles(res["lesson"])
     assert titles == exercise_titles(load_spec(res["lesson"])) and titles["checkpoint_1"].startswith("Checkpoint 1")
     assert cr.main([str(tmp_path / "nowhere")]) == 1

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from autograder import offering  # noqa: E402
-from autograder.notebook import grade_id, load_spec, strip_solution_markers  # noqa: E402
-from autograder.probes import MEDIANS, crowded_reference  # noqa: E402
-from autograder.recheck import ProbeSet  # noqa: E402
-from autograder.threshold_suite import CORRUPT, answered, solved  # noqa: E402
+from autograder.ingest.notebook import grade_id, load_spec, strip_solution_markers  # noqa: E402
+from autograder.check.probes import MEDIANS, crowded_reference  # noqa: E402
+from autograder.check.recheck import ProbeSet  # noqa: E402
+from autograder.check.threshold_suite import CORRUPT, answered, solved  # noqa: E402
 from fair_grading_answers import ANSWERS  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_probe_inputs_depend_only_on_the_offering_seed_and_the_item():
     assert all(np.array_equal(x, y) for x, y in zip(flat(a), flat(b)))
     assert not all(np.array_equal(x, y) for x, y in zip(flat(a), flat(c)))
     # an item's inputs do not move when another item is added or removed
-    from autograder.probes import PROBES
+    from autograder.check.probes import PROBES
     only = ProbeSet.build(SPEC, 11, {"summative_q1": PROBES["summative_q1"]})
     assert all(np.array_equal(x.args[0].array, y.args[0].array)
                for x, y in zip(only.cases["summative_q1"], a.cases["summative_q1"]))

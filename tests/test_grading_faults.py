@@ -22,9 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder.notebook import grade_id, load_spec  # noqa: E402
-from autograder.scoring import exercise_title  # noqa: E402
-from autograder.threshold_suite import solved  # noqa: E402
+from autograder.ingest.notebook import grade_id, load_spec  # noqa: E402
+from autograder.check.scoring import exercise_title  # noqa: E402
+from autograder.check.threshold_suite import solved  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)
@@ -135,8 +135,8 @@ def test_the_rest_of_a_lost_exercise_is_not_run(graded, name):
 
 def test_worker_fault_records_are_validated_and_named():
     """Unit: what the worker reports becomes notes on the right exercises (malformed records dropped)."""
-    from autograder.results import ItemResult
-    from autograder.scoring import apply_faults, fault_notes_outside_items, read_faults
+    from autograder.results.records import ItemResult
+    from autograder.check.scoring import apply_faults, fault_notes_outside_items, read_faults
     items = [ItemResult(i, SPEC.objective(i), 4.0, 4.0, {f"{i}__visible": 1.0, f"{i}__hidden": 3.0}) for i in SPEC.items]
     raw = [{"kind": "unresponsive", "cell": 42, "item": "checkpoint_2", "role": "test"},
            {"kind": "skipped", "cell": 43, "item": "checkpoint_2", "role": "test", "evalue": "rest of the exercise"},

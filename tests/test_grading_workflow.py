@@ -30,9 +30,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder.notebook import load_spec  # noqa: E402
-from autograder.scoring import exercise_titles  # noqa: E402
-from autograder.threshold_suite import CORRUPT, solved  # noqa: E402
+from autograder.ingest.notebook import load_spec  # noqa: E402
+from autograder.check.scoring import exercise_titles  # noqa: E402
+from autograder.check.threshold_suite import CORRUPT, solved  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)

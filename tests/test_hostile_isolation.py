@@ -3,7 +3,7 @@
 Crafted submissions next to an honest control in one batch (``--jobs 2``):
 
 * ``a_cpu_hog`` starts 60 ``setsid`` busy loops while ``b_honest`` is graded in parallel: the honest
-  one keeps its exact grade (per-submission cgroups, :mod:`autograder.cgroups`) and nothing of the
+  one keeps its exact grade (per-submission cgroups, :mod:`autograder.isolate.cgroups`) and nothing of the
   attacker survives;
 * ``c_flood_updates`` (a loop of ``display(..., display_id=True)`` + ``update`` with 1 MB payloads)
   and ``d_flood_shared_id`` (300 outputs sharing one display id, then 1 MB updates nbclient copies
@@ -12,7 +12,7 @@ Crafted submissions next to an honest control in one batch (``--jobs 2``):
   into its notebook and prints ``In`` after the hidden tests: its feedback page runs no script in
   headless Chromium, shows no hidden test line, and its autograded notebook is not trusted.
 
-Plus the sandbox's system-call filter and descriptor hygiene (:mod:`autograder.seccomp`).
+Plus the sandbox's system-call filter and descriptor hygiene (:mod:`autograder.isolate.seccomp`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder import cgroups, sandbox, seccomp  # noqa: E402
-from autograder.notebook import HIDDEN_BEGIN, HIDDEN_END, load_spec  # noqa: E402
-from autograder.threshold_suite import insert_after_setup, solved  # noqa: E402
+from autograder.isolate import cgroups, sandbox, seccomp  # noqa: E402
+from autograder.ingest.notebook import HIDDEN_BEGIN, HIDDEN_END, load_spec  # noqa: E402
+from autograder.check.threshold_suite import insert_after_setup, solved  # noqa: E402
 from processes import left_over  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 

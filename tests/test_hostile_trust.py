@@ -24,12 +24,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autograder import recheck  # noqa: E402
-from autograder.guard import PipeReader, make_hook  # noqa: E402
-from autograder.probes import arrays_close, compare_fields, is_close  # noqa: E402
-from autograder.recheck import clean_text  # noqa: E402
-from autograder.recheck_runner import make_plain  # noqa: E402
-from autograder.static import _strings, scan_source, unparsed_cells_that_ran  # noqa: E402
+from autograder.check import recheck  # noqa: E402
+from autograder.isolate.guard import PipeReader, make_hook  # noqa: E402
+from autograder.check.probes import arrays_close, compare_fields, is_close  # noqa: E402
+from autograder.check.recheck import clean_text  # noqa: E402
+from autograder.check.recheck_runner import make_plain  # noqa: E402
+from autograder.check.static import _strings, scan_source, unparsed_cells_that_ran  # noqa: E402
 from hostile_trust_cases import HIDDEN_BEHIND_SHELL, SPEC, build  # noqa: E402
 from test_autograder import grade_cli, load  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_guard_log_through_a_pipe_survives_truncation_attempts(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(ROOT)!r})
-        from autograder import guard
+        from autograder.isolate import guard
         guard.install([{str(tmp_path / 'secret')!r}], [{str(tmp_path)!r}], {w})
         try:
             open({str(tmp_path / 'secret' / 'x')!r})

@@ -1,6 +1,6 @@
 """Ingestion: LMS downloads (Canvas, Moodle, Blackboard), ids that never collide, and hostile inputs.
 
-Unit tests of ``autograder.discover`` on zips and folders built in ``tmp_path`` (fast), plus one run of
+Unit tests of ``autograder.ingest.discover`` on zips and folders built in ``tmp_path`` (fast), plus one run of
 the real grader on a tiny mixed LMS zip where only one notebook reaches a kernel.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder.discover import assign_ids, discover, safe_extract, student_id  # noqa: E402
-from autograder.notebook import SubmissionError, read_submission  # noqa: E402
+from autograder.ingest.discover import assign_ids, discover, safe_extract, student_id  # noqa: E402
+from autograder.ingest.notebook import SubmissionError, read_submission  # noqa: E402
 
 LID, NB = "tc-lesson", "lesson.ipynb"   # discovery only needs the two names
 
@@ -329,7 +329,7 @@ def test_corrupt_zip_entry_errors_only_that_student(tmp_path):
 
 
 def test_unreadable_zip_stops_the_run_with_its_reason(tmp_path):
-    from autograder.discover import InputError
+    from autograder.ingest.discover import InputError
     (tmp_path / "x.zip").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(InputError, match="not a readable zip"):
         safe_extract(tmp_path / "x.zip", tmp_path / "out")
@@ -352,7 +352,7 @@ def test_bad_notebook_files_reach_the_student_not_the_batch(tmp_path, content, m
 
 # ---- the real grader on a tiny mixed download -------------------------------------------------------
 def test_grader_runs_a_mixed_lms_zip_with_ids_from_lms_user_ids(tmp_path):
-    from autograder.notebook import load_spec
+    from autograder.ingest.notebook import load_spec
     from residual_bandwidth.course import DEFAULT_LESSON
     spec = load_spec(DEFAULT_LESSON)
     released = spec.release_path.read_text()

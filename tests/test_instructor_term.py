@@ -29,10 +29,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from autograder.notebook import grade_id, load_spec  # noqa: E402
-from autograder.feedback_html import CSP, add_csp  # noqa: E402
-from autograder.scoring import exercise_titles  # noqa: E402
-from autograder.threshold_suite import solved  # noqa: E402
+from autograder.ingest.notebook import grade_id, load_spec  # noqa: E402
+from autograder.results.feedback_html import CSP, add_csp  # noqa: E402
+from autograder.check.scoring import exercise_titles  # noqa: E402
+from autograder.check.threshold_suite import solved  # noqa: E402
 from fair_grading_answers import ANSWERS  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 from test_fair_grading import STUB, named, submission  # noqa: E402

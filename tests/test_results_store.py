@@ -22,10 +22,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder import store as st  # noqa: E402
-from autograder.exports import export_all  # noqa: E402
-from autograder.results import ERRORED, GRADED, ItemResult, StudentResult  # noqa: E402
-from autograder.textsafe import clean, csv_cell, json_safe  # noqa: E402
+from autograder.results import store as st  # noqa: E402
+from autograder.results.exports import export_all  # noqa: E402
+from autograder.results.records import ERRORED, GRADED, ItemResult, StudentResult  # noqa: E402
+from autograder.results.textsafe import clean, csv_cell, json_safe  # noqa: E402
 
 LESSON = "lesson-x"
 ITEMS = {"q1": ("LO1", 4.0), "q2": ("LO2", 4.0)}
@@ -270,7 +270,7 @@ def test_two_writers_on_one_folder_are_serialized_with_a_message(tmp_path):
 
 def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from autograder.store import locked\nwith locked(sys.argv[2]):\n"
+                               "from autograder.results.store import locked\nwith locked(sys.argv[2]):\n"
                                "    print('held', flush=True); time.sleep(300)", str(ROOT), str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -297,5 +297,5 @@ def test_folders_that_can_hold_student_data_are_git_ignored(path):
 
 
 def test_the_course_itself_is_not_ignored():
-    for path in ("autograder/store.py", "lessons/x/lesson.ipynb", "solutions/x/lesson.py", "tests/test_x.py"):
+    for path in ("autograder/results/store.py", "lessons/x/lesson.ipynb", "solutions/x/lesson.py", "tests/test_x.py"):
         assert subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT).returncode == 1, path

@@ -25,9 +25,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from autograder.discover import student_id  # noqa: E402
-from autograder.notebook import load_spec  # noqa: E402
-from autograder.threshold_suite import solved, with_failing  # noqa: E402
+from autograder.ingest.discover import student_id  # noqa: E402
+from autograder.ingest.notebook import load_spec  # noqa: E402
+from autograder.check.threshold_suite import solved, with_failing  # noqa: E402
 from residual_bandwidth.course import DEFAULT_LESSON  # noqa: E402
 
 SPEC = load_spec(DEFAULT_LESSON)
@@ -69,7 +69,7 @@ def rows(out: Path) -> dict[str, dict]:
 
 
 def gradebook_score(out: Path, student: str) -> float:
-    from autograder.gradebook import open_gradebook
+    from autograder.results.gradebook import open_gradebook
     with open_gradebook(out / "gradebook.db") as gb:
         return float(gb.find_submission(SPEC.lesson_id, student).score)
 

@@ -1,14 +1,14 @@
-"""Out-of-kernel re-check: grader side (inputs, references, verdicts). See :mod:`autograder.probes`.
+"""Out-of-kernel re-check: grader side (inputs, references, verdicts). See :mod:`autograder.check.probes`.
 
 :class:`ProbeSet` draws every probe's cases once per grading run (from the run's probe seed) and
-computes the references once. :func:`start` launches :mod:`autograder.recheck_runner` for one
-submission, inside the operating-system sandbox (:mod:`autograder.sandbox`) unless the run is
+computes the references once. :func:`start` launches :mod:`autograder.check.recheck_runner` for one
+submission, inside the operating-system sandbox (:mod:`autograder.isolate.sandbox`) unless the run is
 ``--sandbox off``; its only writable folder holds the request (and whatever the student's code writes).
 It runs, in the notebook's order, the student's answer and added cells **and the instructor's
 visible test cells** (so visible points too are decided outside the kernel: nothing done to the
 kernel's replies, tracebacks or hooks changes them), then the probes.
 
-**The channels back are pipes whose read ends stay in the grader** (:class:`~autograder.guard.PipeReader`):
+**The channels back are pipes whose read ends stay in the grader** (:class:`~autograder.isolate.guard.PipeReader`):
 one for the records (verdict lines), one for the guard's tripwire log. Nothing is read back from a
 file the student's code could write. The records are *hostile data*: the grader knows the exact
 sequence the runner writes (``seq`` 0: set-up, written before any student code exists; then one
@@ -23,7 +23,7 @@ text taken from a record is cleaned (:func:`clean_text`) before it reaches resul
 * ``error``     the answer is missing, raised, timed out, or the process died;
 * ``no-probe``  no probe is defined for the item (nbgrader alone grades it).
 
-The verdict awards the item's hidden-test points (:mod:`autograder.scoring`). A failing verdict
+The verdict awards the item's hidden-test points (:mod:`autograder.check.scoring`). A failing verdict
 names, for the student, the *property* its first failing case checks (``Verdict.prop``) and, for
 the instructor, the case and what differed (``Verdict.detail``).
 """
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import cgroups, sandbox
-from .guard import PipeReader
-from .notebook import LessonSpec, cell_label, grade_id, is_added
-from .probes import PROBES, Case, Probe, T
-from .procs import run_limited
+from autograder.isolate import cgroups, sandbox
+from autograder.isolate.guard import PipeReader
+from autograder.ingest.notebook import LessonSpec, cell_label, grade_id, is_added
+from autograder.check.probes import PROBES, Case, Probe, T
+from autograder.isolate.procs import run_limited
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -121,7 +121,7 @@ def steps_of(nb, spec: LessonSpec) -> list[tuple[str, str, str]]:
     """What the re-check runs, in the notebook's order: ``("cell", label, source)`` for the
     student's answer and added cells, ``("visible", grade_id, instructor source)`` for the visible
     test cells (the hidden-points cells only report in the notebook; their tests are the probes)."""
-    from .scoring import is_hidden_part
+    from autograder.check.scoring import is_hidden_part
     instructor = {grade_id(c): c.source for c in spec.source.cells if grade_id(c)}
     out = []
     for i, cell in enumerate(nb.cells):
@@ -178,7 +178,7 @@ def start(nb, spec: LessonSpec, probes: ProbeSet, workdir: Path, guard: dict, *,
     with open(scratch / "request.pkl", "wb") as f:
         pickle.dump(req, f)
     os.chmod(scratch / "request.pkl", 0o644)
-    argv = [sys.executable, "-m", "autograder.recheck_runner", f"{here}/request.pkl"]
+    argv = [sys.executable, "-m", "autograder.check.recheck_runner", f"{here}/request.pkl"]
     if sandboxed:
         box_ = sandbox.Box(scratch, INSIDE, sandbox.Limits(memory_bytes=memory_bytes, cpu_seconds=int(timeout) + 30))
         sandbox.prepare_scratch(box_)

@@ -2,7 +2,7 @@
 
 Input is ``results.json`` as the results store exports it (every student of the offering); output is
 one HTML page, ``class_report.html``, plus the same numbers as CSV (``class_report_items.csv``,
-``class_report_properties.csv``, ``class_report_objectives.csv``). ``python -m autograder.class_report
+``class_report_properties.csv``, ``class_report_objectives.csv``). ``python -m autograder.results.class_report
 OUT`` reads ``OUT/results.json`` and writes into ``OUT``.
 
 Notation. Students s = 1..N *with a score* (status ``graded`` or ``flagged``; ``errored`` students have
@@ -33,14 +33,14 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .textsafe import clean, csv_cell
+from autograder.results.textsafe import clean, csv_cell
 
 SCORED = ("graded", "flagged")
 MAX_EXAMPLES = 3
 
 
 def _text(value) -> str:
-    """Student-controlled text for the page or a CSV (the one rule: :func:`autograder.textsafe.clean`)."""
+    """Student-controlled text for the page or a CSV (the one rule: :func:`autograder.results.textsafe.clean`)."""
     return clean(value)
 
 
@@ -176,7 +176,7 @@ def build(results: dict, titles: dict[str, str] | None = None) -> ClassReport:
 # ---- files ----------------------------------------------------------------------------------------------
 def _csv_cell(v) -> str:
     """A CSV cell: numbers the report computed as numbers (a discrimination may be negative), every
-    text through :func:`autograder.textsafe.csv_cell` (no formula injection, no control characters)."""
+    text through :func:`autograder.results.textsafe.csv_cell` (no formula injection, no control characters)."""
     if isinstance(v, bool) or v is None or isinstance(v, str):
         return csv_cell(v)
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -320,11 +320,11 @@ def write(results: dict, out: Path, titles: dict[str, str] | None = None, figure
 
 def item_titles(lesson_id: str) -> dict[str, str]:
     """item -> exercise title as the student reads it in the notebook and the feedback page
-    (:func:`autograder.scoring.exercise_titles`); {} for a lesson this repository does not hold (the
+    (:func:`autograder.check.scoring.exercise_titles`); {} for a lesson this repository does not hold (the
     page then names items by id)."""
     from residual_bandwidth.course.lesson import LessonMetadataError
-    from .notebook import SpecError, load_spec
-    from .scoring import exercise_titles
+    from autograder.ingest.notebook import SpecError, load_spec
+    from autograder.check.scoring import exercise_titles
     try:
         return exercise_titles(load_spec(lesson_id))
     except (LessonMetadataError, SpecError):
@@ -334,7 +334,7 @@ def item_titles(lesson_id: str) -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m autograder.class_report RESULTS_FOLDER", file=sys.stderr)
+        print("usage: python -m autograder.results.class_report RESULTS_FOLDER", file=sys.stderr)
         return 1
     out = Path(args[0])
     src = out / "results.json"

@@ -1,6 +1,6 @@
 """CPU, memory and process-count isolation per submission with Linux control groups.
 
-The sandbox (:mod:`autograder.sandbox`) bounds what one process may do, but per-process limits do not
+The sandbox (:mod:`autograder.isolate.sandbox`) bounds what one process may do, but per-process limits do not
 bound one submission's *share of the machine*: 60 ``setsid`` busy loops are 60 scheduler entities
 (60 autogroups), and an honest student graded in parallel gets 1/61 of a core. A control group
 turns a whole submission into one entity. Each submission gets a group with two leaves::
@@ -29,7 +29,7 @@ Two layouts are supported, detected by :func:`detect`:
   ``cpu.cfs_period_us``, ``memory.limit_in_bytes``, ``pids.max``, one group per hierarchy.
 
 A process enters a leaf by writing its own pid to the leaf's ``cgroup.procs`` *before* it runs
-student code: the kernel launcher does it before it ``exec``\\ s bwrap (:mod:`autograder.kernel`),
+student code: the kernel launcher does it before it ``exec``\\ s bwrap (:mod:`autograder.isolate.kernel`),
 the re-check through :func:`enter` (a ``/bin/sh`` that writes ``$$`` and ``exec``\\ s). Every child
 is born in the same group; nothing inside the sandbox can leave it (``/sys`` is not mounted there
 and the code runs as an unprivileged uid).

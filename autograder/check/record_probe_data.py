@@ -1,6 +1,6 @@
 """Record the real-model inputs of the out-of-kernel probes (run once; the result is committed).
 
-``python -m autograder.record_probe_data`` loads the embedded model (SmolLM2-135M), runs one
+``python -m autograder.check.record_probe_data`` loads the embedded model (SmolLM2-135M), runs one
 paragraph through it and saves ``resid_post`` of blocks 3 and 6 (62 positions x 576, float16) to
 ``autograder/data/smollm2_resid_post.npz``. The probes use them as they are (no model at grading
 time, so grading stays fast): Checkpoint 2 must find the massive positions of a real layer, and
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).with_name("data") / "smollm2_resid_post.npz"
+DATA = Path(__file__).resolve().parents[1] / "data" / "smollm2_resid_post.npz"
 PROMPT = ("The residual stream is a shared channel: every attention head and every MLP reads from it and adds "
           "its output back, so the width of the stream limits how much the layers can say to each other. "
           "Some positions carry far more energy than the rest, and a few heads seem to erase what they read.")

@@ -6,7 +6,7 @@ formgrader and ``nbgrader export``). Every grading run *adds* to it; nothing is 
 * ``runs``      one row per grading run (lesson, grader version, mode, probe seed, options, state);
 * ``attempts``  one row per graded submission: the stable student id, the LMS identity (LMS, user
   id, display name, submission id, late), the submission's sha256, status, reason, score and the
-  whole :class:`~autograder.results.StudentResult` as JSON (``asdict``: items, evidence, notes…, so
+  whole :class:`~autograder.results.records.StudentResult` as JSON (``asdict``: items, evidence, notes…, so
   new result fields need no schema change), probe seed, grader version, time;
 * ``students``  (lesson, student) -> the latest attempt: what every export shows;
 * ``overrides`` manual adjustments (student, item, points, who, when, why); a dropped override is
@@ -43,7 +43,7 @@ from pathlib import Path
 
 STORE_NAME = "grades.sqlite"
 LOCK_NAME = ".grading.lock"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 MIGRATIONS: list[str] = [
     # version 1: runs, attempts, the latest attempt per student
@@ -307,9 +307,9 @@ class Store:
         with ``drop_overrides`` (the reason) the student's active overrides are marked dropped in the
         same transaction.
 
-        ``res``: a :class:`~autograder.results.StudentResult`; ``sub``: its
-        :class:`~autograder.discover.Submission` (LMS fields read with defaults, so older callers work)."""
-        from .results import ERRORED
+        ``res``: a :class:`~autograder.results.records.StudentResult`; ``sub``: its
+        :class:`~autograder.ingest.discover.Submission` (LMS fields read with defaults, so older callers work)."""
+        from autograder.results.records import ERRORED
         data = asdict(res)
         score = None if res.status == ERRORED else res.score
         row = (run_id, lesson, res.student, res.submitted_as or "", sha256, version, mode, probe_seed, res.status,

@@ -8,7 +8,7 @@ For every assessment item (``<item>__visible`` + ``<item>__hidden`` grade cells)
   kernel (its tracebacks, replies or hooks) decides a point;
 * the **hidden** cell's points are awarded only when nbgrader awarded them (the hidden cell ran:
   the answer is attempted and did not raise) **and** the out-of-kernel check
-  (:mod:`autograder.probes`, the single specification of the hidden tests, on the offering's fixed
+  (:mod:`autograder.check.probes`, the single specification of the hidden tests, on the offering's fixed
   inputs) passes. The hidden cell in the notebook only *reports*: it calls the answer, so an
   unsolved exercise scores 0 under plain nbgrader too, but it holds no test of its own. Items
   without a probe keep nbgrader's hidden points.
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import nbformat
 
-from .notebook import LessonSpec, grade_id
-from .results import Finding, ItemResult
+from autograder.ingest.notebook import LessonSpec, grade_id
+from autograder.results.records import Finding, ItemResult
 
 FAILED = ("mismatch", "error")
 FEEDBACK_ENAME = "HiddenTestFailed"
@@ -56,7 +56,7 @@ def is_hidden_part(grade_id: str) -> bool:
 
 def score_items(spec: LessonSpec, grades: dict, verdicts: dict) -> tuple[list[ItemResult], list[str], list[Finding]]:
     """Item results, grade ids to set to 0 in the gradebook, and non-flag findings (disagreements)."""
-    from .recheck import Verdict
+    from autograder.check.recheck import Verdict
     items, zero, notes = [], [], []
     for item in spec.items:
         gids = [g for g in spec.grade_cells if spec.grade_cells[g].item == item]

@@ -1,13 +1,13 @@
-"""The out-of-kernel re-check process (run as ``python -m autograder.recheck_runner REQUEST``).
+"""The out-of-kernel re-check process (run as ``python -m autograder.check.recheck_runner REQUEST``).
 
-It is started fresh for each submission by :mod:`autograder.recheck`, inside the operating-system
-sandbox (:mod:`autograder.sandbox`; its scratch folder holds REQUEST). Its records go to an
+It is started fresh for each submission by :mod:`autograder.check.recheck`, inside the operating-system
+sandbox (:mod:`autograder.isolate.sandbox`; its scratch folder holds REQUEST). Its records go to an
 inherited pipe (``result_fd``; the read end is the grader's), one JSON line each with a sequence
 number; the grader knows the order and treats every record as hostile data. In order:
 
 1. load the request (pickled by the grader: trusted helper code, the student's cells, the probe
    inputs) and turn the probe inputs into torch tensors — before any student code exists;
-2. install the guard (:mod:`autograder.guard`), forget the grader's modules;
+2. install the guard (:mod:`autograder.isolate.guard`), forget the grader's modules;
 3. run the locked helper cells from the *instructor source* and write the set-up record (the last
    record written before any student code exists); then, in the notebook's order, the student's
    answer and added cells and the instructor's visible test cells, each on its own with one record
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
                           "results": [{"ok": False, "error": "result too large"}]})
         write(out_fd, (text + "\n").encode())
 
-    from autograder import guard
+    from autograder.isolate import guard
     guard.install(req["guard"]["protect"], req["guard"]["allow"], req["guard"].get("log"))
     for name in [m for m in sys.modules if m == "autograder" or m.startswith("autograder.")]:
         del sys.modules[name]

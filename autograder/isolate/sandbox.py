@@ -1,7 +1,7 @@
 """The operating-system sandbox every process that runs student code starts in (bubblewrap).
 
 Two kinds of process run a student's code: the Jupyter kernel nbgrader executes the notebook in,
-and the out-of-kernel re-check process (:mod:`autograder.recheck_runner`). Each starts through
+and the out-of-kernel re-check process (:mod:`autograder.check.recheck_runner`). Each starts through
 :func:`command`, which wraps it in ``bwrap`` (Debian package ``bubblewrap``) with:
 
 * its **own PID namespace** (``--unshare-pid``): it sees only its own processes, cannot signal the
@@ -22,7 +22,7 @@ and the out-of-kernel re-check process (:mod:`autograder.recheck_runner`). Each 
   nothing), which is what makes the process-count limit bind (the kernel never applies
   ``RLIMIT_NPROC`` to root: measured, 40 children under ``--nproc=20`` as root, fork refused at 20
   as another uid);
-* a **system-call filter** (``--seccomp``, :mod:`autograder.seccomp`): no new user namespaces,
+* a **system-call filter** (``--seccomp``, :mod:`autograder.isolate.seccomp`): no new user namespaces,
   ``ptrace``, ``keyctl``, ``bpf``, ``perf_event_open``, io_uring and a few more; bwrap reads it from
   a descriptor the ``/bin/sh`` in front of it opens on a root-only file, so no descriptor of the
   caller is needed (callers start the sandbox with ``close_fds``: none of theirs leaks inside);
@@ -46,10 +46,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = Path(__file__).resolve().parents[1]   # autograder/
 # of this package, only what the kernel start-up imports is visible inside
-PACKAGE_FILES = ("__init__.py", "kernel.py", "guard.py", "recheck_runner.py")
+PACKAGE_FILES = ("__init__.py", "isolate/__init__.py", "isolate/kernel.py", "isolate/guard.py", "check/__init__.py",
+                 "check/recheck_runner.py")
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "passwd", "group",
              "alternatives", "timezone")
 UID_RANGE = (200_000, 260_000)   # fresh uid per sandbox (no such users exist on the host)
@@ -134,7 +135,7 @@ SECCOMP_FD = 3
 
 def seccomp_file() -> str:
     """The filter program in a file only root (the grader) can write, made once per process."""
-    from . import seccomp
+    from autograder.isolate import seccomp
     prog = seccomp.program()
     key = hashlib.sha256(prog).hexdigest()[:16]
     if key not in _FILTER:
@@ -188,7 +189,7 @@ def command(argv: list[str], box: Box, env: dict[str, str] | None = None) -> lis
         a += parents(d) + ["--ro-bind", d, d]
     a += parents(str(PACKAGE / "x")) + ["--perms", "0755", "--dir", str(PACKAGE)]
     for name in PACKAGE_FILES:
-        a += ["--ro-bind", str(PACKAGE / name), str(PACKAGE / name)]
+        a += parents(str(PACKAGE / name)) + ["--ro-bind", str(PACKAGE / name), str(PACKAGE / name)]
     for host, inside in [(str(box.scratch), box.inside), *box.extra_rw]:
         a += parents(inside) + ["--bind", host, inside]
     a += ["--chdir", box.inside, "--clearenv"]

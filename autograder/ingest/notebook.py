@@ -22,7 +22,7 @@ import nbformat
 
 from residual_bandwidth.course import LessonMeta, item_of, load_lesson
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # nbgrader's delimiters (the only definition of each in the grader)
 HIDDEN_BEGIN = "BEGIN HIDDEN TESTS"
 HIDDEN_END = "END HIDDEN TESTS"

@@ -1,16 +1,16 @@
 """Every results file is a view of the whole store, regenerated after each run (and by ``export``).
 
-:func:`export_all` reads each student's latest attempt from :mod:`autograder.store`, applies the
+:func:`export_all` reads each student's latest attempt from :mod:`autograder.results.store`, applies the
 active manual overrides (an overridden item's score replaces the computed one; totals, percent,
 pass and per-objective scores are recomputed by the one rule, :meth:`StudentResult.recompute`), and
 writes into the results folder:
 
-* ``results.csv`` / ``results.json`` (:func:`autograder.results.write_results`);
+* ``results.csv`` / ``results.json`` (:func:`autograder.results.records.write_results`);
 * ``objectives.csv``: one row per student and learning objective;
 * ``items.csv``: one row per student and item (computed score, override, re-check verdict);
 * ``canvas_grades.csv`` when some student came from a Canvas download, ``moodle_grades.csv`` when
   some came from Moodle (columns in autograder/README.md §3);
-* ``class_report.html`` and its ``class_report_*.csv`` (:mod:`autograder.class_report`): per item
+* ``class_report.html`` and its ``class_report_*.csv`` (:mod:`autograder.results.class_report`): per item
   facility, discrimination and score distribution, the most frequent failed properties, per-objective
   mastery, late and errored counts — what to re-teach, in one screen.
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import class_report
-from .results import ERRORED, ItemResult, RunResult, StudentResult, _fmt, write_csv, write_results
-from .store import Store, StoreError
+from autograder.results import class_report
+from autograder.results.records import ERRORED, ItemResult, RunResult, StudentResult, _fmt, write_csv, write_results
+from autograder.results.store import Store, StoreError
 
 CANVAS_FILE, MOODLE_FILE = "canvas_grades.csv", "moodle_grades.csv"
 

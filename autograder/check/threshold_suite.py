@@ -1,6 +1,6 @@
 """Generate the threshold-logic suite: student submissions with known outcomes, from the source notebook.
 
-``python -m autograder.threshold_suite OUT`` writes ``OUT/<variant>/<lesson>/<notebook>`` (a few in
+``python -m autograder.check.threshold_suite OUT`` writes ``OUT/<variant>/<lesson>/<notebook>`` (a few in
 other layouts) and ``OUT/expected.json``; ``tests/test_autograder.py`` grades the folder with the
 real pipeline and checks every outcome. Everything is derived from the lesson metadata and the
 notebooks (grade cells, points, answer cells and the names they define), so the suite follows the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import nbformat
 
-from .notebook import LessonSpec, grade_id, load_spec, strip_solution_markers
+from autograder.ingest.notebook import LessonSpec, grade_id, load_spec, strip_solution_markers
 
 GATE = '''
 
@@ -296,7 +296,7 @@ HONEST_WORDS = ("import importlib\n"
 
 def attack_paths(results: Path | None = None) -> dict:
     """Paths the attacks aim at (default: the repository's ``results/``)."""
-    from .notebook import ROOT
+    from autograder.ingest.notebook import ROOT
     return {"results": str(results or ROOT / "results")}
 
 

@@ -4,7 +4,7 @@ Student code runs in grandchildren (jupyter kernels, started by jupyter_client i
 session) and in re-check subprocesses. A kernel that ignores SIGINT survives nbgrader's interrupt,
 and killing nbgrader's process group would not reach it. So the grader kills *trees*: every
 descendant found with psutil, each descendant's process group, plus the kernels that registered
-themselves in a pid file (:mod:`autograder.kernel`), in case they were orphaned.
+themselves in a pid file (:mod:`autograder.isolate.kernel`), in case they were orphaned.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def read_pidfile(path) -> list[int]:
 def _is_grading_kernel(pid: int) -> bool:
     """True if ``pid`` is still one of our kernels (a dead kernel's pid may belong to anyone by now)."""
     try:
-        return "autograder.kernel" in " ".join(psutil.Process(pid).cmdline())
+        return "autograder.isolate.kernel" in " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return False
 

@@ -6,7 +6,7 @@ class the answer cell defines on hidden inputs made here, converts the results t
 that subprocess (so always-equal objects cannot survive the trip) and compares them, in the grader,
 with references computed here. **This verdict is what awards an item's hidden-test points**; the
 ``<item>__hidden`` cell in the notebook only checks that the answer runs (see
-:mod:`autograder.scoring` and ``autograder/README.md``, "Scoring and determinism").
+:mod:`autograder.check.scoring` and ``autograder/README.md``, "Scoring and determinism").
 
 Inputs are **fixed per offering**: ``cases(rng)`` draws from a generator seeded with the offering's
 ``probe_seed`` (``autograder/offering.toml``) and the item's name, so the same submission always
@@ -18,7 +18,7 @@ A probe (one per item, in :data:`PROBES`):
 * ``target``: the name the answer cell defines (a function or a class); a case may name another
   one with ``Case(target=...)`` (an item whose answer cell defines two functions);
 * ``cases(rng)``: a list of :class:`Case` (synthetic inputs, plus real residual streams of the
-  embedded model recorded once by :mod:`autograder.record_probe_data`), ordered from the plainest input to the special ones.
+  embedded model recorded once by :mod:`autograder.check.record_probe_data`), ordered from the plainest input to the special ones.
   Each case names the **property** it checks (``prop``, e.g. "data with a large mean"); the first
   failing case's property is the student's feedback — never its inputs or code. Arrays the
   student's code should receive as torch tensors are wrapped in :func:`T`. A case calls
@@ -226,8 +226,8 @@ def _ck1_cases(rng) -> list[Case]:
 
 
 def _recorded() -> dict[int, np.ndarray]:
-    """Real residual streams recorded once from the embedded model (:mod:`autograder.record_probe_data`)."""
-    from .record_probe_data import load
+    """Real residual streams recorded once from the embedded model (:mod:`autograder.check.record_probe_data`)."""
+    from autograder.check.record_probe_data import load
     return load()
 
 

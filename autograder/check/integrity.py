@@ -2,25 +2,25 @@
 
 * **structure** (:func:`structural_findings`): the submission's nbgrader cells compared with the
   released notebook — edited, deleted, duplicated or forged cells, changed points or metadata;
-* **static** (:mod:`autograder.static`): rules over the syntax tree of the code the student wrote;
+* **static** (:mod:`autograder.check.static`): rules over the syntax tree of the code the student wrote;
 * **runtime** (:func:`runtime_findings`): what the in-kernel guard and the re-check's guard logged.
 
-With the operating-system sandbox (:mod:`autograder.sandbox`) a submission cannot reach the grader's
+With the operating-system sandbox (:mod:`autograder.isolate.sandbox`) a submission cannot reach the grader's
 files, so this evidence is about *tampering with the test harness inside the student's own kernel*
 (patched helpers, always-equal objects, IPython hooks, edited tests): the sandbox does not stop
 that, the out-of-kernel re-check and these checks do. Each piece is a
-:class:`~autograder.results.Finding`; ``flag=False`` ones are informational notes.
+:class:`~autograder.results.records.Finding`; ``flag=False`` ones are informational notes.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .guard import read_log
-from .recheck import clean_text
-from .notebook import LessonSpec, cell_label, grade_id, nbg, norm_source
-from .results import Finding
-from .static import scan_notebook
+from autograder.isolate.guard import read_log
+from autograder.check.recheck import clean_text
+from autograder.ingest.notebook import LessonSpec, cell_label, grade_id, nbg, norm_source
+from autograder.results.records import Finding
+from autograder.check.static import scan_notebook
 
 
 def submission_findings(nb, spec: LessonSpec, sandboxed: bool = True) -> list[Finding]:

@@ -5,7 +5,7 @@ Accepted inputs (``SUBMISSIONS`` on the command line):
 * a folder of student folders: ``<student>/<lesson-id>/<notebook>`` (nbgrader's own layout) or
   ``<student>/<notebook>``; the notebook may sit deeper but must have the lesson's notebook name;
 * a flat folder of ``<student>.ipynb`` files;
-* an LMS download (Canvas, Moodle, Blackboard Learn; formats in :mod:`autograder.lms`), as its zip or
+* an LMS download (Canvas, Moodle, Blackboard Learn; formats in :mod:`autograder.ingest.lms`), as its zip or
   unpacked;
 * a ``.zip`` of any of these. A single wrapper folder at the top is skipped.
 
@@ -41,7 +41,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import lms as lmsmod
+from autograder.ingest import lms as lmsmod
 
 IGNORED = {"__MACOSX", ".ipynb_checkpoints", ".DS_Store", "Thumbs.db", ".git"}
 MAX_ZIP_BYTES = 4 * 1024**3

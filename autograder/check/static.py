@@ -1,8 +1,8 @@
 """Static checks on the code a student wrote: evidence of tampering with the tests.
 
 Each rule below names a technique that fooled in-kernel tests in the prototype or could; a hit is a
-:class:`~autograder.notebook.Finding` that makes the student ``flagged`` (an instructor reviews it).
-Scores are not changed here: the out-of-kernel re-check (:mod:`autograder.recheck`) decides whether
+:class:`~autograder.ingest.notebook.Finding` that makes the student ``flagged`` (an instructor reviews it).
+Scores are not changed here: the out-of-kernel re-check (:mod:`autograder.check.recheck`) decides whether
 an answer is actually wrong. The rules look at the syntax tree of every code cell whose source
 differs from the released notebook (answer cells, cells the student added, edited cells):
 
@@ -49,9 +49,9 @@ import re
 import sys
 import time
 
-from .notebook import (HIDDEN_BEGIN, HIDDEN_END, SOLUTION_BEGIN, SOLUTION_END, LessonSpec, cell_label, grade_id,
+from autograder.ingest.notebook import (HIDDEN_BEGIN, HIDDEN_END, SOLUTION_BEGIN, SOLUTION_END, LessonSpec, cell_label, grade_id,
                        norm_source)
-from .results import Finding
+from autograder.results.records import Finding
 
 MODULE_ROOTS = {"np", "numpy", "torch", "rb", "residual_bandwidth", "builtins", "__builtins__", "sklearn", "math",
                 "scipy", "sys", "json", "nbgrader", "IPython", "unittest", "pytest", "operator", "functools",

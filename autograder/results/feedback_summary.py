@@ -1,12 +1,12 @@
 """What the top of a student's feedback page says: result, pass line, objectives, exercises.
 
-:func:`summary` turns one graded :class:`~autograder.results.StudentResult` into plain data that the
+:func:`summary` turns one graded :class:`~autograder.results.records.StudentResult` into plain data that the
 feedback template (``autograder/templates/rb_feedback/rb_feedback.html.j2``, used by the nbgrader worker's
 ``feedback`` request) renders above the notebook:
 
 * the score, the percentage and the pass line: ``pass`` when ``score >= threshold * max_score``;
 * one row per learning objective (points of the exercises mapped to it);
-* one row per exercise, named by its title (:func:`autograder.scoring.exercise_titles`): visible
+* one row per exercise, named by its title (:func:`autograder.check.scoring.exercise_titles`): visible
   and hidden points, what the hidden checks found — only the *property* that failed
   ("fails on data with a large mean"), never the hidden inputs or the instructor's detail — and the
   notes (a cell that timed out, lost the kernel or raised; a manual override with its reason);
@@ -16,14 +16,14 @@ Every string here is text (the template escapes it); notes may quote the student
 """
 from __future__ import annotations
 
-from .notebook import LessonSpec
-from .results import ItemResult, StudentResult
-from .scoring import FAILED, LOST_NOTE, exercise_titles, is_hidden_part
+from autograder.ingest.notebook import LessonSpec
+from autograder.results.records import ItemResult, StudentResult
+from autograder.check.scoring import FAILED, LOST_NOTE, exercise_titles, is_hidden_part
 
 
 def _stored_prop(it: ItemResult) -> str:
     """The failed property as the store keeps it: ``recheck_detail`` is ``"<property> — <detail>"``
-    (:func:`autograder.scoring.score_items`); only the property is for the student."""
+    (:func:`autograder.check.scoring.score_items`); only the property is for the student."""
     d = it.recheck_detail or ""
     return d.split(" — ", 1)[0].rsplit("; ", 1)[-1].strip() if " — " in d else ""
 

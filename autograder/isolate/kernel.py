@@ -1,15 +1,15 @@
 """The grading kernel: an ordinary IPython kernel, started inside the sandbox and behind the guard.
 
 nbgrader runs every submission in this kernel (kernelspec ``rb-autograder``, written per run by
-:func:`write_kernelspec`). ``python -m autograder.kernel -f CONNECTION_FILE`` runs twice:
+:func:`write_kernelspec`). ``python -m autograder.isolate.kernel -f CONNECTION_FILE`` runs twice:
 
 **Outside** (the nbgrader worker's kernel manager starts it; ``$AUTOGRADER_SANDBOX`` is set): the
 *launcher*. It gives the submission's private scratch folder and socket folder to a fresh sandbox
 uid, copies the connection file into the socket folder, records its pid in
 ``$AUTOGRADER_KERNEL_PIDFILE``, moves itself into the submission's cgroup leaf (when the grader made
-one, :mod:`autograder.cgroups`), keeps none of the worker's file descriptors (its log included:
+one, :mod:`autograder.isolate.cgroups`), keeps none of the worker's file descriptors (its log included:
 output goes to the submission's ``kernel-output.txt``) and replaces itself (``exec``) with ``bwrap`` running the same module
-inside the sandbox (:mod:`autograder.sandbox`). The worker talks to the kernel over ZeroMQ's ``ipc``
+inside the sandbox (:mod:`autograder.isolate.sandbox`). The worker talks to the kernel over ZeroMQ's ``ipc``
 transport: Unix sockets in the socket folder, which is bound at the same path inside — a kernel in
 its own network namespace cannot be reached over TCP. Interrupts are sent as ``interrupt_request``
 messages (``interrupt_mode: message``): a signal to the ``bwrap`` process would not reach the kernel.
@@ -21,7 +21,7 @@ in the sandbox.
 1. with ``--sandbox off`` only, appends its pid to ``$AUTOGRADER_KERNEL_PIDFILE`` so the grader can
    kill it and its process group;
 2. caps the size of files it may write and disables core dumps (the sandbox also does);
-3. installs the audit-hook guard (:mod:`autograder.guard`) from ``$AUTOGRADER_GUARD``.
+3. installs the audit-hook guard (:mod:`autograder.isolate.guard`) from ``$AUTOGRADER_GUARD``.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def write_kernelspec(jupyter_dir: Path, python: str = sys.executable, sandboxed:
     """Write ``<jupyter_dir>/kernels/rb-autograder/kernel.json``; put ``jupyter_dir`` on JUPYTER_PATH."""
     spec_dir = Path(jupyter_dir) / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [python, "-m", "autograder.kernel", "-f", "{connection_file}"],
+    spec = {"argv": [python, "-m", "autograder.isolate.kernel", "-f", "{connection_file}"],
             "display_name": "Python 3 (autograder)", "language": "python",
             "interrupt_mode": "message" if sandboxed else "signal",
             "metadata": {"debugger": False}}
@@ -52,7 +52,7 @@ def write_kernelspec(jupyter_dir: Path, python: str = sys.executable, sandboxed:
 
 def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
     """Outside: exec bwrap running this module inside the submission's sandbox (never returns)."""
-    from autograder import sandbox
+    from autograder.isolate import sandbox
     conn = Path(argv[argv.index("-f") + 1])
     ipc = Path(cfg["ipc"])
     # one uid per submission (cfg["uid"]): a kernel restarted after a crash can use the files of the first
@@ -69,7 +69,7 @@ def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
         with open(pidfile, "a") as f:
             f.write(f"{os.getpid()}\n")
     if cfg.get("cgroup"):   # the submission's cgroup leaf, before anything of the student's runs
-        from autograder import cgroups
+        from autograder.isolate import cgroups
         cgroups.join(cfg["cgroup"])
     _own_descriptors(Path(cfg["scratch"]).with_name("kernel-output.txt"))   # closes every fd >= 3
     if cfg.get("guard_fifo") and os.environ.get("AUTOGRADER_GUARD"):
@@ -84,7 +84,7 @@ def _launch_sandboxed(cfg: dict, argv: list[str]) -> None:
         os.set_inheritable(GUARD_FD, True)
         os.environ["AUTOGRADER_GUARD"] = json.dumps({**json.loads(os.environ["AUTOGRADER_GUARD"]), "log": GUARD_FD})
     env = {k: os.environ[k] for k in PASSED_IN if k in os.environ}
-    cmd = sandbox.command([sys.executable, "-m", "autograder.kernel", "-f", str(inner_conn)], box, env)
+    cmd = sandbox.command([sys.executable, "-m", "autograder.isolate.kernel", "-f", str(inner_conn)], box, env)
     os.execv(cmd[0], cmd)
 
 
@@ -114,7 +114,7 @@ def _prepare(sandboxed: bool) -> None:
             resource.setrlimit(limit, (value, value))
         except (ValueError, OSError):
             pass
-    from autograder import guard
+    from autograder.isolate import guard
     guard.install_from_env()
     # leave nothing of the grader importable from sys.modules for student code to fiddle with
     for name in [m for m in sys.modules if m == "autograder" or m.startswith("autograder.")]:

@@ -10,7 +10,7 @@ Status values:
   ``pass`` are empty: an errored student never shows a score, in particular not an older one (the
   store keeps the older attempts: ``history`` in ``results.json``).
 
-Every text written here passes through :mod:`autograder.textsafe` (control characters and terminal
+Every text written here passes through :mod:`autograder.results.textsafe` (control characters and terminal
 escapes removed, spreadsheet formulas neutralised).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .textsafe import csv_row, json_safe
+from autograder.results.textsafe import csv_row, json_safe
 
 GRADED, FLAGGED, ERRORED = "graded", "flagged", "errored"
 
@@ -72,7 +72,7 @@ class StudentResult:
     notebook: str = ""
     feedback: str = ""
     seconds: float = 0.0
-    # identity and bookkeeping, filled from the store by the exports (autograder/exports.py)
+    # identity and bookkeeping, filled from the store by the exports (autograder/results/exports.py)
     late: bool = False
     lms: str | None = None
     lms_user_id: str | None = None
@@ -171,7 +171,7 @@ def _replace(path: Path, write) -> Path:
 
 
 def write_csv(path: Path, header: list[str], rows) -> Path:
-    """A CSV file whose every field went through :func:`autograder.textsafe.csv_cell`."""
+    """A CSV file whose every field went through :func:`autograder.results.textsafe.csv_cell`."""
     def write(f):
         w = csv.writer(f)
         w.writerow(csv_row(header))
@@ -181,7 +181,7 @@ def write_csv(path: Path, header: list[str], rows) -> Path:
 
 
 def write_json(path: Path, data) -> Path:
-    """A JSON file whose every string went through :func:`autograder.textsafe.json_safe`."""
+    """A JSON file whose every string went through :func:`autograder.results.textsafe.json_safe`."""
     return _replace(path, lambda f: f.write(json.dumps(json_safe(data), indent=1, sort_keys=False) + "\n"))
 
 

@@ -1,0 +1,1 @@
+"""What decides points: static analysis, structural integrity, the hidden-test probes, the out-of-kernel re-check (and its runner), scoring, the probe data recorder and the threshold suite of crafted variants."""

@@ -1,0 +1,1 @@
+"""What goes out: the results store (the single writer's SQLite), exports and LMS files, the nbgrader gradebook merge, result records, the class report, feedback pages, text sanitizing and formgrader."""
