@@ -60,7 +60,7 @@ RESULTS     ?= results
 JOBS        ?= 2
 MODE        ?= fast
 
-.PHONY: grade a11y a11y-deps bench bench-monitor bench-grading bench-grading-scale threshold-suite
+.PHONY: grade a11y a11y-deps bench bench-monitor bench-grading bench-grading-scale bench-inference threshold-suite
 
 grade: $(STAMP)
 	$(NB_ENV) $(PY) -m autograder grade $(SUBMISSIONS) --lesson $(LESSON) --out $(RESULTS) --jobs $(JOBS) --mode $(MODE)
@@ -75,7 +75,7 @@ a11y: $(STAMP)
 	$(NB_ENV) $(PY) -m autograder.a11y.check_a11y
 
 # ---- benchmarks (BENCHMARKS.md): print measured ratios; not part of make test (numbers depend on the machine)
-# Each writes $(BENCH_OUT)/<name>.json; `make bench` runs them one after another (about 15 min on 2 cores),
+# Each writes $(BENCH_OUT)/<name>.json; `make bench` runs them one after another (about 22 min on 2 cores before bench-inference),
 # then gathers them into $(BENCH_OUT)/summary.md. Run on an otherwise idle machine.
 BENCH_OUT ?= $(OUT)/bench
 
@@ -96,6 +96,10 @@ bench-notebook: $(STAMP)
 bench-grading: $(STAMP)
 	$(NB_ENV) $(PY) bench/grading.py --json $(BENCH_OUT)/grading.json
 
+# the per-layer report at inference speed: float64 (default) and float32 side by side, 512-8,192 tokens
+bench-inference: $(STAMP)
+	$(PY) bench/inference_speed.py --parts report --json $(BENCH_OUT)/inference.json
+
 # cost per submission, 1 vs 2 workers, Dask vs local, projection for 2,000 students (not in `make bench`: ~15 min)
 bench-grading-scale: $(STAMP)
 	$(NB_ENV) $(PY) bench/grading_scale.py --json $(BENCH_OUT)/grading_scale.json
@@ -107,6 +111,7 @@ bench: $(STAMP)
 	$(MAKE) --no-print-directory bench-monitor
 	$(MAKE) --no-print-directory bench-notebook
 	$(MAKE) --no-print-directory bench-grading
+	$(MAKE) --no-print-directory bench-inference
 	$(PY) bench/summarize.py $(BENCH_OUT)
 
 # the threshold-logic suite's submissions, for a look by hand (tests/test_autograder.py grades them)

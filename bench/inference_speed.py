@@ -23,6 +23,7 @@ each variant timed back to back in a random order), and the load average is prin
 
     python bench/inference_speed.py                 # every part
     python bench/inference_speed.py --parts report lo1 --repeat 3
+    python bench/inference_speed.py --parts report --json out/bench/inference.json   # for summarize.py
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_machine, machine, rss_mib  # noqa: E402
+from common import describe_machine, machine, rss_mib, write_json  # noqa: E402
 
 from residual_bandwidth import ResidualBandwidthAnalyzer, capture_residuals, load_model  # noqa: E402
 from residual_bandwidth import metrics as M  # noqa: E402
@@ -99,12 +100,14 @@ def streamed(lm, prompts) -> float:
     return time.perf_counter() - t
 
 
-def part_report(lm, sizes, repeat):
+def part_report(lm, sizes, repeat) -> list[dict]:
+    """The table below, printed and returned (one dict per size: medians of seconds and of ratios)."""
     print(f"\n## Per-layer report vs floor (forward + 2 float32 covariance+eigvalsh per layer); {load()}")
     print("Ratios: to the floor with the forward pass through the blocks (what the listeners run) and,")
     print("in brackets, with the whole model's forward pass (language-model head included).")
     print("| tokens | forward s (blocks / whole) | spectra s | stored (float64) | stored32 | streamed32 |")
     print("|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for n in sizes:
         prompts = prompts_for(lm.tokenizer, n)
         cap = capture_residuals(lm.model, lm.tokenizer, prompts, kinds=["resid_post"], progress=False)
@@ -128,7 +131,11 @@ def part_report(lm, sizes, repeat):
         cells = " | ".join(f"{med[k][0]:.2f}x ({med[k][1]:.2f}x)" for k in ("stored", "stored32", "streamed32"))
         print(f"| {tokens:,} | {statistics.median(base):.2f} / {statistics.median(whole):.2f} | "
               f"{statistics.median(spec):.2f} | {cells} |", flush=True)
+        rows.append({"tokens": tokens, "forward_blocks_s": statistics.median(base),
+                     "forward_whole_s": statistics.median(whole), "spectra_s": statistics.median(spec),
+                     **{k: {"over_blocks_floor": med[k][0], "over_whole_floor": med[k][1]} for k in med}})
     print(load())
+    return rows
 
 
 def part_stream100k(lm, n_tokens, slices=10, head_sample_tokens=8192):
@@ -215,20 +222,23 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[512, 2048, 8192])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--stream-tokens", type=int, default=100_000)
+    ap.add_argument("--json", help="write the per-layer report's table here (bench/summarize.py reads it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     random.seed(0)
     print(describe_machine(machine()))
     lm = load_model("embedded") if set(args.parts) - {"lo1"} else None
+    out = {"machine": machine(), "repeat": args.repeat}
     for part in args.parts:
         if part == "report":
-            part_report(lm, args.sizes, args.repeat)
+            out["report"] = part_report(lm, args.sizes, args.repeat)
         elif part == "lo1":
             part_lo1(args.repeat)
         elif part == "lesson":
             part_lesson(lm)
         else:
             part_stream100k(lm, args.stream_tokens)
+    write_json(args.json, out)
     return 0
 
 

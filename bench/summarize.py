@@ -1,6 +1,6 @@
 """Gather the JSON files written by the benchmark scripts into one Markdown table (``make bench``).
 
-Reads ``<dir>/{lo1,streaming,monitor,notebook,grading}.json`` (whichever exist), prints the table and
+Reads ``<dir>/{lo1,streaming,monitor,notebook,grading,inference}.json`` (whichever exist), prints the table and
 writes it to ``<dir>/summary.md``. Every number comes from those files; nothing is typed in here.
 
 Usage: python bench/summarize.py [out/bench]
@@ -19,6 +19,7 @@ COMMANDS = {
     "monitor": "python bench/monitor_overhead.py",
     "notebook": "python bench/notebook.py",
     "grading": "python bench/grading.py",
+    "inference": "python bench/inference_speed.py --parts report",
 }
 
 
@@ -92,6 +93,14 @@ def rows(data: dict) -> list[tuple[str, str, str, str, str]]:
                             "<= 3 %" if cfg["config"]["label"] == "default" else "",
                             verdict(r["overhead_paired_median"] <= 0.03) if cfg["config"]["label"] == "default" else "",
                             cmd))
+    if "inference" in data:   # the default precision and float32 side by side, per size
+        for r in data["inference"].get("report", []):
+            def ratio(k):
+                return f"{r[k]['over_blocks_floor']:.2f}x ({r[k]['over_whole_floor']:.2f}x)"
+            out.append((f"Per-layer report, {r['tokens']:,} tokens, / floor (forward through the blocks; whole "
+                        "model): stored float64 ; stored float32 ; streamed float32",
+                        f"{ratio('stored')} ; {ratio('stored32')} ; {ratio('streamed32')}", "", "",
+                        COMMANDS["inference"]))
     if "notebook" in data:
         nb = data["notebook"]
         out.append(("Lesson notebook, papermill, embedded model", f"{nb['best_seconds']:.1f} s", "< 90 s",

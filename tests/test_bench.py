@@ -60,3 +60,18 @@ def test_summary_verdicts_follow_the_numbers(seed, library, floor64, verdicts):
     assert by_target == verdicts
     text = summarize.table({"lo1": _lo1(seed, library, floor64)})
     assert f"{seed / library:.2f}x" in text and "`python bench/lo1_metrics.py`" in text
+
+
+def test_summary_shows_both_precisions_of_the_per_layer_report():
+    """The inference benchmark's JSON reaches the summary: float64 (the default) and float32 side by side."""
+    row = {"tokens": 2048, "forward_blocks_s": 1.0, "forward_whole_s": 1.2, "spectra_s": 0.1,
+           "stored": {"over_blocks_floor": 1.5, "over_whole_floor": 1.3},
+           "stored32": {"over_blocks_floor": 1.25, "over_whole_floor": 1.1},
+           "streamed32": {"over_blocks_floor": 1.05, "over_whole_floor": 0.95}}
+    rows = summarize.rows({"inference": {"report": [row]}})
+    assert len(rows) == 1
+    label, value = rows[0][0], rows[0][1]
+    assert "2,048 tokens" in label and "float64" in label and "float32" in label
+    assert value == "1.50x (1.30x) ; 1.25x (1.10x) ; 1.05x (0.95x)"
+    assert "|" not in label + value   # one table cell each
+    assert "inference_speed.py" in summarize.table({"inference": {"report": [row]}})
