@@ -187,3 +187,23 @@ def test_sigkill_mid_run_leaves_a_consistent_store_and_the_next_run_finishes_the
     assert states == ["interrupted", "finished"]
     data = json.loads((out / "results.json").read_text())
     assert data["runs"][-1]["skipped"] == len(recorded)
+
+
+def test_a_regrade_that_keeps_an_override_writes_it_on_the_feedback_page(tmp_path):
+    """The page is a view of the store: after a re-grade (a new file) the surviving override is on it."""
+    out, item = tmp_path / "results", SPEC.grade_cells[HIDDEN[0]].item
+    write(tmp_path / "b1", "frank", {HIDDEN[0]})
+    assert grade(tmp_path / "b1", out).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "autograder", "override", "frank", item, f"{SPEC.item_points(item):g}",
+                        "--reason", "accepted after review", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "feedback page written again" in r.stdout, r.stdout + r.stderr
+    path = write(tmp_path / "b2", "frank", {HIDDEN[0]})
+    nb = nbformat.read(str(path), as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("resubmitted"))   # a different file: graded again
+    nbformat.write(nb, str(path))
+    r = grade(tmp_path / "b2", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    page = (out / "feedback" / "frank" / SPEC.lesson_id / "lesson.html").read_text(encoding="utf-8")
+    assert f"Your score: <strong>{TOTAL:g} of {TOTAL:g} points" in page
+    assert "Your instructor set this exercise to" in page and "accepted after review" in page
