@@ -79,7 +79,7 @@ a11y: $(STAMP)
 # then gathers them into $(BENCH_OUT)/summary.md. Run on an otherwise idle machine.
 BENCH_OUT ?= $(OUT)/bench
 
-.PHONY: bench-lo1 bench-streaming bench-notebook
+.PHONY: bench-lo1 bench-streaming bench-notebook bench-explorer
 
 bench-lo1: $(STAMP)
 	$(PY) bench/lo1_metrics.py --json $(BENCH_OUT)/lo1.json
@@ -100,6 +100,10 @@ bench-grading: $(STAMP)
 bench-inference: $(STAMP)
 	$(PY) bench/inference_speed.py --parts report --json $(BENCH_OUT)/inference.json
 
+# the explorer: a control change to a new view, kernel side (the browser test measures it end to end)
+bench-explorer: $(STAMP)
+	$(PY) bench/explorer.py --json $(BENCH_OUT)/explorer.json
+
 # cost per submission, 1 vs 2 workers, Dask vs local, projection for 2,000 students (not in `make bench`: ~15 min)
 bench-grading-scale: $(STAMP)
 	$(NB_ENV) $(PY) bench/grading_scale.py --json $(BENCH_OUT)/grading_scale.json
@@ -112,6 +116,7 @@ bench: $(STAMP)
 	$(MAKE) --no-print-directory bench-notebook
 	$(MAKE) --no-print-directory bench-grading
 	$(MAKE) --no-print-directory bench-inference
+	$(MAKE) --no-print-directory bench-explorer
 	$(PY) bench/summarize.py $(BENCH_OUT)
 
 # the threshold-logic suite's submissions, for a look by hand (tests/test_autograder.py grades them)

@@ -6,7 +6,9 @@
 2. The instructor (solutions) notebook with papermill exactly as ``make lesson`` runs it
    (``-p MODEL embedded``, matplotlib's Agg backend, the explorer's static fallback), and the
    untouched *student* notebook (Run All with nothing solved), ``--runs`` times each: wall time,
-   CPU time (user + system of papermill and its kernel) and the slowest cells.
+   CPU time (user + system of papermill and its kernel), the slowest cells, the seconds per lesson
+   section (:func:`section_times`) and the seconds from the end of the set-up cell to the first
+   figure (:func:`first_figure_seconds`; issue 23's target is <= 15 s).
 
 The lesson's set-up text and the README quote these numbers with the machine they were measured on
 (BENCHMARKS.md). Target (lesson issue): the notebook under 90 s on 2 CPU cores.
@@ -46,6 +48,44 @@ def load_seconds(cache: Path) -> float:
     if r.returncode != 0:
         raise SystemExit(f"model load failed:\n{r.stderr[-3000:]}")
     return float(r.stdout.strip().splitlines()[-1])
+
+
+def _duration(cell) -> float:
+    return float(cell.metadata.get("papermill", {}).get("duration") or 0.0)
+
+
+def section_times(nb) -> list[tuple[str, float]]:
+    """Seconds of code per ``## `` section of an executed notebook (papermill's cell durations), in
+    order; the cells before the first section heading count under ``(top)``."""
+    out: list[list] = [["(top)", 0.0]]
+    for cell in nb.cells:
+        heading = cell.source.lstrip().startswith("## ") if cell.cell_type == "markdown" else False
+        if heading:
+            out.append([cell.source.lstrip()[3:].split("\n")[0].strip(), 0.0])
+        elif cell.cell_type == "code":
+            out[-1][1] += _duration(cell)
+    return [(name, secs) for name, secs in out if secs > 0 or name != "(top)"]
+
+
+def _has_figure(cell) -> bool:
+    return any("image/png" in o.get("data", {}) or "<img" in str(o.get("data", {}).get("text/html", ""))
+               for o in cell.get("outputs", []))
+
+
+def first_figure_seconds(nb, setup_marker: str = "load_model") -> float | None:
+    """Seconds of code from the end of the set-up cell (the first code cell that calls
+    ``setup_marker``) to the end of the first cell that shows a figure; None if there is no figure."""
+    seconds, started = 0.0, False
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        if started:
+            seconds += _duration(cell)
+            if _has_figure(cell):
+                return seconds
+        elif setup_marker in cell.source:
+            started = True
+    return None
 
 
 def run_once(src: Path, out: Path) -> tuple[float, float]:
@@ -93,13 +133,16 @@ def main(argv=None) -> dict:
                 cells = [(c.metadata.get("papermill", {}).get("duration") or 0.0, c.get("id"),
                           c.source.split("\n")[0][:60]) for c in nb.cells if c.cell_type == "code"]
                 slow = sorted(cells, reverse=True)[:5]
+                sections, first = section_times(nb), first_figure_seconds(nb)
                 print(f"  {folder} run {i + 1}: {wall:.1f} s wall (papermill start-up included), {cpu:.1f} s CPU, "
-                      f"{sum(c[0] for c in cells):.1f} s in {len(cells)} code cells")
+                      f"{sum(c[0] for c in cells):.1f} s in {len(cells)} code cells; first figure "
+                      f"{'none' if first is None else f'{first:.1f} s'} after the set-up cell")
+                print("  per section: " + "; ".join(f"{name} {secs:.1f} s" for name, secs in sections))
         print("  slowest cells of the last run: " + "; ".join(f"{d:.1f} s {cid} ({line!r})" for d, cid, line in slow))
         best = min(runs)
         print(f"  => {folder} notebook: {best:.1f} s (best of {len(runs)}); target < 90 s: {'met' if best < 90 else 'NOT met'}")
         out[folder] = {"notebook": str(src.relative_to(ROOT)), "runs_seconds": runs, "cpu_seconds": cpus,
-                       "best_seconds": best,
+                       "best_seconds": best, "sections_seconds": sections, "first_figure_seconds": first,
                        "slowest_cells": [{"seconds": d, "id": cid, "first_line": line} for d, cid, line in slow]}
     out["best_seconds"] = out["solutions"]["best_seconds"]  # read by bench/summarize.py
     write_json(args.json, out)

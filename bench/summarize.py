@@ -1,6 +1,6 @@
 """Gather the JSON files written by the benchmark scripts into one Markdown table (``make bench``).
 
-Reads ``<dir>/{lo1,streaming,monitor,notebook,grading,inference}.json`` (whichever exist), prints the table and
+Reads ``<dir>/{lo1,streaming,monitor,notebook,grading,inference,explorer}.json`` (whichever exist), prints the table and
 writes it to ``<dir>/summary.md``. Every number comes from those files; nothing is typed in here.
 
 Usage: python bench/summarize.py [out/bench]
@@ -20,6 +20,7 @@ COMMANDS = {
     "notebook": "python bench/notebook.py",
     "grading": "python bench/grading.py",
     "inference": "python bench/inference_speed.py --parts report",
+    "explorer": "python bench/explorer.py",
 }
 
 
@@ -101,10 +102,22 @@ def rows(data: dict) -> list[tuple[str, str, str, str, str]]:
                         "model): stored float64 ; stored float32 ; streamed float32",
                         f"{ratio('stored')} ; {ratio('stored32')} ; {ratio('streamed32')}", "", "",
                         COMMANDS["inference"]))
+    if "explorer" in data:
+        ex, cmd = data["explorer"], COMMANDS["explorer"]
+        out += [("Explorer, layer step to a view rendered ahead (kernel side, p95 of 20)",
+                 f"{ex['ahead_p95_ms']:.1f} ms", f"<= {ex['target_ms']} ms in the browser",
+                 verdict(ex["ahead_p95_ms"] <= ex["target_ms"]), cmd),
+                ("... a setting drawn now (threshold far away; p95 of 5)", f"{ex['drawn_p95_ms']:.0f} ms", "", "", cmd),
+                (f"... rendering every neighbour ahead ({ex['layers']} layers)",
+                 f"{ex['render_ahead_seconds']:.1f} s in the background", "", "", cmd)]
     if "notebook" in data:
         nb = data["notebook"]
         out.append(("Lesson notebook, papermill, embedded model", f"{nb['best_seconds']:.1f} s", "< 90 s",
                     verdict(nb["best_seconds"] < 90), COMMANDS["notebook"]))
+        first = nb.get("solutions", {}).get("first_figure_seconds")
+        if first is not None:
+            out.append(("... first figure, seconds of code after the set-up cell", f"{first:.1f} s", "<= 15 s",
+                        verdict(first <= 15), COMMANDS["notebook"]))
     if "grading" in data:
         g = data["grading"]
         cmd = COMMANDS["grading"]

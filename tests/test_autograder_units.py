@@ -372,7 +372,9 @@ def test_sandbox_view_holds_only_what_the_code_needs(tmp_path):
                "repo": sorted(os.listdir({str(ROOT)!r})), "package": sorted(os.path.relpath(os.path.join(d, f), {str(ROOT / "autograder")!r})
                                   for d, _, fs in os.walk({str(ROOT / "autograder")!r}) for f in fs),
                "solutions": os.path.exists({str(ROOT / "solutions")!r}), "git": os.path.exists({str(ROOT / ".git")!r}),
-               "procs": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}}
+               "procs": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+               "static": os.environ.get("RESIDUAL_BANDWIDTH_STATIC"),
+               "widgets": __import__("residual_bandwidth.course.explorer", fromlist=["x"]).widget_frontend_available()}}
         open("mine.txt", "w").write("ok")
         for target in ("/usr/pwned", {str(ROOT / "lib" / "pwned.py")!r}, "/etc/pwned"):
             try:
@@ -405,6 +407,8 @@ def test_sandbox_view_holds_only_what_the_code_needs(tmp_path):
     assert out["/usr/pwned"] != "written" and out[str(ROOT / "lib" / "pwned.py")] != "written"
     assert out["/etc/pwned"] != "written"
     assert out["net"] != "connected" and out["kill1"] == "PermissionError"
+    # no front end in a grading box: the explorer shows its static view and draws nothing in the background
+    assert out["static"] == "1" and out["widgets"] is False
 
 
 @needs_bwrap

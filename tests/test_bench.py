@@ -75,3 +75,36 @@ def test_summary_shows_both_precisions_of_the_per_layer_report():
     assert value == "1.50x (1.30x) ; 1.25x (1.10x) ; 1.05x (0.95x)"
     assert "|" not in label + value   # one table cell each
     assert "inference_speed.py" in summarize.table({"inference": {"report": [row]}})
+
+
+def test_summary_reports_the_explorer_latency_from_its_json():
+    """The explorer benchmark's JSON reaches the summary with its verdict against the 200 ms target."""
+    data = {"layers": 30, "first_view_seconds": 0.7, "render_ahead_seconds": 14.7, "drawn_p95_ms": 704.2,
+            "ahead_p95_ms": 1.8, "target_ms": 200}
+    rows = summarize.rows({"explorer": data})
+    assert [r[1] for r in rows] == ["1.8 ms", "704 ms", "14.7 s in the background"]
+    assert rows[0][3] == "met" and rows[0][2] == "<= 200 ms in the browser"
+    assert summarize.rows({"explorer": {**data, "ahead_p95_ms": 250.0}})[0][3] == "**missed**"
+    assert all("explorer.py" in r[4] for r in rows)
+
+
+def test_notebook_benchmark_times_sections_and_the_first_figure():
+    """bench/notebook.py's per-section seconds and time to the first figure, on a small executed notebook."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+    import notebook as nb_bench
+
+    def code(src, seconds, figure=False):
+        cell = new_code_cell(src, metadata={"papermill": {"duration": seconds}})
+        if figure:
+            cell.outputs = [new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "fig"})]
+        return cell
+
+    nb = new_notebook(cells=[code("import os", 0.5), new_markdown_cell("## 0. Setup"),
+                             code("lm = load_model('embedded')", 4.0), code("x = 1", 1.5),
+                             new_markdown_cell("## 1. First idea\n\ntext"), code("plot()", 2.0, figure=True),
+                             code("y = 2", 3.0), new_markdown_cell("### a subsection"), code("z = 3", 1.0)])
+    nb = nbformat.from_dict(nb)
+    assert nb_bench.section_times(nb) == [("(top)", 0.5), ("0. Setup", 5.5), ("1. First idea", 6.0)]
+    assert nb_bench.first_figure_seconds(nb) == 3.5   # 1.5 s after the set-up cell, then the figure's 2.0 s
+    assert nb_bench.first_figure_seconds(nbformat.from_dict(new_notebook(cells=[code("load_model()", 1.0)]))) is None

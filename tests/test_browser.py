@@ -468,6 +468,48 @@ def _explorer_control(driver, label: str, css: str):
     raise AssertionError(f"no explorer control labelled {label!r} ({css})")
 
 
+JS_LATENCY_PROBE = """
+const st = document.querySelector('.jp-Notebook .rb-explorer .rb-explorer-status');
+window.__rbLatency = {keys: [], changes: []};
+document.addEventListener('keydown', () => window.__rbLatency.keys.push(performance.now()), true);
+new MutationObserver(() => window.__rbLatency.changes.push([performance.now(), st.textContent]))
+  .observe(st, {subtree: true, childList: true, characterData: true});
+"""
+EXPLORER_LATENCY_BOUND_S = 1.0   # generous for a loaded CI machine; the 200 ms target is in bench/explorer.py
+
+
+def _explorer_latency(d, handle, start: int, n: int = 20) -> None:
+    """Issue 23: from a key press on the layer slider to the explorer's status line naming the new
+    layer (the image, alt text and caption are replaced just before it), timed inside the page
+    (``performance.now()`` of the keydown and of the status line's mutation), ``n`` steps, each
+    waited for. Written to out/browser/explorer_latency.json; the p95 must stay under the bound."""
+    top = int(float(handle.get_attribute("aria-valuemax") or 29))
+    half = n // 2
+    steps = [1] * half + [-1] * half if start + half <= top else [-1] * half + [1] * half
+    d.execute_script(JS_LATENCY_PROBE)
+    layer, latencies = start, []
+    for step in steps:
+        layer += step
+        handle.send_keys(Keys.ARROW_RIGHT if step > 0 else Keys.ARROW_LEFT)
+        _wait(lambda: any(f"layer {layer}," in t for _, t in d.execute_script("return window.__rbLatency.changes")),
+              60, f"the explorer to show layer {layer}", poll=0.02)
+        probe = d.execute_script("return window.__rbLatency")
+        pressed = probe["keys"][-1]
+        shown = min(t for t, text in probe["changes"] if f"layer {layer}," in text and t >= pressed)
+        latencies.append((shown - pressed) / 1000)
+        d.execute_script("window.__rbLatency.changes = []")
+        time.sleep(0.2)
+    ordered = sorted(latencies)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "explorer_latency.json").write_text(json.dumps(
+        {"steps": len(latencies), "p95_s": p95, "median_s": ordered[len(ordered) // 2], "seconds": latencies},
+        indent=1))
+    assert p95 <= EXPLORER_LATENCY_BOUND_S, (
+        f"the explorer took {p95:.2f} s (p95 of {len(latencies)} layer steps) from a key press to the new view: "
+        f"{[round(x, 3) for x in latencies]}")
+
+
 def test_explorer_is_live_and_follows_keyboard_input(lab_session):
     s = lab_session
     d = s.driver
@@ -490,6 +532,7 @@ def test_explorer_is_live_and_follows_keyboard_input(lab_session):
     assert f"layer {layer + 1}." in after["caption"], after["caption"]
     time.sleep(0.5)
     s.shot("04-explorer-after-slider")
+    _explorer_latency(d, handle, layer + 1)
     # keyboard: the checkbox toggles with the space bar
     box = _explorer_control(d, "Exclude massive", "input[type=checkbox]")
     box.send_keys(Keys.SPACE)

@@ -19,6 +19,15 @@ PROMPT = "The capital of France is Paris, and the capital of Italy is Rome."
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
+@pytest.fixture(autouse=True)
+def _close_explorers():
+    """Explorers shown live render ahead in a background thread; stop those after each test."""
+    yield
+    import residual_bandwidth.course.explorer as explorer_module
+    for ex in list(explorer_module._OPEN):
+        ex.close()
+
+
 @pytest.fixture(scope="module")
 def prompt_capture(embedded):
     return capture_prompt(embedded, PROMPT)
@@ -179,7 +188,9 @@ def test_slow_render_of_older_input_never_overwrites_newer(embedded, prompt_capt
             release.wait(10)  # hold the old render until the newer inputs have arrived
         return real_update(loaded, prompt, layer, *args, **kwargs)
 
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+    # no background rendering here: it would draw layer 16 itself and this test times the main path
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture,
+                           prerender=False)
     w = ex.widgets
     monkeypatch.setattr(explorer_module, "explorer_update", slow_update)
     older = threading.Thread(target=lambda: setattr(w["layer"], "value", 16))
@@ -198,6 +209,58 @@ def test_slow_render_of_older_input_never_overwrites_newer(embedded, prompt_capt
         assert not t.is_alive()
     assert _controls(w)["layer"] == 17 and _controls(w)["exclude_massive"] is False
     _assert_view_matches_controls(embedded, prompt_capture, ex)
+
+
+def test_rendered_ahead_views_are_the_views_a_fresh_render_gives(embedded, prompt_capture, monkeypatch):
+    """Rendering ahead (issue 23: a slider step must not wait for matplotlib): once the background
+    thread is done, moving the slider to a neighbour swaps in a kept view without drawing anything,
+    and that view is exactly what explorer_update draws for the setting."""
+    import matplotlib
+
+    import residual_bandwidth.course.explorer as explorer_module
+    from residual_bandwidth.viz import plot_rank_by_layer
+
+    from residual_bandwidth.viz.core import FIGURE_LOCK
+    with FIGURE_LOCK:  # no figure is being made anywhere
+        rc_before = dict(matplotlib.rcParams)
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+    assert ex.prerender
+    for _ in range(3):  # figures made on this thread while the other one draws
+        plot_rank_by_layer(analyse_capture(prompt_capture)).close()
+    assert ex.wait_prerendered(120), "the background thread did not finish"
+    with FIGURE_LOCK:
+        assert dict(matplotlib.rcParams) == rc_before, "a figure's style leaked into matplotlib's settings"
+    expected = ex.neighbours()
+    assert [n["layer"] for n in expected[:2]] == [9, 11] and expected[2]["exclude_massive"] is False
+    assert {n["threshold"] for n in expected} == {0.94, 0.95, 0.96}
+    assert sorted(n["layer"] for n in expected if n["threshold"] == 0.95 and n["exclude_massive"]) == [
+        L for L in range(30) if L != 10]
+
+    ex.prerender = False  # from here on only this thread draws, so the count below is exact
+    real_update, drawn = explorer_module.explorer_update, []
+
+    def counting_update(loaded, prompt, layer, *args, **kwargs):
+        drawn.append(layer)
+        return real_update(loaded, prompt, layer, *args, **kwargs)
+
+    monkeypatch.setattr(explorer_module, "explorer_update", counting_update)
+    w = ex.widgets
+    for layer in (11, 12, 25, 0, 9):
+        w["layer"].value = layer
+        assert ex.settings["layer"] == layer and f"layer {layer}," in w["status"].value
+    w["threshold"].value = 0.94   # one slider step from layer 10's threshold, at layer 9: not kept
+    assert drawn == [9] and ex.settings["threshold"] == 0.94
+    _assert_view_matches_controls(embedded, prompt_capture, ex)
+    monkeypatch.undo()
+    for layer, threshold in ((12, 0.95), (10, 0.96)):   # rendered ahead of layer 10 at 0.95
+        fig, table = explorer_update(embedded, PROMPT, layer, threshold, True, capture=prompt_capture)
+        kept = ex._cached_view(explorer_module._view_key(
+            {"prompt": PROMPT, "layer": layer, "threshold": threshold, "exclude_massive": True}))
+        assert kept is not None and kept.table == table
+        assert html.escape(fig.alt_text, quote=True) in kept.html
+        fig.close()
+    ex.close()
+    assert ex.wait_prerendered(0) and not ex._start_prerender()
 
 
 class _Widget7:

@@ -34,10 +34,14 @@ registered"); Colab's own front end draws the 7.x it ships.
 """
 from __future__ import annotations
 
+import atexit
 import html
 import os
 import re
 import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -143,6 +147,24 @@ def explorer_update(loaded, prompt: str, layer: int, threshold: float = 0.95,
     return fig, fig.table
 
 
+@dataclass(frozen=True)
+class ExplorerView:
+    """One setting, rendered: the HTML the widget shows (image with alt attribute, caption, table)
+    and the text a terminal prints (alt text and table)."""
+    html: str
+    text: str
+    table: list
+
+    @classmethod
+    def of(cls, fig: AccessibleFigure) -> "ExplorerView":
+        return cls(fit_to_container(fig._repr_html_()), f"{fig.alt_text}\n\n{fig.table_text()}", fig.table)
+
+
+def _view_key(settings: dict) -> tuple:
+    return (settings["prompt"], round(float(settings["threshold"]), 4), bool(settings["exclude_massive"]),
+            int(settings["layer"]))
+
+
 class BandwidthExplorer:
     """The explorer's state, its widgets (built only when shown interactively) and its static view.
 
@@ -150,17 +172,30 @@ class BandwidthExplorer:
     settings (re-using the capture while the prompt is unchanged) and refreshes ``figure``,
     ``table`` and, when live, the widget's image and table. An invalid setting (e.g. a one-token
     prompt with massive positions excluded) keeps the last good view and shows the message.
+
+    Speed. Drawing one view costs about 0.4 s (matplotlib's layout and drawing; the analysis of one
+    prompt takes 0.04 s), too slow for a slider. So every rendered view is kept (:class:`ExplorerView`,
+    at most ``MAX_VIEWS``), and with ``prerender`` (the default when live) a background thread renders
+    the views a student is likely to ask for next (:meth:`neighbours`: every other layer, nearest
+    first, then the other massive choice and the thresholds one slider step away). A change to a
+    rendered view only swaps the widget's HTML. ``wait_prerendered()`` waits for that thread.
     """
+
+    MAX_VIEWS = 96
 
     def __init__(self, loaded, prompt: str = DEFAULT_PROMPT, layer: int | None = None,
                  threshold: float = 0.95, exclude_massive: bool = True, massive_ratio: float = 4.0,
-                 kind: str = "resid_post", interactive: bool | None = None, capture=None):
+                 kind: str = "resid_post", interactive: bool | None = None, capture=None,
+                 prerender: bool | None = None):
         self.loaded = loaded
         self.kind = kind
         self.massive_ratio = check_positive(massive_ratio, "massive_ratio")
         self.interactive = widget_frontend_available(interactive)
+        self.prerender = self.interactive if prerender is None else bool(prerender)
         self._captures: dict[str, object] = {}
         self._reports: dict[tuple, object] = {}  # (prompt, threshold, exclude_massive) -> report
+        self._views: OrderedDict[tuple, ExplorerView | None] = OrderedDict()  # None: cannot be drawn
+        self._cache_lock = threading.RLock()  # the three caches above, shared with the background thread
         self.settings = {"prompt": _check_prompt(prompt), "layer": layer,
                          "threshold": check_fraction(threshold, "threshold"),
                          "exclude_massive": bool(exclude_massive)}
@@ -169,7 +204,8 @@ class BandwidthExplorer:
         cap = self._capture(self.settings["prompt"])
         if layer is None:
             self.settings["layer"] = cap.layers[len(cap.layers) // 2]
-        self.figure: AccessibleFigure | None = None
+        self._figure: AccessibleFigure | None = None
+        self.view: ExplorerView | None = None
         self.table: list[dict] = []
         self.error: str | None = None
         self.widgets: dict | None = None
@@ -177,21 +213,35 @@ class BandwidthExplorer:
         self._generation_lock = threading.Lock()
         self._work_lock = threading.Lock()
         self._quiet = threading.local()  # set while the explorer itself moves the controls
+        self._worker: threading.Thread | None = None
+        self._worker_lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closed = False
+        _OPEN.add(self)
         self.update(raise_errors=True)
         if self.interactive:
             self._build_widgets()
 
     # ---- the work ------------------------------------------------------------------------------
     def _capture(self, prompt: str):
-        if prompt not in self._captures:
-            if len(self._captures) >= 8:  # a small cache: typing many prompts must not grow memory
-                self._captures.pop(next(iter(self._captures)))
-            self._captures[prompt] = capture_prompt(self.loaded, prompt, self.kind)
-        return self._captures[prompt]
+        with self._cache_lock:
+            if prompt not in self._captures:
+                if len(self._captures) >= 8:  # a small cache: typing many prompts must not grow memory
+                    self._captures.pop(next(iter(self._captures)))
+                self._captures[prompt] = capture_prompt(self.loaded, prompt, self.kind)
+            return self._captures[prompt]
 
     @property
     def layers(self) -> list[int]:
         return self._capture(self.settings["prompt"]).layers
+
+    @property
+    def figure(self) -> AccessibleFigure | None:
+        """The current view as an :class:`AccessibleFigure` (drawn again if it came from the cache)."""
+        if self._figure is None and self.view is not None:
+            self._figure = self._compute(self.settings)[0]
+        return self._figure
 
     def update(self, raise_errors: bool = False, **changes) -> tuple[AccessibleFigure, list[dict]]:
         """Apply ``changes`` (prompt, layer, threshold, exclude_massive) and recompute.
@@ -201,7 +251,8 @@ class BandwidthExplorer:
         unknown = set(changes) - set(self.settings)
         if unknown:
             raise BandwidthInputError(f"unknown setting(s) {sorted(unknown)}; have {sorted(self.settings)}")
-        return self._apply(self._next_generation(), changes, raise_errors)
+        self._apply(self._next_generation(), changes, raise_errors)
+        return self.figure, self.table
 
     def _next_generation(self) -> int:
         with self._generation_lock:
@@ -213,43 +264,119 @@ class BandwidthExplorer:
 
     def _compute(self, new: dict) -> tuple[AccessibleFigure, list[dict]]:
         cap = self._capture(_check_prompt(new["prompt"]))
-        key = (new["prompt"], new["threshold"], bool(new["exclude_massive"]))
-        if key not in self._reports:  # moving only the layer slider re-uses the analysis
-            if len(self._reports) >= 16:
-                self._reports.pop(next(iter(self._reports)))
-            self._reports[key] = analyse_capture(cap, check_fraction(new["threshold"], "threshold"),
-                                                 new["exclude_massive"], self.massive_ratio, self.kind)
+        key = _view_key(new)[:3]
+        with self._cache_lock:
+            if key not in self._reports:  # moving only the layer slider re-uses the analysis
+                if len(self._reports) >= 16:
+                    self._reports.pop(next(iter(self._reports)))
+                self._reports[key] = analyse_capture(cap, check_fraction(new["threshold"], "threshold"),
+                                                     new["exclude_massive"], self.massive_ratio, self.kind)
+            report = self._reports[key]
         return explorer_update(self.loaded, new["prompt"], new["layer"], new["threshold"],
                                new["exclude_massive"], self.massive_ratio, self.kind,
-                               capture=cap, report=self._reports[key])
+                               capture=cap, report=report)
 
-    def _apply(self, generation: int, changes: dict, raise_errors: bool = False):
+    def _cached_view(self, key: tuple) -> ExplorerView | None:
+        with self._cache_lock:
+            view = self._views.get(key)
+            if view is not None:
+                self._views.move_to_end(key)
+            return view
+
+    def _keep_view(self, key: tuple, view: ExplorerView | None) -> None:
+        with self._cache_lock:
+            self._views[key] = view
+            self._views.move_to_end(key)
+            while len(self._views) > self.MAX_VIEWS:
+                self._views.popitem(last=False)
+
+    def _apply(self, generation: int, changes: dict, raise_errors: bool = False) -> None:
         """Render the settings ``controls + changes`` unless a newer input has arrived.
 
         One render at a time (``_work_lock``); a render that was overtaken by a newer input while it
         waited or computed is dropped: the newer input's own call renders the newer state."""
         with self._work_lock:
             if self._stale(generation):
-                return self.figure, self.table
+                return
             new = {**self._control_values(), **changes}
-            try:
-                fig, table = self._compute(new)
-            except BandwidthInputError as e:
-                if raise_errors:
-                    raise
-                if not self._stale(generation):
-                    self.error = str(e)
-                    self._render()
-                return self.figure, self.table
+            view, fig = self._cached_view(_view_key(new)), None
+            if view is None:
+                try:
+                    fig = self._compute(new)[0]
+                except BandwidthInputError as e:
+                    if raise_errors:
+                        raise
+                    if not self._stale(generation):
+                        self.error = str(e)
+                        self._render()
+                    return
+                view = ExplorerView.of(fig)
+                self._keep_view(_view_key(new), view)
             if self._stale(generation):  # a newer input arrived while this one was computed
-                fig.close()
-                return self.figure, self.table
-            if self.figure is not None:
-                self.figure.close()
-            self.settings, self.figure, self.table, self.error = new, fig, table, None
+                if fig is not None:
+                    fig.close()
+                return
+            if self._figure is not None:
+                self._figure.close()
+            self.settings, self._figure, self.view, self.table, self.error = new, fig, view, view.table, None
             self._set_controls(new)
             self._render()
-            return fig, table
+        self._start_prerender()
+
+    # ---- rendering ahead -----------------------------------------------------------------------
+    def neighbours(self, settings: dict | None = None) -> list[dict]:
+        """The settings a student is likely to ask for next, most likely first: the layers next to
+        this one, the other massive choice, the thresholds one slider step (0.01) away, then every
+        other layer, nearest first (at most ``MAX_VIEWS // 2`` in all)."""
+        s = dict(self.settings if settings is None else settings)
+        layers = sorted(self.layers, key=lambda L: (abs(L - s["layer"]), L))[1:]
+        steps = [{**s, "threshold": round(s["threshold"] + d, 2)} for d in (0.01, -0.01)
+                 if 0.0 < round(s["threshold"] + d, 2) <= 1.0]
+        near = [{**s, "layer": L} for L in layers[:2]] + [{**s, "exclude_massive": not s["exclude_massive"]}]
+        return (near + steps + [{**s, "layer": L} for L in layers[2:]])[: self.MAX_VIEWS // 2]
+
+    def _start_prerender(self) -> None:
+        if not self.prerender or self._closed:
+            return
+        with self._worker_lock:
+            if self._worker is None:
+                self._idle.clear()
+                self._worker = threading.Thread(target=self._prerender_loop, name="explorer-prerender",
+                                                daemon=True)
+                self._worker.start()
+
+    def _prerender_loop(self) -> None:
+        """Render the next missing neighbour of the setting on screen until none is missing."""
+        while True:
+            with self._worker_lock:
+                with self._cache_lock:
+                    todo = [] if self._closed else [n for n in self.neighbours()
+                                                    if _view_key(n) not in self._views]
+                if not todo:
+                    self._worker = None
+                    self._idle.set()
+                    return
+            try:
+                fig = self._compute(todo[0])[0]
+                view = ExplorerView.of(fig)
+                fig.close()
+            except Exception:  # noqa: BLE001 - a setting that cannot be drawn is shown as an error when asked for
+                view = None
+            self._keep_view(_view_key(todo[0]), view)
+
+    def wait_prerendered(self, timeout: float | None = None) -> bool:
+        """Wait until the background thread has rendered every neighbour; False on timeout."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop rendering ahead (the current render finishes) and release the figure. Called for every
+        open explorer when Python exits: a thread still drawing then would abort the interpreter."""
+        self._closed = True
+        self._idle.wait(timeout)
+        if self._figure is not None:
+            self._figure.close()
+            self._figure = None
+
 
     # ---- widgets -------------------------------------------------------------------------------
     def _build_widgets(self) -> None:
@@ -268,7 +395,7 @@ class BandwidthExplorer:
                                        description="Variance threshold p:", readout_format=".2f",
                                        continuous_update=False, style=style),
             "exclude_massive": W.Checkbox(value=self.settings["exclude_massive"],
-                                          description="Exclude massive-activation positions",
+                                          description="Exclude massive rows",
                                           indent=False, style=style),
             "status": W.HTML(value=""),
             "view": W.HTML(value=""),
@@ -297,7 +424,7 @@ class BandwidthExplorer:
             return dict(self.settings)
         w = self.widgets
         return {"prompt": w["prompt"].value, "layer": int(w["layer"].value),
-                "threshold": float(w["threshold"].value),
+                "threshold": round(float(w["threshold"].value), 4),  # a slider step of 0.01 may arrive as 0.9599999
                 "exclude_massive": bool(w["exclude_massive"].value)}
 
     def _set_controls(self, settings: dict) -> None:
@@ -320,15 +447,9 @@ class BandwidthExplorer:
             return
         status = (f'<p role="alert"><b>Not updated:</b> {html.escape(self.error)}</p>' if self.error
                   else f"<p>{html.escape(self._summary())}</p>")
-        if self.figure is not None:  # the image first: once the caption changes, the image has
-            self.widgets["view"].value = self._figure_html()
+        if self.view is not None:  # the image first: once the caption changes, the image has
+            self.widgets["view"].value = self.view.html
         self.widgets["status"].value = status
-
-    def _figure_html(self) -> str:
-        """The figure's HTML, with the image scaled to fit its container and wide tables scrolling."""
-        if self.figure is None:
-            return ""
-        return fit_to_container(self.figure._repr_html_())
 
     def _summary(self) -> str:
         s = self.settings
@@ -339,15 +460,15 @@ class BandwidthExplorer:
     def static_html(self) -> str:
         """The current figure (alt attribute + caption) and table as HTML, for non-widget viewers."""
         err = f"<p><b>Not updated:</b> {html.escape(self.error)}</p>" if self.error else ""
-        return err + self._figure_html()
+        return err + (self.view.html if self.view is not None else "")
 
     def __str__(self) -> str:
         head = f"Bandwidth explorer ({self._summary()})"
         if self.error:
             head += f"\nNot updated: {self.error}"
-        if self.figure is None:
+        if self.view is None:
             return head
-        return f"{head}\n{self.figure.alt_text}\n\n{self.figure.table_text()}"
+        return f"{head}\n{self.view.text}"
 
     __repr__ = __str__
 
@@ -356,6 +477,15 @@ class BandwidthExplorer:
         if self.interactive and self.widgets:
             bundle.update(widget_view_bundle(self.widgets["box"]))
         return bundle
+
+
+_OPEN: "weakref.WeakSet[BandwidthExplorer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_explorers() -> None:
+    for explorer in list(_OPEN):
+        explorer.close()
 
 
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"

@@ -35,6 +35,7 @@ import html
 import io
 import math
 import textwrap
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -51,12 +52,17 @@ from ..validation import BandwidthInputError
 #: is made (:func:`styled`); importing this package leaves ``matplotlib.rcParams`` unchanged.
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9, "figure.dpi": 100}
 
+#: Held while a figure is made or drawn. ``rc_context`` changes matplotlib's global settings, so two
+#: threads making figures at once (the explorer renders layers in the background) would leave each
+#: other's settings behind; with the lock they take turns.
+FIGURE_LOCK = threading.RLock()
+
 
 def styled(plot):
-    """Run a figure function inside ``matplotlib.rc_context(STYLE)``."""
+    """Run a figure function inside ``matplotlib.rc_context(STYLE)`` (holding :data:`FIGURE_LOCK`)."""
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
-        with matplotlib.rc_context(STYLE):
+        with FIGURE_LOCK, matplotlib.rc_context(STYLE):
             return plot(*args, **kwargs)
     return wrapper
 
@@ -87,7 +93,8 @@ class AccessibleFigure:
     def save(self, path: str | Path, dpi: int = 120) -> Path:
         """Save the image (format from the suffix, e.g. ``.png``) and return the path."""
         path = Path(path)
-        self.figure.savefig(path, dpi=dpi, bbox_inches="tight")
+        with FIGURE_LOCK:
+            self.figure.savefig(path, dpi=dpi, bbox_inches="tight")
         return path
 
     def close(self) -> None:
@@ -154,7 +161,8 @@ class AccessibleFigure:
 
     def _repr_html_(self) -> str:
         buf = io.BytesIO()
-        self.figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        with FIGURE_LOCK:
+            self.figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
         img = base64.b64encode(buf.getvalue()).decode()
         # the image's alt text names the figure; the full description is the caption, read once
         alt = html.escape(f"Figure: {self.title or 'untitled'} (described in the caption)", quote=True)
