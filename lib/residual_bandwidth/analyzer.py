@@ -59,7 +59,7 @@ class BandwidthReport:
                 f"{c.utilization_d_model:>8.1%} {c.anisotropy:>10.3f} "
                 f"{by_layer.get(a.layer, float('nan')):>15.1f}")
         lines.append(f"r{p}: components holding {p}% of the variance, all {self.n_rows} positions; "
-                     f"* = without the {len(self.excluded_rows)} massive-activation position(s). "
+                     f"* = without the {len(self.excluded_rows)} massive row(s) (norm at or above the massive ratio x the median). "
                      f"d_model = {self.d_model}.")
         return "\n".join(lines)
 
@@ -167,7 +167,7 @@ class ResidualBandwidthAnalyzer:
         cap = as_capture(states, kind)
         keep = ~self.massive_mask(cap, kind) if self.exclude_massive else torch.ones(cap.n_rows, dtype=torch.bool)
         if int(keep.sum()) < 1:
-            raise BandwidthInputError("every position is a massive activation; nothing left to pool")
+            raise BandwidthInputError("every position is a massive row (norm >= massive_ratio x the median); nothing left to pool")
         pooled = torch.cat(cap.layer_stack(kind, rows=keep))
         return compute_metrics(pooled, self.center,
                                self.variance_threshold, layer="all", name="residual_states (pooled)",

@@ -195,8 +195,7 @@ def heldout_spread(x, loud_ratio: float = 2.0, n_splits: int = 8, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     n = x.shape[0]
     bias = []
-    tot_spread, tot_pct, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), \
-        torch.zeros(n, dtype=torch.float64)
+    tot_spread, tot_pct, count = torch.zeros(3, n, dtype=torch.float64)
     for _ in range(n_splits):
         perm = typical[torch.randperm(len(typical), generator=g)]
         a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]

@@ -34,7 +34,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .validation import BandwidthInputError, all_finite, as_matrix, check_int, check_prompts
+from .validation import (BandwidthInputError, all_finite, as_matrix, as_matrix_list, check_int, check_prompts,
+                         check_same_width)
 
 KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
@@ -75,10 +76,8 @@ GPT2 = _adapter("gpt2", blocks="transformer.h", attn="attn", mlp="mlp", norm1="l
 # model_type -> adapter. Only sequential pre-norm decoders whose blocks are exactly
 # x + attn(norm1(x)) then x + mlp(norm2(x)); parallel-residual (GPT-NeoX, GPT-J), post-norm
 # (BERT) and sandwich-norm (Gemma 2/3) models do not have this residual stream.
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
-    "gpt2": GPT2,
-}
+ARCHITECTURES: dict[str, Architecture] = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA,
+                                           "gpt2": GPT2}
 
 
 def architecture_of(model: torch.nn.Module) -> Architecture:
@@ -100,16 +99,11 @@ def model_dims(model: torch.nn.Module) -> dict:
     d_model = getattr(c, "hidden_size", None) or getattr(c, "n_embd")
     n_heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head")
     d_mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model
-    return {
-        "model_type": c.model_type,
-        "d_model": int(d_model),
-        "n_layers": int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")),
-        "n_heads": int(n_heads),
-        "n_kv_heads": int(getattr(c, "num_key_value_heads", None) or n_heads),
-        "d_head": int(getattr(c, "head_dim", None) or d_model // n_heads),
-        "d_mlp": int(d_mlp),
-        "vocab_size": int(c.vocab_size),
-    }
+    return {"model_type": c.model_type, "d_model": int(d_model),
+            "n_layers": int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer")),
+            "n_heads": int(n_heads), "n_kv_heads": int(getattr(c, "num_key_value_heads", None) or n_heads),
+            "d_head": int(getattr(c, "head_dim", None) or d_model // n_heads), "d_mlp": int(d_mlp),
+            "vocab_size": int(c.vocab_size)}
 
 
 def check_layers(model, layers, name: str = "layers") -> list[int]:
@@ -222,7 +216,6 @@ class ResidualCapture:
         for key, v in acts.items():
             if v.shape[0] != n:
                 raise BandwidthInputError(f"{key}: {v.shape[0]} positions but others have {n}")
-        from .validation import check_same_width
         check_same_width(list(acts.values()), name="cache")
         if batch_shape:
             b, t = batch_shape
@@ -239,7 +232,6 @@ class ResidualCapture:
     def from_list(cls, states: Sequence[torch.Tensor], kind: str = "resid_post",
                   tokens: Sequence[str] | None = None) -> "ResidualCapture":
         """Build from a plain list of ``[pos, d_model]`` tensors, one per layer (the seed's input)."""
-        from .validation import as_matrix_list
         mats = as_matrix_list(states, min_rows=1)
         n = mats[0].shape[0]
         for i, m in enumerate(mats):
@@ -261,10 +253,6 @@ def as_capture(states, kind: str = "resid_post") -> ResidualCapture:
 # --------------------------------------------------------------------------------------------
 # Running the model
 # --------------------------------------------------------------------------------------------
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
 def hook_point(arch: Architecture, block: torch.nn.Module, kind: str) -> tuple[torch.nn.Module, str]:
     """Where ``kind`` is read in one block: ``(module, "input" | "output")`` (the module docstring's
     diagram). The one hook table of the package: capture, the monitor and the memory measurements
@@ -280,7 +268,7 @@ def add_hook(module: torch.nn.Module, where: str, fn: Callable[[torch.Tensor], N
     ``hidden_states=`` keyword) or first output (``"output"``). Returns the handle; ``fn``'s return
     value is ignored, so the model's computation is never changed."""
     if where == "output":
-        return module.register_forward_hook(lambda m, a, o: fn(_first(o)) and None)
+        return module.register_forward_hook(lambda m, a, o: fn(o[0] if isinstance(o, (tuple, list)) else o) and None)
     if where != "input":
         raise BandwidthInputError(f"where: expected 'input' or 'output', got {where!r}")
 

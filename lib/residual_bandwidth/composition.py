@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 
 from .capture import architecture_of, check_layers
-from .validation import BandwidthInputError, as_matrix
+from .compression import random_subspace
+from .validation import BandwidthInputError, as_matrix, check_int
 from .weights import LayerWeights, all_layer_weights, check_layer_weights, factored_svd
 
 COMPOSITION_KINDS = ("Q", "K", "V")
@@ -77,9 +78,7 @@ class CircuitSVD:
 def circuit_svd(lw: LayerWeights) -> CircuitSVD:
     """Factored SVDs of ``W_OV = W_V W_O`` and ``W_QK = W_Q W_K^T`` (float64)."""
     lw = check_layer_weights(lw).to(torch.float64)
-    ov = factored_svd(lw.W_V, lw.W_O)
-    qk = factored_svd(lw.W_Q, lw.W_K.transpose(1, 2))
-    return CircuitSVD(lw.layer, *ov, *qk)
+    return CircuitSVD(lw.layer, *factored_svd(lw.W_V, lw.W_O), *factored_svd(lw.W_Q, lw.W_K.transpose(1, 2)))
 
 
 def component_subspaces(lw: LayerWeights, head: int, k: int | None = None) -> dict:
@@ -121,8 +120,7 @@ def random_baseline(d_model: int, d_head: int, n: int = 50, seed: int = 0) -> tu
     Computed without ``d x d`` matrices: with ``M = A_2 B_1`` (``d_head x d_head``),
     ``||A_1 M B_2||_F^2 = tr(M^T (A_1^T A_1) M (B_2 B_2^T))`` and ``||A_1 A_2||_F^2 = tr((A_1^T A_1)(A_2 A_2^T))``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise BandwidthInputError(f"n_baseline: expected an int >= 2, got {n!r}")
+    check_int(n, "n_baseline", low=2)
     g = torch.Generator().manual_seed(seed)
     vals = []
     for _ in range(n):
@@ -209,8 +207,8 @@ class CompositionScores:
     def summary(self) -> dict:
         v = self.valid()
         return {"kind": self.kind, "n_pairs": int(v.numel()), "max": float(v.max()) if v.numel() else None,
-                "mean": float(v.mean()) if v.numel() else None, "baseline_mean": self.baseline_mean,
-                "baseline_std": self.baseline_std,
+                "mean": float(v.mean()) if v.numel() else None,
+                "baseline_mean": self.baseline_mean, "baseline_std": self.baseline_std,
                 "share_above_3_std": (float((v > self.baseline_mean + 3 * self.baseline_std).float().mean())
                                       if v.numel() else None),
                 "rotated_baseline_mean": self.rotated_mean, "rotated_baseline_std": self.rotated_std,
@@ -222,11 +220,8 @@ class CompositionScores:
 def _readers(svds, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """What each head reads with for ``kind``-composition, stacked over heads: its query side (Q),
     key side (K) or value side (V) singular vectors and their singular values."""
-    if kind == "Q":
-        return torch.cat([c.qk_U for c in svds]), torch.cat([c.qk_S for c in svds])
-    if kind == "K":
-        return torch.cat([c.qk_V for c in svds]), torch.cat([c.qk_S for c in svds])
-    return torch.cat([c.ov_U for c in svds]), torch.cat([c.ov_S for c in svds])
+    U, S = {"Q": ("qk_U", "qk_S"), "K": ("qk_V", "qk_S"), "V": ("ov_U", "ov_S")}[kind]
+    return torch.cat([getattr(c, U) for c in svds]), torch.cat([getattr(c, S) for c in svds])
 
 
 def composition_scores(model_or_weights, kind: str = "Q", layers=None, n_baseline: int = 50,
@@ -265,9 +260,8 @@ def composition_scores(model_or_weights, kind: str = "Q", layers=None, n_baselin
     mean, std = random_baseline(weights[0].d_model, weights[0].d_head, n_baseline, seed)
     r_mean, r_std = rotated_baseline(torch.cat([c.ov_S for c in svds]), torch.cat([c.ov_V for c in svds]),
                                      layer_of, read_s, layer_of, n_baseline, seed)
-    return CompositionScores(kind=kind, src_labels=labels, dst_labels=labels, scores=scores,
-                             baseline_mean=mean, baseline_std=std, n_baseline=n_baseline,
-                             rotated_mean=r_mean, rotated_std=r_std)
+    return CompositionScores(kind=kind, src_labels=labels, dst_labels=labels, scores=scores, baseline_mean=mean,
+                             baseline_std=std, n_baseline=n_baseline, rotated_mean=r_mean, rotated_std=r_std)
 
 
 def expected_random_score(d_model: int) -> float:
@@ -317,11 +311,6 @@ class PairSignificance:
         return dict(self.__dict__)
 
 
-def _rotation(d: int, g: torch.Generator) -> torch.Tensor:
-    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
-
-
 def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 0) -> tuple[list[float], float, float]:
     """Null distribution of composition scores with each pair's orientation destroyed.
 
@@ -335,8 +324,7 @@ def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 
     """
     if kind not in COMPOSITION_KINDS:
         raise BandwidthInputError(f"kind: expected one of {COMPOSITION_KINDS}, got {kind!r}")
-    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
-        raise BandwidthInputError(f"n_draws: expected a positive int, got {n_draws!r}")
+    check_int(n_draws, "n_draws", low=1)
     weights = list(weights)
     svds = [circuit_svd(w) for w in weights]
     layer_of = torch.tensor([w.layer for w in weights for _ in range(w.n_heads)])
@@ -345,7 +333,7 @@ def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 
     d = weights[0].d_model
     maxima, pooled = [], []
     for _ in range(n_draws):
-        Q = _rotation(d, g)
+        Q = random_subspace(d, d, g)   # a uniformly random rotation
         best = -1.0
         for w, c in zip(weights, svds):
             later = layer_of > w.layer
@@ -385,11 +373,10 @@ def pair_significance(scores: CompositionScores, weights, alpha: float = 0.05, n
     exact family-wise error rate. ``weights`` must be the :class:`LayerWeights` the scores were
     computed from.
     """
-    if not 0 < alpha < 1:
-        raise BandwidthInputError(f"alpha: expected a number in (0, 1), got {alpha!r}")
-    if isinstance(n_draws, int) and not isinstance(n_draws, bool) and 0 < n_draws < draws_needed(alpha):
+    needed = draws_needed(alpha)   # also checks alpha
+    if isinstance(n_draws, int) and not isinstance(n_draws, bool) and 0 < n_draws < needed:
         raise BandwidthInputError(f"n_draws = {n_draws} cannot give a family-wise error rate of {alpha}: "
-                                  f"use at least {draws_needed(alpha)} draws")
+                                  f"use at least {needed} draws")
     maxima, mean, std = max_statistic_null(weights, scores.kind, n_draws, seed)
     thr, j, rate = order_statistic_threshold(maxima, alpha)
     v = scores.valid()

@@ -51,7 +51,7 @@ from .capture import (architecture_of, as_capture, capture_residuals, check_laye
                       model_dims)
 from .metrics import principal_directions
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
-from .validation import BandwidthInputError, check_positive, check_prompts
+from .validation import BandwidthInputError, check_int, check_positive, check_prompts
 
 DEFAULT_TOLERANCE = 0.05
 
@@ -194,9 +194,9 @@ def _per_sequence(batches, logp, base_logp=None) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _loss_and_kl(batches, logp, base_logp=None) -> tuple[float, float]:
-    """Mean next-token loss over real positions, and mean KL(base || this) when ``base_logp`` is given."""
-    t = _per_sequence(batches, logp, base_logp).sum(0)
+def _loss_and_kl(per_seq: torch.Tensor) -> tuple[float, float]:
+    """Mean next-token loss and mean KL(base || this) over real positions, from :func:`_per_sequence`."""
+    t = per_seq.sum(0)
     return float(t[0] / t[2]), float(t[1] / t[2])
 
 
@@ -245,23 +245,19 @@ class CompressionCurve:
     def interval_records(self) -> list[dict]:
         """``records()`` plus the 95 % bootstrap interval of ``delta_loss`` over held-out sequences
         (``delta_loss_lo``, ``delta_loss_hi``) and, for random subspaces, every draw's ``delta_loss``."""
-        keys = ("layer", "k", "subspace", "loss", "kl", "delta_loss", "delta_loss_lo", "delta_loss_hi",
-                "draws_delta_loss")
+        keys = ("layer", "k", "subspace", "loss", "kl", "delta_loss", "delta_loss_lo", "delta_loss_hi", "draws_delta_loss")
         return [{k: r.get(k) for k in keys} for r in self.rows]
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "ks": self.ks, "base_loss": self.base_loss,
                 "tolerance": self.tolerance, "tolerance_unit": "nats of next-token loss (absolute)",
                 "records": self.records(), "intervals": self.interval_records(), "random_kl_std": [r.get("kl_std") for r in self.rows],
-                "smallest_k": {str(k): v for k, v in self.smallest_k.items()},
-                "smallest_k_random": {str(k): v for k, v in self.smallest_k_random.items()},
-                "smallest_k_kl": {str(k): v for k, v in self.smallest_k_kl.items()},
-                "explained_variance": {str(k): v for k, v in self.explained_variance.items()},
+                **{name: {str(k): v for k, v in getattr(self, name).items()}   # JSON keys are strings
+                   for name in ("smallest_k", "smallest_k_random", "smallest_k_kl", "explained_variance")},
                 "explained_variance_note": ("share of the fitted calibration rows' centred energy in "
                                             "the top-k subspace, per k in ks"),
-                "skip_massive": self.skip_massive, "massive_ratio": self.massive_ratio,
-                "n_random": self.n_random, "d_model": self.d_model,
-                "n_calibration_tokens": self.n_calibration_tokens,
+                "skip_massive": self.skip_massive, "massive_ratio": self.massive_ratio, "n_random": self.n_random,
+                "d_model": self.d_model, "n_calibration_tokens": self.n_calibration_tokens,
                 "n_heldout_tokens": self.n_heldout_tokens, "notes": self.notes}
 
 
@@ -287,12 +283,10 @@ def _check_ks(ks, d: int) -> list[int]:
         ks = [ks]
     if not isinstance(ks, Sequence) or len(ks) == 0:
         raise BandwidthInputError("ks: expected a non-empty list of subspace dimensions")
-    out = []
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
             raise BandwidthInputError(f"ks: each k must be an int in 1..d_model={d}, got {k!r}")
-        out.append(k)
-    return sorted(set(out))
+    return sorted(set(ks))
 
 
 def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
@@ -319,10 +313,8 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
     tolerance = check_positive(tolerance, "tolerance")
     massive_ratio = check_positive(massive_ratio, "massive_ratio")
     keep_ratio = massive_ratio if skip_massive else None
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
-        raise BandwidthInputError(f"n_random: expected an int >= 0, got {n_random!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BandwidthInputError(f"batch_size: expected a positive int, got {batch_size!r}")
+    check_int(n_random, "n_random", low=0)
+    check_int(batch_size, "batch_size", low=1)
 
     if states is None:
         cap = capture_residuals(model, tokenizer, calibration, kinds=["resid_post"], layers=layers,
@@ -340,13 +332,12 @@ def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
         raise BandwidthInputError("heldout_prompts: every prompt is a single token; nothing to predict")
     base_logp = _logprobs(model, batches)
     base_seq = _per_sequence(batches, base_logp)
-    base_loss, _ = _loss_and_kl(batches, base_logp)
+    base_loss, _ = _loss_and_kl(base_seq)
 
     def measure(with_projection):
         with with_projection:
             seq = _per_sequence(batches, _logprobs(model, batches), base_logp)
-        tot = seq.sum(0)
-        return seq, float(tot[0] / tot[2]), float(tot[1] / tot[2])
+        return (seq, *_loss_and_kl(seq))
 
     gen = torch.Generator().manual_seed(seed)
     rows, explained = [], {}

@@ -57,7 +57,7 @@ import torch
 from .capture import (Listener, add_hook, architecture_of, as_capture, check_layers, eager_attention,
                       hook_name, hook_point, model_dims, run_listeners)
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
-from .validation import BandwidthInputError, check_positive, check_prompts
+from .validation import BandwidthInputError, check_int, check_positive, check_prompts
 from .weights import LayerWeights, all_layer_weights, check_layer_weights, out_projections
 
 #: the keys of one (layer, head) record of :func:`head_records`
@@ -117,10 +117,6 @@ def neuron_cosines(model: torch.nn.Module, layers=None, direction: str = "in",
 # ---------------------------------------------------------------------------------------------
 # Running the model with hooks
 # ---------------------------------------------------------------------------------------------
-def _device(model):
-    return next(model.parameters()).device
-
-
 def _probabilities(out) -> torch.Tensor:
     """The attention probabilities ``[B, H, T, T]`` an attention module returned in eager mode."""
     if not isinstance(out, (tuple, list)) or len(out) < 2 or out[1] is None:
@@ -148,7 +144,7 @@ def attention_patterns(model: torch.nn.Module, tokenizer, prompt: str, layers=No
     enc = tokenizer(prompt, return_tensors="pt")
     try:
         with eager_attention(model):
-            model(**{k: v.to(_device(model)) for k, v in enc.items()}, use_cache=False)
+            model(**{k: v.to(next(model.parameters()).device) for k, v in enc.items()}, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -196,20 +192,18 @@ def head_records(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] 
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed to measure attention on prompts")
         current_attention = current_token_attention(model, tokenizer, prompts, layers)
-    if current_attention is not None and tuple(current_attention.shape) != (len(layers), model_dims(model)["n_heads"]):
-        raise BandwidthInputError(f"current_attention: expected shape {(len(layers), model_dims(model)['n_heads'])}, "
-                                  f"got {tuple(current_attention.shape)}")
+    shape = (len(layers), model_dims(model)["n_heads"])
+    if current_attention is not None and tuple(current_attention.shape) != shape:
+        raise BandwidthInputError(f"current_attention: expected shape {shape}, got {tuple(current_attention.shape)}")
     out = []
     for i, (L, lw) in enumerate(zip(layers, weights)):
         eigs = ov_eigenvalues(lw)
         share = neg_share(eigs)
         for h in range(lw.n_heads):
             e = eigs[h][torch.argsort(eigs[h].real)]
-            out.append({"layer": L, "head": h, "kv_head": lw.kv_head[h],
-                        "eig_real": e.real.tolist(), "eig_imag": e.imag.tolist(),
-                        "neg_share": float(share[h]),
-                        "current_token_attention": (None if current_attention is None
-                                                    else float(current_attention[i, h]))})
+            cta = None if current_attention is None else float(current_attention[i, h])
+            out.append({"layer": L, "head": h, "kv_head": lw.kv_head[h], "eig_real": e.real.tolist(),
+                        "eig_imag": e.imag.tolist(), "neg_share": float(share[h]), "current_token_attention": cta})
     return out
 
 
@@ -249,10 +243,9 @@ class ErasureReport:
             for h in range(self.heads.shape[1]):
                 out.append({"layer": L, "component": "head", "index": h, "label": f"L{L}.H{h}",
                             "projection": float(self.heads[i, h]), "projection_massive": None})
-            if neurons:
-                for n in torch.argsort(self.neurons[i])[:neurons].tolist():
-                    out.append({"layer": L, "component": "neuron", "index": n, "label": f"L{L}.N{n}",
-                                "projection": float(self.neurons[i, n]), "projection_massive": None})
+            for n in torch.argsort(self.neurons[i])[:neurons].tolist():
+                out.append({"layer": L, "component": "neuron", "index": n, "label": f"L{L}.N{n}",
+                            "projection": float(self.neurons[i, n]), "projection_massive": None})
         return out
 
     def to_dict(self) -> dict:
@@ -272,11 +265,10 @@ class ErasureMeter(Listener):
         self.model, self.layers, self.eager = model, check_layers(model, layers), bool(attention)
         dims = model_dims(model)
         self.H, self.dh = dims["n_heads"], dims["d_head"]
-        self.W_O, self.W_out = {}, {}
-        weights = weights if weights is not None else all_layer_weights(model, self.layers)
-        for L, lw in zip(self.layers, weights):
-            self.W_O[L] = lw.W_O.reshape(self.H * self.dh, -1).float()     # [H*dh, d]: row block h is W_O[h]
-            self.W_out[L] = lw.W_out.float()                                # [d_mlp, d]
+        weights = list(weights) if weights is not None else all_layer_weights(model, self.layers)
+        # W_O[L]: [H*dh, d], row block h is the head's W_O[h]; W_out[L]: [d_mlp, d]
+        self.W_O = {L: lw.W_O.reshape(self.H * self.dh, -1).float() for L, lw in zip(self.layers, weights)}
+        self.W_out = {L: lw.W_out.float() for L, lw in zip(self.layers, weights)}
         self.store, self.rows = {}, defaultdict(list)   # (quantity, layer) -> one tensor per batch
         self.cta_sum = torch.zeros(len(self.layers), self.H, dtype=torch.float64)
         self.cta_count = 0
@@ -285,11 +277,9 @@ class ErasureMeter(Listener):
         blocks, handles = self.arch.blocks(self.model), []
         for L in self.layers:
             o_proj, down = out_projections(self.model, L)
-            spots = {"pre": hook_point(self.arch, blocks[L], "resid_pre"),
-                     "mid": hook_point(self.arch, blocks[L], "resid_mid"),
-                     "attn": hook_point(self.arch, blocks[L], "attn_out"),
-                     "mlp": hook_point(self.arch, blocks[L], "mlp_out"),
-                     "z": (o_proj, "input"), "act": (down, "input")}
+            spots = {what: hook_point(self.arch, blocks[L], kind) for what, kind in
+                     (("pre", "resid_pre"), ("mid", "resid_mid"), ("attn", "attn_out"), ("mlp", "mlp_out"))}
+            spots.update(z=(o_proj, "input"), act=(down, "input"))   # the heads' z, the neurons' activations
             handles += [add_hook(module, where, functools.partial(self.store.__setitem__, (what, L)))
                         for what, (module, where) in spots.items()]
             if self.eager:
@@ -327,16 +317,14 @@ class ErasureMeter(Listener):
             return ratio[big].mean() if bool(big.any()) else torch.tensor(float("nan"))
 
         return ErasureReport(
-            layers=layers,
-            attn=torch.stack([cat[("attn", L)].mean() for L in layers]),
+            layers=layers, attn=torch.stack([cat[("attn", L)].mean() for L in layers]),
             mlp=torch.stack([cat[("mlp", L)].mean() for L in layers]),
             heads=torch.stack([cat[("heads", L)].mean(0) for L in layers]),
             neurons=torch.stack([cat[("neurons", L)].mean(0) for L in layers]),
             attn_massive=torch.stack([massive_mean(cat[("attn", L)], cat[("rpre", L)]) for L in layers]),
             mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
             n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=self.massive_ratio,
-            current_attention=((self.cta_sum / self.cta_count).float() if self.eager and self.cta_count
-                               else None))
+            current_attention=(self.cta_sum / self.cta_count).float() if self.eager and self.cta_count else None)
 
 
 def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
@@ -449,8 +437,7 @@ def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAUL
     """
     cap = as_capture(states, "resid_pre")
     massive_ratio = check_positive(massive_ratio, "massive_ratio")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise BandwidthInputError(f"top_k: expected a positive int, got {top_k!r}")
+    check_int(top_k, "top_k", low=1)
     use = cap.layers if layers is None else list(layers)
     out = []
     for L in use:
@@ -497,13 +484,9 @@ def rank_candidates(heads: list[dict], neuron_cos: torch.Tensor | None = None, l
     ``neuron_cos`` is ``[len(layers), d_mlp]`` for ``layers``. The best ``top_per_kind`` of each kind
     are kept. Evidence holds the other measurements of the same component when available.
     """
-    if isinstance(top_per_kind, bool) or not isinstance(top_per_kind, int) or top_per_kind < 1:
-        raise BandwidthInputError(f"top_per_kind: expected a positive int, got {top_per_kind!r}")
-    er_head = {}
-    if erasure is not None:
-        for i, L in enumerate(erasure.layers):
-            for h in range(erasure.heads.shape[1]):
-                er_head[(L, h)] = float(erasure.heads[i, h])
+    check_int(top_per_kind, "top_per_kind", low=1)
+    er_head = {} if erasure is None else {(L, h): float(erasure.heads[i, h]) for i, L in enumerate(erasure.layers)
+                                          for h in range(erasure.heads.shape[1])}
     cands = {"head": [], "neuron": [], "activation": []}
     for r in heads:
         eigs = torch.complex(torch.tensor(r["eig_real"]), torch.tensor(r["eig_imag"]))
@@ -559,12 +542,8 @@ class MemoryReport:
 
     def neuron_records(self, per_layer: int = 5) -> list[dict]:
         """The ``per_layer`` most negative ``cos(in, out)`` neurons of each layer."""
-        out = []
-        for i, L in enumerate(self.layers):
-            for n in torch.argsort(self.neuron_cos[i])[:per_layer].tolist():
-                out.append({"layer": L, "neuron": n, "component": f"L{L}.N{n}",
-                            "cos_in_out": float(self.neuron_cos[i, n])})
-        return out
+        return [{"layer": L, "neuron": n, "component": f"L{L}.N{n}", "cos_in_out": float(self.neuron_cos[i, n])}
+                for i, L in enumerate(self.layers) for n in torch.argsort(self.neuron_cos[i])[:per_layer].tolist()]
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "heads": self.heads, "neurons": self.neuron_records(),
@@ -588,8 +567,7 @@ def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[
     """
     architecture_of(model)
     layers = check_layers(model, layers)
-    notes = []
-    cta = None
+    notes, cta = [], None
     if prompts is not None:
         if tokenizer is None:
             raise BandwidthInputError("tokenizer: needed together with prompts")
@@ -637,8 +615,8 @@ def combined_ranking(report: MemoryReport, top: int = 10) -> list[dict]:
       ``max(0, -cos(W_in[:, n], W_out[n]))``;
     * **activations** ``a`` in [0, 1]: it *does* erase on this text. ``clip(-projection, 0, 1)`` with
       ``projection = mean_t <w_t, r_t> / ||r_t||^2`` (the share of the residual it read that its write
-      removes, per token; current-token attention is already inside this number: a head that attends
-      elsewhere does not write against the residual it reads at the current position).
+      removes, per token). Current-token attention is not part of it and is kept as separate evidence:
+      a head can write against the residual at its own position what it read at other positions.
 
     ``score = w * a``: 0 if either kind of evidence is absent, 1 for an ideal eraser (``W_OV = -c P``
     whose write deletes everything it read). Records ``{rank, component, kind, layer, index, score,
@@ -648,8 +626,7 @@ def combined_ranking(report: MemoryReport, top: int = 10) -> list[dict]:
     """
     if report.erasure is None:
         raise BandwidthInputError("report: no activation evidence (run memory_management with prompts)")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise BandwidthInputError(f"top: expected a positive int, got {top!r}")
+    check_int(top, "top", low=1)
     er = report.erasure
     row = {L: i for i, L in enumerate(er.layers)}
     cands = []
@@ -662,9 +639,8 @@ def combined_ranking(report: MemoryReport, top: int = 10) -> list[dict]:
         proj = float(er.heads[row[r["layer"]], r["head"]])
         a = min(1.0, max(0.0, -proj))
         cands.append((w * a, f"L{r['layer']}.H{r['head']}", "head", r["layer"], r["head"],
-                      {"weight_score": w, "activation_score": a, "eigen_sign": sign,
-                       "neg_share": r["neg_share"], "activation_projection": proj,
-                       "current_token_attention": r["current_token_attention"]}))
+                      {"weight_score": w, "activation_score": a, "eigen_sign": sign, "neg_share": r["neg_share"],
+                       "activation_projection": proj, "current_token_attention": r["current_token_attention"]}))
     for i, L in enumerate(report.layers):
         if L not in row:
             continue

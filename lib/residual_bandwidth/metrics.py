@@ -245,10 +245,8 @@ def principal_directions(x, name: str = "x", layer=None
     lam, vec = torch.linalg.eigh(xc.T @ xc / n)
     order = torch.argsort(lam, descending=True)
     lam, vec = lam[order], vec[:, order]
-    lam_max = float(lam[0])
-    lam = torch.where(lam > noise_floor(lam_max, n, d), lam, torch.zeros_like(lam)) if lam_max > 0 \
-        else torch.zeros_like(lam)
-    return mu, vec, lam
+    floor = noise_floor(float(lam[0]), n, d) if lam[0] > 0 else math.inf   # no variance at all: every lambda is 0
+    return mu, vec, torch.where(lam > floor, lam, torch.zeros_like(lam))
 
 
 def _lam(s) -> np.ndarray:
@@ -306,8 +304,7 @@ def entropy_effective_rank(s) -> float:
     spectrum: ``stable_rank <= participation_ratio <= exp H(lambda/sum lambda) <= rank``, and this
     sigma-based version is at least ``exp H(lambda / sum lambda)``.
     """
-    lam = _lam(s)
-    sig = np.sqrt(lam)
+    sig = np.sqrt(_lam(s))
     return float(np.exp(_entropy(sig / sig.sum())))
 
 
@@ -347,8 +344,7 @@ def rank_family(spec: Spectrum, p: float = 0.95) -> dict:
     r = variance_threshold_rank(spec, p)
     return {"variance_rank": r, "participation_ratio": participation_ratio(spec),
             "stable_rank": stable_rank(spec), "entropy_rank": entropy_effective_rank(spec),
-            "spectral_entropy": spectral_entropy(spec),
-            "utilization_available": r / min(spec.n_samples, spec.d_model),
+            "spectral_entropy": spectral_entropy(spec), "utilization_available": r / min(spec.n_samples, spec.d_model),
             "utilization_d_model": r / spec.d_model}
 
 
@@ -448,10 +444,9 @@ class BandwidthMetrics:
     def to_dict(self, with_spectrum: bool = False) -> dict:
         """JSON-ready dict; the spectrum only when asked (it has min(n, d) entries)."""
         d = asdict(self)
-        d["eigenvalues"] = (self.eigenvalues.tolist() if with_spectrum and self.eigenvalues is not None
-                            else None)
-        if not with_spectrum:
-            d.pop("eigenvalues")
+        d.pop("eigenvalues")
+        if with_spectrum:
+            d["eigenvalues"] = self.eigenvalues.tolist() if self.eigenvalues is not None else None
         return d
 
 
@@ -483,15 +478,7 @@ def compute_metrics(x, center: bool = True, variance_threshold: float = 0.95, la
                      scale=None if rp["scale"] == 1.0 else rp["scale"], mean=rp["col_sum"] / x.shape[0])
     mean_norm, aniso = _norms_of(rp, name)
     n, d = x.shape
-    return BandwidthMetrics(
-        layer=layer,
-        n_positions=n,
-        d_model=d,
-        centered=center,
-        variance_threshold=float(variance_threshold),
-        **rank_family(spec, variance_threshold),
-        anisotropy=aniso,
-        mean_norm=mean_norm,
-        excluded_positions=excluded_positions,
-        eigenvalues=spec.eigenvalues,
-    )
+    return BandwidthMetrics(layer=layer, n_positions=n, d_model=d, centered=center,
+                            variance_threshold=float(variance_threshold), **rank_family(spec, variance_threshold),
+                            anisotropy=aniso, mean_norm=mean_norm, excluded_positions=excluded_positions,
+                            eigenvalues=spec.eigenvalues)

@@ -91,8 +91,7 @@ class StreamingMoments:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(np.ascontiguousarray(x))
         if not isinstance(x, torch.Tensor):
-            raise BandwidthInputError(f"x: expected a tensor of shape [rows, {self.d_model}], "
-                                      f"got {type(x).__name__}")
+            raise BandwidthInputError(f"x: expected a tensor of shape [rows, {self.d_model}], got {type(x).__name__}")
         if x.ndim == 1:
             x = x[None, :]
         if x.ndim != 2 or x.shape[1] != self.d_model:
@@ -315,11 +314,10 @@ class StreamingMoments:
         out = {"n": self.n, "d_model": self.d_model, "variance_threshold": p,
                "total_variance": self.total_variance, **dict.fromkeys(_m.RANK_FAMILY)}
         try:
-            lam = self.eigenvalues()
+            spec = self.spectrum()
         except BandwidthInputError:
             return out
-        out.update(_m.rank_family(_m.Spectrum(eigenvalues=lam, n_samples=self.n, d_model=self.d_model,
-                                              centered=True), p))
+        out.update(_m.rank_family(spec, p))
         return out
 
     def __repr__(self) -> str:
@@ -350,15 +348,13 @@ class StreamedLayers:
         out = ([], [])
         for L in self.layers:
             for i, (subset, mom) in enumerate((("all", self.all_rows[L]), ("clean", self.clean_rows[L]))):
-                s = self.sums[L][subset]
-                spec = mom.spectrum()
+                s, spec = self.sums[L][subset], mom.spectrum()
                 n = s["n"]
                 out[i].append(_m.BandwidthMetrics(
                     layer=L, n_positions=n, d_model=mom.d_model, centered=True,
                     variance_threshold=float(variance_threshold), **_m.rank_family(spec, variance_threshold),
-                    anisotropy=float((s["unit"] @ s["unit"] - n) / (n * (n - 1))),
-                    mean_norm=s["norm"] / n, excluded_positions=self.n_rows - n if i else 0,
-                    eigenvalues=spec.eigenvalues))
+                    anisotropy=float((s["unit"] @ s["unit"] - n) / (n * (n - 1))), mean_norm=s["norm"] / n,
+                    excluded_positions=self.n_rows - n if i else 0, eigenvalues=spec.eigenvalues))
         return out
 
 

@@ -102,14 +102,17 @@ class LayerWeights:
 
     def to(self, dtype: torch.dtype) -> "LayerWeights":
         """A copy with every tensor cast to ``dtype`` (e.g. float64 for eigenvalues)."""
-        cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return LayerWeights(**cast)
+        return LayerWeights(**{k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
 
 
 # Where the projections live, per family (the block-level adapters are in capture.py).
 def _linear_T(layer: torch.nn.Linear) -> torch.Tensor:
     """``nn.Linear`` stores ``[out, in]``; the row-vector convention wants ``[in, out]``."""
     return layer.weight.detach().T
+
+
+def _bias(layer: torch.nn.Module) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach()
 
 
 def _llama_layer(model, block, arch, layer: int) -> LayerWeights:
@@ -123,29 +126,23 @@ def _llama_layer(model, block, arch, layer: int) -> LayerWeights:
     def heads(lin, n):  # [d, n*dh] -> [n, d, dh], gain folded
         return (g1[:, None] * _linear_T(lin)).reshape(-1, n, dh).permute(1, 0, 2).contiguous()
 
-    def bias(lin, n):
-        return None if lin.bias is None else lin.bias.detach().reshape(n, dh)
-
-    W_K, W_V = heads(attn.k_proj, KV), heads(attn.v_proj, KV)
-    b_K, b_V = bias(attn.k_proj, KV), bias(attn.v_proj, KV)
     idx = torch.tensor(kv_head)
+
+    def bias(lin, n, rows=None):   # [n, dh]; rows: the query heads' key/value heads (GQA)
+        b = None if lin.bias is None else lin.bias.detach().reshape(n, dh)
+        return b if b is None or rows is None else b[rows]
+
     notes = []
     if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
         notes.append("per-head q/k norms are not folded: W_QK is approximate for this model")
     return LayerWeights(
-        layer=layer, family="llama",
-        W_Q=heads(attn.q_proj, H), W_K=W_K[idx], W_V=W_V[idx],
-        W_O=_linear_T(attn.o_proj).reshape(H, dh, -1).contiguous(),
-        b_Q=bias(attn.q_proj, H), b_K=None if b_K is None else b_K[idx],
-        b_V=None if b_V is None else b_V[idx],
-        b_O=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
-        kv_head=kv_head, attn_scale=float(attn.scaling),
-        W_in=g2[:, None] * _linear_T(mlp.up_proj),
-        b_in=None if mlp.up_proj.bias is None else mlp.up_proj.bias.detach(),
-        W_gate=g2[:, None] * _linear_T(mlp.gate_proj),
-        b_gate=None if mlp.gate_proj.bias is None else mlp.gate_proj.bias.detach(),
-        W_out=_linear_T(mlp.down_proj),
-        b_out=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach(),
+        layer=layer, family="llama", W_Q=heads(attn.q_proj, H), W_K=heads(attn.k_proj, KV)[idx],
+        W_V=heads(attn.v_proj, KV)[idx], W_O=_linear_T(attn.o_proj).reshape(H, dh, -1).contiguous(),
+        b_Q=bias(attn.q_proj, H), b_K=bias(attn.k_proj, KV, idx), b_V=bias(attn.v_proj, KV, idx),
+        b_O=_bias(attn.o_proj), kv_head=kv_head, attn_scale=float(attn.scaling),
+        W_in=g2[:, None] * _linear_T(mlp.up_proj), b_in=_bias(mlp.up_proj),
+        W_gate=g2[:, None] * _linear_T(mlp.gate_proj), b_gate=_bias(mlp.gate_proj),
+        W_out=_linear_T(mlp.down_proj), b_out=_bias(mlp.down_proj),
         mlp_act=str(model.config.hidden_act), notes=notes)
 
 
@@ -162,20 +159,17 @@ def _gpt2_layer(model, block, arch, layer: int) -> LayerWeights:
     w_qkv, b_qkv = attn.c_attn.weight.detach(), attn.c_attn.bias.detach()  # Conv1D: [d, 3d]
     out = []
     for part in range(3):  # q, k, v
-        w = w_qkv[:, part * d:(part + 1) * d]
-        wf, bf = fold(ln1, w)
+        wf, bf = fold(ln1, w_qkv[:, part * d:(part + 1) * d])
         out.append((wf.reshape(d, H, dh).permute(1, 0, 2).contiguous(),
                     (bf + b_qkv[part * d:(part + 1) * d]).reshape(H, dh)))
     (W_Q, b_Q), (W_K, b_K), (W_V, b_V) = out
     W_in, b_in_ln = fold(ln2, mlp.c_fc.weight.detach())
     return LayerWeights(
         layer=layer, family="gpt2", W_Q=W_Q, W_K=W_K, W_V=W_V,
-        W_O=attn.c_proj.weight.detach().reshape(H, dh, d).contiguous(),
-        b_Q=b_Q, b_K=b_K, b_V=b_V, b_O=attn.c_proj.bias.detach(),
-        kv_head=list(range(H)), attn_scale=float(attn.scaling),
-        W_in=W_in, b_in=b_in_ln + mlp.c_fc.bias.detach(),
-        W_out=mlp.c_proj.weight.detach(), b_out=mlp.c_proj.bias.detach(),
-        mlp_act=str(model.config.activation_function))
+        W_O=attn.c_proj.weight.detach().reshape(H, dh, d).contiguous(), b_Q=b_Q, b_K=b_K, b_V=b_V,
+        b_O=attn.c_proj.bias.detach(), kv_head=list(range(H)), attn_scale=float(attn.scaling),
+        W_in=W_in, b_in=b_in_ln + mlp.c_fc.bias.detach(), W_out=mlp.c_proj.weight.detach(),
+        b_out=mlp.c_proj.bias.detach(), mlp_act=str(model.config.activation_function))
 
 
 _EXTRACT = {"llama": _llama_layer, "gpt2": _gpt2_layer}
@@ -280,21 +274,21 @@ def mlp_activations(lw: LayerWeights, x_hat: torch.Tensor) -> torch.Tensor:
         raise BandwidthInputError(f"x_hat (layer {lw.layer}): expected [..., {lw.d_model}], got "
                                   f"{tuple(getattr(x_hat, 'shape', ()))}")
     from transformers.activations import ACT2FN
-    pre = x_hat.to(lw.W_in.dtype) @ lw.W_in
-    if lw.b_in is not None:
-        pre = pre + lw.b_in
+    pre = _affine(x_hat, lw.W_in, lw.b_in)
     if lw.W_gate is None:
         return ACT2FN[lw.mlp_act](pre)
-    gate = x_hat.to(lw.W_gate.dtype) @ lw.W_gate
-    if lw.b_gate is not None:
-        gate = gate + lw.b_gate
-    return ACT2FN[lw.mlp_act](gate) * pre
+    return ACT2FN[lw.mlp_act](_affine(x_hat, lw.W_gate, lw.b_gate)) * pre
+
+
+def _affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w + b`` (``x`` cast to ``w``'s dtype; no bias when ``b`` is None)."""
+    y = x.to(w.dtype) @ w
+    return y if b is None else y + b
 
 
 def mlp_write(lw: LayerWeights, x_hat: torch.Tensor) -> torch.Tensor:
     """What the MLP writes: ``act @ W_out + b_out`` as ``[T, d_model]``."""
-    out = mlp_activations(lw, x_hat) @ lw.W_out
-    return out + lw.b_out if lw.b_out is not None else out
+    return _affine(mlp_activations(lw, x_hat), lw.W_out, lw.b_out)
 
 
 def factored_svd(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

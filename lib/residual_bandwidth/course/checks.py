@@ -26,9 +26,7 @@ def check(condition, message):
 def close(a, b, rel=1e-5, abs_=1e-8):
     """|a - b| <= max(abs_, rel * max(|a|, |b|)); never close when either side is inf or nan."""
     a, b = float(a), float(b)
-    if not (math.isfinite(a) and math.isfinite(b)):
-        return False
-    return abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= max(abs_, rel * max(abs(a), abs(b)))
 
 
 NOT_ATTEMPTED = object()
@@ -110,9 +108,8 @@ def checkpoint_1(analyze_bandwidth):
     if res is NOT_ATTEMPTED:
         not_attempted("Checkpoint 1", "analyze_bandwidth")
         return seed_states
-    check(isinstance(res, dict) and {"effective_rank", "utilization_available", "utilization_d_model",
-                                     "total_dimensions"} <= set(res),
-          f"return a dict with the four keys; got {res!r}")
+    keys = {"effective_rank", "utilization_available", "utilization_d_model", "total_dimensions"}
+    check(isinstance(res, dict) and keys <= set(res), f"return a dict with the four keys; got {res!r}")
     pooled = torch.cat(seed_states).double()
     expected, got = _pca_rank(pooled), res["effective_rank"]
     hint = (" That is the number of the common recipe (cumulative sigma, uncentred): square the singular values (variance is sigma^2) and centre."

@@ -34,12 +34,10 @@ MARKER = re.compile(r"<!--\s*claims:\s*([\w\s,.-]+?)\s*-->")
 _ID = re.compile(r"^[a-z][a-z0-9_]*$")
 
 #: words that make a sentence quantitative or comparative (whole words, case-insensitive)
-COMPARATIVES = (
-    "more", "less", "fewer", "larger", "largest", "smaller", "smallest", "higher", "highest", "lower",
-    "lowest", "bigger", "biggest", "greater", "louder", "loudest", "quieter", "most", "least", "never",
-    "always", "thousands", "hundreds", "dozens", "tens", "twice", "half", "majority", "understates",
-    "overstates", "exceeds", "exceed",
-)
+COMPARATIVES = ("more", "less", "fewer", "larger", "largest", "smaller", "smallest", "higher", "highest", "lower",
+                "lowest", "bigger", "biggest", "greater", "louder", "loudest", "quieter", "most", "least", "never",
+                "always", "thousands", "hundreds", "dozens", "tens", "twice", "half", "majority", "understates",
+                "overstates", "exceeds", "exceed")
 _COMPARATIVE = re.compile(r"\b(" + "|".join(COMPARATIVES) + r")\b|[×%]", re.IGNORECASE)
 _DIGIT = re.compile(r"\d")
 
@@ -110,11 +108,9 @@ class Claims:
             raise ValueError(f"claim id: expected lower_snake_case, got {cid!r}")
         if not isinstance(statement, str) or not statement.strip():
             raise ValueError(f"claim {cid!r}: the statement is empty")
+        holds = holds.item() if hasattr(holds, "item") else holds   # numpy / torch booleans
         if not isinstance(holds, bool):
-            if hasattr(holds, "item"):
-                holds = holds.item()
-            if not isinstance(holds, bool):
-                raise TypeError(f"claim {cid!r}: holds must be a bool, got {type(holds).__name__}")
+            raise TypeError(f"claim {cid!r}: holds must be a bool, got {type(holds).__name__}")
         c = Claim(cid, statement.strip(), holds, _plain(dict(values)), generated)
         self._items[cid] = c
         return c
@@ -172,10 +168,8 @@ class Claims:
 def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, list) and len(v) > 8:
-        return "[" + ", ".join(_short(x) for x in v[:8]) + ", ...]"
     if isinstance(v, list):
-        return "[" + ", ".join(_short(x) for x in v) + "]"
+        return "[" + ", ".join(_short(x) for x in v[:8]) + (", ...]" if len(v) > 8 else "]")
     return str(v)
 
 
@@ -191,10 +185,7 @@ def _display_markdown(text: str, metadata: dict) -> None:
 # ---- the prose rule --------------------------------------------------------------------------------
 def markers(markdown: str) -> list[str]:
     """Claim ids named by ``<!-- claims: a, b -->`` markers in a markdown cell."""
-    out = []
-    for m in MARKER.finditer(markdown):
-        out += [s.strip() for s in m.group(1).split(",") if s.strip()]
-    return out
+    return [s.strip() for m in MARKER.finditer(markdown) for s in m.group(1).split(",") if s.strip()]
 
 
 _SENTINEL = re.compile(r"\u27e6([a-z]+)\u27e7")

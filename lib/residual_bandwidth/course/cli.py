@@ -37,7 +37,7 @@ def _add_measurement(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--massive-ratio", type=float, default=4.0,
                    help="flag positions whose norm is this many times the layer's median norm")
     p.add_argument("--keep-massive", action="store_true",
-                   help="do not leave massive-activation positions out of the spectra")
+                   help="do not leave massive rows (norm >= 4x the median) out of the spectra")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

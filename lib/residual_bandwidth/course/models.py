@@ -64,12 +64,10 @@ def embedded_gguf_path() -> Path:
             f"{INSTALL_HINT}") from None
     files = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
     if not files:
-        raise ModelUnavailableError(f"package {EMBEDDED_DIST!r} contains no .gguf file; reinstall: "
-                                    f"{INSTALL_HINT}")
+        raise ModelUnavailableError(f"package {EMBEDDED_DIST!r} contains no .gguf file; reinstall: {INSTALL_HINT}")
     path = Path(dist.locate_file(files[0]))
     if not path.is_file():
-        raise ModelUnavailableError(f"{path} is listed by {EMBEDDED_DIST!r} but missing; reinstall: "
-                                    f"{INSTALL_HINT}")
+        raise ModelUnavailableError(f"{path} is listed by {EMBEDDED_DIST!r} but missing; reinstall: {INSTALL_HINT}")
     return path
 
 

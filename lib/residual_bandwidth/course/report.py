@@ -37,14 +37,10 @@ def bottleneck_ratios(dims: dict) -> dict:
     d, L = dims["d_model"], dims["n_layers"]
     attn = dims["n_heads"] * dims["d_head"]
     per_block = dims["d_mlp"] + attn
-    return {
-        "mlp_neurons_per_d_model": dims["d_mlp"] / d,
-        "attention_value_dims_per_d_model": attn / d,
-        "block_writer_dims_per_d_model": per_block / d,
-        "model_writer_dims": L * per_block,
-        "model_writer_dims_per_d_model": L * per_block / d,
-        "formula": "per block: (d_mlp + n_heads*d_head) / d_model; whole model: n_layers * that",
-    }
+    return {"mlp_neurons_per_d_model": dims["d_mlp"] / d, "attention_value_dims_per_d_model": attn / d,
+            "block_writer_dims_per_d_model": per_block / d, "model_writer_dims": L * per_block,
+            "model_writer_dims_per_d_model": L * per_block / d,
+            "formula": "per block: (d_mlp + n_heads*d_head) / d_model; whole model: n_layers * that"}
 
 
 def _spread_layers(n_layers: int, count: int) -> list[int]:
@@ -68,10 +64,8 @@ def analytics_plan(dims: dict, fast: bool) -> dict:
     ks = sorted({max(1, round(f * d)) for f in fractions})
     window = list(range(max(0, n // 2 - 3), min(n, n // 2 + 3)))
     return {"compression_layers": _spread_layers(n, 2 if fast else 3), "compression_ks": ks,
-            "compression_n_random": 1,
-            "composition_layers": list(range(0, n, 3 if fast else 2)),
-            "composition_figure_layers": window,
-            "composition_kinds": ["Q", "K", "V"]}
+            "compression_n_random": 1, "composition_layers": list(range(0, n, 3 if fast else 2)),
+            "composition_figure_layers": window, "composition_kinds": ["Q", "K", "V"]}
 
 
 @contextlib.contextmanager
@@ -124,22 +118,19 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, wei
     seconds, out = {}, {"fast": fast, "plan": plan}
     t = time.perf_counter()
     bn = find_bottlenecks(cap, kind="resid_post", massive_ratio=massive_ratio)
-    out["bottlenecks"] = {**{k: v for k, v in bn.to_dict().items() if k != "grid"},
-                          "flagged": bn.flagged()[:20]}
+    out["bottlenecks"] = {**{k: v for k, v in bn.to_dict().items() if k != "grid"}, "flagged": bn.flagged()[:20]}
     seconds["bottlenecks"] = time.perf_counter() - t
 
     t = time.perf_counter()
     mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress,
                             erasure=erasure, weights=weights)
     heads_by_neg = sorted(mem.heads, key=lambda r: -r["neg_share"])[:10]
+    head_keys = ("layer", "head", "kv_head", "neg_share", "current_token_attention")
     out["memory"] = {
-        "ranking": mem.ranking,
-        "heads_top_neg_share": [{k: r[k] for k in ("layer", "head", "kv_head", "neg_share",
-                                                   "current_token_attention")} for r in heads_by_neg],
+        "ranking": mem.ranking, "heads_top_neg_share": [{k: r[k] for k in head_keys} for r in heads_by_neg],
         "neurons": mem.neuron_records(per_layer=1),
         "erasure": [r for r in mem.erasure.records() if r["component"] in ("attn", "mlp")],
-        "energy_loss": [r for r in mem.energy_loss if r["rank"] == 1],
-        "notes": mem.notes}
+        "energy_loss": [r for r in mem.energy_loss if r["rank"] == 1], "notes": mem.notes}
     seconds["memory"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -156,16 +147,13 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, wei
     t = time.perf_counter()
     shared = cap.prompts == CALIBRATION_PROMPTS and "resid_post" in cap.kinds
     curve = compression_curve(lm.model, lm.tokenizer, plan["compression_layers"], plan["compression_ks"],
-                              n_random=plan["compression_n_random"], progress=progress,
-                              states=cap if shared else None)
+                              n_random=plan["compression_n_random"], progress=progress, states=cap if shared else None)
     out["compression"] = curve.to_dict()
     seconds["compression"] = time.perf_counter() - t
     out["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
 
     def rounded(c):  # composition matrices: 6 significant digits keep analytics.json small
-        d = c.to_dict()
-        d["scores"] = [[float(f"{v:.6g}") for v in row] for row in d["scores"]]
-        return d
+        return {**c.to_dict(), "scores": [[float(f"{v:.6g}") for v in row] for row in c.scores.tolist()]}
 
     window = weights_of(plan["composition_figure_layers"])
     figure_inputs = {"bottlenecks": bn.grid_records(), "wov_heads": mem.heads, "memory_ranking": mem.ranking,
@@ -213,13 +201,9 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
                                                progress=progress, erasure=listeners[1].report(),
                                                threads=threads, weights=weights)
         (out / "analytics.json").write_text(json.dumps(figure_inputs))
-    report = {
-        "model": {"name": lm.name, "source": lm.source, "load_seconds": round(lm.load_seconds, 2), **dims},
-        "bottleneck_ratios": bottleneck_ratios(dims),
-        "prompts": prompts,
-        "n_tokens": cap.n_rows,
-        "bandwidth": rep.to_dict(),
-    }
+    report = {"model": {"name": lm.name, "source": lm.source, "load_seconds": round(lm.load_seconds, 2), **dims},
+              "bottleneck_ratios": bottleneck_ratios(dims), "prompts": prompts, "n_tokens": cap.n_rows,
+              "bandwidth": rep.to_dict()}
     table = rep.table()
     (out / "table.txt").write_text(table + "\n")
     if figures:
@@ -245,12 +229,11 @@ def summary_lines(report: dict) -> list[str]:
         worst = max(b["massive_activations"], key=lambda a: a["ratio"])
         where = ", ".join(f"prompt {p['prompt']} pos {p['position']} {p['token']!r}" for p in pos[:4])
         lines.append(
-            f"massive activations at {len(pos)} position(s) ({where}{', ...' if len(pos) > 4 else ''}); "
-            f"largest: layer {worst['layer']}, "
-            f"{worst['ratio']:.0f}x the median norm, dimension {worst['top_dims'][0][0]} holds "
-            f"{worst['top_dims'][0][2]:.0%} of its energy")
+            f"massive rows at {len(pos)} position(s) ({where}{', ...' if len(pos) > 4 else ''}); "
+            f"largest: layer {worst['layer']}, {worst['ratio']:.0f}x the median norm, "
+            f"dimension {worst['top_dims'][0][0]} holds {worst['top_dims'][0][2]:.0%} of its energy")
     else:
-        lines.append("no massive activations at this threshold")
+        lines.append("no massive rows at this threshold")
     if "analytics" in report:
         lines += analytics_lines(report["analytics"])
     return lines
@@ -261,7 +244,7 @@ def analytics_lines(a: dict) -> list[str]:
     bn, mem, comp, cc = a["bottlenecks"], a["memory"], a["composition"], a["compression"]
     c = bn["counts"]
     lines = [f"bottlenecks (layer x position): {c['critical']} critical, {c['warning']} warning, "
-             f"{c['massive']} massive-activation rows (not bottlenecks); utilization/d grows "
+             f"{c['massive']} massive rows (not bottlenecks); utilization/d grows "
              f"{bn['utilization_slope']:+.4f} per layer"]
     best = {}
     for r in mem["ranking"]:
@@ -288,9 +271,8 @@ def analytics_lines(a: dict) -> list[str]:
         lines.append(f"{kind}-composition: max {s['max']:.3f} ({best['src']} -> {best['dst']}), mean "
                      f"{s['mean']:.3f}; random baseline {s['baseline_mean']:.3f} +- {s['baseline_std']:.4f}, "
                      f"rotated {s['rotated_baseline_mean']:.3f} +- {s['rotated_baseline_std']:.4f}")
-    ks = ", ".join(f"L{L}: {k}" for L, k in cc["smallest_k"].items())
-    ks_kl = ", ".join(f"L{L}: {k}" for L, k in cc["smallest_k_kl"].items())
-    ks_rnd = ", ".join(f"L{L}: {k}" for L, k in cc["smallest_k_random"].items())
+    ks, ks_kl, ks_rnd = (", ".join(f"L{L}: {k}" for L, k in cc[key].items())
+                         for key in ("smallest_k", "smallest_k_kl", "smallest_k_random"))
     lines.append(f"compression (residual after block L projected onto its top-k principal directions): base "
                  f"loss {cc['base_loss']:.3f} nats; smallest k of d_model {cc['d_model']} with loss increase "
                  f"<= {cc['tolerance']} nats - {ks}; with KL <= {cc['tolerance']} - {ks_kl}; random "

@@ -34,10 +34,8 @@ from .measure import LAYER_METRICS
 #: sequence (the attention sink), whose norm is >= 4x the reference norm (module docstring).
 #: ``participation_ratio`` (lower is worse): the request's variance, with massive rows left out,
 #: sits in about one direction (e.g. a repeated token, or a new loud direction under the 4x bar).
-DEFAULT_THRESHOLDS: dict[str, dict[str, float | None]] = {
-    "massive_other_fraction": {"warning": 0.1, "critical": 0.25},
-    "participation_ratio": {"warning": 1.5, "critical": 1.1},
-}
+DEFAULT_THRESHOLDS: dict[str, dict[str, float | None]] = {"massive_other_fraction": {"warning": 0.1, "critical": 0.25},
+                                                           "participation_ratio": {"warning": 1.5, "critical": 1.1}}
 LEVELS = ("ok", "warning", "critical")
 
 
@@ -59,11 +57,8 @@ class AlertRecord:
     @property
     def message(self) -> str:
         where = f"layer {self.layer}" if self.layer is not None else "request"
-        if self.level == "resolved":
-            return (f"{where}: {self.metric} = {self.value:.4g} cleared its threshold "
-                    f"{self.threshold:.4g} (request {self.request})")
-        return (f"{where}: {self.metric} = {self.value:.4g} reached the {self.level} threshold "
-                f"{self.threshold:.4g} (request {self.request})")
+        what = "cleared its threshold" if self.level == "resolved" else f"reached the {self.level} threshold"
+        return f"{where}: {self.metric} = {self.value:.4g} {what} {self.threshold:.4g} (request {self.request})"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,9 +120,7 @@ class AlertPolicy:
         return dict(self._directions)
 
     def _reached(self, metric: str, value: float, thr: float | None) -> bool:
-        if thr is None:
-            return False
-        return value >= thr if self._directions[metric] == "above" else value <= thr
+        return thr is not None and (value >= thr if self._directions[metric] == "above" else value <= thr)
 
     def _cleared(self, metric: str, value: float, thr: float) -> bool:
         margin = self.hysteresis * abs(thr)
@@ -168,8 +161,7 @@ class AlertPolicy:
                 value = getattr(rec, metric)
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     continue  # undefined (e.g. a rank of a too-short request): state unchanged
-                key_state = self.state.get((metric, L), 0)
-                out.append(self._change(metric, L, self._new_level(metric, float(value), key_state),
-                                        value, request, now))
+                new = self._new_level(metric, float(value), self.state.get((metric, L), 0))
+                out.append(self._change(metric, L, new, value, request, now))
         out.append(self._change("bad_input", None, 2 if bad else 0, 1.0 if bad else 0.0, request, now))
         return [a for a in out if a is not None]

@@ -384,10 +384,9 @@ class BandwidthMonitor:
         record = RequestRecord(
             request=req.request, timestamp=now, status="bad" if problems else "ok", n_tokens=n_tokens,
             batch_size=req.batch_size, masked=req.masked, processing_seconds=time.perf_counter() - t0,
-            thread=threading.current_thread().name, reasons=reasons,
+            thread=threading.current_thread().name, reasons=reasons, layers={L: s[0] for L, s in stats.items()},
             problems=[f"layer {L}: {reason}: {detail}" if L is not None else f"{reason}: {detail}"
-                      for reason, L, detail in problems],
-            layers={L: s[0] for L, s in stats.items()})
+                      for reason, L, detail in problems])
         self._history.append(record)
         return record, alerts
 
@@ -437,19 +436,13 @@ class BandwidthMonitor:
     def totals(self) -> dict:
         """Counters since construction: requests, bad requests by reason, alerts, tokens per layer."""
         with self._lock:
-            per_layer = sorted(self._traffic.items())
-            return {
-                "requests": self._counts["requests_ok"] + self._counts["requests_bad"],
-                "requests_ok": self._counts["requests_ok"],
-                "requests_bad": self._counts["requests_bad"],
-                "bad_reasons": dict(self._bad_reasons),
-                "internal_errors": self._counts["internal_errors"],
-                "requests_without_mask": self._counts["unmasked"],
-                "alerts": sum(self.alerts.counts.values()),
-                "tokens": {L: t.tokens for L, t in per_layer},
-                "massive_tokens": {L: t.massive_tokens for L, t in per_layer},
-                "covariance_rows": {L: t.moments.n for L, t in per_layer},
-            }
+            per_layer, c = sorted(self._traffic.items()), self._counts
+            return {"requests": c["requests_ok"] + c["requests_bad"], "requests_ok": c["requests_ok"],
+                    "requests_bad": c["requests_bad"], "bad_reasons": dict(self._bad_reasons),
+                    "internal_errors": c["internal_errors"], "requests_without_mask": c["unmasked"],
+                    "alerts": sum(self.alerts.counts.values()), "tokens": {L: t.tokens for L, t in per_layer},
+                    "massive_tokens": {L: t.massive_tokens for L, t in per_layer},
+                    "covariance_rows": {L: t.moments.n for L, t in per_layer}}
 
     def _layer_traffic(self, layer: int) -> LayerTraffic:
         if layer not in self._traffic:

@@ -53,18 +53,16 @@ def recommendations(summaries: list[dict], totals: dict, config, curve=None) -> 
             continue
         sampled = (f"at most {config.max_positions} sampled positions per request"
                    if config.max_positions is not None else "all positions")
-        excl = ", massive-activation rows left out" if config.exclude_massive and s["massive_tokens"] else ""
+        excl = ", massive rows left out" if config.exclude_massive and s["massive_tokens"] else ""
         text = (f"layer {L}: {p} % of traffic variance in {s['variance_rank']} of {s['d_model']} "
                 f"directions (participation ratio {s['participation_ratio']:.1f}, stable rank "
                 f"{s['stable_rank']:.2f}; {s['n']:,} positions from {s['requests']:,} requests, "
                 f"{sampled}{excl}).")
         if s["massive_tokens"]:
-            text += (f" {s['massive_tokens']:,} of {s['tokens']:,} tokens "
-                     f"({100 * s['massive_tokens'] / s['tokens']:.1f} %) had a norm >= "
-                     f"{config.massive_ratio:g}x the reference norm (min of the request's median and the "
-                     f"layer's typical norm; largest ratio "
-                     f"{s['max_norm_ratio']:.0f}x); {s['massive_first_tokens']:,} of them were the "
-                     f"first token of their sequence.")
+            text += (f" {s['massive_tokens']:,} of {s['tokens']:,} tokens ({100 * s['massive_tokens'] / s['tokens']:.1f} %) "
+                     f"had a norm >= {config.massive_ratio:g}x the reference norm (min of the request's median and "
+                     f"the layer's typical norm; largest ratio {s['max_norm_ratio']:.0f}x); "
+                     f"{s['massive_first_tokens']:,} of them were the first token of their sequence.")
         if not s["can_judge_width"]:
             text += (f" These {s['n']:,} positions span at most {s['n'] - 1:,} directions, so this rank "
                      f"describes the sample, not the width of {s['d_model']}: judging the width needs "
@@ -76,10 +74,8 @@ def recommendations(summaries: list[dict], totals: dict, config, curve=None) -> 
 
 
 def _curve_records(curve) -> dict[int, list[dict]]:
-    if curve is None:
-        return {}
     by_layer: dict[int, list[dict]] = {}
-    for r in curve.records():
+    for r in curve.records() if curve is not None else []:
         by_layer.setdefault(int(r["layer"]), []).append(r)
     return by_layer
 
@@ -209,9 +205,8 @@ class PrometheusExporter:
             if lr.massive_count:
                 ch["massive"].inc(lr.massive_count)
             for m, g in ch["last"].items():
-                v = getattr(lr, m)
-                if v is not None:
-                    g.set(v)
+                if getattr(lr, m) is not None:
+                    g.set(getattr(lr, m))
             if lr.participation_ratio is not None:
                 ch["pr"].observe(lr.participation_ratio)
             ch["ratio"].observe(lr.max_norm_ratio)

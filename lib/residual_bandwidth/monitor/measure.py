@@ -239,10 +239,8 @@ class Measurement:
         median, max_norm = float(norms.median()), float(norms.max())
         ref = min(median, typical) if typical else median
         massive = massive_mask(norms, cfg.massive_ratio, reference=ref)
-        if ref > 0:
-            max_ratio = max_norm / ref
-        else:  # more than half the rows are zero vectors: every non-zero row is loud
-            max_ratio = math.inf if max_norm > 0 else 1.0
+        # ref = 0: more than half the rows are zero vectors, so every non-zero row is loud
+        max_ratio = max_norm / ref if ref > 0 else (math.inf if max_norm > 0 else 1.0)
         n_massive = int(massive.sum())
         n_first = int((massive & first.to(massive.device)).sum()) if (
             n_massive and first is not None and first.shape == massive.shape) else 0
@@ -253,10 +251,10 @@ class Measurement:
                           massive_other_fraction=(n_massive - n_first) / n, rank_rows=int(rows.shape[0]))
         if rows.shape[0] >= cfg.min_tokens_for_rank:
             try:
-                spec = spectrum(rows, center=True, name="request rows", layer=L)
+                family = rank_family(spectrum(rows, center=True, name="request rows", layer=L), cfg.variance_threshold)
             except BandwidthInputError:  # zero variance (identical rows): no spectrum to report
-                spec = None
-            for key, value in (rank_family(spec, cfg.variance_threshold) if spec is not None else {}).items():
+                family = {}
+            for key, value in family.items():
                 if hasattr(rec, key):
                     setattr(rec, key, value)
         typical_sum = float(norms[~massive].sum()) if n_massive else float(norms.sum())
@@ -299,8 +297,7 @@ class LayerTraffic:
         """The counters of :meth:`BandwidthMonitor.traffic_summary`."""
         return {"layer": self.layer, "requests": self.requests, "tokens": self.tokens,
                 "massive_tokens": self.massive_tokens, "massive_first_tokens": self.massive_first_tokens,
-                "mean_norm": self.norm_sum / self.tokens if self.tokens else None,
-                "max_norm_ratio": self.max_norm_ratio}
+                "mean_norm": self.norm_sum / self.tokens if self.tokens else None, "max_norm_ratio": self.max_norm_ratio}
 
 
 def check_block_indices(layers) -> list[int]:

@@ -22,7 +22,7 @@ from .core import (AccessibleFigure, format_number, format_ranges, HEATMAP_CMAP,
 SEVERITY_GLYPHS = {
     "warning": ("^", "warning (triangle)"),
     "critical": ("X", "critical (cross)"),
-    "massive": ("*", "massive activation (star, hatched, left out of the colour scale)"),
+    "massive": ("*", "massive row (star, hatched, left out of the colour scale)"),
 }
 
 
@@ -153,7 +153,7 @@ def _bottleneck_alt(value, prompt, n_prompts, positions, layers, sev, rows, tok)
                                                for r in crit[:5]) + ("; ..." if len(crit) > 5 else "") + "."
                 if crit else "")
     mass_pos = sorted({r["position"] for r in rows if r["massive"]})
-    mass_txt = "; ".join(f"position {q} {tok[q]!r} is a massive activation at layers "
+    mass_txt = "; ".join(f"position {q} {tok[q]!r} is a massive row at layers "
                          f"{format_ranges([r['layer'] for r in rows if r['massive'] and r['position'] == q])}"
                          for q in mass_pos[:4])
     return (f"Heatmap of bottleneck {value} for prompt {prompt}"
@@ -418,7 +418,7 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     if std == 0:
         notes.append("The baseline has zero spread, so any score above its mean is flagged.")
     z = (scores - mean) / std if std > 0 else np.where(scores > mean, np.inf, 0.0)
-    alt = _composition_alt(kind, src, dst, scores, na, above, z, (mean, std, short, thr))
+    alt = _composition_alt(kind, src, dst, scores, na, above, z if threshold is None else None, (mean, std, short, thr))
     table = [{"kind": kind, "src": src[a], "dst": dst[b], "score": float(scores[a, b]),
               "z_vs_baseline": float(z[a, b]), ("above_baseline" if threshold is None else "above_threshold"): bool(above[a, b])}
              for a in range(len(src)) for b in range(len(dst)) if np.isfinite(scores[a, b])]
@@ -471,12 +471,13 @@ def _composition_legend(fig, short, thr, any_na) -> None:
 
 
 def _composition_alt(kind, src, dst, scores, na, above, z, baseline) -> str:
-    """Alt text: pairs, the baseline and how many exceed it, the range and the strongest pairs."""
+    """Alt text: pairs, the baseline and how many exceed it, the range and the strongest pairs (with their
+    distance from the mean in baseline std only under the per-pair std rule: ``z`` is None otherwise)."""
     mean, std, short, thr = baseline
     applicable = int(np.isfinite(scores).sum())
     order = sorted(zip(*np.nonzero(np.isfinite(scores))), key=lambda ab: -scores[ab])
     best = "; ".join(f"{src[a]} -> {dst[b]} = {format_number(float(scores[a, b]))}"
-                     + (f" ({format_number(float(z[a, b]))} std above the mean)" if std > 0 else "")
+                     + (f" ({format_number(float(z[a, b]))} std above the mean)" if z is not None and std > 0 else "")
                      for a, b in order[:3])
     return " ".join([
         f"Heatmap of {kind} composition scores from {len(src)} source to {len(dst)} destination components:",

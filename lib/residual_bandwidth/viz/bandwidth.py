@@ -66,7 +66,7 @@ def plot_singular_spectra(report, layers=None, which: str = "without_massive",
     n_rows = metrics[0].n_positions
     alt = (f"Log-scale singular-value spectra at {len(chosen)} of {len(report.layers)} layers "
            f"({', '.join(map(str, chosen))}), {n_rows} positions "
-           f"({'without' if which == 'without_massive' else 'including'} massive activations), "
+           f"({'without' if which == 'without_massive' else 'including'} massive rows), "
            f"d_model {report.d_model}. " + " ".join(sentences))
     return _finish(fig, alt, table, title, notes)
 
@@ -187,6 +187,9 @@ def plot_rank_by_layer(report) -> AccessibleFigure:
     """Effective-rank family by layer (positions with massive activations left out), plus r_p with them."""
     layers, p = _report_layers(report)
     title = f"How many of {report.d_model} residual dimensions are used, by layer"
+    n = max((m.n_positions for m in report.all_positions), default=0)
+    if layers and n - 1 < report.d_model:   # too few positions to judge the width (Section 8's rule)
+        title += f" (lower bounds: {n} positions)"
     if not layers:
         return _placeholder(title, "The report has no layers.", "layer", "dimensions")
     series = {
@@ -203,7 +206,7 @@ def plot_rank_by_layer(report) -> AccessibleFigure:
     clean = series[f"r{p}, without massive positions"]
     allp = series[f"r{p} (variance rank), all positions"]
     lo, hi = int(np.argmin(clean)), int(np.argmax(clean))
-    alt = (f"Line chart over {len(layers)} layers. Without massive-activation positions, the "
+    alt = (f"Line chart over {len(layers)} layers. Without massive rows, the "
            f"{p}%-variance rank ranges from {clean[lo]} (layer {layers[lo]}) to {clean[hi]} "
            f"(layer {layers[hi]}) of {report.d_model} dimensions; with them it ranges from "
            f"{min(allp)} to {max(allp)}. Participation ratio ranges "
@@ -276,7 +279,7 @@ def plot_massive_norms(report, capture) -> AccessibleFigure:
     flagged = sorted({m.layer for m in report.massive})
     if flagged:
         ax.scatter(flagged, [top[layers.index(L)] for L in flagged], s=110, facecolors="none",
-                   edgecolors="black", linewidths=1.5, label="massive activation (ring)", zorder=3)
+                   edgecolors="black", linewidths=1.5, label="massive row (ring)", zorder=3)
     notes = []
     if min(med) <= 0:
         notes.append("Some layer has a zero median norm, which a log axis cannot show.")
@@ -293,7 +296,7 @@ def plot_massive_norms(report, capture) -> AccessibleFigure:
            f"{format_number(med[0])} to {format_number(med[-1])}. The loudest position peaks at "
            f"{format_number(top[k])} at layer {layers[k]}, {format_number(float(ratio[k]))} times the "
            f"median ({who[k]}). "
-           f"{len(flagged)} layer(s) have a massive activation (ringed).")
+           f"{len(flagged)} layer(s) have a massive row (norm >= the threshold; ringed).")
     table = [{"layer": L, "median_norm": med[i], "max_norm": top[i], "max_over_median": float(ratio[i]),
               "loudest": who[i], "massive": L in flagged} for i, L in enumerate(layers)]
     return _finish(fig, alt, table, title, notes)
@@ -341,7 +344,7 @@ def plot_norm_heatmap(capture, report=None, prompt: int = 0, kind: str | None = 
     fig.colorbar(im, ax=ax, label="residual norm ||x|| (log colour scale)")
     ys, xs = np.nonzero(mass)
     _glyph(ax, xs, ys, "*", _glyph_size(len(layers), len(rows)),
-           label=f"massive activation (norm >= {format_number(massive_ratio)}x layer median)")
+           label=f"massive row (norm >= {format_number(massive_ratio)}x layer median)")
     _thin_ticks(ax, "x", [f"{q} {token_label(t)}" for q, t in zip(positions, tokens)], rotate=True)
     _thin_ticks(ax, "y", [str(L) for L in layers])
     ax.set_xlabel("position and token")

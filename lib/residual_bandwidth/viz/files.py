@@ -1,7 +1,6 @@
 """Every figure of a report at once: build them, or write them (PNG, CSV table, figures.md)."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Mapping
 
