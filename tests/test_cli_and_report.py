@@ -39,7 +39,7 @@ def test_cli_analyze(tmp_path, capsys, embedded):
                  "--no-analytics"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "massive activations" in out and "layer" in out
+    assert "massive rows" in out and "layer" in out
     saved = json.loads((tmp_path / "o" / "report.json").read_text())
     assert len(saved["prompts"]) == 3
 

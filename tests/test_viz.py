@@ -245,6 +245,8 @@ def test_utilization_and_rank_by_layer(request, which):
     af = plot_rank_by_layer(report)
     r = [m.variance_rank for m in report.without_massive]
     assert f"ranges from {min(r)} (layer {report.layers[int(np.argmin(r))]})" in af.alt_text
+    n = report.all_positions[0].n_positions   # the title says when the sample cannot judge the width
+    assert af.title.endswith(f"(lower bounds: {n} positions)") == (n - 1 < report.d_model)
     af.close()
 
 
@@ -269,7 +271,7 @@ def test_norm_heatmap_and_norm_by_layer(request, which):
     assert sum(len(c.get_offsets()) for c in stars) == len(flagged)
     af.close()
     af = plot_massive_norms(report, cap)
-    assert f"{len({m.layer for m in report.massive})} layer(s) have a massive activation" in af.alt_text
+    assert f"{len({m.layer for m in report.massive})} layer(s) have a massive row" in af.alt_text
     af.close()
 
 
@@ -295,7 +297,7 @@ def test_bottleneck_heatmap(rng):
             f"{counts['massive']} massive") in af.alt_text
     top = max((r for r in mine if not r["massive"]), key=lambda r: r["score"])
     assert f"{format_number(top['score'])} at layer {top['layer']}, position {top['position']}" in af.alt_text
-    assert "Position 0 'The' is a massive activation at layers 2-5" in af.alt_text
+    assert "Position 0 'The' is a massive row at layers 2-5" in af.alt_text
     assert "(1 of 2 prompts)" in af.alt_text
     # each severity has its own glyph: one scatter per present severity, with distinct markers
     ax = af.figure.axes[0]
@@ -392,6 +394,11 @@ def test_composition_scores(rng):
     diamonds = [c for c in af.figure.axes[0].collections if len(c.get_offsets())]
     assert sum(len(c.get_offsets()) for c in diamonds) == n_above
     af.close()
+    # with a family-wise threshold the caption does not grade pairs in baseline std (the per-pair rule)
+    fw = plot_composition_scores(comp, threshold=0.25)
+    assert "pair(s) exceed family-wise threshold = 0.25" in fw.alt_text and "std above" not in fw.alt_text
+    assert "Strongest: L0H0 -> L3H1 = 0.3;" in fw.alt_text
+    fw.close()
 
 
 def test_compression_curve():
