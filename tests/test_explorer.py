@@ -263,6 +263,19 @@ def test_rendered_ahead_views_are_the_views_a_fresh_render_gives(embedded, promp
     assert ex.wait_prerendered(0) and not ex._start_prerender()
 
 
+def test_background_drawing_waits_until_the_controls_are_quiet(embedded, prompt_capture, monkeypatch):
+    """Drawing ahead must not compete with a student's quick steps: it starts QUIET_SECONDS after the
+    last input (here 2 s), and then draws the neighbours."""
+    import time
+
+    monkeypatch.setattr(BandwidthExplorer, "QUIET_SECONDS", 2.0)
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+    ex.widgets["layer"].value = 11   # an input: the quiet period starts again
+    time.sleep(1.0)
+    assert len(ex._views) == 2, "the background thread drew while the controls were still moving"
+    assert ex.wait_prerendered(120) and len(ex._views) > 2
+
+
 class _Widget7:
     """What an ipywidgets 7 widget offers for display: a model id and no _repr_mimebundle_."""
     model_id = "abc123"

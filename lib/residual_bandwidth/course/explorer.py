@@ -39,6 +39,7 @@ import html
 import os
 import re
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -178,10 +179,12 @@ class BandwidthExplorer:
     at most ``MAX_VIEWS``), and with ``prerender`` (the default when live) a background thread renders
     the views a student is likely to ask for next (:meth:`neighbours`: every other layer, nearest
     first, then the other massive choice and the thresholds one slider step away). A change to a
-    rendered view only swaps the widget's HTML. ``wait_prerendered()`` waits for that thread.
+    rendered view only swaps the widget's HTML. The thread draws only after ``QUIET_SECONDS`` without
+    input, so it does not compete with a student's quick steps. ``wait_prerendered()`` waits for it.
     """
 
     MAX_VIEWS = 96
+    QUIET_SECONDS = 0.3
 
     def __init__(self, loaded, prompt: str = DEFAULT_PROMPT, layer: int | None = None,
                  threshold: float = 0.95, exclude_massive: bool = True, massive_ratio: float = 4.0,
@@ -218,6 +221,7 @@ class BandwidthExplorer:
         self._idle = threading.Event()
         self._idle.set()
         self._closed = False
+        self._last_input = 0.0
         _OPEN.add(self)
         self.update(raise_errors=True)
         if self.interactive:
@@ -255,6 +259,7 @@ class BandwidthExplorer:
         return self.figure, self.table
 
     def _next_generation(self) -> int:
+        self._last_input = time.monotonic()
         with self._generation_lock:
             self._generation += 1
             return self._generation
@@ -348,6 +353,8 @@ class BandwidthExplorer:
     def _prerender_loop(self) -> None:
         """Render the next missing neighbour of the setting on screen until none is missing."""
         while True:
+            while (wait := self._last_input + self.QUIET_SECONDS - time.monotonic()) > 0:
+                time.sleep(wait)  # the student is still moving the controls
             with self._worker_lock:
                 with self._cache_lock:
                     todo = [] if self._closed else [n for n in self.neighbours()
@@ -515,22 +522,18 @@ def fit_to_container(figure_html: str) -> str:
                   figure_html, flags=re.S)
 
 
-def explore(model_or_loaded="embedded", tokenizer=None, prompt: str = DEFAULT_PROMPT,
-            layer: int | None = None, threshold: float = 0.95, exclude_massive: bool = True,
-            massive_ratio: float = 4.0, kind: str = "resid_post",
-            interactive: bool | None = None, capture=None) -> BandwidthExplorer:
+def explore(model_or_loaded="embedded", tokenizer=None, **settings) -> BandwidthExplorer:
     """Open the explorer on a model. Show the returned object (last expression of a notebook cell).
 
     ``model_or_loaded``: a ``LoadedModel`` (``load_model("embedded")``), a model name, or a Hugging
-    Face model together with ``tokenizer``. ``interactive``: ``None`` = detect (module docstring),
+    Face model together with ``tokenizer``. ``settings``: those of :class:`BandwidthExplorer`
+    (``prompt``, ``layer``, ``threshold``, ``exclude_massive``, ``massive_ratio``, ``kind``,
+    ``interactive``, ``capture``, ``prerender``). ``interactive``: ``None`` = detect (module docstring),
     ``True`` = widgets, ``False`` = static figure + table. In plain Python (no IPython at all) the
     static view is also printed, since nothing else would show it. ``capture``: an existing
     :func:`capture_prompt` result for ``prompt`` (saves the first forward pass).
     """
-    ex = BandwidthExplorer(as_loaded(model_or_loaded, tokenizer), prompt=prompt, layer=layer,
-                           threshold=threshold, exclude_massive=exclude_massive,
-                           massive_ratio=massive_ratio, kind=kind, interactive=interactive,
-                           capture=capture)
+    ex = BandwidthExplorer(as_loaded(model_or_loaded, tokenizer), **settings)
     if not ex.interactive and not _in_ipython():
         print(ex)
     return ex
