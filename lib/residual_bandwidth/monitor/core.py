@@ -51,7 +51,9 @@ Per request and watched layer ``L`` (rows ``x_i``, ``i = 1..n`` = the request's 
   SmolLM2: ~100x the median norm at layers 12-28), so every short request has one.
   ``massive_first`` counts massive rows that are the first real token of their sequence (known from
   the attention mask: the column where the mask's running sum reaches 1; without a mask, column 0)
-  and ``massive_other_fraction = (massive_count - massive_first) / n`` measures the unexpected ones.
+  and ``massive_other_fraction = (massive_count - massive_first) / n`` measures the unexpected ones,
+  for requests of at least ``min_tokens_for_rank`` tokens (``None`` below: a 2-token request with one
+  loud token would read 50 %, a count of one, not a rate; no alert changes state on it).
 * rank rows: the non-massive rows (``exclude_massive=True``; SmolLM2's position-0 vector is ~100x
   louder and would collapse every spectrum to rank 1), then at most ``max_positions`` of them
   drawn at random (seeded by the request number, so reruns are reproducible).

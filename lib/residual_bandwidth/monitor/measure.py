@@ -48,7 +48,9 @@ class MonitorConfig:
     """How the monitor measures (formulas: :mod:`residual_bandwidth.monitor.core`).
 
     variance_threshold: ``p`` of the variance-threshold rank. massive_ratio, exclude_massive,
-    max_positions (``None`` = every row), min_tokens_for_rank, seed: the per-request measures.
+    max_positions (``None`` = every row), min_tokens_for_rank, seed: the per-request measures
+    (``min_tokens_for_rank`` also gates ``massive_other_fraction``: one loud token of a 2-token
+    request is not a rate of 50 %).
     covariance_batch_rows: rows buffered per layer before the d x d update (0 = every request).
     single_thread: run the per-request arithmetic on one intra-op thread.
     history_size: length of the request-record ring buffer.
@@ -90,7 +92,7 @@ class LayerRecord:
     massive_count: int
     massive_fraction: float
     massive_first: int
-    massive_other_fraction: float
+    massive_other_fraction: float | None   # None below min_tokens_for_rank tokens: not a rate
     rank_rows: int
     variance_rank: int | None = None
     participation_ratio: float | None = None
@@ -245,10 +247,10 @@ class Measurement:
         n_first = int((massive & first.to(massive.device)).sum()) if (
             n_massive and first is not None and first.shape == massive.shape) else 0
         rows = self.sample(x[~massive] if (cfg.exclude_massive and n_massive) else x, request, L)
-        rec = LayerRecord(layer=L, n_tokens=n, mean_norm=float(norms.mean()), median_norm=median,
-                          max_norm=max_norm, max_norm_ratio=max_ratio, massive_count=n_massive,
-                          massive_fraction=n_massive / n, massive_first=n_first,
-                          massive_other_fraction=(n_massive - n_first) / n, rank_rows=int(rows.shape[0]))
+        rec = LayerRecord(layer=L, n_tokens=n, mean_norm=float(norms.mean()), median_norm=median, max_norm=max_norm,
+                          max_norm_ratio=max_ratio, massive_count=n_massive, massive_fraction=n_massive / n,
+                          massive_first=n_first, rank_rows=int(rows.shape[0]),
+                          massive_other_fraction=(n_massive - n_first) / n if n >= cfg.min_tokens_for_rank else None)
         if rows.shape[0] >= cfg.min_tokens_for_rank:
             try:
                 family = rank_family(spectrum(rows, center=True, name="request rows", layer=L), cfg.variance_threshold)
