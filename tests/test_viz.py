@@ -246,7 +246,10 @@ def test_utilization_and_rank_by_layer(request, which):
     r = [m.variance_rank for m in report.without_massive]
     assert f"ranges from {min(r)} (layer {report.layers[int(np.argmin(r))]})" in af.alt_text
     n = report.all_positions[0].n_positions   # the title says when the sample cannot judge the width
-    assert af.title.endswith(f"(lower bounds: {n} positions)") == (n - 1 < report.d_model)
+    kept = report.without_massive[0].n_positions
+    assert (f"(capped by the sample: {n} positions" in af.title) == (n - 1 < report.d_model)
+    if n - 1 < report.d_model and kept < n:
+        assert af.title.endswith(f", {kept} without massive rows)")
     af.close()
 
 
@@ -408,8 +411,8 @@ def test_compression_curve():
         pca = sorted((r["k"], r["delta_loss"]) for r in recs if r["layer"] == L and r["subspace"] == "pca")
         kmin, dl = next((k, d) for k, d in pca if d <= 0.05)
         rnd = next(r["delta_loss"] for r in recs if r["layer"] == L and r["subspace"] == "random" and r["k"] == kmin)
-        assert (f"Layer {L}: the top {kmin} principal directions keep the loss increase within 0.05 nats "
-                f"(+{format_number(dl)}); a random {kmin}-dimensional subspace costs +{format_number(rnd)}") in af.alt_text
+        assert (f"Layer {L}: the top {kmin} principal directions keep the average loss increase within 0.05 nats "
+                f"(+{format_number(dl)}, a point estimate); a random {kmin}-dimensional subspace costs +{format_number(rnd)}") in af.alt_text
     assert sum(r["within_tolerance"] for r in af.table) == sum(r["delta_loss"] <= 0.05 for r in recs)
     af.close()
     af = plot_compression_curve(recs, tolerance=1e-6)

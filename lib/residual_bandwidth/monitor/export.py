@@ -99,7 +99,7 @@ def _curve_sentence(curve, recs: list[dict], layer: int) -> str:
     r = min(at_k, key=lambda r: r["delta_loss"])
     return (f"Compression curve says k = {smallest} costs {_pct(r, base)} loss "
             f"(delta {r['delta_loss']:+.4f}, KL {r['kl']:.4f}, {r['subspace']} subspace; "
-            f"the smallest k within tolerance{tol_txt}).")
+            f"the smallest k whose held-out average is within tolerance{tol_txt}; check its interval).")
 
 
 class JsonLinesLog:

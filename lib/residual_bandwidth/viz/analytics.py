@@ -562,8 +562,8 @@ def _compression_sentence(L, recs, tolerance) -> list[str]:
         if ok:
             kmin = min(ok)
             dl = dict((k, d) for k, d, _ in pca)[kmin]
-            s = (f"Layer {L}: the top {kmin} principal directions keep the loss increase within "
-                 f"{format_number(tolerance)} nats ({'+' if dl >= 0 else ''}{format_number(dl)})")
+            s = (f"Layer {L}: the top {kmin} principal directions keep the average loss increase within "
+                 f"{format_number(tolerance)} nats ({'+' if dl >= 0 else ''}{format_number(dl)}, a point estimate)")
             if kmin in rnd:
                 s += f"; a random {kmin}-dimensional subspace costs {'+' if rnd[kmin] >= 0 else ''}{format_number(rnd[kmin])}"
             out.append(s + ".")

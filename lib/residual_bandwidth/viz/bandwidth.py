@@ -44,8 +44,7 @@ def plot_singular_spectra(report, layers=None, which: str = "without_massive",
     ax = axes[0, 0]
     notes, table, sentences = [], [], []
     rank_marks = [("variance_rank", f"r{p} ({p}% variance rank)", "|"),
-                  ("participation_ratio", "participation ratio", "o"),
-                  ("stable_rank", "stable rank", "s"),
+                  ("participation_ratio", "participation ratio", "o"), ("stable_rank", "stable rank", "s"),
                   ("entropy_rank", "entropy effective rank", "^")]
     n_zero_total = 0
     for i, L in enumerate(chosen):
@@ -188,8 +187,9 @@ def plot_rank_by_layer(report) -> AccessibleFigure:
     layers, p = _report_layers(report)
     title = f"How many of {report.d_model} residual dimensions are used, by layer"
     n = max((m.n_positions for m in report.all_positions), default=0)
+    n_kept = min((m.n_positions for m in report.without_massive), default=n)
     if layers and n - 1 < report.d_model:   # too few positions to judge the width (Section 8's rule)
-        title += f" (lower bounds: {n} positions)"
+        title += f" (capped by the sample: {n} positions" + (f", {n_kept} without massive rows)" if n_kept < n else ")")
     if not layers:
         return _placeholder(title, "The report has no layers.", "layer", "dimensions")
     series = {
