@@ -221,15 +221,28 @@ def test_registry_records_values_and_flags_a_false_claim(monkeypatch):
 
 
 def test_stated_duration_covers_the_measured_reading_load(executed_source):
-    """The YAML's duration is at least the reading time of every word a student reads (typed markdown and
-    the sentences the cells write, at 150 words per minute) plus the exercises' own time estimates."""
+    """The YAML's duration is at least the reading time of every word a student reads (typed markdown, the
+    sentences the cells write, what the cells print and the figures' visible captions, at 150 words per
+    minute) plus the exercises' own time estimates. A figure's alt text and data table are its equivalent
+    for a reader who cannot see it, read instead of the picture, so they are not added on top."""
+    def n_words(text):
+        return len(re.findall(r"[A-Za-z][A-Za-z'-]*", text))
+
     words = 0
     for c in executed_source.cells:
         if c.cell_type == "markdown":
-            words += len(re.findall(r"[A-Za-z][A-Za-z'-]*", re.sub(r"<!--.*?-->", " ", c.source, flags=re.S)))
+            words += n_words(re.sub(r"<!--.*?-->", " ", c.source, flags=re.S))
         for o in c.get("outputs", []):
-            if o.get("metadata", {}).get("claim"):
-                words += len(re.findall(r"[A-Za-z][A-Za-z'-]*", o["data"]["text/markdown"]))
+            data = o.get("data", {})
+            if o.get("metadata", {}).get("claims_summary"):
+                continue                      # the appendix table of every claim's numbers: for checking, not reading
+            if o.get("output_type") == "stream":
+                words += n_words(o["text"])
+            elif "<figure" in data.get("text/html", ""):
+                soup = BeautifulSoup(data["text/html"], "html.parser")
+                words += sum(n_words(f.get_text()) for f in soup.find_all("figcaption"))
+            elif "text/markdown" in data:     # generated claims and other written output
+                words += n_words(data["text/markdown"])
     exercise_minutes = sum(int(m) for c in executed_source.cells if c.cell_type == "markdown"
                            for m in re.findall(r"\*\*Time:\*\* about (\d+) minutes", c.source))
     assert exercise_minutes >= 60, exercise_minutes
