@@ -254,7 +254,7 @@ claims.say(
 #
 # Measurement can tell the two apart. With separate subspaces, different heads' write subspaces
 # would be nearly orthogonal to each other; superposition lets them share directions, and then the
-# number of directions the data vary in (the ranks of Section 2) does not count the features stored. The rest of the lesson measures (b) and (c); it does not measure (a) separately (the ranks of Section 2 are those of the whole stream, not of single writes). Section 10
+# number of directions the data vary in (the ranks of Section 2) does not count the features stored. The rest of the lesson measures (a) (end of Section 3), (b) and (c); Section 10
 # tests the subspace prediction on every layer, and the short experiment below shows superposition
 # happening in a model small enough to train in seconds.
 
@@ -603,6 +603,46 @@ claims.say(
     f"{share_at_entropy_rank:.1%} of the variance.",
     stable=chain[0], participation=chain[1], exp_h_variance=chain[2], entropy_rank=chain[3], rank=chain[4],
     r95=m_c.variance_rank)
+
+# %% [markdown]
+# ### Premise (a): does each write use only a few directions?
+#
+# Section 1 listed three things that would help a narrow stream; the first was that each write uses
+# only a few directions. The capture holds what each block's attention and MLP *write* (`attn_out`,
+# `mlp_out`), so the same rank can be taken of the writes, on the same positions, massive rows left
+# out, and compared with the stream they are added to. All of these ranks come from too few positions
+# to judge a width (Section 8), so read them as a comparison on one sample, not as widths.
+
+# %%
+write_rows = []
+for layer_ in cap.layers:
+    r_ = {kind_: rb.compute_metrics(cap.get(kind_, layer_)[keep].double(), layer=layer_).variance_rank
+          for kind_ in ("attn_out", "mlp_out", "resid_post")}
+    write_rows.append({"layer": layer_, **r_})
+for r_ in write_rows[::3]:
+    print(f"layer {r_['layer']:2d}: r95 of the attention write {r_['attn_out']:3d}, of the MLP write {r_['mlp_out']:3d}, "
+          f"of the stream {r_['resid_post']:3d}")
+n_keep = int(keep.sum())
+att_fewer = sum(r_["attn_out"] < r_["resid_post"] for r_ in write_rows)
+mlp_fewer = sum(r_["mlp_out"] < r_["resid_post"] for r_ in write_rows)
+write_median = {k_: int(np.median([r_[k_] for r_ in write_rows])) for k_ in ("attn_out", "mlp_out", "resid_post")}
+half_layers = len(write_rows) / 2
+claims.say(
+    "writes_few_directions",
+    all(max(r_["attn_out"], r_["mlp_out"], r_["resid_post"]) <= n_keep - 1 for r_ in write_rows),
+    f"On the same {n_keep} positions, the median r95 over the {len(write_rows)} layers is "
+    f"**{write_median['attn_out']}** for a block's attention write, **{write_median['mlp_out']}** for its MLP write "
+    f"and **{write_median['resid_post']}** for the stream. "
+    f"The attention write spans fewer directions than the stream at **{att_fewer}** of {len(write_rows)} layers, "
+    f"the MLP write at **{mlp_fewer}**. "
+    + ("Premise (a) fits the attention writes better than the MLP writes"
+       if att_fewer > half_layers >= mlp_fewer else
+       "Premise (a) fits the MLP writes better than the attention writes" if mlp_fewer > half_layers >= att_fewer else
+       "Premise (a) fits both kinds of write" if min(att_fewer, mlp_fewer) > half_layers else
+       "Premise (a) fits neither kind of write")
+    + f" on this sample; a write that spans as many directions as the stream it joins is not \"a few directions\". "
+    f"Every rank here is capped by the {n_keep} positions, so this compares, it does not measure widths.",
+    rows=write_rows, attention_fewer=att_fewer, mlp_fewer=mlp_fewer, positions=n_keep)
 
 # %% [markdown]
 # ### Explore on your own
