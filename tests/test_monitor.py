@@ -5,6 +5,7 @@ import gc
 import io
 import logging
 import json
+import math
 import threading
 import urllib.error
 import urllib.request
@@ -177,15 +178,15 @@ def test_first_token_of_each_sequence_from_the_mask(rng):
     step[0] *= 100
     rec = mon.observe({0: step}, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)).layers[0]
     assert (rec.n_tokens, rec.massive_count, rec.massive_first) == (2, 1, 0)
-    assert rec.massive_other_fraction is None     # 2 tokens < min_tokens_for_rank: a count, not a rate
+    assert rec.massive_other_fraction is None     # 2 tokens < min_tokens_for_share: a count, not a rate
 
 
 def test_a_short_request_with_one_loud_token_raises_no_alert(rng):
     """The finding behind the gate: a 2-token request whose second token is loud read 50 % and went
-    critical. Below min_tokens_for_rank tokens the fraction is None and the alert state is unchanged;
+    critical. Below min_tokens_for_share tokens the fraction is None and the alert state is unchanged;
     at the bar the same share alerts."""
     d = 16
-    mon = BandwidthMonitor(layers=[0], config=MonitorConfig(min_tokens_for_rank=8))
+    mon = BandwidthMonitor(layers=[0], config=MonitorConfig(min_tokens_for_share=8))
     short = torch.from_numpy(rng.normal(size=(1, 2, d)))
     short[0, 1] *= 100
     rec = mon.observe({0: short}).layers[0]
@@ -196,6 +197,16 @@ def test_a_short_request_with_one_loud_token_raises_no_alert(rng):
     rec = mon.observe({0: long}).layers[0]
     assert rec.massive_other_fraction == 0.5
     assert [(a["metric"], a["level"]) for a in mon.alert_records()] == [("massive_other_fraction", "critical")]
+    gauge = "residual_bandwidth_last_massive_other_fraction"
+
+    def last_share():
+        return next(s.value for f in text_string_to_metric_families(mon.prometheus_text())
+                    for s in f.samples if s.name == gauge)
+    assert last_share() == 0.5
+    mon.observe({0: short})                      # the gauge says "not measured", not the previous 0.5
+    assert math.isnan(last_share())
+    with pytest.raises(BandwidthInputError, match="min_tokens_for_share"):
+        MonitorConfig(min_tokens_for_share=0)
 
 
 # --------------------------------------------------------------------------------------------

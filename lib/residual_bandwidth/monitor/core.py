@@ -52,7 +52,7 @@ Per request and watched layer ``L`` (rows ``x_i``, ``i = 1..n`` = the request's 
   ``massive_first`` counts massive rows that are the first real token of their sequence (known from
   the attention mask: the column where the mask's running sum reaches 1; without a mask, column 0)
   and ``massive_other_fraction = (massive_count - massive_first) / n`` measures the unexpected ones,
-  for requests of at least ``min_tokens_for_rank`` tokens (``None`` below: a 2-token request with one
+  for requests of at least ``min_tokens_for_share`` tokens (``None`` below: a 2-token request with one
   loud token would read 50 %, a count of one, not a rate; no alert changes state on it).
 * rank rows: the non-massive rows (``exclude_massive=True``; SmolLM2's position-0 vector is ~100x
   louder and would collapse every spectrum to rank 1), then at most ``max_positions`` of them
@@ -93,7 +93,7 @@ computed only when asked for and cached until the next update. No background thr
 
 Defaults: ``layers`` = the last block of each third of the network (:func:`default_layers`),
 ``max_positions=32`` sampled rows per request and layer, ``covariance_batch_rows=256``,
-``min_tokens_for_rank=8``, logging off (all in :class:`~.measure.MonitorConfig`). Pass ``layers="all"`` and
+``min_tokens_for_rank=8``, ``min_tokens_for_share=8``, logging off (all in :class:`~.measure.MonitorConfig`). Pass ``layers="all"`` and
 ``config=MonitorConfig(max_positions=None)`` to see
 everything. The measured overhead is in BENCHMARKS.md (``python bench/monitor_overhead.py --compare``).
 """

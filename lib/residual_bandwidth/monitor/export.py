@@ -161,7 +161,8 @@ class PrometheusExporter:
         self._internal_errors = PCounter(f"{ns}_internal_errors", "Errors inside the monitor (requests were still served)", registry=r)
         self._tokens = PCounter(f"{ns}_tokens", "Real (unpadded) tokens seen per layer", ["layer"], registry=r)
         self._massive = PCounter(f"{ns}_massive_activations", "Tokens with norm >= massive_ratio x request median", ["layer"], registry=r)
-        self._last = {m: Gauge(f"{ns}_last_{m}", f"{m} of the last good request", ["layer"], registry=r)
+        self._last = {m: Gauge(f"{ns}_last_{m}", f"{m} of the last good request (NaN: too short to measure)",
+                               ["layer"], registry=r)
                       for m in ("mean_norm", "max_norm_ratio", "massive_fraction", "massive_other_fraction",
                                 "participation_ratio", "variance_rank")}
         exp_buckets = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -204,9 +205,8 @@ class PrometheusExporter:
             ch["tokens"].inc(lr.n_tokens)
             if lr.massive_count:
                 ch["massive"].inc(lr.massive_count)
-            for m, g in ch["last"].items():
-                if getattr(lr, m) is not None:
-                    g.set(getattr(lr, m))
+            for m, g in ch["last"].items():   # NaN, not the previous request's value, when not measured
+                g.set(math.nan if getattr(lr, m) is None else getattr(lr, m))
             if lr.participation_ratio is not None:
                 ch["pr"].observe(lr.participation_ratio)
             ch["ratio"].observe(lr.max_norm_ratio)

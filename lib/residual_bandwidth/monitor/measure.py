@@ -48,9 +48,9 @@ class MonitorConfig:
     """How the monitor measures (formulas: :mod:`residual_bandwidth.monitor.core`).
 
     variance_threshold: ``p`` of the variance-threshold rank. massive_ratio, exclude_massive,
-    max_positions (``None`` = every row), min_tokens_for_rank, seed: the per-request measures
-    (``min_tokens_for_rank`` also gates ``massive_other_fraction``: one loud token of a 2-token
-    request is not a rate of 50 %).
+    max_positions (``None`` = every row), min_tokens_for_rank, seed: the per-request measures.
+    min_tokens_for_share: the shortest request whose ``massive_other_fraction`` is a rate (one loud
+    token of a 2-token request is a count of one, not 50 %).
     covariance_batch_rows: rows buffered per layer before the d x d update (0 = every request).
     single_thread: run the per-request arithmetic on one intra-op thread.
     history_size: length of the request-record ring buffer.
@@ -61,6 +61,7 @@ class MonitorConfig:
     exclude_massive: bool = True
     max_positions: int | None = DEFAULT_MAX_POSITIONS
     min_tokens_for_rank: int = 8
+    min_tokens_for_share: int = 8
     seed: int = 0
     covariance_batch_rows: int = DEFAULT_COVARIANCE_BATCH_ROWS
     single_thread: bool = True
@@ -73,6 +74,7 @@ class MonitorConfig:
         check_int(self.covariance_batch_rows, "covariance_batch_rows", low=0)
         check_int(self.history_size, "history_size", low=1)
         check_int(self.min_tokens_for_rank, "min_tokens_for_rank", low=1)
+        check_int(self.min_tokens_for_share, "min_tokens_for_share", low=1)
         check_int(self.seed, "seed")
         if self.max_positions is not None:
             check_int(self.max_positions, "max_positions", low=2)
@@ -92,7 +94,7 @@ class LayerRecord:
     massive_count: int
     massive_fraction: float
     massive_first: int
-    massive_other_fraction: float | None   # None below min_tokens_for_rank tokens: not a rate
+    massive_other_fraction: float | None   # None below min_tokens_for_share tokens: not a rate
     rank_rows: int
     variance_rank: int | None = None
     participation_ratio: float | None = None
@@ -250,7 +252,7 @@ class Measurement:
         rec = LayerRecord(layer=L, n_tokens=n, mean_norm=float(norms.mean()), median_norm=median, max_norm=max_norm,
                           max_norm_ratio=max_ratio, massive_count=n_massive, massive_fraction=n_massive / n,
                           massive_first=n_first, rank_rows=int(rows.shape[0]),
-                          massive_other_fraction=(n_massive - n_first) / n if n >= cfg.min_tokens_for_rank else None)
+                          massive_other_fraction=(n_massive - n_first) / n if n >= cfg.min_tokens_for_share else None)
         if rows.shape[0] >= cfg.min_tokens_for_rank:
             try:
                 family = rank_family(spectrum(rows, center=True, name="request rows", layer=L), cfg.variance_threshold)
