@@ -201,3 +201,24 @@ def test_order_statistic_threshold_has_the_stated_error_rate():
     assert float((sims[:, 0] > old).double().mean()) > 0.1
     with pytest.raises(BandwidthInputError, match="at least 19 draws"):
         order_statistic_threshold([0.1] * 10, 0.05)
+
+
+def test_circuit_svds_are_computed_once_per_extracted_layer(tiny_gpt2, monkeypatch):
+    """Every head's subspaces and every kind of composition score read one SVD per layer; a copy made
+    with .to() (or a fresh extraction after changing the model) gets its own."""
+    import residual_bandwidth.composition as comp
+    model = tiny_gpt2[0]
+    calls = []
+    real = comp.factored_svd
+    monkeypatch.setattr(comp, "factored_svd", lambda a, b: calls.append(1) or real(a, b))
+    weights = all_layer_weights(model)
+    expected = [component_subspaces(lw, h)["ov_write"] for lw in weights for h in range(lw.n_heads)]
+    for kind in ("Q", "K", "V"):
+        composition_scores(weights, kind)
+    assert len(calls) == 2 * len(weights), "one OV and one QK factored SVD per layer"
+    again = [component_subspaces(lw, h)["ov_write"] for lw in weights for h in range(lw.n_heads)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, again))
+    copy64 = weights[0].to(torch.float64)
+    assert "_circuit_svd" not in copy64.__dict__          # the copy is not a cached view of the original
+    component_subspaces(copy64, 0)
+    assert len(calls) == 2 * len(weights) + 2

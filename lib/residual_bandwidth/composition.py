@@ -76,9 +76,13 @@ class CircuitSVD:
 
 
 def circuit_svd(lw: LayerWeights) -> CircuitSVD:
-    """Factored SVDs of ``W_OV = W_V W_O`` and ``W_QK = W_Q W_K^T`` (float64)."""
-    lw = check_layer_weights(lw).to(torch.float64)
-    return CircuitSVD(lw.layer, *factored_svd(lw.W_V, lw.W_O), *factored_svd(lw.W_Q, lw.W_K.transpose(1, 2)))
+    """Factored SVDs of ``W_OV = W_V W_O`` and ``W_QK = W_Q W_K^T`` (float64), kept on ``lw`` after the
+    first call: every head's subspaces and every composition score of a layer read the same SVDs
+    (extracted weights are a snapshot; extract them again after changing the model)."""
+    if "_circuit_svd" not in check_layer_weights(lw).__dict__:
+        w = lw.to(torch.float64)
+        lw._circuit_svd = CircuitSVD(lw.layer, *factored_svd(w.W_V, w.W_O), *factored_svd(w.W_Q, w.W_K.transpose(1, 2)))
+    return lw._circuit_svd
 
 
 def component_subspaces(lw: LayerWeights, head: int, k: int | None = None) -> dict:
@@ -262,11 +266,6 @@ def composition_scores(model_or_weights, kind: str = "Q", layers=None, n_baselin
                                      layer_of, read_s, layer_of, n_baseline, seed)
     return CompositionScores(kind=kind, src_labels=labels, dst_labels=labels, scores=scores, baseline_mean=mean,
                              baseline_std=std, n_baseline=n_baseline, rotated_mean=r_mean, rotated_std=r_std)
-
-
-def expected_random_score(d_model: int) -> float:
-    """A rough guide to the baseline: ``1 / sqrt(d_model)`` (the measured baseline is what counts)."""
-    return 1.0 / math.sqrt(d_model)
 
 
 # ---------------------------------------------------------------------------------------------

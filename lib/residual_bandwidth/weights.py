@@ -46,7 +46,7 @@ MLP neuron ``n``: reads ``x_hat W_in[:, n]`` and writes ``act_n * W_out[n]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -102,7 +102,8 @@ class LayerWeights:
 
     def to(self, dtype: torch.dtype) -> "LayerWeights":
         """A copy with every tensor cast to ``dtype`` (e.g. float64 for eigenvalues)."""
-        return LayerWeights(**{k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        return LayerWeights(**{f.name: (v.to(dtype) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                               for f in fields(self)})
 
 
 # Where the projections live, per family (the block-level adapters are in capture.py).
