@@ -192,7 +192,7 @@ def part_lo1(repeat):
 
 
 def part_lesson(lm):
-    from residual_bandwidth import ErasureMeter, ResidualRecorder, run_listeners
+    from residual_bandwidth import ResidualRun
     from residual_bandwidth.capture import model_dims
     from residual_bandwidth.compression import HELDOUT_PROMPTS
     from residual_bandwidth.course.report import DEFAULT_PROMPTS, analytics_plan, run_analytics
@@ -202,12 +202,10 @@ def part_lesson(lm):
     fwd = bare_forward(lm, DEFAULT_PROMPTS)
     held = bare_forward(lm, HELDOUT_PROMPTS)
     t = time.perf_counter()   # as run_bandwidth_job does it: one pass feeds the capture and the memory module
-    rec = ResidualRecorder(lm.model, lm.tokenizer, ["resid_pre", "resid_post"])
-    meter = ErasureMeter(lm.model, attention=True)
-    run_listeners(lm.model, lm.tokenizer, DEFAULT_PROMPTS, [rec, meter])
+    run = ResidualRun(lm.model, lm.tokenizer, DEFAULT_PROMPTS, kinds=["resid_pre", "resid_post"])
+    run.capture
     shared = time.perf_counter() - t
-    summary, _ = run_analytics(lm, rec.capture(DEFAULT_PROMPTS), DEFAULT_PROMPTS, progress=False,
-                               erasure=meter.report())
+    summary, _ = run_analytics(run, progress=False)
     took = time.perf_counter() - t
     floor = fwd + evals * held
     print(f"shared pass {shared:.2f} s + analytics {took - shared:.1f} s ({summary['seconds']}) = {took:.1f} s; "

@@ -94,3 +94,22 @@ def test_position_zero_massive_activation_on_embedded(embedded_capture):
     for L in range(15, 26):
         assert rep.all_positions[L].variance_rank <= 2
         assert rep.without_massive[L].variance_rank >= 20
+
+
+def test_coordinate_massive_mask_is_sun_et_als_per_coordinate_rule(rng):
+    """Closed form: median |x_ij| of a matrix of +-1 is 1, so one coordinate of 1000 makes its row
+    massive at ratio 10^3 and not at 1001; a row merely 100x louder in every coordinate (norm ratio 100)
+    is not massive per coordinate. The row rule (massive_mask on norms) flags both."""
+    from residual_bandwidth import BandwidthInputError, coordinate_massive_mask, massive_mask
+    x = torch.from_numpy(np.sign(rng.standard_normal((50, 16)))).double()
+    x[3, 7], x[10] = 1000.0, 100.0 * x[10]
+    assert coordinate_massive_mask(x).nonzero().flatten().tolist() == [3]
+    assert not coordinate_massive_mask(x, ratio=1001).any()
+    assert massive_mask(x.norm(dim=1), 4.0).nonzero().flatten().tolist() == [3, 10]
+    zeros = torch.zeros(4, 3, dtype=torch.float64)
+    zeros[2, 1] = 1e-9                                 # median 0: any non-zero coordinate counts
+    assert coordinate_massive_mask(zeros).tolist() == [False, False, True, False]
+    with pytest.raises(BandwidthInputError, match="ratio"):
+        coordinate_massive_mask(x, ratio=0)
+    with pytest.raises(BandwidthInputError, match="NaN"):
+        coordinate_massive_mask(torch.full((2, 2), float("nan")))

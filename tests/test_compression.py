@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from residual_bandwidth import BandwidthInputError
+from residual_bandwidth import BandwidthInputError, ResidualRun
 from residual_bandwidth.compression import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, _smallest_k,
                                             compression_curve, project_residual,
                                             random_subspace)
@@ -26,8 +26,8 @@ def hook_counts(model):
 def test_full_dimension_is_the_unmodified_model_gpt2(tiny_gpt2):
     model, tok = tiny_gpt2
     hooks = hook_counts(model)
-    curve = compression_curve(model, tok, layers=[0, 2], ks=[4, 32, 64], calibration_prompts=PROMPTS * 3,
-                              heldout_prompts=HELDOUT_PROMPTS[:3], n_random=2, progress=False)
+    curve = compression_curve(ResidualRun(model, tok, PROMPTS * 3, erasure=False), layers=[0, 2],
+                              ks=[4, 32, 64], heldout_prompts=HELDOUT_PROMPTS[:3], n_random=2, progress=False)
     recs = curve.records()
     assert all(set(r) == RECORD_KEYS for r in recs)
     assert len(recs) == 2 * 3 * 2 and {r["subspace"] for r in recs} == {"pca", "random"}
@@ -45,8 +45,8 @@ def test_curve_on_embedded_model_is_monotone_and_beats_random(embedded):
     model, tok = embedded.model, embedded.tokenizer
     hooks = hook_counts(model)
     ks = [16, 128, 384, 576]
-    curve = compression_curve(model, tok, layers=[10], ks=ks, calibration_prompts=CALIBRATION_PROMPTS[:16],
-                              heldout_prompts=HELDOUT_PROMPTS[:3], n_random=1, progress=False)
+    curve = compression_curve(ResidualRun(model, tok, CALIBRATION_PROMPTS[:16], kinds=["resid_post"], layers=[10]),
+                              layers=[10], ks=ks, heldout_prompts=HELDOUT_PROMPTS[:3], n_random=1, progress=False)
     pca = {r["k"]: r for r in curve.records() if r["subspace"] == "pca"}
     rnd = {r["k"]: r for r in curve.records() if r["subspace"] == "random"}
     kls = [pca[k]["kl"] for k in ks]
@@ -144,18 +144,19 @@ def test_smallest_k_needs_every_larger_k_within_tolerance():
 
 def test_bad_input_is_named(tiny_gpt2):
     model, tok = tiny_gpt2
+    run = ResidualRun(model, tok, PROMPTS, kinds=["resid_post"], erasure=False)
     with pytest.raises(BandwidthInputError, match="ks"):
-        compression_curve(model, tok, [0], [0, 8])
+        compression_curve(run, [0], [0, 8])
     with pytest.raises(BandwidthInputError, match="ks"):
-        compression_curve(model, tok, [0], [65])
+        compression_curve(run, [0], [65])
     with pytest.raises(BandwidthInputError, match="layer 3 is out of range"):
-        compression_curve(model, tok, [3], [8])
+        compression_curve(run, [3], [8])
     with pytest.raises(BandwidthInputError, match="tolerance"):
-        compression_curve(model, tok, [0], [8], tolerance=0)
+        compression_curve(run, [0], [8], tolerance=0)
     with pytest.raises(BandwidthInputError, match="n_random"):
-        compression_curve(model, tok, [0], [8], n_random=-1)
+        compression_curve(run, [0], [8], n_random=-1)
     with pytest.raises(BandwidthInputError, match="prompts"):
-        compression_curve(model, tok, [0], [8], heldout_prompts=[])
+        compression_curve(run, [0], [8], heldout_prompts=[])
     with pytest.raises(BandwidthInputError, match="basis"):
         with project_residual(model, 0, torch.zeros(64), torch.eye(32)):
             pass
@@ -163,7 +164,9 @@ def test_bad_input_is_named(tiny_gpt2):
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=64, vocab_size=100))
     with pytest.raises(BandwidthInputError, match="not supported"):
-        compression_curve(bert, tok, [0], [8])
+        ResidualRun(bert, tok, PROMPTS)
+    with pytest.raises(BandwidthInputError, match="expected a ResidualRun"):
+        compression_curve(model, [0], [8])
 
 
 def test_lesson_job_reports_the_analytics(embedded, tmp_path):

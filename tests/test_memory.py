@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from residual_bandwidth import BandwidthInputError, ResidualCapture, capture_residuals, hook_name
-from residual_bandwidth.memory import (current_token_attention, eigen_sign, energy_loss_directions,
-                                       erasure_from_activations, head_records, memory_management,
+from residual_bandwidth import BandwidthInputError, ResidualCapture, ResidualRun, capture_residuals, hook_name
+from residual_bandwidth.memory import (eigen_sign, energy_loss_directions, head_records, memory_management,
                                        neg_share, neuron_cosines, ov_eigenvalues, rank_candidates)
 from residual_bandwidth.weights import layer_weights
 from conftest import PROMPTS, random_orthogonal
+from references import current_token_attention
 
 HEAD_LAYER, HEAD, NEURON_LAYER, NEURON = 1, 2, 2, 7
 
@@ -84,7 +84,7 @@ def test_ov_eigenvalues_are_those_of_the_dense_matrix(embedded):
 
 def test_planted_eraser_head_and_neuron_found_at_the_top(planted_gpt2):
     model, tok = planted_gpt2
-    rep = memory_management(model, tok, PROMPTS, progress=False)
+    rep = ResidualRun(model, tok, PROMPTS).memory()
     heads = {(r["layer"], r["head"]): r for r in rep.heads}
     planted = heads[(HEAD_LAYER, HEAD)]
     assert planted["neg_share"] > 0.99
@@ -117,7 +117,7 @@ def test_planted_eraser_head_and_neuron_found_at_the_top(planted_gpt2):
 
 def test_unmodified_random_model_has_no_eraser(tiny_gpt2):
     model, tok = tiny_gpt2
-    rep = memory_management(model, tok, PROMPTS[:2], progress=False)
+    rep = ResidualRun(model, tok, PROMPTS[:2]).memory()
     assert max(r["neg_share"] for r in rep.heads) < 0.9
     assert float(rep.neuron_cos.min()) > -0.6
     assert max(r["score"] for r in rep.ranking) < 0.6
@@ -164,7 +164,7 @@ def test_gqa_llama_eraser_head_and_swiglu_neuron(embedded):
 def test_erasure_components_add_up_on_embedded_model(embedded):
     """The attention projection is the sum of its heads' (no output bias in llama), the MLP's the
     sum of its neurons' - a check on the per-head / per-neuron bookkeeping."""
-    er = erasure_from_activations(embedded.model, embedded.tokenizer, PROMPTS[:2], layers=[0, 20], progress=False)
+    er = ResidualRun(embedded.model, embedded.tokenizer, PROMPTS[:2], layers=[0, 20], kinds=["resid_post"]).erasure
     assert er.heads.shape == (2, 9) and er.neurons.shape == (2, 1536)
     assert torch.allclose(er.heads.sum(1), er.attn, rtol=1e-3, atol=1e-5)
     assert torch.allclose(er.neurons.sum(1), er.mlp, rtol=1e-3, atol=1e-5)
@@ -173,18 +173,24 @@ def test_erasure_components_add_up_on_embedded_model(embedded):
 
 
 def test_current_token_attention_leaves_out_position_zero(embedded):
-    cta = current_token_attention(embedded.model, embedded.tokenizer, ["Hi there", "A cat sat."], layers=[0, 1])
+    """Position 0 can only attend to itself: counting it would add 1 per prompt. The mean over t >= 1
+    is the reference's; the version that counts position 0 is not."""
+    prompts = ["Hi there", "A cat sat."]
+    cta = ResidualRun(embedded.model, embedded.tokenizer, prompts, layers=[0, 1], kinds=["resid_post"]
+                      ).erasure.current_attention
     assert cta.shape == (2, 9) and bool(((cta >= 0) & (cta <= 1)).all())
-    with pytest.raises(BandwidthInputError, match="single token"):
-        current_token_attention(embedded.model, embedded.tokenizer, ["Hello"], layers=[0])
+    ref = current_token_attention(embedded.model, embedded.tokenizer, prompts, layers=[0, 1])
+    torch.testing.assert_close(cta, ref.float(), atol=1e-5, rtol=0)
+    n = [len(embedded.tokenizer(p)["input_ids"]) for p in prompts]
+    with_zero = (ref * (sum(n) - len(n)) + len(n)) / sum(n)   # position 0 attends to itself with weight 1
+    assert float((cta - with_zero).abs().max()) > 1e-3
 
 
 def test_attention_implementation_and_hooks_restored(embedded):
     model = embedded.model
     before = model.config._attn_implementation
     hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
-    head_records(model, embedded.tokenizer, ["The cat sat on the mat."], layers=[3])
-    erasure_from_activations(model, embedded.tokenizer, ["The cat sat on the mat."], layers=[3], progress=False)
+    ResidualRun(model, embedded.tokenizer, ["The cat sat on the mat."], layers=[3]).memory()
     assert model.config._attn_implementation == before
     assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
 
@@ -217,28 +223,30 @@ def test_bad_input_is_named(embedded, tiny_gpt2):
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=64, vocab_size=100))
     with pytest.raises(BandwidthInputError, match="not supported"):
-        memory_management(bert)
+        ResidualRun(bert)
     with pytest.raises(BandwidthInputError, match="layer 40"):
         head_records(embedded.model, layers=[40])
     with pytest.raises(BandwidthInputError, match="gate"):
         neuron_cosines(tiny_gpt2[0], direction="gate")
     with pytest.raises(BandwidthInputError, match="tokenizer"):
-        memory_management(embedded.model, prompts=["hi there"], layers=[0])
+        ResidualRun(embedded.model, prompts=["hi there"], layers=[0])
+    with pytest.raises(BandwidthInputError, match="expected a ResidualRun"):
+        memory_management(embedded.model)
     with pytest.raises(BandwidthInputError, match="empty prompt"):
-        erasure_from_activations(embedded.model, embedded.tokenizer, ["  "], layers=[0])
+        ResidualRun(embedded.model, embedded.tokenizer, ["  "], layers=[0])
+    with pytest.raises(BandwidthInputError, match="single token"):
+        ResidualRun(embedded.model, embedded.tokenizer, ["Hello"], layers=[0]).memory()
     with pytest.raises(BandwidthInputError, match="top_per_kind"):
         rank_candidates([], top_per_kind=0)
 
 
 def test_one_batched_pass_gives_the_per_prompt_current_token_attention(embedded):
-    """memory_management now takes current-token attention from the erasure pass (batched, right
-    padded, eager attention) instead of one forward pass per prompt: the same numbers."""
-    from residual_bandwidth.memory import erasure_from_activations
-    from conftest import PROMPTS
+    """The run takes current-token attention from its one pass (batched, right padded, eager
+    attention) instead of one forward pass per prompt (the tests' reference): the same numbers."""
     m, tok = embedded.model, embedded.tokenizer
     layers = [0, 9, 29]
     ref = current_token_attention(m, tok, PROMPTS[:5], layers)
-    er = erasure_from_activations(m, tok, PROMPTS[:5], layers, batch_size=5, progress=False, attention=True)
+    er = ResidualRun(m, tok, PROMPTS[:5], layers, kinds=["resid_post"], batch_size=5).erasure
     assert torch.allclose(er.current_attention, ref.float(), atol=1e-5)
 
 
@@ -247,7 +255,7 @@ def test_combined_ranking_needs_weight_and_activation_evidence(planted_gpt2, tin
     evidence) lead; on the unmodified random model nothing scores high; without prompts it refuses."""
     from residual_bandwidth.memory import combined_ranking
     model, tok = planted_gpt2
-    rep = memory_management(model, tok, PROMPTS, progress=False)
+    rep = ResidualRun(model, tok, PROMPTS).memory()
     ranked = combined_ranking(rep, top=5)
     assert {r["component"] for r in ranked[:2]} == {f"L{HEAD_LAYER}.H{HEAD}", f"L{NEURON_LAYER}.N{NEURON}"}
     for r in ranked:
@@ -260,9 +268,9 @@ def test_combined_ranking_needs_weight_and_activation_evidence(planted_gpt2, tin
     rep.erasure.neurons[rep.erasure.layers.index(NEURON_LAYER), NEURON] = 0.0
     again = {r["component"]: r["score"] for r in combined_ranking(rep, top=50)}
     assert again.get(f"L{NEURON_LAYER}.N{NEURON}", 0.0) == 0.0
-    plain = memory_management(tiny_gpt2[0], tiny_gpt2[1], PROMPTS[:2], progress=False)
+    plain = ResidualRun(tiny_gpt2[0], tiny_gpt2[1], PROMPTS[:2]).memory()
     assert max(r["score"] for r in combined_ranking(plain)) < 0.1
     with pytest.raises(BandwidthInputError, match="activation evidence"):
-        combined_ranking(memory_management(model, progress=False))
+        combined_ranking(memory_management(ResidualRun(model)))
     with pytest.raises(BandwidthInputError, match="top"):
         combined_ranking(rep, top=0)

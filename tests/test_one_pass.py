@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from residual_bandwidth import (ErasureMeter, LayerStreamer, ResidualRecorder, capture_residuals,
-                                erasure_from_activations, memory_management, run_listeners,
-                                stream_layer_statistics)
+from residual_bandwidth import (ErasureMeter, LayerStreamer, ResidualRecorder, ResidualRun, capture_residuals,
+                                run_listeners, stream_layer_statistics)
 from residual_bandwidth.compression import compression_curve
 from residual_bandwidth.validation import BandwidthInputError
 
@@ -45,8 +44,7 @@ def test_three_listeners_in_one_pass_equal_three_separate_passes(embedded):
     shared_cap, shared_er = rec.capture(PROMPTS), meter.report()
     alone_cap = capture_residuals(model, tok, PROMPTS, kinds=["resid_pre", "resid_post"], layers=LAYERS,
                                   batch_size=4, progress=False)
-    alone_er = erasure_from_activations(model, tok, PROMPTS, LAYERS, batch_size=4, progress=False,
-                                        attention=True)
+    alone_er = ResidualRun(model, tok, PROMPTS, LAYERS, kinds=["resid_post"], batch_size=4).erasure
     alone_st = stream_layer_statistics(model, tok, PROMPTS, layers=LAYERS, batch_size=4)
     # the shared pass ran with eager attention (the meter needs probabilities), the lone capture with
     # SDPA: the same residuals up to kernel round-off
@@ -122,40 +120,60 @@ def test_the_main_job_runs_the_model_over_its_prompts_once(embedded, tmp_path):
     assert rep["analytics"]["memory"]["ranking"], "the memory module used the shared pass's evidence"
 
 
-def test_memory_management_takes_a_shared_erasure_and_checks_it(embedded):
+def _count_passes(model):
+    """Forward passes of the transformer body (full and base-model passes both go through it)."""
+    calls = []
+    return calls, model.base_model.register_forward_pre_hook(lambda m, a, kw: calls.append(1), with_kwargs=True)
+
+
+def test_a_run_runs_its_prompts_once_and_extracts_each_layers_weights_once(embedded, monkeypatch):
+    """Every analysis of a ResidualRun reads its one pass and its one weight extraction."""
+    import residual_bandwidth.run as run_module
     model, tok = embedded.model, embedded.tokenizer
-    meter = ErasureMeter(model, LAYERS, attention=True)
-    run_listeners(model, tok, PROMPTS, [meter])
-    er = meter.report()
-    shared = memory_management(model, tok, PROMPTS, layers=LAYERS, erasure=er, progress=False)
-    alone = memory_management(model, tok, PROMPTS, layers=LAYERS, progress=False)
-    assert [(r["component"], r["kind"]) for r in shared.ranking] == [(r["component"], r["kind"]) for r in alone.ranking]
-    with pytest.raises(BandwidthInputError, match="erasure: expected an ErasureReport measured at layers"):
-        memory_management(model, tok, PROMPTS, layers=[0, 7], erasure=er)
-    from residual_bandwidth import all_layer_weights
-    given = memory_management(model, tok, PROMPTS, layers=LAYERS, erasure=er,
-                              weights=all_layer_weights(model, LAYERS))
-    assert given.ranking == shared.ranking
-    with pytest.raises(BandwidthInputError, match="weights: expected the LayerWeights of layers"):
-        memory_management(model, tok, PROMPTS, layers=LAYERS, erasure=er, weights=all_layer_weights(model, [0, 7, 28]))
-    no_attention = ErasureMeter(model, LAYERS)
-    run_listeners(model, tok, PROMPTS, [no_attention])
-    with pytest.raises(BandwidthInputError, match="without attention=True"):
-        memory_management(model, tok, PROMPTS, layers=LAYERS, erasure=no_attention.report())
+    extracted = []
+    real = run_module.layer_weights
+    monkeypatch.setattr(run_module, "layer_weights", lambda m, L: extracted.append(L) or real(m, L))
+    run = ResidualRun(model, tok, PROMPTS, layers=LAYERS, kinds=["resid_pre", "resid_post"])
+    calls, h = _count_passes(model)
+    try:
+        mem, rep, bn = run.memory(), run.report(), run.bottlenecks()
+        comp = run.composition("K", [0, 7])
+        assert run.memory() is mem and run.report() is rep and run.composition("K", [0, 7]) is comp
+    finally:
+        h.remove()
+    assert len(calls) == 1, "four prompts, batch size 8: the capture and the erasure share one forward pass"
+    assert sorted(extracted) == LAYERS, "each layer's weights extracted once, for the meter, memory and composition"
+    assert mem.energy_loss and rep.layers == LAYERS and bn.layers == LAYERS
+    # the same evidence as measuring each part on its own
+    alone = ResidualRun(model, tok, PROMPTS, LAYERS, kinds=["resid_post"]).erasure
+    torch.testing.assert_close(mem.erasure.heads, alone.heads, rtol=1e-4, atol=1e-6)
+    separate = ResidualRun(model, tok, PROMPTS, layers=LAYERS, kinds=["resid_pre", "resid_post"], erasure=False)
+    separate.capture
+    assert separate._erasure is None, "erasure=False: the capture pass does not measure the erasure"
+    assert [r["component"] for r in separate.memory().ranking] == [r["component"] for r in mem.ranking]
+    weights_only = ResidualRun(model, layers=[0]).memory()
+    assert weights_only.erasure is None and weights_only.notes == ["no prompts: head scores use the OV eigenvalues only"]
+    with pytest.raises(BandwidthInputError, match="this run has none"):
+        ResidualRun(model, layers=[0]).capture
+    with pytest.raises(BandwidthInputError, match="kinds"):
+        ResidualRun(model, tok, PROMPTS, kinds=["resid_middle"])
 
 
-def test_compression_fit_reads_the_callers_capture(embedded):
+def test_compression_fit_reads_the_runs_capture(embedded):
     model, tok = embedded.model, embedded.tokenizer
     calibration, heldout = PROMPTS[:3], PROMPTS[3:]
-    args = dict(layers=[12], ks=[64, 576], n_random=0, calibration_prompts=calibration,
-                heldout_prompts=heldout, progress=False)
-    cap = capture_residuals(model, tok, calibration, kinds=["resid_post"], progress=False)
-    fit_here = compression_curve(model, tok, **args)
-    fit_shared = compression_curve(model, tok, **args, states=cap)
-    assert fit_shared.rows == fit_here.rows
-    assert fit_shared.n_calibration_tokens == fit_here.n_calibration_tokens
-    with pytest.raises(BandwidthInputError, match="other prompts than the 3 calibration prompts"):
-        compression_curve(model, tok, **{**args, "calibration_prompts": PROMPTS[:2] + PROMPTS[3:4]}, states=cap)
-    pre_only = capture_residuals(model, tok, calibration, kinds=["resid_pre"], layers=[12], progress=False)
+    args = dict(layers=[12], ks=[64, 576], n_random=0, heldout_prompts=heldout, progress=False)
+    fresh = compression_curve(ResidualRun(model, tok, calibration, erasure=False), **args)
+    run = ResidualRun(model, tok, calibration, kinds=["resid_post"], layers=[12], erasure=False)
+    run.capture
+    calls, h = _count_passes(model)
+    try:
+        shared = run.compression(**args)
+    finally:
+        h.remove()
+    assert len(calls) == 1 + 2, "held-out prompts in one batch: the baseline and two projections, no calibration pass"
+    assert shared.rows == fresh.rows and shared.n_calibration_tokens == fresh.n_calibration_tokens
+    assert run.compression(**args) is shared
+    pre_only = ResidualRun(model, tok, calibration, kinds=["resid_pre"], layers=[12], erasure=False)
     with pytest.raises(BandwidthInputError, match="resid_post was not captured"):
-        compression_curve(model, tok, **args, states=pre_only)
+        pre_only.compression(**args)

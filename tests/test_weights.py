@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from residual_bandwidth import BandwidthInputError, capture_residuals
-from residual_bandwidth.memory import attention_patterns
 from residual_bandwidth.weights import (all_layer_weights, attention_write, factored_svd, layer_weights,
                                         mlp_activations, mlp_write, normalize_residual)
+from references import attention_patterns
 
 PROMPT = "The capital of France is Paris, and the river is the Seine."
 

@@ -11,6 +11,7 @@ The lesson's ideas, one module each:
   memory       memory management: eraser heads and neurons, write-vs-read erasure
   composition  Q/K/V composition scores with a random baseline, principal angles
   compression  the measured compression curve (loss and KL vs k)
+  run          ResidualRun: one model run over prompts, read by every analysis (an ActivationCache)
   streaming    running mean and covariance (Welford / Chan) in constant memory
   validation   strict input checks with messages that name the problem
 Plumbing, in subpackages:
@@ -28,7 +29,7 @@ from .composition import (CompositionScores, component_subspaces, composition_sc
                           principal_angles)
 from .compression import (CALIBRATION_PROMPTS, HELDOUT_PROMPTS, CompressionCurve, compression_curve,
                           project_residual)
-from .memory import (ErasureMeter, MemoryReport, combined_ranking, direction_erasure, erasure_from_activations,
+from .memory import (ErasureMeter, MemoryReport, combined_ranking, direction_erasure,
                      head_records, memory_management, neg_share, neuron_cosines)
 from .metrics import (BandwidthMetrics, Spectrum, anisotropy, compute_metrics, entropy_effective_rank,
                       participation_ratio, principal_directions, rank_family, spectral_entropy, spectrum,
@@ -37,7 +38,9 @@ from .compat import ProductionBandwidthMonitor
 from .convergence import plot_rank_against_n, rank_against_n
 from .course.models import EMBEDDED, LoadedModel, ModelUnavailableError, load_model
 from .monitor import AlertPolicy, BandwidthMonitor, JsonLinesLog, MonitorConfig, PrometheusExporter
-from .outliers import MassiveActivation, OutlierDimension, massive_mask, massive_rows, outlier_dimensions
+from .outliers import (MassiveActivation, OutlierDimension, coordinate_massive_mask, massive_mask, massive_rows,
+                       outlier_dimensions)
+from .run import ResidualRun
 from .superposition import plot_superposition, sparsity_sweep
 from .streaming import LayerStreamer, StreamedLayers, StreamingMoments, stream_layer_statistics
 from .validation import BandwidthInputError
@@ -66,11 +69,11 @@ __all__ = [
     # metrics, massive activations, reports
     "BandwidthMetrics", "Spectrum", "anisotropy", "compute_metrics", "entropy_effective_rank",
     "participation_ratio", "principal_directions", "rank_family", "spectral_entropy", "spectrum",
-    "stable_rank", "variance_threshold_rank", "MassiveActivation", "OutlierDimension", "massive_mask",
+    "stable_rank", "variance_threshold_rank", "MassiveActivation", "OutlierDimension", "coordinate_massive_mask", "massive_mask",
     "massive_rows", "outlier_dimensions", "BandwidthReport", "ResidualBandwidthAnalyzer",
-    # the analyses
-    "LayerWeights", "all_layer_weights", "layer_weights", "BottleneckReport", "find_bottlenecks",
-    "heldout_spread", "layer_scores", "severity", "direction_erasure", "ErasureMeter", "MemoryReport", "combined_ranking", "erasure_from_activations",
+    # one run, read by the analyses
+    "ResidualRun", "LayerWeights", "all_layer_weights", "layer_weights", "BottleneckReport", "find_bottlenecks",
+    "heldout_spread", "layer_scores", "severity", "direction_erasure", "ErasureMeter", "MemoryReport", "combined_ranking",
     "head_records", "memory_management", "neg_share", "neuron_cosines", "CompositionScores",
     "component_subspaces", "composition_scores", "pair_significance", "principal_angles",
     "CALIBRATION_PROMPTS", "HELDOUT_PROMPTS", "CompressionCurve", "compression_curve", "project_residual",

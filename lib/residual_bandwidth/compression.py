@@ -47,8 +47,7 @@ from typing import Sequence
 
 import torch
 
-from .capture import (architecture_of, as_capture, capture_residuals, check_layers, forward_batches,
-                      model_dims)
+from .capture import architecture_of, check_layers, forward_batches, model_dims
 from .metrics import principal_directions
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_int, check_positive, check_prompts
@@ -289,43 +288,32 @@ def _check_ks(ks, d: int) -> list[int]:
     return sorted(set(ks))
 
 
-def compression_curve(model: torch.nn.Module, tokenizer, layers, ks,
-                      calibration_prompts: Sequence[str] | None = None,
-                      heldout_prompts: Sequence[str] | None = None, n_random: int = 2,
-                      tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, batch_size: int = 8,
-                      skip_massive: bool = True, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
-                      progress: bool = True, states=None) -> CompressionCurve:
+def compression_curve(run, layers, ks, heldout_prompts: Sequence[str] | None = None, n_random: int = 2,
+                      tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, skip_massive: bool = True,
+                      progress: bool = True) -> CompressionCurve:
     """Measure loss and KL when block L's output is projected onto k directions (module docstring).
 
-    ``layers``: block indices; ``ks``: subspace dimensions in ``1..d_model``; ``n_random``: random
-    subspaces per (layer, k) (0 to skip the baseline); ``skip_massive``: leave massive-activation rows
-    out of the fit and the projection. Defaults: the built-in calibration and held-out prompts,
-    tolerance 0.05 nats. ``states``: a :class:`~residual_bandwidth.capture.ResidualCapture` of the
-    calibration prompts holding ``resid_post`` at ``layers`` (the caller's own forward pass over
-    them): the fit reads it instead of running the calibration prompts again.
+    ``run``: a :class:`~residual_bandwidth.run.ResidualRun` whose prompts are the calibration
+    prompts (e.g. ``ResidualRun(model, tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"],
+    erasure=False)``); the fit reads its capture (``resid_post`` at ``layers``). ``layers``: block
+    indices; ``ks``: subspace dimensions in ``1..d_model``; ``n_random``: random subspaces per
+    (layer, k) (0 to skip the baseline); ``skip_massive``: leave rows at or above the run's massive
+    ratio out of the fit and the projection. Default held-out prompts: the built-in ones;
+    tolerance 0.05 nats.
     """
-    architecture_of(model)
+    if not all(hasattr(run, a) for a in ("model", "tokenizer", "prompts", "massive_ratio", "batch_size")):
+        raise BandwidthInputError(f"run: expected a ResidualRun of the calibration prompts, got {type(run).__name__}")
+    model, tokenizer, massive_ratio, batch_size = run.model, run.tokenizer, run.massive_ratio, run.batch_size
     layers = check_layers(model, layers)
     d = model_dims(model)["d_model"]
     ks = _check_ks(ks, d)
-    calibration = check_prompts(calibration_prompts if calibration_prompts is not None else CALIBRATION_PROMPTS)
     heldout = check_prompts(heldout_prompts if heldout_prompts is not None else HELDOUT_PROMPTS)
     tolerance = check_positive(tolerance, "tolerance")
-    massive_ratio = check_positive(massive_ratio, "massive_ratio")
     keep_ratio = massive_ratio if skip_massive else None
     check_int(n_random, "n_random", low=0)
-    check_int(batch_size, "batch_size", low=1)
-
-    if states is None:
-        cap = capture_residuals(model, tokenizer, calibration, kinds=["resid_post"], layers=layers,
-                                batch_size=batch_size, progress=False)
-    else:
-        cap = as_capture(states)
-        if cap.prompts != calibration:
-            raise BandwidthInputError(f"states: captured on {len(cap.prompts)} other prompts than the "
-                                      f"{len(calibration)} calibration prompts")
-        for L in layers:
-            cap.get("resid_post", L)   # names a missing layer or kind
+    cap = run.capture
+    for L in layers:
+        cap.get("resid_post", L)   # names a missing layer or kind
     batches = [enc for _, enc, _ in forward_batches(model, tokenizer, heldout, batch_size, max_length=None)]
     n_heldout = sum(int((e["attention_mask"][:, 1:] * e["attention_mask"][:, :-1]).sum()) for e in batches)
     if n_heldout == 0:

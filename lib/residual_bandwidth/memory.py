@@ -54,10 +54,10 @@ from typing import Sequence
 
 import torch
 
-from .capture import (Listener, add_hook, architecture_of, as_capture, check_layers, eager_attention,
-                      hook_name, hook_point, model_dims, run_listeners)
+from .capture import (Listener, add_hook, architecture_of, as_capture, check_layers, hook_name, hook_point,
+                      model_dims)
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
-from .validation import BandwidthInputError, check_int, check_positive, check_prompts
+from .validation import BandwidthInputError, check_int, check_positive
 from .weights import LayerWeights, all_layer_weights, check_layer_weights, out_projections
 
 #: the keys of one (layer, head) record of :func:`head_records`
@@ -124,74 +124,18 @@ def _probabilities(out) -> torch.Tensor:
     return out[1]
 
 
-@torch.no_grad()
-def attention_patterns(model: torch.nn.Module, tokenizer, prompt: str, layers=None) -> dict[int, torch.Tensor]:
-    """Attention probabilities of one prompt: ``{layer: [n_heads, T, T]}`` (rows = queries).
-
-    Runs the model once with eager attention and a forward hook on each attention module (whose
-    second output is the pattern). Hooks are removed and the attention implementation restored
-    afterwards, also when the forward pass raises.
-    """
-    (prompt,) = check_prompts([prompt])
-    arch = architecture_of(model)
-    layers = check_layers(model, layers)
-    blocks = arch.blocks(model)
-    store, handles = {}, []
-    for L in layers:
-        def hook(mod, args, out, L=L):
-            store[L] = _probabilities(out)[0].detach().float().cpu()
-        handles.append(arch.attn(blocks[L]).register_forward_hook(hook))
-    enc = tokenizer(prompt, return_tensors="pt")
-    try:
-        with eager_attention(model):
-            model(**{k: v.to(next(model.parameters()).device) for k, v in enc.items()}, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return store
-
-
-def current_token_attention(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
-                            progress: bool = False) -> torch.Tensor:
-    """Mean attention of every head to the current token: ``[len(layers), n_heads]``.
-
-    ``mean over prompts and query positions t >= 1 of A[h, t, t]`` (position 0 can only attend to
-    itself). Prompts are run one at a time, so there is no padding. Prompts of one token are skipped.
-    """
-    prompts = check_prompts(prompts)
-    layers = check_layers(model, layers)
-    from tqdm.auto import tqdm
-    total, count = None, 0
-    for p in tqdm(prompts, desc="attention patterns", disable=not progress):
-        pats = attention_patterns(model, tokenizer, p, layers)
-        diag = torch.stack([pats[L].diagonal(dim1=1, dim2=2)[:, 1:] for L in layers])  # [nL, H, T-1]
-        if diag.shape[-1] == 0:
-            continue
-        total = diag.sum(-1) if total is None else total + diag.sum(-1)
-        count += diag.shape[-1]
-    if count == 0:
-        raise BandwidthInputError("prompts: every prompt is a single token; current-token attention "
-                                  "needs at least two positions")
-    return total / count
-
-
-def head_records(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
-                 layers=None, current_attention: torch.Tensor | None = None,
+def head_records(model: torch.nn.Module, layers=None, current_attention: torch.Tensor | None = None,
                  weights: Sequence[LayerWeights] | None = None) -> list[dict]:
     """One record per (layer, head): ``{layer, head, kv_head, eig_real, eig_imag, neg_share,
     current_token_attention}``.
 
-    ``current_token_attention`` is measured on ``prompts`` (needs ``tokenizer``), or taken from a
-    precomputed ``current_attention`` tensor ``[len(layers), n_heads]``; ``None`` when neither is given.
-    Eigenvalues are sorted by real part (most negative first). ``weights``: the layers' already
-    extracted :class:`LayerWeights`, in the order of ``layers``.
+    ``current_attention``: every head's mean attention to the current token ``[len(layers), n_heads]``
+    (measured by :class:`ErasureMeter` with ``attention=True``, e.g. ``ResidualRun.erasure``); without
+    it that field is ``None``. Eigenvalues are sorted by real part (most negative first). ``weights``:
+    the layers' already extracted :class:`LayerWeights`, in the order of ``layers``.
     """
     layers = check_layers(model, layers)
     weights = list(weights) if weights is not None else all_layer_weights(model, layers)
-    if current_attention is None and prompts is not None:
-        if tokenizer is None:
-            raise BandwidthInputError("tokenizer: needed to measure attention on prompts")
-        current_attention = current_token_attention(model, tokenizer, prompts, layers)
     shape = (len(layers), model_dims(model)["n_heads"])
     if current_attention is not None and tuple(current_attention.shape) != shape:
         raise BandwidthInputError(f"current_attention: expected shape {shape}, got {tuple(current_attention.shape)}")
@@ -227,8 +171,8 @@ class ErasureReport:
     mlp_massive: torch.Tensor
     n_tokens: int
     massive_ratio: float
-    #: ``[n, n_heads]`` mean attention to the current token (as :func:`current_token_attention`),
-    #: measured in the same forward pass when asked for (``attention=True``), else None
+    #: ``[n, n_heads]`` mean attention to the current token (query positions t >= 1, the mean of
+    #: A[h, t, t]), measured in the same forward pass when asked for (``attention=True``), else None
     current_attention: torch.Tensor | None = None
 
     def records(self, neurons: int = 0) -> list[dict]:
@@ -254,7 +198,7 @@ class ErasureReport:
 
 
 class ErasureMeter(Listener):
-    """The listener behind :func:`erasure_from_activations`: per batch, every real token's
+    """A listener of :func:`~residual_bandwidth.capture.run_listeners` (``ResidualRun.erasure``): per batch, every real token's
     write-vs-read projections (and, with ``attention``, each head's attention to the current token).
     :meth:`report` turns the accumulated rows into an :class:`ErasureReport`."""
 
@@ -325,30 +269,6 @@ class ErasureMeter(Listener):
             mlp_massive=torch.stack([massive_mean(cat[("mlp", L)], cat[("rmid", L)]) for L in layers]),
             n_tokens=int(cat[("attn", layers[0])].numel()), massive_ratio=self.massive_ratio,
             current_attention=(self.cta_sum / self.cta_count).float() if self.eager and self.cta_count else None)
-
-
-def erasure_from_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers=None,
-                             batch_size: int = 8, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
-                             progress: bool = True, weights: Sequence[LayerWeights] | None = None,
-                             attention: bool = False) -> ErasureReport:
-    """Measure ``mean_t <write_t, read_t> / ||read_t||^2`` for attention, each head, the MLP and each
-    neuron of every block in ``layers`` on ``prompts`` (module docstring).
-
-    Head ``h``'s write is ``z_h W_O[h]`` with ``z`` the input of the attention output projection;
-    neuron ``n``'s write is ``a_n W_out[n]`` with ``a`` the input of the MLP output projection. Both
-    are taken with forward pre-hooks (removed afterwards, also on errors). Padding is masked out.
-
-    ``attention=True`` also measures every head's mean attention to the current token in the same
-    forward pass (eager attention; with right padding and the causal mask the probabilities of the
-    real queries are those of the prompt alone), instead of :func:`current_token_attention`'s one
-    forward pass per prompt. To share the pass with other analyses of the same prompts, put an
-    :class:`ErasureMeter` among their listeners (:func:`~residual_bandwidth.capture.run_listeners`).
-    """
-    prompts = check_prompts(prompts)
-    meter = ErasureMeter(model, layers, massive_ratio, weights, attention)
-    run_listeners(model, tokenizer, prompts, [meter], batch_size, max_length=None, progress=progress,
-                  desc="write-vs-read projections")
-    return meter.report()
 
 
 @dataclass
@@ -552,53 +472,31 @@ class MemoryReport:
                 "energy_loss": self.energy_loss, "ranking": self.ranking, "notes": self.notes}
 
 
-def memory_management(model: torch.nn.Module, tokenizer=None, prompts: Sequence[str] | None = None,
-                      layers=None, top_per_kind: int = 5, states=None, batch_size: int = 8,
-                      progress: bool = True, erasure: ErasureReport | None = None,
-                      weights: Sequence[LayerWeights] | None = None) -> MemoryReport:
-    """All memory-management evidence for ``layers`` (default all) and the ranked candidate list.
+def memory_management(run, top_per_kind: int = 5) -> MemoryReport:
+    """All memory-management evidence for ``run.layers`` and the ranked candidate list.
 
-    Weights are always analysed. With ``prompts`` (and ``tokenizer``) the activation evidence is added:
-    current-token attention and write-vs-read projections. ``states`` (a capture with resid_pre and
-    resid_post, e.g. from :func:`capture_residuals`) adds the energy-loss directions. ``erasure``: that
-    activation evidence measured already (an :class:`ErasureMeter` with ``attention=True`` that shared
-    the caller's forward pass over the same prompts), so no forward pass runs here. ``weights``: the
-    layers' already extracted :class:`LayerWeights`, in the order of ``layers``.
+    ``run``: a :class:`~residual_bandwidth.run.ResidualRun` (``run.memory()`` keeps the result).
+    Weights are always analysed (``run.weights``). When the run has prompts, its one forward pass
+    adds the activation evidence: current-token attention and write-vs-read projections
+    (``run.erasure``) and, when it stored resid_pre and resid_post, the energy-loss directions.
     """
-    architecture_of(model)
-    layers = check_layers(model, layers)
-    notes, cta = [], None
-    if prompts is not None:
-        if tokenizer is None:
-            raise BandwidthInputError("tokenizer: needed together with prompts")
-        prompts = check_prompts(prompts)
-    weights = list(weights) if weights is not None else all_layer_weights(model, layers)   # shared below
-    if [check_layer_weights(lw, "weights").layer for lw in weights] != layers:
-        raise BandwidthInputError(f"weights: expected the LayerWeights of layers {layers}, got "
-                                  f"{[lw.layer for lw in weights]}")
-    if erasure is not None and (not isinstance(erasure, ErasureReport) or erasure.layers != layers):
-        raise BandwidthInputError(f"erasure: expected an ErasureReport measured at layers {layers}, got "
-                                  f"{getattr(erasure, 'layers', type(erasure).__name__)}")
-    if erasure is None and prompts is not None:   # one batched pass: erasure and attention evidence
-        erasure = erasure_from_activations(model, tokenizer, prompts, layers, batch_size=batch_size,
-                                           progress=progress, weights=weights, attention=True)
-    if erasure is not None:
-        cta = erasure.current_attention
-        if cta is None:
-            raise BandwidthInputError("prompts: every prompt is a single token, or the erasure was measured "
-                                      "without attention=True; current-token attention needs at least two "
-                                      "positions")
-    else:
+    if not all(hasattr(run, a) for a in ("model", "layers", "prompts", "weights_of", "massive_ratio")):
+        raise BandwidthInputError(f"run: expected a ResidualRun (residual_bandwidth.ResidualRun(model, "
+                                  f"tokenizer, prompts)), got {type(run).__name__}")
+    layers, weights, notes, cta, erasure, loss = run.layers, run.weights, [], None, None, []
+    if run.prompts is None:
         notes.append("no prompts: head scores use the OV eigenvalues only")
-    heads = head_records(model, layers=layers, current_attention=cta, weights=weights)
-    ncos = neuron_cosines(model, layers, weights=weights)
-    loss = []
-    if states is not None:
-        cap = as_capture(states, "resid_pre")
-        loss = energy_loss_directions(cap, layers=[L for L in layers if L in cap.layers])
-    ranking = rank_candidates(heads, ncos, layers, erasure, top_per_kind)
+    else:
+        erasure, cta = run.erasure, run.erasure.current_attention
+        if cta is None:
+            raise BandwidthInputError("prompts: every prompt is a single token; current-token attention "
+                                      "needs at least two positions")
+        if {"resid_pre", "resid_post"} <= set(run.capture.kinds):
+            loss = energy_loss_directions(run.capture, layers=layers, massive_ratio=run.massive_ratio)
+    heads = head_records(run.model, layers=layers, current_attention=cta, weights=weights)
+    ncos = neuron_cosines(run.model, layers, weights=weights)
     return MemoryReport(layers=layers, heads=heads, neuron_cos=ncos, erasure=erasure, energy_loss=loss,
-                        ranking=ranking, notes=notes)
+                        ranking=rank_candidates(heads, ncos, layers, erasure, top_per_kind), notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------

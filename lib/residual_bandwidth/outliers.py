@@ -10,6 +10,9 @@ Definitions (per layer, on the rows ``x_i`` of an ``[N, d]`` matrix):
 
 * typical norm ``m = median_i ||x_i||``; a row is *massive* when ``||x_i|| / m >= ratio``.
 * for a massive row, its top dimensions ``j`` by ``|x_ij|`` with their energy share ``x_ij^2 / ||x_i||^2``.
+* Sun et al.'s own, stricter sense, per coordinate: a row holds a *massive activation* when one of
+  its coordinates has ``|x_ij| >= ratio * median_{i,j} |x_ij|`` with ``ratio`` about 10^3 to 10^4
+  (:func:`coordinate_massive_mask`; this module's row rule is what the analyses use).
 * a dimension ``j`` is an *outlier dimension* when ``rms_j / median_k rms_k >= ratio`` where
   ``rms_j = sqrt(mean_i x_ij^2)`` over the non-massive rows. Unlike massive positions this is a
   statement about one coordinate basis (the model's), so it is a property of the trained weights
@@ -25,6 +28,7 @@ from .validation import as_matrix, check_positive
 
 DEFAULT_MASSIVE_RATIO = 4.0
 DEFAULT_OUTLIER_DIM_RATIO = 6.0
+SUN_COORDINATE_RATIO = 1e3   # the low end of Sun et al.'s (2024) 10^3-10^4 range
 
 
 @dataclass
@@ -69,6 +73,14 @@ def massive_mask(norms: torch.Tensor, ratio: float = DEFAULT_MASSIVE_RATIO, refe
     m = norms.median(dim=dim, keepdim=True).values if reference is None else reference
     m = torch.as_tensor(m, dtype=norms.dtype, device=norms.device)
     return torch.where(m > 0, norms >= ratio * m, norms > 0)
+
+
+def coordinate_massive_mask(x, ratio: float = SUN_COORDINATE_RATIO) -> torch.Tensor:
+    """Rows of ``x`` ``[N, d]`` holding a massive activation in Sun et al.'s (2024) sense: a coordinate
+    with ``|x_ij| >= ratio * m``, ``m = median_{i,j} |x_ij|`` over the whole matrix (boolean ``[N]``).
+    When ``m`` is 0 every row with a non-zero coordinate counts, as in :func:`massive_mask`."""
+    a = as_matrix(x, name="x", min_rows=1).abs()
+    return massive_mask(a, check_positive(ratio, "ratio"), reference=a.median()).any(dim=1)
 
 
 def massive_rows(x, ratio: float = DEFAULT_MASSIVE_RATIO, layer=None, top_k: int = 3,

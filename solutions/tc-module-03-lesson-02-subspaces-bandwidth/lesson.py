@@ -82,7 +82,7 @@ FIRST_DEFINED_IN = {
                      "Markdown", "claims"], "the set-up cell of section 0 (Setup)"),
     **dict.fromkeys(["check", "close", "attempt", "NOT_ATTEMPTED", "not_attempted", "PCA",
                      "seed_checkpoint_1_data", "seed_rank", "variance_rank"], "the read-only helper cell at the end of section 0 (Setup)"),
-    **dict.fromkeys(["prompts", "cap", "L"], "the first code cell of section 2 (Capturing the residual stream)"),
+    **dict.fromkeys(["prompts", "run", "cap", "L"], "the first code cell of section 2 (Capturing the residual stream)"),
     **dict.fromkeys(["report", "analyzer"], "the first code cell of section 3 (Massive activations)"),
     **dict.fromkeys(["x_clean", "keep"], "the centring cell at the end of section 3"),
     **dict.fromkeys(["mon", "traffic", "totals"], "the first code cell of 'Watching a live model' in section 8"),
@@ -90,7 +90,7 @@ FIRST_DEFINED_IN = {
     "mem": "the first code cell of section 6 (Memory management)",
     "by_vec": "the per-direction erasure cell of section 6 (Memory management)",
     **dict.fromkeys(["weights", "comps", "window", "by_layer"], "the code cells of section 7 (Subspace communication)"),
-    **dict.fromkeys(["curve", "blocks", "heldout"], "the code cells of section 9 (What does crowding cost?)"),
+    **dict.fromkeys(["curve", "calib", "blocks", "heldout"], "the code cells of section 9 (What does crowding cost?)"),
 }
 
 
@@ -300,12 +300,18 @@ claims.say(
 # `resid_pre` (the block's input), `attn_out`, `resid_mid = resid_pre + attn_out`, `mlp_out` and
 # `resid_post = resid_mid + mlp_out` (= the next block's `resid_pre`). Several prompts are run as one
 # padded batch; padding positions are dropped before anything is stored.
+#
+# A `ResidualRun` holds one model run over the prompts, as TransformerLens's `ActivationCache` does:
+# the model runs once (the same pass also measures what each block writes against what it read, for
+# Section 6), each layer's weights are extracted once, and every later analysis (`run.report()`,
+# `run.bottlenecks()`, `run.memory()`, `run.composition(...)`) reads it and is kept after its first use.
 
 # %%
 from residual_bandwidth.course import DEFAULT_PROMPTS
 
 prompts = DEFAULT_PROMPTS if not FAST else DEFAULT_PROMPTS[:6]
-cap = rb.capture_residuals(model, tokenizer, prompts, progress=False)
+run = rb.ResidualRun(model, tokenizer, prompts)
+cap = run.capture   # nothing runs until it is read: this is the forward pass
 print(f"{cap.n_rows} tokens from {len(prompts)} prompts, {cap.n_layers} layers, d_model = {cap.d_model}")
 L = cap.n_layers // 2
 err_mid = (cap.get("resid_pre", L) + cap.get("attn_out", L) - cap.get("resid_mid", L)).abs().max()
@@ -496,8 +502,8 @@ else:
     flagged_at = {(m.layer, m.prompt, m.position) for m in report.massive}
     sun_rows = missed = 0                  # rows with a coordinate >= 10^3 x its layer's median |coordinate|
     for layer_ in cap.layers:
-        x_ = cap.get("resid_post", layer_).double()
-        for i_ in torch.nonzero((x_.abs() >= 1000 * x_.abs().median()).any(1)).flatten().tolist():
+        sun_ = rb.coordinate_massive_mask(cap.get("resid_post", layer_).double())   # Sun et al.'s rule
+        for i_ in torch.nonzero(sun_).flatten().tolist():
             sun_rows += 1
             missed += (layer_, int(cap.prompt_index[i_]), int(cap.position[i_])) not in flagged_at
     claims.say(
@@ -615,10 +621,10 @@ claims.say(
 
 # %%
 write_rows = []
-for layer_ in cap.layers:
-    r_ = {kind_: rb.compute_metrics(cap.get(kind_, layer_)[keep].double(), layer=layer_).variance_rank
-          for kind_ in ("attn_out", "mlp_out", "resid_post")}
-    write_rows.append({"layer": layer_, **r_})
+for m_ in report.without_massive:   # the stream's r95 on these positions is the report's
+    r_ = {kind_: rb.compute_metrics(cap.get(kind_, m_.layer)[keep].double(), layer=m_.layer).variance_rank
+          for kind_ in ("attn_out", "mlp_out")}
+    write_rows.append({"layer": m_.layer, **r_, "resid_post": m_.variance_rank})
 for r_ in write_rows[::3]:
     print(f"layer {r_['layer']:2d}: r95 of the attention write {r_['attn_out']:3d}, of the MLP write {r_['mlp_out']:3d}, "
           f"of the stream {r_['resid_post']:3d}")
@@ -798,9 +804,7 @@ claims.check("seed_pr_flat_row_fires",
 # top flagged row.
 
 # %%
-from residual_bandwidth import find_bottlenecks
-
-bn = find_bottlenecks(cap)
+bn = run.bottlenecks()   # find_bottlenecks(cap), kept by the run
 print("severity counts over all (layer, position) cells:", bn.counts())
 flagged = bn.flagged(("warning", "critical"))
 for r in flagged[:8]:
@@ -1031,10 +1035,9 @@ else:
 # weights and, for models with grouped-query attention, gives every query head its key/value head.
 
 # %%
-from residual_bandwidth import memory_management
 from residual_bandwidth.viz import plot_memory_ranking, plot_wov_spectra
 
-mem = memory_management(model, tokenizer, prompts[:3] if FAST else prompts, states=cap, progress=False)
+mem = run.memory()   # weights, and the write-vs-read projections measured in the run's one pass
 display(plot_wov_spectra(mem.heads))
 def evidence(e):
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items())
@@ -1132,7 +1135,7 @@ claims.say(
     and by_dir[0]["beta"] < min(-0.5, by_dir[0]["null_min"], by_vec[0]["per_vector"]) and len(strong) > 0,
     f"On the captured tokens, massive rows of the read or the write left out: per vector, the strongest erasers "
     f"are whole layers, not heads (the most negative single head reads **{float(head_proj.min()):+.3f}** on the "
-    f"{len(prompts[:3] if FAST else prompts)} prompts of the memory cell, massive rows kept): the "
+    f"{len(prompts)} prompts of the run, massive rows kept): the "
     f"{by_vec[0]['component']} of layer "
     f"{by_vec[0]['layer']} writes, along what it read, **{by_vec[0]['per_vector']:+.2f}** times that read, on average "
     f"per token (its write can be larger in other directions), and "
@@ -1177,11 +1180,9 @@ claims.say(
 # %%
 from residual_bandwidth import component_subspaces, composition_scores, principal_angles
 from residual_bandwidth.viz import plot_composition_scores
-from residual_bandwidth import all_layer_weights
-
 window = list(range(max(0, L - 3), min(cap.n_layers, L + 3)))
-weights = all_layer_weights(model, window)
-comps = {k: composition_scores(weights, k) for k in ("Q", "K", "V")}
+weights = run.weights_of(window)   # extracted once per run
+comps = {k: run.composition(k, window) for k in ("Q", "K", "V")}
 for k, c in comps.items():
     s = c.summary()
     print(f"{k}-composition, layers {window[0]}-{window[-1]}: {s['n_pairs']} pairs, max {s['max']:.3f}, "
@@ -1212,7 +1213,7 @@ claims.say(
     "composition_multiple_comparisons",
     sig.n_significant > 10 * sig.alpha and float((kv > sig.null_mean).float().mean()) > 0.5
     and comps["K"].baseline_std < sig.null_std and float(kv.median()) > sig.null_mean
-    and sig.false_alarm_rate <= sig.alpha,
+    and sig.false_alarm_rate <= sig.alpha and sig.above_3std > 10 * max(1.0, sig.expected_by_chance_3std),
     f"**{sig.n_significant} of {sig.n_pairs}** K-composition pairs stay above the family-wise threshold "
     f"({sig.threshold:.4f}, the largest of {sig.n_draws} null maxima; under the null, the chance that even one "
     f"pair exceeds it is exactly {sig.false_alarm_rate:.0%}). But the real scores are shifted up "
@@ -1223,7 +1224,8 @@ claims.say(
     f"random orientation allows; whether the reader uses what the writer wrote needs an intervention "
     f"(module 04). The Gaussian baseline's standard deviation ({comps['K'].baseline_std:.4f}) is narrower than "
     f"the real heads' chance spread ({sig.null_std:.4f}), and the real scores are shifted up besides, so a rule of "
-    f"'standard deviations above the mean' flags pairs by the hundreds; the figure therefore marks only the pairs "
+    f"'standard deviations above the mean' flags **{sig.above_3std}** of the {sig.n_pairs} pairs at 3 std, where "
+    f"chance alone predicts {sig.expected_by_chance_3std:.1f}; the figure therefore marks only the pairs "
     f"above the family-wise threshold.",
     false_alarm_rate=sig.false_alarm_rate, n_draws=sig.n_draws, n_pairs=sig.n_pairs, n_significant=sig.n_significant, threshold=sig.threshold, above_3std=sig.above_3std,
     expected_by_chance_3std=sig.expected_by_chance_3std, null_mean=sig.null_mean, null_std=sig.null_std,
@@ -1385,7 +1387,7 @@ for a_ in alerts:
     print(f"alert: request {a_['request']} ({tokens_of.get(a_['request'], '?')} tokens), layer {a_['layer']}, "
           f"{a_['metric']} = {a_['value']:.3g} -> {a_['level']} (threshold {a_['threshold']:.3g})")
 critical = [a_ for a_ in alerts if a_["level"] == "critical"]
-min_tok = mon.config.min_tokens_for_rank
+min_tok = mon.config.min_tokens_for_share
 short_loud = sorted({rec.request: rec.n_tokens for rec in mon.history for lr in rec.layers.values()
                      if lr.massive_other_fraction is None and lr.massive_count > lr.massive_first}.items())
 claims.say(
@@ -1393,7 +1395,7 @@ claims.say(
     all(tokens_of.get(a_["request"], 0) >= min_tok for a_ in alerts if a_["metric"] == "massive_other_fraction"),
     f"The monitor raised **{len(alerts)}** alert(s), **{len(critical)}** of them critical. "
     + (f"Request(s) {', '.join(f'{r_} ({t_} tokens)' for r_, t_ in short_loud)} had a loud token other than the "
-       f"first, but a request shorter than `min_tokens_for_rank` = {min_tok} tokens gets no massive-row share: "
+       f"first, but a request shorter than `min_tokens_for_share` = {min_tok} tokens gets no massive-row share: "
        "one loud token out of two would read 50 %, a count of one and not a rate, so it raises no alert. "
        if short_loud else "")
     + (f"Every alert on the massive-row share comes from a request of at least {min_tok} tokens."
@@ -1533,6 +1535,7 @@ _ = utilization_alert(torch.randn(60, 24, generator=g), warning=0.5, critical=0.
 # attached monitor add?
 
 # %%
+import logging
 import time as _time
 
 from residual_bandwidth import CALIBRATION_PROMPTS
@@ -1572,7 +1575,12 @@ for name in list(requests)[:3]:
                                  kinds=["resid_post"], layers=[L], progress=False).get("resid_post", L)
     util[name] = rb.compute_metrics(state[1:]).utilization_available
 mon_t = BandwidthMonitor(model, config=MonitorConfig(max_positions=None))   # attached only while it is timed
-runs = timed(requests, mon_t)
+monitor_log = logging.getLogger("residual_bandwidth.monitor")
+monitor_log.disabled = True   # its alerts are read below (alert_records); logged, they would print once per repeat
+try:
+    runs = timed(requests, mon_t)
+finally:
+    monitor_log.disabled = False
 bare = {n_: min(runs[n_, False]) for n_ in requests}       # fastest run, for display
 watched = {n_: min(runs[n_, True]) for n_ in requests}
 for name in requests:
@@ -1638,7 +1646,7 @@ claims.say(
 # will the loss rise by less than the tolerance of $0.05$ nats, or by more?
 
 # %%
-from residual_bandwidth import HELDOUT_PROMPTS, compression_curve
+from residual_bandwidth import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
 from residual_bandwidth.viz import plot_compression_curve
 
 d = cap.d_model
@@ -1650,7 +1658,10 @@ for layer in mon.layers[:2]:
 r95_max = max(r95_of_traffic.values())
 ks = sorted({max(1, d // 9), d} | set(r95_of_traffic.values())
             | {min(d, round(r95_max + f_ * (d - r95_max))) for f_ in (1 / 3, 2 / 3)})
-curve = compression_curve(model, tokenizer, mon.layers[:2], ks, heldout_prompts=heldout,
+# the fit reads a run of the calibration prompts (the monitor's); Section 10 reads it again
+calib = rb.ResidualRun(model, tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"],
+                       layers=sorted({*mon.layers[:2], L}), erasure=False)
+curve = calib.compression(mon.layers[:2], ks, heldout_prompts=heldout,
                           n_random=2 if FAST else 4, progress=False)   # the layers the monitor watches
 display(plot_compression_curve(curve.records(), curve.base_loss, curve.tolerance, d_model=d))
 print(f"unmodified held-out loss: {curve.base_loss:.3f} nats over {curve.n_heldout_tokens} tokens "
@@ -2030,15 +2041,13 @@ claims.say(
 
 # %%
 from residual_bandwidth import component_subspaces, principal_angles
-from residual_bandwidth import all_layer_weights
-
 g_spec = torch.Generator().manual_seed(SEED)
 shape_ = component_subspaces(by_layer[window[0]], 0)["ov_write"].shape
 rand_overlap = torch.tensor([float(torch.cos(principal_angles(
     torch.randn(shape_, generator=g_spec, dtype=torch.float64),
     torch.randn(shape_, generator=g_spec, dtype=torch.float64))).pow(2).mean()) for _ in range(200)])
 spec_rows = []
-for lw_ in all_layer_weights(model, list(range(cap.n_layers))):
+for lw_ in run.weights:
     writes = [component_subspaces(lw_, h_)["ov_write"] for h_ in range(lw_.n_heads)]
     ov_ = torch.tensor([float(torch.cos(principal_angles(writes[a_], writes[b_])).pow(2).mean())
                         for a_ in range(len(writes)) for b_ in range(a_ + 1, len(writes))])
@@ -2124,8 +2133,7 @@ from residual_bandwidth import principal_directions
 from residual_bandwidth import BandwidthMonitor, MonitorConfig
 from residual_bandwidth import massive_mask
 
-calib_L = rb.capture_residuals(model, tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"], layers=[L],
-                               progress=False).get("resid_post", L)
+calib_L = calib.capture.get("resid_post", L)   # the calibration run of Section 9
 calib_L = calib_L[~massive_mask(calib_L.norm(dim=1), 4.0)]
 mu_L, V_L, _ = principal_directions(calib_L)
 k_deg = cap.d_model // 9

@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..analyzer import ResidualBandwidthAnalyzer
-from ..capture import KINDS, ResidualRecorder, model_dims, run_listeners
+from ..capture import KINDS, model_dims
 from ..compression import CALIBRATION_PROMPTS
-from ..memory import ErasureMeter
+from ..run import ResidualRun
 from ..validation import check_prompts
-from ..weights import all_layer_weights
 from .models import load_model
 
 # The first six calibration prompts: the seed lesson's sentence first; the others add code, numbers
@@ -81,18 +79,14 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_ratio: float = 4.0,
-                  progress: bool = True, threads: int | None = None, erasure=None,
-                  weights=None) -> tuple[dict, dict]:
-    """The bandwidth analytics on a loaded model and its capture (all kinds, all layers):
-    bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
+def run_analytics(run, fast: bool = False, progress: bool = True, threads: int | None = None) -> tuple[dict, dict]:
+    """The bandwidth analytics of a :class:`~residual_bandwidth.run.ResidualRun` (all kinds, all
+    layers): bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
 
-    Forward passes: ``erasure`` (an :class:`~residual_bandwidth.memory.ErasureReport` of every layer
-    with attention, measured in the caller's pass over ``prompts``, as :func:`run_bandwidth_job`
-    does) spares the memory module its own pass; when ``prompts`` are the compression curve's
-    calibration prompts, the fit reads ``cap`` instead of running them again. What remains are the
-    compression curve's held-out evaluations. ``weights``: every layer's
-    :class:`~residual_bandwidth.weights.LayerWeights` when the caller extracted them already.
+    Forward passes: the memory module reads the run's one pass (capture and write-vs-read
+    projections); when the run's prompts are the compression curve's calibration prompts, the fit
+    reads the run's capture too. What remains are the compression curve's held-out evaluations.
+    Weights are extracted once, by the run.
 
     Returns ``(summary, figure_inputs)``: ``summary`` is the ``"analytics"`` section of report.json;
     ``figure_inputs`` holds the full records in the shape :func:`viz.build_figures` takes
@@ -105,25 +99,19 @@ def run_analytics(lm, cap, prompts: Sequence[str], fast: bool = False, massive_r
     cost several times the CPU time of one (BENCHMARKS.md).
     """
     with torch_threads(threads):
-        return _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, weights)
+        return _run_analytics(run, fast, progress)
 
 
-def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, weights):
-    from ..bottlenecks import find_bottlenecks
-    from ..composition import composition_scores
-    from ..compression import compression_curve
-    from ..memory import memory_management
-
-    plan = analytics_plan(model_dims(lm.model), fast)
+def _run_analytics(run, fast, progress):
+    plan = analytics_plan(model_dims(run.model), fast)
     seconds, out = {}, {"fast": fast, "plan": plan}
     t = time.perf_counter()
-    bn = find_bottlenecks(cap, kind="resid_post", massive_ratio=massive_ratio)
+    bn = run.bottlenecks()
     out["bottlenecks"] = {**{k: v for k, v in bn.to_dict().items() if k != "grid"}, "flagged": bn.flagged()[:20]}
     seconds["bottlenecks"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    mem = memory_management(lm.model, lm.tokenizer, prompts, states=cap, progress=progress,
-                            erasure=erasure, weights=weights)
+    mem = run.memory()
     heads_by_neg = sorted(mem.heads, key=lambda r: -r["neg_share"])[:10]
     head_keys = ("layer", "head", "kv_head", "neg_share", "current_token_attention")
     out["memory"] = {
@@ -134,20 +122,16 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, wei
     seconds["memory"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    extracted = {lw.layer: lw for lw in weights or []}
-
-    def weights_of(layers):   # the caller's extraction where it has the layers, else extract them
-        have = all(L in extracted for L in layers)
-        return [extracted[L] for L in layers] if have else all_layer_weights(lm.model, layers)
-
-    comps = [composition_scores(weights_of(plan["composition_layers"]), k) for k in plan["composition_kinds"]]
+    comps = [run.composition(k, plan["composition_layers"]) for k in plan["composition_kinds"]]
     out["composition"] = {c.kind: c.summary() for c in comps}
     seconds["composition"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    shared = cap.prompts == CALIBRATION_PROMPTS and "resid_post" in cap.kinds
-    curve = compression_curve(lm.model, lm.tokenizer, plan["compression_layers"], plan["compression_ks"],
-                              n_random=plan["compression_n_random"], progress=progress, states=cap if shared else None)
+    calibration = run if run.prompts == CALIBRATION_PROMPTS and "resid_post" in run.kinds else ResidualRun(
+        run.model, run.tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"], layers=plan["compression_layers"],
+        erasure=False, massive_ratio=run.massive_ratio)
+    curve = calibration.compression(plan["compression_layers"], plan["compression_ks"],
+                                    n_random=plan["compression_n_random"], progress=progress)
     out["compression"] = curve.to_dict()
     seconds["compression"] = time.perf_counter() - t
     out["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
@@ -155,9 +139,9 @@ def _run_analytics(lm, cap, prompts, fast, massive_ratio, progress, erasure, wei
     def rounded(c):  # composition matrices: 6 significant digits keep analytics.json small
         return {**c.to_dict(), "scores": [[float(f"{v:.6g}") for v in row] for row in c.scores.tolist()]}
 
-    window = weights_of(plan["composition_figure_layers"])
     figure_inputs = {"bottlenecks": bn.grid_records(), "wov_heads": mem.heads, "memory_ranking": mem.ranking,
-                     "composition": [rounded(composition_scores(window, k)) for k in plan["composition_kinds"]],
+                     "composition": [rounded(run.composition(k, plan["composition_figure_layers"]))
+                                     for k in plan["composition_kinds"]],
                      "compression": {"records": curve.records(), "base_loss": curve.base_loss,
                                      "tolerance": curve.tolerance, "d_model": curve.d_model}}
     return out, figure_inputs
@@ -179,27 +163,19 @@ def run_bandwidth_job(model: str = "embedded", prompts: Sequence[str] | None = N
     t0 = time.perf_counter()
     prompts = check_prompts(list(prompts or DEFAULT_PROMPTS))
     lm = loaded or load_model(model)
-    # store only what is read: the report's kind, and resid_pre / resid_post for the analytics
+    # store only what is read: the report's kind, and resid_pre / resid_post for the analytics; one
+    # forward pass gives the capture and (for the analytics) the memory module's write-vs-read meter
     kinds = sorted({kind, "resid_pre", "resid_post"} if analytics else {kind}, key=KINDS.index)
-    # one forward pass: the stored capture and (for the analytics) the memory module's erasure meter
-    listeners = [ResidualRecorder(lm.model, lm.tokenizer, kinds)]
-    weights = all_layer_weights(lm.model) if analytics else None   # once, for the meter and memory
-    if analytics:
-        listeners.append(ErasureMeter(lm.model, attention=True, massive_ratio=massive_ratio, weights=weights))
-    run_listeners(lm.model, lm.tokenizer, prompts, listeners, progress=progress,
-                  desc="residual stream" + (" + write-vs-read projections" if analytics else ""))
-    cap = listeners[0].capture(prompts)
-    analyzer = ResidualBandwidthAnalyzer(variance_threshold, massive_ratio=massive_ratio,
-                                         exclude_massive=exclude_massive)
-    rep = analyzer.analyze_layers(cap, kind=kind)
+    run = ResidualRun(lm.model, lm.tokenizer, prompts, kinds=kinds, erasure=analytics,
+                      massive_ratio=massive_ratio, progress=progress)
+    cap = run.capture
+    rep = run.report(variance_threshold, kind=kind, exclude_massive=exclude_massive)
     dims = model_dims(lm.model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figure_inputs = None
     if analytics:
-        summary, figure_inputs = run_analytics(lm, cap, prompts, fast=fast, massive_ratio=massive_ratio,
-                                               progress=progress, erasure=listeners[1].report(),
-                                               threads=threads, weights=weights)
+        summary, figure_inputs = run_analytics(run, fast=fast, progress=progress, threads=threads)
         (out / "analytics.json").write_text(json.dumps(figure_inputs))
     report = {"model": {"name": lm.name, "source": lm.source, "load_seconds": round(lm.load_seconds, 2), **dims},
               "bottleneck_ratios": bottleneck_ratios(dims), "prompts": prompts, "n_tokens": cap.n_rows,
