@@ -50,7 +50,7 @@ import torch
 from .capture import architecture_of, check_layers, forward_batches, model_dims
 from .metrics import principal_directions
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
-from .validation import BandwidthInputError, check_int, check_positive, check_prompts
+from .validation import BandwidthInputError, check_int, check_positive, check_prompts, check_run
 
 DEFAULT_TOLERANCE = 0.05
 
@@ -225,9 +225,6 @@ class CompressionCurve:
     base_loss: float
     tolerance: float
     rows: list[dict]
-    smallest_k: dict
-    smallest_k_random: dict
-    smallest_k_kl: dict
     explained_variance: dict
     n_random: int
     d_model: int
@@ -236,6 +233,19 @@ class CompressionCurve:
     skip_massive: bool = True
     massive_ratio: float = DEFAULT_MASSIVE_RATIO
     notes: list[str] = field(default_factory=list)
+    smallest_k: dict = field(init=False)          # the rule of the module docstring, per layer
+    smallest_k_random: dict = field(init=False)   # the same for the random baseline ({} without one)
+    smallest_k_kl: dict = field(init=False)       # the same rule on the KL divergence
+
+    def __post_init__(self):
+        self.smallest_k = {L: _smallest_k(self.rows, L, "pca", self.tolerance) for L in self.layers}
+        self.smallest_k_random = ({L: _smallest_k(self.rows, L, "random", self.tolerance) for L in self.layers}
+                                  if self.n_random else {})
+        self.smallest_k_kl = {L: _smallest_k(self.rows, L, "pca", self.tolerance, key="kl") for L in self.layers}
+        if self.n_calibration_tokens <= self.d_model:
+            self.notes.append(f"{self.n_calibration_tokens} calibration tokens <= d_model {self.d_model}: principal "
+                              f"directions beyond {self.n_calibration_tokens - 1} carry no calibration variance "
+                              "(their order is arbitrary)")
 
     def records(self) -> list[dict]:
         """``{layer, k, subspace ("pca"|"random"), loss, kl, delta_loss}`` (random: mean over draws)."""
@@ -288,6 +298,32 @@ def _check_ks(ks, d: int) -> list[int]:
     return sorted(set(ks))
 
 
+def _heldout_batches(model, tokenizer, prompts, batch_size):
+    """The held-out prompts' encoded batches and how many next-token predictions they hold."""
+    batches = [enc for _, enc, _ in forward_batches(model, tokenizer, prompts, batch_size, max_length=None)]
+    n = sum(int((e["attention_mask"][:, 1:] * e["attention_mask"][:, :-1]).sum()) for e in batches)
+    if n == 0:
+        raise BandwidthInputError("heldout_prompts: every prompt is a single token; nothing to predict")
+    return batches, n
+
+
+def _row(L, k, subspace, seq, loss, kl, base_seq, base_loss, seed, **extra) -> dict:
+    """One row of the curve: loss, KL and delta_loss with its bootstrap interval over sequences."""
+    lo, hi = bootstrap_delta(seq, base_seq, seed=seed)
+    return {"layer": L, "k": k, "subspace": subspace, "loss": loss, "kl": kl, "delta_loss": loss - base_loss,
+            "delta_loss_lo": lo, "delta_loss_hi": hi, **extra}
+
+
+def _random_row(L, k, draws, base_seq, base_loss, seed) -> dict:
+    """The random baseline's row: loss and KL averaged over the draws, the interval from the
+    per-sequence mean over draws, each draw's delta_loss and the KL spread across draws."""
+    t = torch.tensor([(loss, kl) for _, loss, kl in draws], dtype=torch.float64)
+    seq = torch.stack([sq for sq, _, _ in draws]).mean(0)
+    return _row(L, k, "random", seq, float(t[:, 0].mean()), float(t[:, 1].mean()), base_seq, base_loss, seed,
+                draws_delta_loss=[float(v) - base_loss for v in t[:, 0]],
+                kl_std=float(t[:, 1].std()) if len(draws) > 1 else None)
+
+
 def compression_curve(run, layers, ks, heldout_prompts: Sequence[str] | None = None, n_random: int = 2,
                       tolerance: float = DEFAULT_TOLERANCE, seed: int = 0, skip_massive: bool = True,
                       progress: bool = True) -> CompressionCurve:
@@ -301,36 +337,30 @@ def compression_curve(run, layers, ks, heldout_prompts: Sequence[str] | None = N
     ratio out of the fit and the projection. Default held-out prompts: the built-in ones;
     tolerance 0.05 nats.
     """
-    if not all(hasattr(run, a) for a in ("model", "tokenizer", "prompts", "massive_ratio", "batch_size")):
-        raise BandwidthInputError(f"run: expected a ResidualRun of the calibration prompts, got {type(run).__name__}")
-    model, tokenizer, massive_ratio, batch_size = run.model, run.tokenizer, run.massive_ratio, run.batch_size
-    layers = check_layers(model, layers)
-    d = model_dims(model)["d_model"]
-    ks = _check_ks(ks, d)
+    model, massive_ratio = check_run(run, "a ResidualRun of the calibration prompts").model, run.massive_ratio
+    layers, d = check_layers(model, layers), model_dims(model)["d_model"]
+    ks, tolerance = _check_ks(ks, d), check_positive(tolerance, "tolerance")
     heldout = check_prompts(heldout_prompts if heldout_prompts is not None else HELDOUT_PROMPTS)
-    tolerance = check_positive(tolerance, "tolerance")
     keep_ratio = massive_ratio if skip_massive else None
     check_int(n_random, "n_random", low=0)
     cap = run.capture
     for L in layers:
         cap.get("resid_post", L)   # names a missing layer or kind
-    batches = [enc for _, enc, _ in forward_batches(model, tokenizer, heldout, batch_size, max_length=None)]
-    n_heldout = sum(int((e["attention_mask"][:, 1:] * e["attention_mask"][:, :-1]).sum()) for e in batches)
-    if n_heldout == 0:
-        raise BandwidthInputError("heldout_prompts: every prompt is a single token; nothing to predict")
+    batches, n_heldout = _heldout_batches(model, run.tokenizer, heldout, run.batch_size)
     base_logp = _logprobs(model, batches)
     base_seq = _per_sequence(batches, base_logp)
     base_loss, _ = _loss_and_kl(base_seq)
-
-    def measure(with_projection):
-        with with_projection:
-            seq = _per_sequence(batches, _logprobs(model, batches), base_logp)
-        return (seq, *_loss_and_kl(seq))
-
     gen = torch.Generator().manual_seed(seed)
     rows, explained = [], {}
     from tqdm.auto import tqdm
     bar = tqdm(total=len(layers) * len(ks) * (1 + n_random), desc="compression curve", disable=not progress)
+
+    def measure(L, mu, P):   # (per-sequence losses, loss, KL) with block L's output projected onto P
+        with project_residual(model, L, mu, P, keep_ratio):
+            seq = _per_sequence(batches, _logprobs(model, batches), base_logp)
+        bar.update(1)
+        return (seq, *_loss_and_kl(seq))
+
     try:
         for L in layers:
             x = cap.get("resid_post", L)
@@ -339,40 +369,18 @@ def compression_curve(run, layers, ks, heldout_prompts: Sequence[str] | None = N
             mu, V, _ = principal_directions(x, name="calibration residuals", layer=L)
             explained[L] = _explained(x, mu, V, ks)
             for k in ks:
-                seq, loss, kl = measure(project_residual(model, L, mu, V[:, :k], keep_ratio))
-                lo, hi = bootstrap_delta(seq, base_seq, seed=seed)
-                rows.append({"layer": L, "k": k, "subspace": "pca", "loss": loss, "kl": kl,
-                             "delta_loss": loss - base_loss, "delta_loss_lo": lo, "delta_loss_hi": hi})
-                bar.update(1)
+                rows.append(_row(L, k, "pca", *measure(L, mu, V[:, :k]), base_seq, base_loss, seed))
                 if n_random and k == d:
                     # a d-dimensional subspace is the whole space: every random draw is the identity
                     rows.append({**rows[-1], "subspace": "random", "kl_std": 0.0,
-                                 "draws_delta_loss": [loss - base_loss] * n_random})
+                                 "draws_delta_loss": [rows[-1]["delta_loss"]] * n_random})
                     bar.update(n_random)
                 elif n_random:
-                    draws = []
-                    for _ in range(n_random):
-                        draws.append(measure(project_residual(model, L, mu, random_subspace(d, k, gen),
-                                                              keep_ratio)))
-                        bar.update(1)
-                    t = torch.tensor([(ls_, kl_) for _, ls_, kl_ in draws], dtype=torch.float64)
-                    seq_all = torch.stack([sq for sq, _, _ in draws]).mean(0)   # mean over draws, per sequence
-                    lo, hi = bootstrap_delta(seq_all, base_seq, seed=seed)
-                    rows.append({"layer": L, "k": k, "subspace": "random", "loss": float(t[:, 0].mean()),
-                                 "kl": float(t[:, 1].mean()), "delta_loss": float(t[:, 0].mean()) - base_loss,
-                                 "delta_loss_lo": lo, "delta_loss_hi": hi,
-                                 "draws_delta_loss": [float(v) - base_loss for v in t[:, 0]],
-                                 "kl_std": float(t[:, 1].std()) if n_random > 1 else None})
+                    draws = [measure(L, mu, random_subspace(d, k, gen)) for _ in range(n_random)]
+                    rows.append(_random_row(L, k, draws, base_seq, base_loss, seed))
     finally:
         bar.close()
-    notes = []
-    if cap.n_rows <= d:
-        notes.append(f"{cap.n_rows} calibration tokens <= d_model {d}: principal directions beyond "
-                     f"{cap.n_rows - 1} carry no calibration variance (their order is arbitrary)")
     return CompressionCurve(
         layers=layers, ks=ks, base_loss=base_loss, tolerance=tolerance, rows=rows,
-        smallest_k={L: _smallest_k(rows, L, "pca", tolerance) for L in layers},
-        smallest_k_random={L: _smallest_k(rows, L, "random", tolerance) for L in layers} if n_random else {},
-        smallest_k_kl={L: _smallest_k(rows, L, "pca", tolerance, key="kl") for L in layers},
         explained_variance=explained, n_random=n_random, d_model=d, n_calibration_tokens=cap.n_rows,
-        n_heldout_tokens=n_heldout, skip_massive=bool(skip_massive), massive_ratio=massive_ratio, notes=notes)
+        n_heldout_tokens=n_heldout, skip_massive=bool(skip_massive), massive_ratio=massive_ratio)

@@ -57,7 +57,7 @@ import torch
 from .capture import (Listener, add_hook, architecture_of, as_capture, check_layers, hook_name, hook_point,
                       model_dims)
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
-from .validation import BandwidthInputError, check_int, check_positive
+from .validation import BandwidthInputError, check_int, check_positive, check_run
 from .weights import LayerWeights, all_layer_weights, check_layer_weights, out_projections
 
 #: the keys of one (layer, head) record of :func:`head_records`
@@ -480,9 +480,7 @@ def memory_management(run, top_per_kind: int = 5) -> MemoryReport:
     adds the activation evidence: current-token attention and write-vs-read projections
     (``run.erasure``) and, when it stored resid_pre and resid_post, the energy-loss directions.
     """
-    if not all(hasattr(run, a) for a in ("model", "layers", "prompts", "weights_of", "massive_ratio")):
-        raise BandwidthInputError(f"run: expected a ResidualRun (residual_bandwidth.ResidualRun(model, "
-                                  f"tokenizer, prompts)), got {type(run).__name__}")
+    check_run(run)
     layers, weights, notes, cta, erasure, loss = run.layers, run.weights, [], None, None, []
     if run.prompts is None:
         notes.append("no prompts: head scores use the OV eigenvalues only")

@@ -119,10 +119,9 @@ class ResidualRun:
     def report(self, variance_threshold: float = 0.95, kind: str = "resid_post",
                exclude_massive: bool = True) -> BandwidthReport:
         """:meth:`ResidualBandwidthAnalyzer.analyze_layers` of :attr:`capture`."""
-        analyzer = ResidualBandwidthAnalyzer(variance_threshold, massive_ratio=self.massive_ratio,
-                                             exclude_massive=exclude_massive)
-        return self._kept(("report", variance_threshold, kind, exclude_massive),
-                          lambda: analyzer.analyze_layers(self.capture, kind=kind))
+        return self._kept(("report", variance_threshold, kind, exclude_massive), lambda: ResidualBandwidthAnalyzer(
+            variance_threshold, massive_ratio=self.massive_ratio, exclude_massive=exclude_massive
+        ).analyze_layers(self.capture, kind=kind))
 
     def bottlenecks(self, kind: str = "resid_post", **options) -> BottleneckReport:
         """:func:`~residual_bandwidth.bottlenecks.find_bottlenecks` of :attr:`capture`."""

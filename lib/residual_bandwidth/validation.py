@@ -23,6 +23,16 @@ class BandwidthInputError(ValueError):
     """Raised when an input to the analyzer is malformed; the message says which one and why."""
 
 
+def check_run(run, what: str = "a ResidualRun"):
+    """``run`` must be a :class:`~residual_bandwidth.run.ResidualRun` (checked by the attributes the
+    analyses read, so this module needs no import of the run); returns it."""
+    if not all(hasattr(run, a) for a in ("model", "tokenizer", "prompts", "layers", "weights_of",
+                                         "massive_ratio", "batch_size")):
+        raise BandwidthInputError(f"run: expected {what} (residual_bandwidth.ResidualRun(model, tokenizer, "
+                                  f"prompts)), got {type(run).__name__}")
+    return run
+
+
 def _where(name: str, layer: int | str | None) -> str:
     return f"{name} (layer {layer})" if layer is not None else name
 
