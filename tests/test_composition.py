@@ -148,7 +148,7 @@ def test_bad_input_is_named(tiny_gpt2):
         composition_scores(tiny_gpt2[0], layers=[0, 9])
     with pytest.raises(BandwidthInputError, match="head"):
         component_subspaces(lw, 4)
-    with pytest.raises(BandwidthInputError, match="k: expected"):
+    with pytest.raises(BandwidthInputError, match=r"k \(layer \d+\): expected a positive int <= 16, got 17"):
         component_subspaces(lw, 0, k=17)
     with pytest.raises(BandwidthInputError, match="different spaces"):
         principal_angles(torch.zeros(5, 2), torch.zeros(6, 2))

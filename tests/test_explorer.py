@@ -8,11 +8,10 @@ import threading
 
 import pytest
 
-from residual_bandwidth import BandwidthInputError, ResidualBandwidthAnalyzer, capture_residuals
-from residual_bandwidth.course.explorer import (STATIC_ENV, BandwidthExplorer, analyse_capture, as_loaded,
-                                         capture_prompt, explore, explorer_update,
-                                         fit_to_container, widget_frontend_available,
-                                         widget_view_bundle)
+from residual_bandwidth import BandwidthInputError, ResidualBandwidthAnalyzer, ResidualRun, capture_residuals
+from residual_bandwidth.course.explorer import (STATIC_ENV, BandwidthExplorer, as_loaded, explore,
+                                         explorer_update, fit_to_container, prompt_run,
+                                         widget_frontend_available, widget_view_bundle)
 from residual_bandwidth.viz import AccessibleFigure, format_percent
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is Rome."
@@ -29,8 +28,9 @@ def _close_explorers():
 
 
 @pytest.fixture(scope="module")
-def prompt_capture(embedded):
-    return capture_prompt(embedded, PROMPT)
+def one_run(embedded):
+    """The explorer's run of PROMPT (its capture and kept reports are shared by the tests)."""
+    return prompt_run(embedded, PROMPT)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,11 @@ def library_capture(embedded):
 
 @pytest.mark.parametrize("layer, threshold, exclude_massive, reuse", [(14, 0.9, True, False),
                                                                       (3, 0.95, False, True)])
-def test_update_gives_the_library_numbers(embedded, library_capture, prompt_capture, layer, threshold,
+def test_update_gives_the_library_numbers(embedded, library_capture, one_run, layer, threshold,
                                           exclude_massive, reuse):
     # once through the explorer's own forward pass, once re-using its cached capture
     fig, table = explorer_update(embedded, PROMPT, layer, threshold, exclude_massive,
-                                 capture=prompt_capture if reuse else None)
+                                 run=one_run if reuse else None)
     report = ResidualBandwidthAnalyzer(variance_threshold=threshold,
                                        exclude_massive=exclude_massive).analyze_layers(library_capture)
     p = round(100 * threshold)
@@ -67,15 +67,15 @@ def test_update_gives_the_library_numbers(embedded, library_capture, prompt_capt
     fig.close()
 
 
-def test_widget_callbacks_call_the_update(embedded, prompt_capture):
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+def test_widget_callbacks_call_the_update(embedded, one_run):
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, run=one_run)
     w = ex.widgets
     assert w["layer"].min == 0 and w["layer"].max == 29
     w["layer"].value = 20
     w["threshold"].value = 0.8
     w["exclude_massive"].value = False
     assert ex.settings == {"prompt": PROMPT, "layer": 20, "threshold": 0.8, "exclude_massive": False}
-    fig, table = explorer_update(embedded, PROMPT, 20, 0.8, False, capture=prompt_capture)
+    fig, table = explorer_update(embedded, PROMPT, 20, 0.8, False, run=one_run)
     assert ex.table == table and ex.figure.alt_text == fig.alt_text
     assert ex.figure.alt_text.replace("'", "&#x27;") in w["view"].value  # the widget shows the alt text
     fig.close()
@@ -88,10 +88,10 @@ def test_widget_callbacks_call_the_update(embedded, prompt_capture):
     assert WIDGET_VIEW in bundle and 'alt="' in bundle["text/html"] and "Not updated" in bundle["text/plain"]
 
 
-def test_static_fallback(embedded, prompt_capture, capsys, monkeypatch):
+def test_static_fallback(embedded, one_run, capsys, monkeypatch):
     monkeypatch.delenv(STATIC_ENV, raising=False)
     assert widget_frontend_available() is False  # pytest runs outside a Jupyter kernel
-    ex = explore(embedded, prompt=PROMPT, layer=5, capture=prompt_capture)
+    ex = explore(embedded, prompt=PROMPT, layer=5, run=one_run)
     assert not ex.interactive and ex.widgets is None
     printed = capsys.readouterr().out  # plain Python: the static view is printed
     assert ex.figure.alt_text in printed and "r95_all" in printed
@@ -104,20 +104,47 @@ def test_static_fallback(embedded, prompt_capture, capsys, monkeypatch):
     assert widget_frontend_available() is False and widget_frontend_available(True) is True
 
 
-def test_invalid_arguments(embedded, prompt_capture):
+def test_explorer_on_a_run_reads_its_capture(embedded, monkeypatch):
+    """explore(run) shows a prompt of the run from the run's capture, without a forward pass (issue
+    23: no analysis re-runs the model for prompts it already has); its table is the table of the
+    prompt run on its own (a batch of three, padded, against one prompt: equal to float tolerance)."""
+    import residual_bandwidth.run as run_module
+    prompts = ["Short one.", PROMPT, "A third prompt about the weather in spring."]
+    run = ResidualRun(embedded.model, embedded.tokenizer, prompts, erasure=False)
+    run.capture
+    _, alone = explorer_update(embedded, PROMPT, 7)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the explorer ran the model for a prompt the run already has")
+    monkeypatch.setattr(run_module, "run_listeners", no_forward)
+    ex = explore(run, prompt=PROMPT, layer=7, interactive=False)
+    assert len(ex.table) == len(alone) == 30
+    for got, want in zip(ex.table, alone):
+        assert got["n_positions"] == want["n_positions"] and got["selected"] == want["selected"]
+        assert got["participation_ratio"] == pytest.approx(want["participation_ratio"], rel=1e-4)
+        assert abs(got["r95"] - want["r95"]) <= 1
+    assert explore(run, interactive=False).settings["prompt"] == prompts[0]   # the run's first prompt
+    with pytest.raises(AssertionError, match="ran the model"):   # a typed prompt does run the model
+        ex.update(prompt="Something the run has not seen.")
+    with pytest.raises(BandwidthInputError, match="not the index"):
+        run.capture.of_prompt(3)
+
+
+def test_invalid_arguments(embedded, one_run):
     for kwargs, message in [({"threshold": 0.0}, "threshold"), ({"threshold": 1.5}, "threshold"),
-                            ({"layer": 30}, "out of range"), ({"layer": "3"}, "integer"),
+                            ({"layer": 30}, "out of range"), ({"layer": "3"}, "layer: expected an int"),
                             ({"prompt": "   "}, "empty prompt"), ({"prompt": ["a", "b"]}, "one non-empty string")]:
         args = {"prompt": PROMPT, "layer": 3, "threshold": 0.95, **kwargs}
         with pytest.raises(BandwidthInputError, match=message):
-            explorer_update(embedded, capture=prompt_capture, **args)
-    report = analyse_capture(prompt_capture, 0.9)
-    with pytest.raises(BandwidthInputError, match="other settings"):
-        explorer_update(embedded, PROMPT, 3, 0.95, capture=prompt_capture, report=report)
+            explorer_update(embedded, run=one_run, **args)
+    with pytest.raises(BandwidthInputError, match="other prompts"):
+        explorer_update(embedded, "Another prompt entirely.", 3, 0.95, run=one_run)
+    with pytest.raises(BandwidthInputError, match="another massive ratio"):
+        explorer_update(embedded, PROMPT, 3, 0.95, massive_ratio=8.0, run=one_run)
     with pytest.raises(BandwidthInputError, match="tokenizer"):
         as_loaded(embedded.model)
     assert as_loaded(embedded.model, embedded.tokenizer).tokenizer is embedded.tokenizer
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, interactive=False, capture=prompt_capture)
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, interactive=False, run=one_run)
     with pytest.raises(BandwidthInputError, match="unknown setting"):
         ex.update(colour="red")
 
@@ -126,8 +153,8 @@ def _img_tags(markup: str) -> list[str]:
     return re.findall(r"<img\b[^>]*>", markup)
 
 
-def test_image_fits_its_container(embedded, prompt_capture):
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=4, interactive=True, capture=prompt_capture)
+def test_image_fits_its_container(embedded, one_run):
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=4, interactive=True, run=one_run)
     for markup in (ex.widgets["view"].value, ex.static_html(), ex._repr_mimebundle_()["text/html"]):
         imgs = _img_tags(markup)
         assert len(imgs) == 1
@@ -144,7 +171,7 @@ def _controls(w) -> dict:
             "threshold": w["threshold"].value, "exclude_massive": w["exclude_massive"].value}
 
 
-def _assert_view_matches_controls(embedded, prompt_capture, ex):
+def _assert_view_matches_controls(embedded, one_run, ex):
     w = ex.widgets
     shown = _controls(w)
     assert ex.settings == shown and ex.error is None
@@ -152,28 +179,28 @@ def _assert_view_matches_controls(embedded, prompt_capture, ex):
     assert f"layer {shown['layer']}," in status and f"p = {shown['threshold']:.2f}" in status
     assert ("excluded" if shown["exclude_massive"] else "kept") in status
     fig, table = explorer_update(embedded, PROMPT, shown["layer"], shown["threshold"],
-                                 shown["exclude_massive"], capture=prompt_capture)
+                                 shown["exclude_massive"], run=one_run)
     assert ex.table == table
     assert html.escape(fig.alt_text, quote=True) in w["view"].value
     fig.close()
 
 
-def test_rapid_input_last_input_wins(embedded, prompt_capture):
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+def test_rapid_input_last_input_wins(embedded, one_run):
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, run=one_run)
     w = ex.widgets
     for layer in (11, 12, 13, 16):
         w["layer"].value = layer
     w["exclude_massive"].value = False
     w["layer"].value = 17
     w["threshold"].value = 0.9
-    _assert_view_matches_controls(embedded, prompt_capture, ex)
+    _assert_view_matches_controls(embedded, one_run, ex)
     # a programmatic update moves the controls too, so they never disagree with the view
     ex.update(layer=5, threshold=0.3)
     assert w["layer"].value == 5 and w["threshold"].value == 0.3 and w["threshold"].min <= 0.3
-    _assert_view_matches_controls(embedded, prompt_capture, ex)
+    _assert_view_matches_controls(embedded, one_run, ex)
 
 
-def test_slow_render_of_older_input_never_overwrites_newer(embedded, prompt_capture, monkeypatch):
+def test_slow_render_of_older_input_never_overwrites_newer(embedded, one_run, monkeypatch):
     """The issue's report: after quick slider + checkbox input the view showed layer 16 with the
     slider at 17. Here the render of layer 16 is slow; while it runs (in another thread, as a
     comm message on another kernel thread would), the checkbox and the slider move on."""
@@ -189,7 +216,7 @@ def test_slow_render_of_older_input_never_overwrites_newer(embedded, prompt_capt
         return real_update(loaded, prompt, layer, *args, **kwargs)
 
     # no background rendering here: it would draw layer 16 itself and this test times the main path
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture,
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, run=one_run,
                            prerender=False)
     w = ex.widgets
     monkeypatch.setattr(explorer_module, "explorer_update", slow_update)
@@ -208,10 +235,10 @@ def test_slow_render_of_older_input_never_overwrites_newer(embedded, prompt_capt
         t.join(30)
         assert not t.is_alive()
     assert _controls(w)["layer"] == 17 and _controls(w)["exclude_massive"] is False
-    _assert_view_matches_controls(embedded, prompt_capture, ex)
+    _assert_view_matches_controls(embedded, one_run, ex)
 
 
-def test_rendered_ahead_views_are_the_views_a_fresh_render_gives(embedded, prompt_capture, monkeypatch):
+def test_rendered_ahead_views_are_the_views_a_fresh_render_gives(embedded, one_run, monkeypatch):
     """Rendering ahead (issue 23: a slider step must not wait for matplotlib): once the background
     thread is done, moving the slider to a neighbour swaps in a kept view without drawing anything,
     and that view is exactly what explorer_update draws for the setting."""
@@ -223,10 +250,10 @@ def test_rendered_ahead_views_are_the_views_a_fresh_render_gives(embedded, promp
     from residual_bandwidth.viz.core import FIGURE_LOCK
     with FIGURE_LOCK:  # no figure is being made anywhere
         rc_before = dict(matplotlib.rcParams)
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, run=one_run)
     assert ex.prerender
     for _ in range(3):  # figures made on this thread while the other one draws
-        plot_rank_by_layer(analyse_capture(prompt_capture)).close()
+        plot_rank_by_layer(one_run.report()).close()
     assert ex.wait_prerendered(120), "the background thread did not finish"
     with FIGURE_LOCK:
         assert dict(matplotlib.rcParams) == rc_before, "a figure's style leaked into matplotlib's settings"
@@ -250,10 +277,10 @@ def test_rendered_ahead_views_are_the_views_a_fresh_render_gives(embedded, promp
         assert ex.settings["layer"] == layer and f"layer {layer}," in w["status"].value
     w["threshold"].value = 0.94   # one slider step from layer 10's threshold, at layer 9: not kept
     assert drawn == [9] and ex.settings["threshold"] == 0.94
-    _assert_view_matches_controls(embedded, prompt_capture, ex)
+    _assert_view_matches_controls(embedded, one_run, ex)
     monkeypatch.undo()
     for layer, threshold in ((12, 0.95), (10, 0.96)):   # rendered ahead of layer 10 at 0.95
-        fig, table = explorer_update(embedded, PROMPT, layer, threshold, True, capture=prompt_capture)
+        fig, table = explorer_update(embedded, PROMPT, layer, threshold, True, run=one_run)
         kept = ex._cached_view(explorer_module._view_key(
             {"prompt": PROMPT, "layer": layer, "threshold": threshold, "exclude_massive": True}))
         assert kept is not None and kept.table == table
@@ -263,13 +290,13 @@ def test_rendered_ahead_views_are_the_views_a_fresh_render_gives(embedded, promp
     assert ex.wait_prerendered(0) and not ex._start_prerender()
 
 
-def test_background_drawing_waits_until_the_controls_are_quiet(embedded, prompt_capture, monkeypatch):
+def test_background_drawing_waits_until_the_controls_are_quiet(embedded, one_run, monkeypatch):
     """Drawing ahead must not compete with a student's quick steps: it starts QUIET_SECONDS after the
     last input (here 2 s), and then draws the neighbours."""
     import time
 
     monkeypatch.setattr(BandwidthExplorer, "QUIET_SECONDS", 2.0)
-    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, capture=prompt_capture)
+    ex = BandwidthExplorer(embedded, prompt=PROMPT, layer=10, interactive=True, run=one_run)
     ex.widgets["layer"].value = 11   # an input: the quiet period starts again
     time.sleep(1.0)
     assert len(ex._views) == 2, "the background thread drew while the controls were still moving"

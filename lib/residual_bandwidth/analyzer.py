@@ -120,21 +120,19 @@ class ResidualBandwidthAnalyzer:
                                   check=not cap.checked)
         return found
 
-    def massive_mask(self, states, kind: str = "resid_post") -> torch.Tensor:
-        """Boolean ``[N]``: rows that are massive at one or more layers."""
+    def massive_mask(self, states, kind: str = "resid_post", massive: list[MassiveActivation] | None = None
+                     ) -> torch.Tensor:
+        """Boolean ``[N]``: rows that are massive at one or more layers (of ``massive`` when given)."""
         cap = as_capture(states, kind)
         mask = torch.zeros(cap.n_rows, dtype=torch.bool)
-        for m in self.find_massive_activations(cap, kind):
-            mask[m.row] = True
+        mask[[m.row for m in (self.find_massive_activations(cap, kind) if massive is None else massive)]] = True
         return mask
 
     def analyze_layers(self, states, kind: str = "resid_post") -> BandwidthReport:
         """Per-layer metrics of ``kind`` for a capture, a hook-name mapping or a list of tensors."""
         cap = as_capture(states, kind)
         massive = self.find_massive_activations(cap, kind)
-        mask = torch.zeros(cap.n_rows, dtype=torch.bool)
-        for m in massive:
-            mask[m.row] = True
+        mask = self.massive_mask(cap, kind, massive)
         keep = ~mask if self.exclude_massive else torch.ones_like(mask)
         notes = []
         if int(keep.sum()) < 2:

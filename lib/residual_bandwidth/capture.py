@@ -180,6 +180,15 @@ class ResidualCapture:
         stack = [self.get(kind, layer) for layer in self.layers]
         return [s[rows] for s in stack] if rows is not None else stack
 
+    def of_prompt(self, i: int) -> "ResidualCapture":
+        """The rows of prompt ``i`` alone, as a capture of that one prompt (its index becomes 0)."""
+        rows = self.prompt_index == i
+        if isinstance(i, bool) or not isinstance(i, int) or not bool(rows.any()):
+            raise BandwidthInputError(f"prompt: {i!r} is not the index of a captured prompt")
+        return ResidualCapture({k: v[rows] for k, v in self.acts.items()}, self.prompt_index[rows] * 0,
+                               self.position[rows], [t for t, r in zip(self.tokens, rows.tolist()) if r],
+                               self.prompts[i:i + 1], self.model_name, self.checked)
+
     def row_label(self, row: int) -> str:
         """Human-readable origin of a row: ``prompt 0, pos 3 ' France'``."""
         return f"prompt {int(self.prompt_index[row])}, pos {int(self.position[row])} {self.tokens[row]!r}"

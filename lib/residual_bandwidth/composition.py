@@ -92,11 +92,8 @@ def component_subspaces(lw: LayerWeights, head: int, k: int | None = None) -> di
     ``ov_singular``, ``qk_singular``. ``k`` defaults to d_head.
     """
     check_layer_weights(lw)
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < lw.n_heads:
-        raise BandwidthInputError(f"head: expected 0..{lw.n_heads - 1} (layer {lw.layer}), got {head!r}")
-    k = lw.d_head if k is None else k
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= lw.d_head:
-        raise BandwidthInputError(f"k: expected 1..{lw.d_head} (layer {lw.layer}), got {k!r}")
+    head = check_int(head, f"head (layer {lw.layer})", 0, lw.n_heads - 1)
+    k = check_int(lw.d_head if k is None else k, f"k (layer {lw.layer})", 1, lw.d_head)
     c = circuit_svd(lw)
     return {"ov_read": c.ov_U[head, :, :k], "ov_write": c.ov_V[head, :, :k],
             "qk_query": c.qk_U[head, :, :k], "qk_key": c.qk_V[head, :, :k],

@@ -292,10 +292,7 @@ def _check_ks(ks, d: int) -> list[int]:
         ks = [ks]
     if not isinstance(ks, Sequence) or len(ks) == 0:
         raise BandwidthInputError("ks: expected a non-empty list of subspace dimensions")
-    for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
-            raise BandwidthInputError(f"ks: each k must be an int in 1..d_model={d}, got {k!r}")
-    return sorted(set(ks))
+    return sorted({check_int(k, f"ks (each k of d_model={d})", 1, d) for k in ks})
 
 
 def _heldout_batches(model, tokenizer, prompts, batch_size):

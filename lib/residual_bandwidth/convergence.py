@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .metrics import compute_metrics
-from .validation import BandwidthInputError, as_matrix
+from .validation import BandwidthInputError, as_matrix, check_int
 
 
 def rank_against_n(x, ns, repeats: int = 5, p: float = 0.95, seed: int = 0, layer=None) -> list[dict]:
@@ -22,8 +22,7 @@ def rank_against_n(x, ns, repeats: int = 5, p: float = 0.95, seed: int = 0, laye
 
     ``judgeable`` is ``n - 1 >= d``. ``ns`` larger than the number of rows are skipped."""
     x = as_matrix(x, name="x", layer=layer, min_rows=2).detach().double()
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise BandwidthInputError(f"repeats: expected a positive int, got {repeats!r}")
+    repeats = check_int(repeats, "repeats", low=1)
     g = torch.Generator().manual_seed(seed)
     total, d = x.shape
     out = []

@@ -110,6 +110,16 @@ class ResidualRun:
                 self._weights[L] = layer_weights(self.model, L)
         return [self._weights[L] for L in layers]
 
+    def of_prompt(self, prompt: str) -> "ResidualRun":
+        """A run of one of this run's prompts that reads this run's capture rows and weights instead
+        of running the model again (the explorer's view of one prompt)."""
+        if self.prompts is None or prompt not in self.prompts:
+            raise BandwidthInputError(f"prompt: {prompt!r} is not one of this run's prompts")
+        one = ResidualRun(self.model, self.tokenizer, [prompt], self.layers, self.kinds, erasure=False,
+                          massive_ratio=self.massive_ratio, batch_size=self.batch_size)
+        one._capture, one._weights = self.capture.of_prompt(self.prompts.index(prompt)), self._weights
+        return one
+
     def _kept(self, key: tuple, make):
         if key not in self._analyses:
             self._analyses[key] = make()

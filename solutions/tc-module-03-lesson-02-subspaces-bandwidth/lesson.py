@@ -654,12 +654,13 @@ claims.say(
 # ### Explore on your own
 #
 # Type a prompt, pick a layer and a variance threshold, and choose whether massive positions are left
-# out; the figure and its table update. (Where no widget front end is available, for example in an
-# exported HTML page, you see a static figure with its table instead.)
+# out; the figure and its table update. The explorer opens on the run: the run's prompts are read
+# from its capture, and only a prompt you type is run through the model. (Where no widget front end
+# is available, for example in an exported HTML page, you see a static figure with its table instead.)
 
 # %%
 from residual_bandwidth.course import explore
-explore(lm, prompt=prompts[0], layer=L)
+explore(run, prompt=prompts[0], layer=L)
 
 # %% [markdown]
 # ## 4. No privileged basis

@@ -3,7 +3,9 @@ massive-activation positions out; the figure (with its alt text) and the table u
 
 The work is done by one pure function, :func:`explorer_update`, which a test (or a script) can call
 directly; the widget callback calls exactly that function, so what you see in the widget is what
-``ResidualBandwidthAnalyzer(...).analyze_layers(capture_residuals(...))`` computes.
+``ResidualRun(model, tokenizer, [prompt]).report(...)`` computes. Opened on a run
+(``explore(run)``), the explorer reads the run's capture for the run's prompts (no forward pass)
+and runs the model only for a prompt you type.
 
 Widget or static? (:func:`widget_frontend_available`, in this order)
 
@@ -45,11 +47,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 
-from ..analyzer import ResidualBandwidthAnalyzer
-from ..capture import KINDS, capture_residuals
-from ..validation import BandwidthInputError, check_fraction, check_positive, check_prompts
+from ..capture import KINDS
+from ..run import ResidualRun
+from ..validation import BandwidthInputError, check_fraction, check_int, check_positive, check_prompts
 from ..viz import AccessibleFigure, plot_layer_explorer
 
 DEFAULT_PROMPT = ("The transformer architecture revolutionized natural language processing by "
@@ -92,58 +93,45 @@ def _check_prompt(prompt) -> str:
     return check_prompts([prompt])[0]
 
 
-def capture_prompt(loaded, prompt: str, kind: str = "resid_post"):
-    """Capture one prompt's residual stream of ``kind`` at every layer (what the explorer analyses)."""
-    prompt = _check_prompt(prompt)
+def prompt_run(loaded, prompt: str, kind: str = "resid_post", massive_ratio: float = 4.0) -> ResidualRun:
+    """The run the explorer analyses for one prompt: ``kind`` at every layer, nothing run until read."""
     if kind not in KINDS:
         raise BandwidthInputError(f"kind: expected one of {KINDS}, got {kind!r}")
-    return capture_residuals(loaded.model, loaded.tokenizer, [prompt], kinds=(kind,), progress=False)
-
-
-def analyse_capture(capture, threshold: float = 0.95, exclude_massive: bool = True,
-                    massive_ratio: float = 4.0, kind: str = "resid_post"):
-    """The explorer's analysis: ``ResidualBandwidthAnalyzer(...).analyze_layers(capture, kind)``."""
-    analyzer = ResidualBandwidthAnalyzer(threshold, massive_ratio=massive_ratio,
-                                         exclude_massive=bool(exclude_massive))
-    return analyzer.analyze_layers(capture, kind=kind)
+    return ResidualRun(loaded.model, loaded.tokenizer, [_check_prompt(prompt)], kinds=[kind], erasure=False,
+                       massive_ratio=massive_ratio)
 
 
 def explorer_update(loaded, prompt: str, layer: int, threshold: float = 0.95,
                     exclude_massive: bool = True, massive_ratio: float = 4.0,
-                    kind: str = "resid_post", capture=None, report=None
+                    kind: str = "resid_post", run: ResidualRun | None = None
                     ) -> tuple[AccessibleFigure, list[dict]]:
     """The explorer's work for one setting: returns ``(figure, table)``.
 
     Equivalent to::
 
-        cap = capture_residuals(model, tokenizer, [prompt])
-        report = ResidualBandwidthAnalyzer(threshold, massive_ratio=massive_ratio,
-                                           exclude_massive=exclude_massive).analyze_layers(cap, kind)
+        run = ResidualRun(model, tokenizer, [prompt], kinds=[kind], massive_ratio=massive_ratio)
+        report = run.report(threshold, kind, exclude_massive)
 
     followed by :func:`~residual_bandwidth.viz.plot_layer_explorer` for ``layer``. The table has one
     row per layer (``r{p}`` with and without massive positions, participation ratio, stable and
-    entropy rank, both utilizations) and marks the selected layer. Pass ``capture`` (from
-    :func:`capture_prompt`) to skip the forward pass when only the layer or threshold changed, and
-    ``report`` (from :func:`analyse_capture` of that capture with the same settings) to skip the
-    analysis when only the layer changed. Invalid arguments raise :class:`BandwidthInputError`.
+    entropy rank, both utilizations) and marks the selected layer. Pass ``run`` (a run of
+    ``[prompt]``, e.g. :func:`prompt_run` or ``ResidualRun.of_prompt``) to re-use its capture and its
+    kept reports. Invalid arguments raise :class:`BandwidthInputError`.
     """
     prompt = _check_prompt(prompt)
     threshold = check_fraction(threshold, "threshold")
     massive_ratio = check_positive(massive_ratio, "massive_ratio")
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise BandwidthInputError(f"layer: expected an integer, got {layer!r}")
-    layer = int(layer)
-    if capture is None:
-        capture = capture_prompt(loaded, prompt, kind)
+    layer = check_int(layer, "layer")
+    if run is None:
+        run = prompt_run(loaded, prompt, kind, massive_ratio)
+    elif run.prompts != [prompt] or run.massive_ratio != massive_ratio:
+        raise BandwidthInputError("run: it is a run of other prompts or another massive ratio; "
+                                  "leave run=None to run the prompt")
+    capture = run.capture
     if layer not in capture.layers:
         raise BandwidthInputError(f"layer: {layer} is out of range; the model has layers "
                                   f"{capture.layers[0]}..{capture.layers[-1]}")
-    if report is None:
-        report = analyse_capture(capture, threshold, exclude_massive, massive_ratio, kind)
-    elif (report.variance_threshold != threshold or report.kind != kind
-          or report.n_rows != capture.n_rows or (not exclude_massive and report.excluded_rows)):
-        raise BandwidthInputError("report: it was computed with other settings or another capture; "
-                                  "leave report=None to analyse again")
+    report = run.report(threshold, kind, bool(exclude_massive))
     fig = plot_layer_explorer(report, capture, layer, prompt=0, massive_ratio=massive_ratio)
     return fig, fig.table
 
@@ -170,7 +158,8 @@ class BandwidthExplorer:
     """The explorer's state, its widgets (built only when shown interactively) and its static view.
 
     ``update(...)`` is the widget callback: it calls :func:`explorer_update` with the current
-    settings (re-using the capture while the prompt is unchanged) and refreshes ``figure``,
+    settings (re-using the prompt's run, so its capture and reports, while the prompt is unchanged;
+    ``run``: a :class:`ResidualRun` whose prompts need no forward pass) and refreshes ``figure``,
     ``table`` and, when live, the widget's image and table. An invalid setting (e.g. a one-token
     prompt with massive positions excluded) keeps the last good view and shows the message.
 
@@ -188,25 +177,22 @@ class BandwidthExplorer:
 
     def __init__(self, loaded, prompt: str = DEFAULT_PROMPT, layer: int | None = None,
                  threshold: float = 0.95, exclude_massive: bool = True, massive_ratio: float = 4.0,
-                 kind: str = "resid_post", interactive: bool | None = None, capture=None,
+                 kind: str = "resid_post", interactive: bool | None = None, run: ResidualRun | None = None,
                  prerender: bool | None = None):
         self.loaded = loaded
         self.kind = kind
         self.massive_ratio = check_positive(massive_ratio, "massive_ratio")
         self.interactive = widget_frontend_available(interactive)
         self.prerender = self.interactive if prerender is None else bool(prerender)
-        self._captures: dict[str, object] = {}
-        self._reports: dict[tuple, object] = {}  # (prompt, threshold, exclude_massive) -> report
+        self._source = run   # its prompts are read from its capture
+        self._runs: dict[str, ResidualRun] = {}   # prompt -> its run (capture and kept reports)
         self._views: OrderedDict[tuple, ExplorerView | None] = OrderedDict()  # None: cannot be drawn
-        self._cache_lock = threading.RLock()  # the three caches above, shared with the background thread
+        self._cache_lock = threading.RLock()  # the two caches above, shared with the background thread
         self.settings = {"prompt": _check_prompt(prompt), "layer": layer,
                          "threshold": check_fraction(threshold, "threshold"),
                          "exclude_massive": bool(exclude_massive)}
-        if capture is not None:  # a capture of this prompt you already have (skips one forward pass)
-            self._captures[self.settings["prompt"]] = capture
-        cap = self._capture(self.settings["prompt"])
         if layer is None:
-            self.settings["layer"] = cap.layers[len(cap.layers) // 2]
+            self.settings["layer"] = self.layers[len(self.layers) // 2]
         self._figure: AccessibleFigure | None = None
         self.view: ExplorerView | None = None
         self.table: list[dict] = []
@@ -228,17 +214,22 @@ class BandwidthExplorer:
             self._build_widgets()
 
     # ---- the work ------------------------------------------------------------------------------
-    def _capture(self, prompt: str):
+    def _run(self, prompt: str) -> ResidualRun:
         with self._cache_lock:
-            if prompt not in self._captures:
-                if len(self._captures) >= 8:  # a small cache: typing many prompts must not grow memory
-                    self._captures.pop(next(iter(self._captures)))
-                self._captures[prompt] = capture_prompt(self.loaded, prompt, self.kind)
-            return self._captures[prompt]
+            if prompt not in self._runs:
+                if len(self._runs) >= 8:  # a small cache: typing many prompts must not grow memory
+                    self._runs.pop(next(iter(self._runs)))
+                source = self._source
+                reuse = (source is not None and prompt in source.prompts and self.kind in source.kinds
+                         and source.massive_ratio == self.massive_ratio)
+                self._runs[prompt] = (source.of_prompt(prompt) if reuse
+                                      else prompt_run(self.loaded, prompt, self.kind, self.massive_ratio))
+            self._runs[prompt].capture   # the forward pass (if any) runs here, under the lock
+            return self._runs[prompt]
 
     @property
     def layers(self) -> list[int]:
-        return self._capture(self.settings["prompt"]).layers
+        return self._run(self.settings["prompt"]).capture.layers
 
     @property
     def figure(self) -> AccessibleFigure | None:
@@ -268,18 +259,11 @@ class BandwidthExplorer:
         return generation != self._generation
 
     def _compute(self, new: dict) -> tuple[AccessibleFigure, list[dict]]:
-        cap = self._capture(_check_prompt(new["prompt"]))
-        key = _view_key(new)[:3]
-        with self._cache_lock:
-            if key not in self._reports:  # moving only the layer slider re-uses the analysis
-                if len(self._reports) >= 16:
-                    self._reports.pop(next(iter(self._reports)))
-                self._reports[key] = analyse_capture(cap, check_fraction(new["threshold"], "threshold"),
-                                                     new["exclude_massive"], self.massive_ratio, self.kind)
-            report = self._reports[key]
+        run = self._run(_check_prompt(new["prompt"]))
+        with self._cache_lock:   # the run keeps the analysis: moving only the layer slider re-uses it
+            run.report(check_fraction(new["threshold"], "threshold"), self.kind, bool(new["exclude_massive"]))
         return explorer_update(self.loaded, new["prompt"], new["layer"], new["threshold"],
-                               new["exclude_massive"], self.massive_ratio, self.kind,
-                               capture=cap, report=report)
+                               new["exclude_massive"], self.massive_ratio, self.kind, run=run)
 
     def _cached_view(self, key: tuple) -> ExplorerView | None:
         with self._cache_lock:
@@ -523,16 +507,22 @@ def fit_to_container(figure_html: str) -> str:
 
 
 def explore(model_or_loaded="embedded", tokenizer=None, **settings) -> BandwidthExplorer:
-    """Open the explorer on a model. Show the returned object (last expression of a notebook cell).
+    """Open the explorer on a model or a run. Show the returned object (last expression of a cell).
 
-    ``model_or_loaded``: a ``LoadedModel`` (``load_model("embedded")``), a model name, or a Hugging
-    Face model together with ``tokenizer``. ``settings``: those of :class:`BandwidthExplorer`
-    (``prompt``, ``layer``, ``threshold``, ``exclude_massive``, ``massive_ratio``, ``kind``,
-    ``interactive``, ``capture``, ``prerender``). ``interactive``: ``None`` = detect (module docstring),
-    ``True`` = widgets, ``False`` = static figure + table. In plain Python (no IPython at all) the
-    static view is also printed, since nothing else would show it. ``capture``: an existing
-    :func:`capture_prompt` result for ``prompt`` (saves the first forward pass).
+    ``model_or_loaded``: a :class:`ResidualRun` (its prompts are read from its capture; the first is
+    shown unless ``prompt`` is given), a ``LoadedModel`` (``load_model("embedded")``), a model name,
+    or a Hugging Face model together with ``tokenizer``. ``settings``: those of
+    :class:`BandwidthExplorer` (``prompt``, ``layer``, ``threshold``, ``exclude_massive``,
+    ``massive_ratio``, ``kind``, ``interactive``, ``prerender``). ``interactive``: ``None`` = detect
+    (module docstring), ``True`` = widgets, ``False`` = static figure + table. In plain Python (no
+    IPython at all) the static view is also printed, since nothing else would show it.
     """
+    if isinstance(model_or_loaded, ResidualRun):
+        run = model_or_loaded
+        if run.prompts is None:
+            raise BandwidthInputError("run: a run without prompts has nothing to explore")
+        settings = {"prompt": run.prompts[0], "massive_ratio": run.massive_ratio, "run": run, **settings}
+        model_or_loaded, tokenizer = run.model, run.tokenizer
     ex = BandwidthExplorer(as_loaded(model_or_loaded, tokenizer), **settings)
     if not ex.interactive and not _in_ipython():
         print(ex)

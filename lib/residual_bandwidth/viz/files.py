@@ -21,6 +21,12 @@ def _md_alt(text: str) -> str:
     return text.replace("\n", " ").replace("[", "(").replace("]", ")")
 
 
+#: (key of ``analytics``, file stem, figure function) of the analytics figures drawn from one record list
+_ANALYTICS_FIGURES = (("bottlenecks", "bottleneck_heatmap", lambda r: plot_bottleneck_heatmap(r, prompt=None)),
+                      ("wov_heads", "wov_spectra", plot_wov_spectra),
+                      ("memory_ranking", "memory_ranking", plot_memory_ranking))
+
+
 def build_figures(report=None, capture=None, *, analytics: Mapping | None = None,
                   monitor: Mapping | None = None, prompt: int = 0) -> list[tuple[str, AccessibleFigure]]:
     """Every figure the inputs allow, as ``(file stem, AccessibleFigure)`` pairs.
@@ -44,17 +50,10 @@ def build_figures(report=None, capture=None, *, analytics: Mapping | None = None
     analytics = analytics or {}
     if not isinstance(analytics, Mapping):
         raise BandwidthInputError(f"analytics: expected a dict, got {type(analytics).__name__}")
-    if analytics.get("bottlenecks") is not None:
-        made.append(("bottleneck_heatmap", plot_bottleneck_heatmap(analytics["bottlenecks"], prompt=None)))
-    if analytics.get("wov_heads") is not None:
-        made.append(("wov_spectra", plot_wov_spectra(analytics["wov_heads"])))
-    if analytics.get("memory_ranking") is not None:
-        made.append(("memory_ranking", plot_memory_ranking(analytics["memory_ranking"])))
+    made += [(stem, plot(analytics[key])) for key, stem, plot in _ANALYTICS_FIGURES if analytics.get(key) is not None]
     comp = analytics.get("composition")
-    if comp is not None:
-        comps = [comp] if isinstance(comp, Mapping) else list(comp)
-        for c in comps:
-            made.append((f"composition_{str(c.get('kind', 'x')).lower()}", plot_composition_scores(c)))
+    comps = [] if comp is None else [comp] if isinstance(comp, Mapping) else list(comp)
+    made += [(f"composition_{str(c.get('kind', 'x')).lower()}", plot_composition_scores(c)) for c in comps]
     cc = analytics.get("compression")
     if cc is not None:
         if not isinstance(cc, Mapping):
