@@ -126,8 +126,8 @@ def test_explorer_on_a_run_reads_its_capture(embedded, monkeypatch):
     assert explore(run, interactive=False).settings["prompt"] == prompts[0]   # the run's first prompt
     with pytest.raises(AssertionError, match="ran the model"):   # a typed prompt does run the model
         ex.update(prompt="Something the run has not seen.")
-    with pytest.raises(BandwidthInputError, match="not the index"):
-        run.capture.of_prompt(3)
+    with pytest.raises(BandwidthInputError, match="not all indices"):
+        run.capture.of_prompts([3])
 
 
 def test_invalid_arguments(embedded, one_run):

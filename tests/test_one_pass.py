@@ -177,3 +177,29 @@ def test_compression_fit_reads_the_runs_capture(embedded):
     pre_only = ResidualRun(model, tok, calibration, kinds=["resid_pre"], layers=[12], erasure=False)
     with pytest.raises(BandwidthInputError, match="resid_post was not captured"):
         pre_only.compression(**args)
+
+
+def test_a_sub_run_reads_its_parents_rows(embedded, monkeypatch):
+    """run.of_prompts(some) is a run of those prompts whose capture is the parent's rows (no pass): in the
+    order asked for, numbered from 0, equal to those prompts captured on their own (float tolerance:
+    the parent ran them in another batch), and sharing the parent's extracted weights."""
+    import residual_bandwidth.run as run_module
+    model, tok = embedded.model, embedded.tokenizer
+    parent = ResidualRun(model, tok, PROMPTS, layers=LAYERS, kinds=["resid_post"], erasure=False)
+    parent.capture
+    parent.weights_of([7])
+    alone = capture_residuals(model, tok, [PROMPTS[2], PROMPTS[0]], kinds=["resid_post"], layers=LAYERS,
+                              progress=False)
+    monkeypatch.setattr(run_module, "run_listeners", lambda *a, **k: pytest.fail("the sub-run ran the model"))
+    sub = parent.of_prompts([PROMPTS[2], PROMPTS[0]])
+    cap = sub.capture
+    assert sub.prompts == cap.prompts == [PROMPTS[2], PROMPTS[0]]
+    assert cap.tokens == alone.tokens and torch.equal(cap.prompt_index, alone.prompt_index)
+    assert torch.equal(cap.position, alone.position)
+    for L in LAYERS:
+        torch.testing.assert_close(cap.get("resid_post", L), alone.get("resid_post", L), rtol=1e-4, atol=1e-4)
+    assert sub.weights_of([7])[0] is parent.weights_of([7])[0]
+    with pytest.raises(BandwidthInputError, match="not among this run's"):
+        parent.of_prompts(["a prompt the parent never saw"])
+    with pytest.raises(BandwidthInputError, match="prompt index"):
+        parent.capture.of_prompts([True])

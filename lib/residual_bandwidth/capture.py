@@ -180,14 +180,17 @@ class ResidualCapture:
         stack = [self.get(kind, layer) for layer in self.layers]
         return [s[rows] for s in stack] if rows is not None else stack
 
-    def of_prompt(self, i: int) -> "ResidualCapture":
-        """The rows of prompt ``i`` alone, as a capture of that one prompt (its index becomes 0)."""
-        rows = self.prompt_index == i
-        if isinstance(i, bool) or not isinstance(i, int) or not bool(rows.any()):
-            raise BandwidthInputError(f"prompt: {i!r} is not the index of a captured prompt")
-        return ResidualCapture({k: v[rows] for k, v in self.acts.items()}, self.prompt_index[rows] * 0,
-                               self.position[rows], [t for t, r in zip(self.tokens, rows.tolist()) if r],
-                               self.prompts[i:i + 1], self.model_name, self.checked)
+    def of_prompts(self, indices: Sequence[int]) -> "ResidualCapture":
+        """The rows of the prompts ``indices``, in that order, as a capture of those prompts alone
+        (numbered 0, 1, ... in that order)."""
+        parts = [torch.nonzero(self.prompt_index == check_int(i, "prompt index", low=0)).flatten() for i in indices]
+        if not parts or any(p.numel() == 0 for p in parts):
+            raise BandwidthInputError(f"prompts: {list(indices)!r} are not all indices of captured prompts")
+        rows = torch.cat(parts)
+        return ResidualCapture({k: v[rows] for k, v in self.acts.items()},
+                               torch.cat([torch.full((p.numel(),), j) for j, p in enumerate(parts)]),
+                               self.position[rows], [self.tokens[r] for r in rows.tolist()],
+                               [self.prompts[i] for i in indices] if self.prompts else [], self.model_name, self.checked)
 
     def row_label(self, row: int) -> str:
         """Human-readable origin of a row: ``prompt 0, pos 3 ' France'``."""

@@ -198,9 +198,10 @@ class ErasureReport:
 
 
 class ErasureMeter(Listener):
-    """A listener of :func:`~residual_bandwidth.capture.run_listeners` (``ResidualRun.erasure``): per batch, every real token's
-    write-vs-read projections (and, with ``attention``, each head's attention to the current token).
-    :meth:`report` turns the accumulated rows into an :class:`ErasureReport`."""
+    """A listener of :func:`~residual_bandwidth.capture.run_listeners` (``ResidualRun.erasure``):
+    per batch, every real token's write-vs-read projections (and, with ``attention``, each head's
+    attention to the current token). :meth:`report` turns the accumulated rows into an
+    :class:`ErasureReport`."""
 
     def __init__(self, model: torch.nn.Module, layers=None, massive_ratio: float = DEFAULT_MASSIVE_RATIO,
                  weights: Sequence[LayerWeights] | None = None, attention: bool = False):

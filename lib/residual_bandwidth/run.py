@@ -110,15 +110,16 @@ class ResidualRun:
                 self._weights[L] = layer_weights(self.model, L)
         return [self._weights[L] for L in layers]
 
-    def of_prompt(self, prompt: str) -> "ResidualRun":
-        """A run of one of this run's prompts that reads this run's capture rows and weights instead
-        of running the model again (the explorer's view of one prompt)."""
-        if self.prompts is None or prompt not in self.prompts:
-            raise BandwidthInputError(f"prompt: {prompt!r} is not one of this run's prompts")
-        one = ResidualRun(self.model, self.tokenizer, [prompt], self.layers, self.kinds, erasure=False,
+    def of_prompts(self, prompts: Sequence[str]) -> "ResidualRun":
+        """A run of some of this run's prompts that reads this run's capture rows and weights instead
+        of running the model again (e.g. the explorer's view of one prompt)."""
+        missing = [p for p in check_prompts(prompts) if self.prompts is None or p not in self.prompts]
+        if missing:
+            raise BandwidthInputError(f"prompts: {len(missing)} are not among this run's, e.g. {missing[0]!r}")
+        sub = ResidualRun(self.model, self.tokenizer, prompts, self.layers, self.kinds, erasure=False,
                           massive_ratio=self.massive_ratio, batch_size=self.batch_size)
-        one._capture, one._weights = self.capture.of_prompt(self.prompts.index(prompt)), self._weights
-        return one
+        sub._capture, sub._weights = self.capture.of_prompts([self.prompts.index(p) for p in sub.prompts]), self._weights
+        return sub
 
     def _kept(self, key: tuple, make):
         if key not in self._analyses:

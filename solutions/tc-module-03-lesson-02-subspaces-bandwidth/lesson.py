@@ -86,6 +86,7 @@ FIRST_DEFINED_IN = {
     **dict.fromkeys(["report", "analyzer"], "the first code cell of section 3 (Massive activations)"),
     **dict.fromkeys(["x_clean", "keep"], "the centring cell at the end of section 3"),
     **dict.fromkeys(["mon", "traffic", "totals"], "the first code cell of 'Watching a live model' in section 8"),
+    **dict.fromkeys(["pool_run", "pool"], "the code cell of 'Judgeable is not converged' in section 8"),
     **dict.fromkeys(["bn", "seed_position_utilization"], "the code cells of section 5 (Where is the stream crowded?)"),
     "mem": "the first code cell of section 6 (Memory management)",
     "by_vec": "the per-direction erasure cell of section 6 (Memory management)",
@@ -1409,8 +1410,9 @@ claims.say(
 # ### Judgeable is not converged: r95 against the sample size
 #
 # **Predict, then run.** The traffic statistics above are judgeable. If we had ten times more text,
-# would the traffic's r95 stay where it is, fall, or rise? The cell captures the monitored layers on every prompt of this lesson, draws random subsets
-# of $n$ positions (massive rows left out) and computes r95 on each.
+# would the traffic's r95 stay where it is, fall, or rise? The cell runs the model over every prompt of
+# this lesson (one run, `pool_run`, which Section 9 reads again), draws random subsets of $n$ positions
+# of the monitored layers (massive rows left out) and computes r95 on each.
 
 # %%
 from residual_bandwidth import CALIBRATION_PROMPTS, HELDOUT_PROMPTS
@@ -1419,8 +1421,9 @@ from residual_bandwidth.course import DEFAULT_PROMPTS
 from residual_bandwidth import massive_mask
 
 pool_prompts = list(dict.fromkeys(list(DEFAULT_PROMPTS) + list(CALIBRATION_PROMPTS) + list(HELDOUT_PROMPTS)))
-pool = rb.capture_residuals(model, tokenizer, pool_prompts, kinds=["resid_post"], layers=mon.layers[:2],
-                            progress=False)
+pool_run = rb.ResidualRun(model, tokenizer, pool_prompts, kinds=["resid_post"],
+                          layers=sorted({*mon.layers[:2], L}), erasure=False)
+pool = pool_run.capture
 conv = []
 for layer in mon.layers[:2]:
     x_pool = pool.get("resid_post", layer).double()
@@ -1659,9 +1662,8 @@ for layer in mon.layers[:2]:
 r95_max = max(r95_of_traffic.values())
 ks = sorted({max(1, d // 9), d} | set(r95_of_traffic.values())
             | {min(d, round(r95_max + f_ * (d - r95_max))) for f_ in (1 / 3, 2 / 3)})
-# the fit reads a run of the calibration prompts (the monitor's); Section 10 reads it again
-calib = rb.ResidualRun(model, tokenizer, CALIBRATION_PROMPTS, kinds=["resid_post"],
-                       layers=sorted({*mon.layers[:2], L}), erasure=False)
+# the fit reads the calibration prompts' rows of Section 8's run (no new pass); Section 10 reads them again
+calib = pool_run.of_prompts(CALIBRATION_PROMPTS)
 curve = calib.compression(mon.layers[:2], ks, heldout_prompts=heldout,
                           n_random=2 if FAST else 4, progress=False)   # the layers the monitor watches
 display(plot_compression_curve(curve.records(), curve.base_loss, curve.tolerance, d_model=d))

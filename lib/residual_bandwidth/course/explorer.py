@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 
-from ..capture import KINDS
 from ..run import ResidualRun
 from ..validation import BandwidthInputError, check_fraction, check_int, check_positive, check_prompts
 from ..viz import AccessibleFigure, plot_layer_explorer
@@ -95,8 +94,6 @@ def _check_prompt(prompt) -> str:
 
 def prompt_run(loaded, prompt: str, kind: str = "resid_post", massive_ratio: float = 4.0) -> ResidualRun:
     """The run the explorer analyses for one prompt: ``kind`` at every layer, nothing run until read."""
-    if kind not in KINDS:
-        raise BandwidthInputError(f"kind: expected one of {KINDS}, got {kind!r}")
     return ResidualRun(loaded.model, loaded.tokenizer, [_check_prompt(prompt)], kinds=[kind], erasure=False,
                        massive_ratio=massive_ratio)
 
@@ -115,7 +112,7 @@ def explorer_update(loaded, prompt: str, layer: int, threshold: float = 0.95,
     followed by :func:`~residual_bandwidth.viz.plot_layer_explorer` for ``layer``. The table has one
     row per layer (``r{p}`` with and without massive positions, participation ratio, stable and
     entropy rank, both utilizations) and marks the selected layer. Pass ``run`` (a run of
-    ``[prompt]``, e.g. :func:`prompt_run` or ``ResidualRun.of_prompt``) to re-use its capture and its
+    ``[prompt]``, e.g. :func:`prompt_run` or ``ResidualRun.of_prompts``) to re-use its capture and its
     kept reports. Invalid arguments raise :class:`BandwidthInputError`.
     """
     prompt = _check_prompt(prompt)
@@ -222,7 +219,7 @@ class BandwidthExplorer:
                 source = self._source
                 reuse = (source is not None and prompt in source.prompts and self.kind in source.kinds
                          and source.massive_ratio == self.massive_ratio)
-                self._runs[prompt] = (source.of_prompt(prompt) if reuse
+                self._runs[prompt] = (source.of_prompts([prompt]) if reuse
                                       else prompt_run(self.loaded, prompt, self.kind, self.massive_ratio))
             self._runs[prompt].capture   # the forward pass (if any) runs here, under the lock
             return self._runs[prompt]
