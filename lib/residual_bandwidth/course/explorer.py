@@ -47,7 +47,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-
 from ..run import ResidualRun
 from ..validation import BandwidthInputError, check_fraction, check_int, check_positive, check_prompts
 from ..viz import AccessibleFigure, plot_layer_explorer
@@ -217,7 +216,7 @@ class BandwidthExplorer:
                 if len(self._runs) >= 8:  # a small cache: typing many prompts must not grow memory
                     self._runs.pop(next(iter(self._runs)))
                 source = self._source
-                reuse = (source is not None and prompt in source.prompts and self.kind in source.kinds
+                reuse = (source is not None and prompt in (source.prompts or ()) and self.kind in source.kinds
                          and source.massive_ratio == self.massive_ratio)
                 self._runs[prompt] = (source.of_prompts([prompt]) if reuse
                                       else prompt_run(self.loaded, prompt, self.kind, self.massive_ratio))
