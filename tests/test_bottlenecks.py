@@ -58,6 +58,45 @@ def test_no_bottleneck_invented_in_isotropic_data(rng):
     assert find_bottlenecks(x).flagged() == []
 
 
+def test_flags_are_checked_out_of_sample(rng):
+    """The planted crowded row is confirmed out of sample; ordinary rows made loud (drawn from the
+    layer's own distribution, scaled 2.6x about its mean) are flagged in sample, because a basis
+    describes the rows it was fitted on better than new ones, and none of them is confirmed; a loud
+    row that is massive at another layer is recorded as such and not confirmed."""
+    stack = make_stack(rng, n=120)                              # 60 rows: the halves are too small to confirm reliably
+    med0 = float(stack[0].norm(dim=1).median())
+    g = torch.tensor(rng.normal(size=64), dtype=torch.float32)
+    stack[0][MASSIVE] = 3 * med0 * g / g.norm()                 # loud and spread at layer 0, massive at layer 1
+    rep = find_bottlenecks(stack)
+    oos = {(r["layer"], r["position"]): r for r in rep.out_of_sample}
+    assert set(oos) == {(r["layer"], r["position"]) for r in rep.flagged()}
+    crowded, tail = oos[(1, CROWDED)], oos[(0, MASSIVE)]
+    assert crowded["percentile_heldout"] >= 0.95 and not crowded["massive_elsewhere"]
+    assert tail["massive_elsewhere"] and not oos.get((1, ONE_DIM))
+    assert (1, CROWDED) in {(r["layer"], r["position"]) for r in rep.confirmed()}
+    assert (0, MASSIVE) not in {(r["layer"], r["position"]) for r in rep.confirmed()}
+    assert rep.to_dict()["n_confirmed"] == len(rep.confirmed())
+
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(40, 30, generator=gen, dtype=torch.float64))[0]
+    draw = lambda m: ((torch.randn(m, 30, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.5, 30,
+                      dtype=torch.float64)) @ basis.T + 0.3 * torch.randn(m, 40, generator=gen, dtype=torch.float64))
+    x = draw(200)
+    mu = x.mean(0)
+    x[:10] = mu + 2.6 * (draw(10) - mu)
+    rep = find_bottlenecks([x])
+    assert len(rep.flagged()) >= 4 and rep.out_of_sample[0]["bias"] > 1.1
+    assert rep.confirmed() == [] and max(r["percentile_heldout"] for r in rep.out_of_sample) < 0.9
+
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(8, generator=gen, dtype=torch.float64)
+    small[5] = 3 * small.norm(dim=1).median() * v / v.norm()   # flagged, but 5 typical rows cannot be halved
+    rep = find_bottlenecks([small])
+    assert [r["position"] for r in rep.flagged()] == [5] and rep.out_of_sample[0]["percentile_heldout"] is None
+    assert rep.confirmed() == [] and any("not checked out of sample" in n and "5 typical rows" in n for n in rep.notes)
+
+
 def test_records_keys_and_per_layer_growth(rng):
     rep = find_bottlenecks(make_stack(rng, ranks=(6, 14, 30)))
     assert len(rep.grid_records()) == 3 * 60
@@ -136,7 +175,7 @@ def test_bad_input_is_named(rng):
         find_bottlenecks(stack, loud_ratio=5, massive_ratio=4)
     with pytest.raises(BandwidthInputError, match="loud_ratio"):
         find_bottlenecks(stack, loud_ratio=-1)
-    with pytest.raises(BandwidthInputError, match="layer 7 was not captured"):
+    with pytest.raises(BandwidthInputError, match=r"blocks\.7\.hook_resid_post was not captured"):
         find_bottlenecks(stack, layers=[7])
     bad = [s.clone() for s in stack]
     bad[2][3, 4] = float("nan")

@@ -214,8 +214,10 @@ def test_energy_loss_directions_find_the_drained_direction(rng):
                                             hook_name("resid_post", 0): (post @ R).float()})
     rotated = energy_loss_directions(cap_r, top_k=1)[0]
     assert rotated["lost_fraction"] == pytest.approx(recs[0]["lost_fraction"], rel=1e-4)
-    with pytest.raises(BandwidthInputError, match="resid_post"):
+    with pytest.raises(BandwidthInputError, match=r"blocks\.0\.hook_resid_post was not captured"):
         energy_loss_directions({hook_name("resid_pre", 0): pre.float()})
+    with pytest.raises(BandwidthInputError, match=r"blocks\.4\.hook_resid_pre was not captured"):
+        energy_loss_directions(cap, layers=[0, 4])
 
 
 def test_bad_input_is_named(embedded, tiny_gpt2):

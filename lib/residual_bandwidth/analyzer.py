@@ -105,11 +105,6 @@ class ResidualBandwidthAnalyzer:
         self.massive_ratio = check_positive(massive_ratio, "massive_ratio")
         self.exclude_massive = bool(exclude_massive)
 
-    def analyze_layer(self, x, layer=None) -> BandwidthMetrics:
-        """Metrics of one ``[positions, d_model]`` matrix (no exclusion)."""
-        return compute_metrics(x, center=self.center, variance_threshold=self.variance_threshold,
-                               layer=layer, name="residual_states")
-
     def find_massive_activations(self, states, kind: str = "resid_post") -> list[MassiveActivation]:
         """Massive rows of every captured layer of ``kind`` (see :mod:`.outliers`)."""
         cap = as_capture(states, kind)

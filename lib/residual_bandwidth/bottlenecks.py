@@ -58,6 +58,16 @@ Severity (thresholds are arguments):
 ``massive`` in the records is the same :mod:`.outliers` rule, so the same rows are flagged as in the
 bandwidth report.
 
+Checked out of sample
+---------------------
+The severities are a screen computed in sample. For every flagged row,
+:attr:`BottleneckReport.out_of_sample` repeats the spread test out of sample on both sides
+(:func:`heldout_spread` on the row's layer: ``spread_heldout``, ``percentile_heldout`` = share of
+held-out typical rows less spread than the row, and the layer's in-sample ``bias``) and records
+``massive_elsewhere``: the same (prompt, position) is massive at another of the analysed layers, so its loudness here
+may be the tail of a massive row rather than crowding of its own. A flag is **confirmed** when
+``percentile_heldout >= 0.95`` and it is not ``massive_elsewhere`` (:meth:`BottleneckReport.confirmed`).
+
 Per layer, :meth:`BottleneckReport.per_layer_records` gives the utilization of the layer's
 non-massive rows (variance-threshold rank / min(n, d) and / d, as in :mod:`.metrics`) and the number
 of flagged rows, and ``utilization_slope`` is the least-squares slope of utilization_d_model per layer.
@@ -101,6 +111,7 @@ class BottleneckReport:
     variance_threshold: float
     d_model: int
     notes: list[str] = field(default_factory=list)
+    out_of_sample: list[dict] = field(default_factory=list)   # one per flagged row (module docstring)
 
     def grid_records(self) -> list[dict]:
         """One dict per (layer, row): ``{layer, prompt, position, token, norm_ratio, spread, score,
@@ -132,8 +143,16 @@ class BottleneckReport:
         """Records with one of ``severities``, highest score first."""
         return sorted((r for r in self.rows if r["severity"] in severities), key=lambda r: -r["score"])
 
+    def confirmed(self, percentile: float = 0.95) -> list[dict]:
+        """Out-of-sample records of flagged rows more spread than ``percentile`` of held-out typical
+        rows and not massive at another layer."""
+        return [r for r in self.out_of_sample if not r["massive_elsewhere"]
+                and r["percentile_heldout"] is not None and r["percentile_heldout"] >= percentile]
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "layers": self.layers, "d_model": self.d_model,
+                "out_of_sample": self.out_of_sample, "n_confirmed": len(self.confirmed()),
+                "n_massive_elsewhere": sum(r["massive_elsewhere"] for r in self.out_of_sample),
                 "thresholds": {"loud_ratio": self.loud_ratio, "massive_ratio": self.massive_ratio,
                                "critical_score": self.critical_score, "spread_min": 1.0,
                                "variance_threshold": self.variance_threshold},
@@ -146,6 +165,13 @@ def _check_loud(loud_ratio) -> float:
     if v <= 1:
         raise BandwidthInputError(f"loud_ratio: must be > 1 (a multiple of the median norm), got {v}")
     return v
+
+
+def _pr(x, mu, v) -> torch.Tensor:
+    """``PR_i = (sum_k c_ik^2)^2 / sum_k c_ik^4`` with ``c_ik = (x_i - mu) . v_k`` (1 for a row at ``mu``)."""
+    c2 = ((x - mu) @ v.T) ** 2
+    t = c2.sum(1)
+    return torch.where(t > 0, t**2 / (c2**2).sum(1).clamp_min(1e-300), torch.ones_like(t))
 
 
 def layer_scores(x, loud_ratio: float = 2.0, layer=None) -> dict:
@@ -166,9 +192,7 @@ def layer_scores(x, loud_ratio: float = 2.0, layer=None) -> dict:
     if v.shape[0] == 0:
         raise BandwidthInputError(f"residual_states (layer {layer}): the typical rows are identical; "
                                   "no principal directions")
-    c2 = ((x - mu) @ v.T) ** 2
-    tot = c2.sum(1)
-    pr = torch.where(tot > 0, tot**2 / (c2**2).sum(1).clamp_min(1e-300), torch.ones_like(tot))
+    pr = _pr(x, mu, v)
     spread = pr / pr[typical].median()
     return {"norm_ratio": ratio, "pr": pr, "spread": spread, "score": ratio * spread, "typical": typical}
 
@@ -201,10 +225,7 @@ def heldout_spread(x, loud_ratio: float = 2.0, n_splits: int = 8, seed: int = 0,
         a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
         mu = x[a].mean(0)
         _, sv, vh = torch.linalg.svd(x[a] - mu, full_matrices=False)   # [|A|, d]: cheaper than a d x d eigh
-        v = vh[sv > 1e-9 * sv[0]]
-        c2 = ((x - mu) @ v.T) ** 2
-        t = c2.sum(1)
-        pr = torch.where(t > 0, t**2 / (c2**2).sum(1).clamp_min(1e-300), torch.ones_like(t))
+        pr = _pr(x, mu, vh[sv > 1e-9 * sv[0]])
         seen = torch.zeros(n, dtype=torch.bool)
         seen[a] = True
         ref = pr[b]
@@ -245,19 +266,14 @@ def find_bottlenecks(states, kind: str = "resid_post", loud_ratio: float = 2.0,
         raise BandwidthInputError(f"massive_ratio ({massive_ratio}) must be >= loud_ratio ({loud_ratio})")
     cap = as_capture(states, kind)
     use = cap.layers if layers is None else list(layers)
-    for L in use:
-        if L not in cap.layers:
-            raise BandwidthInputError(f"layers: layer {L} was not captured (have {cap.layers[0]}..{cap.layers[-1]})")
+    xs = {L: cap.get(kind, L) for L in use}     # a layer that was not captured is named before any work
     rows, stats, notes = [], [], []
-    for L in use:
-        x = cap.get(kind, L)
+    for L, x in xs.items():
         s = layer_scores(x, loud_ratio, layer=L)
         massive = massive_mask(x.to(torch.float64).norm(dim=1), massive_ratio)
-        n_flag = 0
         for i in range(len(x)):
             nr, sp = float(s["norm_ratio"][i]), float(s["spread"][i])
             sev = severity(nr, sp, loud_ratio, massive_ratio, critical_score)
-            n_flag += sev in ("warning", "critical")
             rows.append({"layer": L, "prompt": int(cap.prompt_index[i]), "position": int(cap.position[i]),
                          "token": cap.tokens[i], "norm_ratio": nr, "spread": sp, "score": nr * sp,
                          "severity": sev, "massive": bool(massive[i])})
@@ -268,10 +284,36 @@ def find_bottlenecks(states, kind: str = "resid_post", loud_ratio: float = 2.0,
                             name=hook_name(kind, L), excluded_positions=int((~keep).sum()))
         stats.append({"layer": L, "utilization_available": m.utilization_available,
                       "utilization_d_model": m.utilization_d_model, "variance_rank": m.variance_rank,
-                      "n_flagged": n_flag, "n_rows": len(x), "excluded_massive": int((~keep).sum())})
+                      "n_flagged": sum(r["severity"] in ("warning", "critical") for r in rows[-len(x):]),
+                      "n_rows": len(x), "excluded_massive": int((~keep).sum())})
+    oos = _out_of_sample(cap, kind, loud_ratio, rows, notes)
     if cap.n_rows < cap.d_model:
         notes.append(f"{cap.n_rows} positions < d_model {cap.d_model}: principal directions and "
                      "utilization are limited by the sample; utilization_available uses min(n, d)")
     return BottleneckReport(layers=use, rows=rows, layer_stats=stats, kind=kind, loud_ratio=loud_ratio,
                             massive_ratio=massive_ratio, critical_score=critical_score,
-                            variance_threshold=variance_threshold, d_model=cap.d_model, notes=notes)
+                            variance_threshold=variance_threshold, d_model=cap.d_model, notes=notes,
+                            out_of_sample=oos)
+
+
+def _out_of_sample(cap, kind, loud_ratio, rows, notes) -> list[dict]:
+    """The out-of-sample record of every flagged row (module docstring): one :func:`heldout_spread`
+    per layer with flags; ``None`` values where the layer has too few typical rows to split."""
+    index = {(int(p), int(q)): i for i, (p, q) in enumerate(zip(cap.prompt_index, cap.position))}
+    massive_at = {(r["prompt"], r["position"], r["layer"]) for r in rows if r["massive"]}
+    out, held = [], {}
+    for r in (r for r in rows if r["severity"] in ("warning", "critical")):
+        L, i = r["layer"], index[(r["prompt"], r["position"])]
+        if L not in held:
+            try:
+                held[L] = heldout_spread(cap.get(kind, L), loud_ratio, layer=L)
+            except BandwidthInputError as e:
+                held[L] = None
+                notes.append(f"flags at layer {L} not checked out of sample: {e}")
+        hs = held[L]
+        out.append({**{k: r[k] for k in ("layer", "prompt", "position", "token", "norm_ratio", "spread")},
+                    **{key: None if hs is None else float(hs[name][i]) for key, name in
+                       (("spread_heldout", "spread"), ("percentile_heldout", "percentile"))},
+                    "bias": None if hs is None else hs["bias"],
+                    "massive_elsewhere": any((r["prompt"], r["position"], m) in massive_at for m in cap.layers if m != L)})
+    return out

@@ -188,10 +188,6 @@ class CompositionScores:
         """The finite scores (pairs with the destination in a later layer) as a 1-D tensor."""
         return self.scores[torch.isfinite(self.scores)]
 
-    def z_scores(self) -> torch.Tensor:
-        """``(score - baseline_mean) / baseline_std`` (NaN where the score is NaN)."""
-        return (self.scores - self.baseline_mean) / self.baseline_std
-
     def top_pairs(self, n: int = 10) -> list[dict]:
         """The ``n`` highest-scoring pairs with their z-score against the baseline."""
         flat = torch.nan_to_num(self.scores, nan=-1.0).reshape(-1)

@@ -54,7 +54,7 @@ from typing import Sequence
 
 import torch
 
-from .capture import (Listener, add_hook, architecture_of, as_capture, check_layers, hook_name, hook_point,
+from .capture import (Listener, add_hook, architecture_of, as_capture, check_layers, hook_point,
                       model_dims)
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, check_int, check_positive, check_run
@@ -360,13 +360,10 @@ def energy_loss_directions(states, top_k: int = 3, massive_ratio: float = DEFAUL
     massive_ratio = check_positive(massive_ratio, "massive_ratio")
     check_int(top_k, "top_k", low=1)
     use = cap.layers if layers is None else list(layers)
+    for L in use:                                  # a missing layer or kind is named before any work
+        cap.get("resid_pre", L), cap.get("resid_post", L)
     out = []
     for L in use:
-        if L not in cap.layers:
-            raise BandwidthInputError(f"layers: layer {L} was not captured (have {cap.layers})")
-        if hook_name("resid_pre", L) not in cap.acts or hook_name("resid_post", L) not in cap.acts:
-            raise BandwidthInputError(f"states (layer {L}): needs both resid_pre and resid_post "
-                                      f"(captured kinds: {cap.kinds})")
         x_in = cap.get("resid_pre", L).double()
         x_out = cap.get("resid_post", L).double()
         keep = torch.ones(len(x_in), dtype=torch.bool)

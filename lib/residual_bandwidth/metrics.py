@@ -47,16 +47,6 @@ class Spectrum:
         lam.flags.writeable = False
         object.__setattr__(self, "eigenvalues", lam)
 
-    @property
-    def singular_values(self) -> np.ndarray:
-        """``sigma_i = sqrt(lambda_i)``."""
-        return np.sqrt(self.eigenvalues)
-
-    @property
-    def explained_variance_ratio(self) -> np.ndarray:
-        """``lambda_i / sum(lambda)`` (what sklearn calls ``explained_variance_ratio_``)."""
-        return self.eigenvalues / self.eigenvalues.sum()
-
 
 CHUNK_ROWS = 8192
 #: largest side of the matrix the spectrum decomposes (min(n, d)): 32768**2 float64 numbers = 8 GiB

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .capture import torch_threads
 from .validation import BandwidthInputError
 
 
@@ -64,12 +65,8 @@ def train_toy_model(n_features: int = 20, n_dims: int = 5, sparsity: float = 0.9
     b = torch.zeros(n_features, requires_grad=True)
     importance = decay ** torch.arange(n_features, dtype=torch.float32)
     opt = torch.optim.Adam([W, b], lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # matrices this small run fastest on one thread
-    try:
+    with torch_threads(1):            # matrices this small run fastest on one thread
         loss = _train(W, b, importance, opt, steps, batch, sparsity, g)
-    finally:
-        torch.set_num_threads(threads)
     W = W.detach().double()
 
     norms = W.norm(dim=0)

@@ -853,34 +853,31 @@ print(f"layer {L_inv} ({len(crowded_L)} flagged rows): same severities after a r
 # The detector measures a loud row in a basis it did not shape, but compares it with typical rows
 # that *did* shape it. A basis fitted to some rows describes those rows better than rows it has not
 # seen, so the in-sample comparison may lean one way. Which way, and how far, is an empirical
-# question. The next cell measures that lean and repeats the test out of sample on both sides
-# (`bottlenecks.heldout_spread`: fit the directions on one part of the typical rows, compare with the
-# other part, over several random splits). It also asks whether a flagged token is a massive row at some
-# other layer, that is, the tail of a massive row rather than crowding of its own.
+# question. The detector therefore repeats the test out of sample for every flagged cell
+# (`bn.out_of_sample`, computed with `bottlenecks.heldout_spread`: fit the directions on one half of
+# the typical rows, compare with the other half, over eight random splits). It also records whether
+# a flagged token is a massive row at some other layer, that is, the tail of a massive row rather
+# than crowding of its own. A flag that passes both tests is *confirmed* (`bn.confirmed()`). The next
+# cell prints those records and measures the lean at every third layer as well.
 
 # %%
 from residual_bandwidth import heldout_spread
 
-row_of = {(int(cap.prompt_index[i]), int(cap.position[i])): i for i in range(cap.n_rows)}
-massive_at = {(p_, q_) for p_, q_, _ in report.massive_positions()}
-bias_by_layer, oos_rows = {}, []
-for layer_ in sorted({r["layer"] for r in all_flagged} | set(range(1, cap.n_layers, 3))):
-    hs = heldout_spread(cap.get("resid_post", layer_), seed=SEED)
-    bias_by_layer[layer_] = hs["bias"]
-    for r in all_flagged:
-        if r["layer"] == layer_:
-            i_ = row_of[(r["prompt"], r["position"])]
-            oos_rows.append({**{k_: r[k_] for k_ in ("layer", "prompt", "position", "token", "norm_ratio", "spread")},
-                             "spread_out_of_sample": float(hs["spread"][i_]), "percentile": float(hs["percentile"][i_]),
-                             "massive_elsewhere": (r["prompt"], r["position"]) in massive_at})
+oos_rows = bn.out_of_sample      # one record per flagged cell, kept by the run with the report
+bias_by_layer = {r["layer"]: r["bias"] for r in oos_rows}
+for layer_ in range(1, cap.n_layers, 3):
+    if layer_ not in bias_by_layer:
+        bias_by_layer[layer_] = heldout_spread(cap.get("resid_post", layer_))["bias"]
+bias_by_layer = dict(sorted(bias_by_layer.items()))
 print("in-sample spread of a held-out typical row, median per layer (1 = unbiased):",
       ", ".join(f"L{l_} {b_:.2f}" for l_, b_ in bias_by_layer.items()))
 for r in oos_rows:
     print(f"  layer {r['layer']:2d} {r['token']!r:>10}: energy {r['norm_ratio']:.1f}x, spread in sample {r['spread']:.2f}, "
-          f"out of sample {r['spread_out_of_sample']:.2f} (above {r['percentile']:.0%} of held-out typical rows)"
+          f"out of sample {r['spread_heldout']:.2f} (above {r['percentile_heldout']:.0%} of held-out typical rows)"
           f"{'; a massive row at another layer' if r['massive_elsewhere'] else ''}")
-survive = [r for r in oos_rows if r["spread_out_of_sample"] >= 1.0]
-clear = [r for r in oos_rows if r["percentile"] >= 0.95]
+print(f"confirmed (more spread than 95 % of held-out typical rows and not massive elsewhere): {len(bn.confirmed())}")
+survive = [r for r in oos_rows if r["spread_heldout"] >= 1.0]
+clear = [r for r in oos_rows if r["percentile_heldout"] >= 0.95]
 tails = [r for r in oos_rows if r["massive_elsewhere"]]
 biased_up = min(bias_by_layer.values()) > 1.0
 flagged_layers = sorted({r["layer"] for r in oos_rows})
@@ -902,8 +899,10 @@ claims.say(
           f"above 1 at {sum(bias_by_layer[l_] > 1.0 for l_ in flagged_layers)} of {len(flagged_layers)}. ")
        if flagged_layers else "")
     + f"Out of sample, **{len(survive)} of {len(oos_rows)}** flagged cells are at least as spread as the median "
-    f"held-out typical row, but only **{len(clear)}** are more spread than 95 % of them: the spread of a flagged "
-    f"row is within the range of ordinary rows. The flagged cells are "
+    f"held-out typical row, but only **{len(clear)}** are more spread than 95 % of them"
+    + (": the spread of a flagged row is within the range of ordinary rows. " if len(clear) <= len(oos_rows) / 2
+       else ". ")
+    + f"**{len(bn.confirmed())}** flags are confirmed (`bn.confirmed()`). The flagged cells are "
     f"{len(token_counts)} distinct tokens ({', '.join(f'{t_!r} x{c_}' for t_, c_ in sorted(token_counts.items(), key=lambda t: -t[1])[:4])}), "
     f"and **{len(tails)}** of them are massive rows at another layer"
     + (", so some flags are the tail of a massive row rather than crowding of their own. " if tails else ". ")

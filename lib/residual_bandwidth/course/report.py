@@ -8,13 +8,12 @@ memory management, composition, measured compression curve) comes from
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Sequence
 
-from ..capture import KINDS, model_dims
+from ..capture import KINDS, model_dims, torch_threads
 from ..compression import CALIBRATION_PROMPTS
 from ..run import ResidualRun
 from ..validation import check_prompts
@@ -66,19 +65,6 @@ def analytics_plan(dims: dict, fast: bool) -> dict:
             "composition_figure_layers": window, "composition_kinds": ["Q", "K", "V"]}
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Temporarily use ``n`` intra-op threads (``None``: leave torch's setting alone)."""
-    import torch
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_analytics(run, fast: bool = False, progress: bool = True, threads: int | None = None) -> tuple[dict, dict]:
     """The bandwidth analytics of a :class:`~residual_bandwidth.run.ResidualRun` (all kinds, all
     layers): bottlenecks, memory-management candidates, composition scores vs baseline, compression curve.
@@ -107,7 +93,8 @@ def _run_analytics(run, fast, progress):
     seconds, out = {}, {"fast": fast, "plan": plan}
     t = time.perf_counter()
     bn = run.bottlenecks()
-    out["bottlenecks"] = {**{k: v for k, v in bn.to_dict().items() if k != "grid"}, "flagged": bn.flagged()[:20]}
+    out["bottlenecks"] = {**{k: v for k, v in bn.to_dict().items() if k not in ("grid", "out_of_sample")},
+                          "flagged": bn.flagged()[:20], "out_of_sample": bn.out_of_sample[:20]}
     seconds["bottlenecks"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -219,7 +206,8 @@ def analytics_lines(a: dict) -> list[str]:
     """Short summary of the analytics section (bottlenecks, memory, composition, compression)."""
     bn, mem, comp, cc = a["bottlenecks"], a["memory"], a["composition"], a["compression"]
     c = bn["counts"]
-    lines = [f"bottlenecks (layer x position): {c['critical']} critical, {c['warning']} warning, "
+    lines = [f"bottlenecks (layer x position): {c['critical']} critical, {c['warning']} warning "
+             f"(out of sample: {bn['n_confirmed']} confirmed, {bn['n_massive_elsewhere']} massive at another layer), "
              f"{c['massive']} massive rows (not bottlenecks); utilization/d grows "
              f"{bn['utilization_slope']:+.4f} per layer"]
     best = {}

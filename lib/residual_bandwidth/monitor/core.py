@@ -110,7 +110,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..capture import KINDS, add_hook, architecture_of, check_layers, hook_point, model_dims
+from ..capture import KINDS, add_hook, architecture_of, check_layers, hook_point, model_dims, torch_threads
 from ..streaming import StreamingMoments
 from ..validation import BandwidthInputError, check_int
 from .alerts import AlertPolicy
@@ -346,14 +346,8 @@ class BandwidthMonitor:
         default for threads that have not used it yet is global, so a thread that starts torch work
         during this window (about a millisecond) starts with one thread.
         """
-        n_threads = torch.get_num_threads() if self.config.single_thread else 1
-        if n_threads > 1:
-            torch.set_num_threads(1)
-        try:
+        with torch_threads(1 if self.config.single_thread else None):
             return self._process_request(req)
-        finally:
-            if n_threads > 1:
-                torch.set_num_threads(n_threads)
 
     def _measure(self, req: Request, layers: list[int]):
         """``(problems, {layer: (record, rank rows, typical norm sum)})`` of one request."""
