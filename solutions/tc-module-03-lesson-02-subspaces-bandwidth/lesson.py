@@ -854,11 +854,11 @@ print(f"layer {L_inv} ({len(crowded_L)} flagged rows): same severities after a r
 # that *did* shape it. A basis fitted to some rows describes those rows better than rows it has not
 # seen, so the in-sample comparison may lean one way. Which way, and how far, is an empirical
 # question. The detector therefore repeats the test out of sample for every flagged cell
-# (`bn.out_of_sample`, computed with `bottlenecks.heldout_spread`: fit the directions on one half of
-# the typical rows, compare with the other half, over eight random splits). It also records whether
+# (`bn.out_of_sample`, computed with `bottlenecks.heldout_spread`: fit the directions on one part of
+# the typical rows, compare with the other part, over several random splits). It also records whether
 # a flagged token is a massive row at some other layer, that is, the tail of a massive row rather
 # than crowding of its own. A flag that passes both tests is *confirmed* (`bn.confirmed()`). The next
-# cell prints those records and measures the lean at every third layer as well.
+# cell prints those records and also measures the lean at layers without flags.
 
 # %%
 from residual_bandwidth import heldout_spread
@@ -1959,9 +1959,9 @@ claims.say(
     seed_count < 10,
     f"The coordinate detector of Section 5 flags **{seed_count}** of {cap.n_layers * min(50, cap.n_rows)} (layer, position) cells, so "
     f"its alert at 10 bottlenecks cannot fire on this model. The replacement finds {ours_counts['warning']} "
-    f"warning and {ours_counts['critical']} critical cells and reports {ours_counts['massive']} massive ones "
-    f"separately; the heatmap below shows one prompt.",
-    seed_flagged=seed_count, ours=ours_counts)
+    f"warning and {ours_counts['critical']} critical cells ({len(bn.confirmed())} of them confirmed out of sample, "
+    f"Section 5) and reports {ours_counts['massive']} massive ones separately; the heatmap below shows one prompt.",
+    seed_flagged=seed_count, ours=ours_counts, confirmed=len(bn.confirmed()))
 crowded_prompt = max(set(r_["prompt"] for r_ in bn.grid_records()),
                      key=lambda q: sum(r_["severity"] in ("warning", "critical") for r_ in bn.grid_records()
                                        if r_["prompt"] == q))
