@@ -190,3 +190,17 @@ def test_lesson_job_reports_the_analytics(embedded, tmp_path):
     assert len(inputs["wov_heads"]) == 30 * 9 and len(inputs["composition"]) == 3
     lines = "\n".join(analytics_lines(rep["analytics"]))
     assert "memory-management candidates" in lines and "smallest k" in lines and "K-composition" in lines
+    # the composition figures mark the family-wise threshold of their own pairs, not "mean + 3 std"
+    import numpy as np
+    from residual_bandwidth.viz import build_figures
+    w = a["composition_window"]
+    assert w["layers"] == a["plan"]["composition_figure_layers"]
+    figures = dict(build_figures(analytics={"composition": inputs["composition"]}))
+    for c in inputs["composition"]:
+        g, s = w[c["kind"]], np.array(c["scores"], dtype=float)
+        assert g["false_alarm_rate"] == pytest.approx(0.05) and g["n_draws"] == 19 and c["threshold"] == g["threshold"]
+        assert int((s[np.isfinite(s)] > c["threshold"]).sum()) == g["n_significant"] <= g["above_3std"]
+        alt = figures[f"composition_{c['kind'].lower()}"].alt_text
+        assert f"{g['n_significant']} pair(s) exceed family-wise threshold (5%)" in alt and "3 std" not in alt
+        assert (f"in layers {w['layers'][0]}-{w['layers'][-1]} {g['n_significant']} of {g['n_pairs']} pairs exceed "
+                "the family-wise threshold") in lines

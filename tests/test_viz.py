@@ -594,6 +594,11 @@ def test_cli_figures_writes_pngs_and_markdown(embedded, monkeypatch, rng, tmp_pa
     assert "wrote 7 PNG figures" in capsys.readouterr().out
     assert main(["figures", "--analytics-json", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setattr(models, "load_model", lambda name: pytest.fail("a bad option must stop before the model loads"))
+    assert main(["figures", "--dpi", "5", "--out", str(out)]) == 2
+    assert main(["figures", "--text", "one prompt", "--prompt-index", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--dpi: expected at least 10, got 5" in err and "--prompt-index: 1 is not in 0..0" in err
 
 
 def test_seed_name_is_a_thin_namespace(synth):

@@ -129,7 +129,6 @@ class ResidualBandwidthAnalyzer:
         massive = self.find_massive_activations(cap, kind)
         mask = self.massive_mask(cap, kind, massive)
         keep = ~mask if self.exclude_massive else torch.ones_like(mask)
-        notes = []
         if int(keep.sum()) < 2:
             raise BandwidthInputError(f"after excluding {int(mask.sum())} massive position(s) fewer "
                                       "than 2 positions remain; pass more text or exclude_massive=False")
@@ -142,8 +141,7 @@ class ResidualBandwidthAnalyzer:
             clean_m.append(compute_metrics(x if full else x[keep], self.center, self.variance_threshold,
                                            layer, name, excluded_positions=int((~keep).sum()), **trust))
             dims += outlier_dimensions(x, exclude_rows=mask, layer=layer, name=name, check=not cap.checked)
-        if mask.any() and not self.exclude_massive:
-            notes.append("exclude_massive=False: 'without_massive' equals 'all_positions'")
+        notes = ["exclude_massive=False: 'without_massive' equals 'all_positions'"] if mask.any() and not self.exclude_massive else []
         return BandwidthReport(kind=kind, layers=list(cap.layers), all_positions=all_m,
                                without_massive=clean_m, massive=massive, outlier_dims=dims,
                                excluded_rows=torch.nonzero(~keep).flatten().tolist(),

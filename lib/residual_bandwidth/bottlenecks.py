@@ -146,8 +146,7 @@ class BottleneckReport:
     def confirmed(self, percentile: float = 0.95) -> list[dict]:
         """Out-of-sample records of flagged rows more spread than ``percentile`` of held-out typical
         rows and not massive at another layer."""
-        return [r for r in self.out_of_sample if not r["massive_elsewhere"]
-                and r["percentile_heldout"] is not None and r["percentile_heldout"] >= percentile]
+        return [r for r in self.out_of_sample if not r["massive_elsewhere"] and (r["percentile_heldout"] or 0) >= percentile]
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "layers": self.layers, "d_model": self.d_model,

@@ -117,8 +117,7 @@ def _read_json(path: str | None, flag: str):
 
 def _figures(args) -> int:
     """``figures``: capture, analyse and write every plot the inputs allow."""
-    from ..analyzer import ResidualBandwidthAnalyzer
-    from ..capture import capture_residuals
+    from ..run import ResidualRun
     from .models import load_model
     from .report import DEFAULT_PROMPTS
     from ..viz import write_figures
@@ -126,15 +125,15 @@ def _figures(args) -> int:
         prompts = _prompts(args) or list(DEFAULT_PROMPTS)
         analytics = _read_json(args.analytics_json, "--analytics-json")
         monitor = _read_json(args.monitor_json, "--monitor-json")
-        lm = load_model(args.model)
-        cap = capture_residuals(lm.model, lm.tokenizer, prompts, kinds=(args.kind,), progress=not args.quiet)
-        if args.dpi < 10:
+        if args.dpi < 10:                            # checked before the model loads
             raise BandwidthInputError(f"--dpi: expected at least 10, got {args.dpi}")
         if not 0 <= args.prompt_index < len(prompts):
             raise BandwidthInputError(f"--prompt-index: {args.prompt_index} is not in 0..{len(prompts) - 1}")
-        rep = ResidualBandwidthAnalyzer(args.threshold, massive_ratio=args.massive_ratio,
-                                        exclude_massive=not args.keep_massive).analyze_layers(cap, kind=args.kind)
-        index = write_figures(rep, cap, args.out, analytics=analytics, monitor=monitor,
+        lm = load_model(args.model)
+        run = ResidualRun(lm.model, lm.tokenizer, prompts, kinds=[args.kind], erasure=False,
+                          massive_ratio=args.massive_ratio, progress=not args.quiet)
+        rep = run.report(args.threshold, kind=args.kind, exclude_massive=not args.keep_massive)
+        index = write_figures(rep, run.capture, args.out, analytics=analytics, monitor=monitor,
                               prompt=args.prompt_index, dpi=args.dpi)
     except (BandwidthInputError, ModelUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..capture import KINDS, model_dims, torch_threads
+from ..composition import pair_significance
 from ..compression import CALIBRATION_PROMPTS
 from ..run import ResidualRun
 from ..validation import check_prompts
@@ -111,6 +112,10 @@ def _run_analytics(run, fast, progress):
     t = time.perf_counter()
     comps = [run.composition(k, plan["composition_layers"]) for k in plan["composition_kinds"]]
     out["composition"] = {c.kind: c.summary() for c in comps}
+    window = plan["composition_figure_layers"]     # the figures' pairs, against their own family-wise threshold
+    sigs = {k: pair_significance(run.composition(k, window), run.weights_of(window)) for k in plan["composition_kinds"]}
+    out["composition_window"] = {"layers": window, **{k: {n: getattr(g, n) for n in ("n_pairs", "n_significant",
+                                 "threshold", "false_alarm_rate", "n_draws", "above_3std")} for k, g in sigs.items()}}
     seconds["composition"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -127,7 +132,8 @@ def _run_analytics(run, fast, progress):
         return {**c.to_dict(), "scores": [[float(f"{v:.6g}") for v in row] for row in c.scores.tolist()]}
 
     figure_inputs = {"bottlenecks": bn.grid_records(), "wov_heads": mem.heads, "memory_ranking": mem.ranking,
-                     "composition": [rounded(run.composition(k, plan["composition_figure_layers"]))
+                     "composition": [{**rounded(run.composition(k, window)), "threshold": sigs[k].threshold,
+                                      "threshold_label": f"family-wise threshold ({sigs[k].false_alarm_rate:.0%})"}
                                      for k in plan["composition_kinds"]],
                      "compression": {"records": curve.records(), "base_loss": curve.base_loss,
                                      "tolerance": curve.tolerance, "d_model": curve.d_model}}
@@ -228,13 +234,17 @@ def analytics_lines(a: dict) -> list[str]:
                      f"{-r['evidence']['projection']:.0%} of the residual it read)")
     lines.append("memory-management candidates, best of each kind (score = fraction of an ideal eraser): "
                  + "; ".join(parts))
+    w = a["composition_window"]
     for kind, s in comp.items():
         if s["max"] is None:
             continue
-        best = s["top_pairs"][0]
+        best, g = s["top_pairs"][0], w[kind]
         lines.append(f"{kind}-composition: max {s['max']:.3f} ({best['src']} -> {best['dst']}), mean "
                      f"{s['mean']:.3f}; random baseline {s['baseline_mean']:.3f} +- {s['baseline_std']:.4f}, "
-                     f"rotated {s['rotated_baseline_mean']:.3f} +- {s['rotated_baseline_std']:.4f}")
+                     f"rotated {s['rotated_baseline_mean']:.3f} +- {s['rotated_baseline_std']:.4f}; in layers "
+                     f"{w['layers'][0]}-{w['layers'][-1]} {g['n_significant']} of {g['n_pairs']} pairs exceed the "
+                     f"family-wise threshold {g['threshold']:.4f} (false-alarm rate {g['false_alarm_rate']:.0%}; "
+                     f"mean + 3 std would flag {g['above_3std']})")
     ks, ks_kl, ks_rnd = (", ".join(f"L{L}: {k}" for L, k in cc[key].items())
                          for key in ("smallest_k", "smallest_k_kl", "smallest_k_random"))
     lines.append(f"compression (residual after block L projected onto its top-k principal directions): base "

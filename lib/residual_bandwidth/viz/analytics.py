@@ -15,7 +15,7 @@ from ..memory import HEAD_KEYS, RANKING_KEYS
 from ..validation import BandwidthInputError
 from .core import (AccessibleFigure, format_number, format_ranges, HEATMAP_CMAP, MIN_FONT, OKABE_ITO, styled,
                    token_label, _color_norm, _figure, _finish, _glyph, _glyph_size, _int, _note, _num,
-                   _placeholder, _positive_int, _records, _sorted_values, _style, _thin_ticks)
+                   _nothing, _placeholder, _positive_int, _records, _sorted_values, _style, _thin_ticks)
 
 
 #: How a bottleneck severity is drawn on the heatmap: (marker, legend text). "none" has no glyph.
@@ -51,8 +51,7 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     max_positions = _positive_int(max_positions, "max_positions")
     title = f"Bottleneck {value.replace('_', ' ')} by layer and position"
     if not recs:
-        return _placeholder(title, "No bottleneck records were given, so there is nothing to draw.",
-                            "position", "layer")
+        return _placeholder(title, _nothing("bottleneck records"), "position", "layer")
     for r in recs:
         r["massive"] = bool(r["massive"]) or r["severity"] == "massive"
     prompts = sorted({r["prompt"] for r in recs})
@@ -184,8 +183,7 @@ def plot_wov_spectra(heads, highlight: int = 3) -> AccessibleFigure:
         raise BandwidthInputError(f"highlight: expected >= 0, got {highlight}")
     title = "W_OV eigenvalues: heads that erase what they read"
     if not recs:
-        return _placeholder(title, "No head records were given, so there is nothing to draw.",
-                            "negative-eigenvalue share", "attention to current token")
+        return _placeholder(title, _nothing("head records"), "negative-eigenvalue share", "attention to current token")
     _wov_records(recs)
     # largest negative share first; ties broken by attention to the current token (Elhage et al.'s
     # second criterion for memory management)
@@ -316,8 +314,7 @@ def plot_memory_ranking(ranking, top: int = 15) -> AccessibleFigure:
     top = _positive_int(top, "top")
     title = "Memory-management candidates, ranked"
     if not recs:
-        return _placeholder(title, "No ranking records were given, so there is nothing to draw.",
-                            "score", "component")
+        return _placeholder(title, _nothing("ranking records"), "score", "component")
     recs = sorted(recs, key=lambda r: r["rank"])
     shown = recs[:top]
     kinds = list(dict.fromkeys(str(r["kind"]) for r in recs))
@@ -514,8 +511,7 @@ def plot_compression_curve(records, base_loss: float | None = None, tolerance: f
         if tolerance < 0:
             raise BandwidthInputError(f"tolerance: must be >= 0, got {tolerance}")
     if not recs:
-        return _placeholder(title, "No compression records were given, so there is nothing to draw.",
-                            "k", "loss increase (nats)")
+        return _placeholder(title, _nothing("compression records"), "k", "loss increase (nats)")
     for i, r in enumerate(recs):
         r["k"] = _positive_int(r["k"], f"compression records[{i}].k")
     layers = _sorted_values({r["layer"] for r in recs})

@@ -256,14 +256,14 @@ def _note(ax, text: str) -> None:
 def _placeholder(title: str, note: str, xlabel: str = "", ylabel: str = "") -> AccessibleFigure:
     """The figure shown when there is nothing to draw: empty axes, the title and the reason."""
     fig, axes = _figure((7, 3.2))
-    ax = axes[0, 0]
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    _note(ax, note)
+    axes[0, 0].set(title=title, xlabel=xlabel, ylabel=ylabel, xticks=[], yticks=[])
+    _note(axes[0, 0], note)
     return AccessibleFigure(fig, f"{title}: {note}", [], title, [note])
+
+
+def _nothing(what: str) -> str:
+    """The placeholder's note for an empty list of ``what``."""
+    return f"No {what} were given, so there is nothing to draw."
 
 
 def _finish(fig, alt: str, table: list[dict], title: str, notes: list[str]) -> AccessibleFigure:

@@ -9,7 +9,7 @@ from matplotlib.lines import Line2D
 
 from ..monitor import ALERT_KEYS, TIMELINE_KEYS, threshold_direction
 from ..validation import BandwidthInputError
-from .core import (AccessibleFigure, format_number, styled, _figure, _finish, _num, _placeholder,
+from .core import (AccessibleFigure, format_number, styled, _figure, _finish, _nothing, _num, _placeholder,
                    _positive_int, _records, _sorted_values, _style)
 
 
@@ -45,8 +45,7 @@ def plot_monitor_timeline(records, alerts=None, thresholds=None, metrics=None,
     max_metrics = _positive_int(max_metrics, "max_metrics")
     title = "Bandwidth monitor timeline"
     if not recs:
-        return _placeholder(title, "No monitor records were given, so there is nothing to draw.",
-                            "request", "value")
+        return _placeholder(title, _nothing("monitor records"), "request", "value")
     present = list(dict.fromkeys(r["metric"] for r in recs))
     chosen, notes = _timeline_metrics(present, metrics, thresholds, max_metrics)
     fig, axes = _figure((9, 2.6 + 2.4 * len(chosen)), nrows=len(chosen), sharex=True)
