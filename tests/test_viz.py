@@ -509,6 +509,7 @@ def test_constant_data_gives_a_note(rng):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("call, message", [
     (lambda r: plot_bottleneck_heatmap({"layer": 0}), "expected a list of dicts"),
+    (lambda r: viz.build_figures(analytics={"composition": [1]}), "composition: expected a dict"),
     (lambda r: plot_bottleneck_heatmap([{"layer": 0}]), "missing key(s)"),
     (lambda r: plot_bottleneck_heatmap([dict(bottleneck_records(r)[0], severity="high")]), "severity 'high'"),
     (lambda r: plot_bottleneck_heatmap(bottleneck_records(r), prompt=7), "prompt: 7 has no records"),

@@ -114,8 +114,8 @@ def _run_analytics(run, fast, progress):
     out["composition"] = {c.kind: c.summary() for c in comps}
     window = plan["composition_figure_layers"]     # the figures' pairs, against their own family-wise threshold
     sigs = {k: pair_significance(run.composition(k, window), run.weights_of(window)) for k in plan["composition_kinds"]}
-    out["composition_window"] = {"layers": window, **{k: {n: getattr(g, n) for n in ("n_pairs", "n_significant",
-                                 "threshold", "false_alarm_rate", "n_draws", "above_3std")} for k, g in sigs.items()}}
+    out["composition_window"] = {"layers": window, **{k: {n: v for n, v in g.to_dict().items() if n != "null_max"}
+                                                      for k, g in sigs.items()}}
     seconds["composition"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -372,13 +372,14 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     ``||W_A W_B||_F / (||W_A||_F ||W_B||_F)``. Cells above ``baseline_mean + n_std * baseline_std`` get
     a diamond glyph; not-applicable cells are hatched grey. The colour bar carries a line at the
     threshold. With at most ``annotate_max_cells`` cells every cell also shows its value. ``threshold``
-    (e.g. the family-wise threshold of :func:`~residual_bandwidth.composition.pair_significance`)
-    replaces ``mean + n_std * std`` as the line and the diamonds, named ``threshold_label``.
-    Table: every applicable pair with its score, z-score against the baseline and the flag.
+    (or the ``comp``'s own ``"threshold"``/``"threshold_label"`` keys, as the lesson job writes them),
+    e.g. the family-wise threshold of :func:`~residual_bandwidth.composition.pair_significance`,
+    replaces ``mean + n_std * std`` as the line and the diamonds, named ``threshold_label``. Table:
+    every applicable pair with its score, z-score against the baseline and the flag.
     """
-    kind, src, dst, scores, mean, std, n_std = _composition_inputs(comp, n_std)
+    kind, src, dst, scores, mean, std, n_std, threshold, label = _composition_inputs(comp, n_std, threshold, threshold_label)
     thr = mean + n_std * std if threshold is None else _num(threshold, "threshold", allow_nan=False)
-    short = f"mean + {format_number(n_std)} std" if threshold is None else threshold_label
+    short = f"mean + {format_number(n_std)} std" if threshold is None else label
     title = f"{kind} composition scores with the random baseline"
     if scores.size == 0 or not np.isfinite(scores).any():
         return _placeholder(title, "No applicable component pair has a score, so there is nothing to draw.",
@@ -422,8 +423,9 @@ def plot_composition_scores(comp: Mapping, n_std: float = 3.0, annotate_max_cell
     return _finish(fig, alt, table, title, notes)
 
 
-def _composition_inputs(comp, n_std):
-    """Checked ``(kind, src labels, dst labels, scores [src, dst], baseline mean, std, n_std)``."""
+def _composition_inputs(comp, n_std, threshold, label):
+    """Checked ``(kind, src labels, dst labels, scores [src, dst], baseline mean, std, n_std, threshold,
+    label)``; the threshold and its label come from ``comp`` when the caller gives none."""
     if not isinstance(comp, Mapping):
         raise BandwidthInputError(f"composition: expected a dict with keys {list(COMPOSITION_KEYS)}, "
                                   f"got {type(comp).__name__}")
@@ -443,7 +445,9 @@ def _composition_inputs(comp, n_std):
     if std < 0:
         raise BandwidthInputError(f"baseline_std: must be >= 0, got {std}")
     n_std = _num(n_std, "n_std", allow_nan=False)
-    return kind, src, dst, scores, mean, std, n_std
+    if threshold is None and comp.get("threshold") is not None:
+        threshold, label = comp["threshold"], str(comp.get("threshold_label", label))
+    return kind, src, dst, scores, mean, std, n_std, threshold, label
 
 
 def _annotate_cells(ax, im, cnorm, scores) -> None:

@@ -53,9 +53,8 @@ def build_figures(report=None, capture=None, *, analytics: Mapping | None = None
     made += [(stem, plot(analytics[key])) for key, stem, plot in _ANALYTICS_FIGURES if analytics.get(key) is not None]
     comp = analytics.get("composition")
     comps = [] if comp is None else [comp] if isinstance(comp, Mapping) else list(comp)
-    made += [(f"composition_{str(c.get('kind', 'x')).lower()}", plot_composition_scores(
-        c, threshold=c.get("threshold"), threshold_label=str(c.get("threshold_label", "family-wise threshold"))))
-        for c in comps]
+    # plotted first: the plot checks that each is a composition dict before its kind names the file
+    made += [(f"composition_{str(c['kind']).lower()}", af) for c, af in zip(comps, map(plot_composition_scores, comps))]
     cc = analytics.get("compression")
     if cc is not None:
         if not isinstance(cc, Mapping):
