@@ -149,3 +149,18 @@ def test_prompts_longer_than_the_context_are_clamped_and_named(tiny_gpt2):
                                 max_length=2048, progress=False)
     assert int((cap.prompt_index == 0).sum()) == 256
     assert cap.get("resid_post", 0).shape == (256 + len(tok("short")["input_ids"]), 64)
+
+
+def test_torch_threads_sets_and_restores_and_none_touches_nothing(monkeypatch):
+    from residual_bandwidth.capture import torch_threads
+    calls, real, before = [], torch.set_num_threads, torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    with torch_threads(None):
+        pass
+    assert calls == []                                   # the monitor's single_thread=False path
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert calls == [1, before] and torch.get_num_threads() == before
+    with pytest.raises(ValueError), torch_threads(1):
+        raise ValueError("restored on errors too")
+    assert torch.get_num_threads() == before

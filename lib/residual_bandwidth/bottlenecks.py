@@ -285,14 +285,13 @@ def find_bottlenecks(states, kind: str = "resid_post", loud_ratio: float = 2.0,
                       "utilization_d_model": m.utilization_d_model, "variance_rank": m.variance_rank,
                       "n_flagged": sum(r["severity"] in ("warning", "critical") for r in rows[-len(x):]),
                       "n_rows": len(x), "excluded_massive": int((~keep).sum())})
-    oos = _out_of_sample(cap, kind, loud_ratio, rows, notes)
     if cap.n_rows < cap.d_model:
         notes.append(f"{cap.n_rows} positions < d_model {cap.d_model}: principal directions and "
                      "utilization are limited by the sample; utilization_available uses min(n, d)")
     return BottleneckReport(layers=use, rows=rows, layer_stats=stats, kind=kind, loud_ratio=loud_ratio,
                             massive_ratio=massive_ratio, critical_score=critical_score,
                             variance_threshold=variance_threshold, d_model=cap.d_model, notes=notes,
-                            out_of_sample=oos)
+                            out_of_sample=_out_of_sample(cap, kind, loud_ratio, rows, notes))
 
 
 def _out_of_sample(cap, kind, loud_ratio, rows, notes) -> list[dict]:

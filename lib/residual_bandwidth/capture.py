@@ -382,15 +382,16 @@ def eager_attention(model: torch.nn.Module):
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    """Temporarily use ``n`` intra-op threads (``None``: leave torch's setting alone); restored on
-    exit, also on errors. Small matrices (the monitor's, the toy model's) run fastest on one."""
+    """Temporarily use ``n`` intra-op threads, restored on exit, also on errors; ``None`` touches
+    nothing (no set, no restore). Small matrices (the monitor's, the toy model's) run fastest on one."""
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(int(n))
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if n is not None:
+            torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------
