@@ -171,8 +171,12 @@ def test_pair_significance_finds_the_planted_pair_and_controls_chance(planted, t
     rs = composition_scores(random_weights, "K")
     rsig = pair_significance(rs, random_weights, alpha=0.05, n_draws=20, seed=2)
     assert rsig.n_significant <= 1, rsig.n_significant        # no structure: (almost) nothing survives
-    maxima, mean, std = max_statistic_null(random_weights, "K", n_draws=3, seed=0)
-    assert len(maxima) == 3 and all(m >= mean for m in maxima) and std > 0
+    maxima, null = max_statistic_null(random_weights, "K", n_draws=20, seed=2)   # the draws rsig used
+    assert maxima == rsig.null_max == null.max(1).values.tolist() and null.shape == (20, rsig.n_pairs)
+    level = rs.baseline_mean + 3 * rs.baseline_std
+    per_draw = [sum(float(x) > level for x in row) for row in null.tolist()]
+    assert rsig.null_above_3std == pytest.approx(sum(per_draw) / 20)
+    assert (rsig.null_mean, rsig.null_std) == pytest.approx((float(null.mean()), float(null.std())))
     with pytest.raises(BandwidthInputError, match="alpha"):
         pair_significance(cs, weights, alpha=1.5)
     with pytest.raises(BandwidthInputError, match="n_draws"):

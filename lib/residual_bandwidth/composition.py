@@ -280,8 +280,9 @@ class PairSignificance:
     the chance that *any* of the ``n_pairs`` pairs exceeds the threshold by chance. With ``m = 19``
     and ``alpha = 0.05`` the threshold is the largest of the 19 maxima and the rate is exactly 1/20.
     With ``m + 1 < 1 / alpha`` no order statistic reaches ``alpha``: an error names the draws needed.
-    ``expected_by_chance_3std`` is what the Gaussian baseline's "mean + 3 std" rule predicts by
-    chance, ``n_pairs * P(Z > 3)``, and ``above_3std`` what it flags.
+    ``above_3std`` is what the Gaussian baseline's "mean + 3 std" rule flags; it predicts
+    ``expected_by_chance_3std = n_pairs * P(Z > 3)`` by chance, while the rotated null (real singular
+    values) puts ``null_above_3std`` pairs above the same level per draw on average.
     """
     kind: str
     n_pairs: int
@@ -298,19 +299,21 @@ class PairSignificance:
     false_alarm_rate: float = float("nan")
     #: the rank ``j`` of the null maximum used as threshold (1 = smallest, ``n_draws`` = largest)
     order_statistic: int = 0
+    #: mean number of null scores per draw above the Gaussian "mean + 3 std" level
+    null_above_3std: float = float("nan")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 0) -> tuple[list[float], float, float]:
+def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 0) -> tuple[list[float], torch.Tensor]:
     """Null distribution of composition scores with each pair's orientation destroyed.
 
     Hypothesis: a writer's output subspace is oriented independently of what later heads read. For
     each draw one random orthogonal ``Q`` (``d x d``) rotates every writer's write directions
     (``V_A -> Q V_A``); singular values, the writers' geometry among themselves and the readers are
     unchanged, so the draw keeps everything except writer-reader alignment. Returns the largest score
-    over all (writer, later reader) pairs per draw, and the mean and std of all null scores (pooled).
+    over all (writer, later reader) pairs per draw, and all null scores, ``[n_draws, n_pairs]``.
     Unlike :func:`random_baseline` (Gaussian matrices), this null has the real heads' singular
     values, whose few large values widen the spread of chance scores.
     """
@@ -321,9 +324,7 @@ def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 
     svds = [circuit_svd(w) for w in weights]
     layer_of = torch.tensor([w.layer for w in weights for _ in range(w.n_heads)])
     read_U, read_s = _readers(svds, kind)
-    g = torch.Generator().manual_seed(seed)
-    d = weights[0].d_model
-    maxima, pooled = [], []
+    g, d, maxima, pooled = torch.Generator().manual_seed(seed), weights[0].d_model, [], []
     for _ in range(n_draws):
         Q = random_subspace(d, d, g)   # a uniformly random rotation
         best = -1.0
@@ -334,8 +335,7 @@ def max_statistic_null(weights, kind: str = "K", n_draws: int = 20, seed: int = 
                 best = max(best, float(s.max()))
                 pooled.append(s.reshape(-1))
         maxima.append(best)
-    allv = torch.cat(pooled) if pooled else torch.zeros(1)
-    return maxima, float(allv.mean()), float(allv.std())
+    return maxima, torch.cat(pooled).reshape(n_draws, -1) if pooled else torch.zeros(n_draws, 1)
 
 
 def draws_needed(alpha: float) -> int:
@@ -369,12 +369,12 @@ def pair_significance(scores: CompositionScores, weights, alpha: float = 0.05, n
     if isinstance(n_draws, int) and not isinstance(n_draws, bool) and 0 < n_draws < needed:
         raise BandwidthInputError(f"n_draws = {n_draws} cannot give a family-wise error rate of {alpha}: "
                                   f"use at least {needed} draws")
-    maxima, mean, std = max_statistic_null(weights, scores.kind, n_draws, seed)
+    maxima, null = max_statistic_null(weights, scores.kind, n_draws, seed)
     thr, j, rate = order_statistic_threshold(maxima, alpha)
-    v = scores.valid()
-    above3 = int((v > scores.baseline_mean + 3 * scores.baseline_std).sum())
-    p3 = 0.5 * math.erfc(3 / math.sqrt(2))
+    v, level = scores.valid(), scores.baseline_mean + 3 * scores.baseline_std
     return PairSignificance(kind=scores.kind, n_pairs=int(v.numel()), n_draws=n_draws, alpha=alpha,
                             null_max=maxima, threshold=thr, n_significant=int((v > thr).sum()),
-                            above_3std=above3, expected_by_chance_3std=v.numel() * p3,
-                            null_mean=mean, null_std=std, false_alarm_rate=rate, order_statistic=j)
+                            above_3std=int((v > level).sum()),
+                            expected_by_chance_3std=v.numel() * 0.5 * math.erfc(3 / math.sqrt(2)),
+                            null_mean=float(null.mean()), null_std=float(null.std()), false_alarm_rate=rate,
+                            order_statistic=j, null_above_3std=float((null > level).sum()) / n_draws)
