@@ -106,7 +106,11 @@ def test_records_keys_and_per_layer_growth(rng):
     assert [set(p) for p in per] == [{"layer", "utilization_available", "utilization_d_model",
                                       "variance_rank", "n_flagged"}] * 3
     ranks = [p["variance_rank"] for p in per]
-    assert ranks[0] < ranks[1] < ranks[2] and rep.utilization_slope > 0
+    assert ranks[0] < ranks[1] < ranks[2] and rep.utilization_slope is None   # 57 rows < d + 1: not judgeable
+    wide = find_bottlenecks(make_stack(rng, n=200, ranks=(6, 14, 30)))
+    wide_per = wide.per_layer_records()
+    slope = np.polyfit([0, 1, 2], [p["utilization_d_model"] for p in wide_per], 1)[0]
+    assert wide.utilization_slope == pytest.approx(slope) and slope > 0
     assert per[1]["n_flagged"] == 1 and per[0]["n_flagged"] == 0
     assert per[1]["utilization_d_model"] == pytest.approx(per[1]["variance_rank"] / 64)
     d = rep.to_dict()

@@ -61,6 +61,8 @@ def test_update_gives_the_library_numbers(embedded, library_capture, one_run, la
     m = report.without_massive[report.layers.index(layer)]
     assert f"r{p} = {m.variance_rank} of min(n, d) = {min(m.n_positions, m.d_model)}" in fig.alt_text
     assert f"utilization {format_percent(m.utilization_available)}" in fig.alt_text
+    # a width ratio from n - 1 < d_model positions is refused as a measurement (Section 8's rule)
+    assert ("not judgeable: fewer than d_model + 1 positions" in fig.alt_text) == (m.n_positions - 1 < m.d_model)
     if exclude_massive:  # position 0 is massive in the middle layers and is left out
         assert "position 0 'The' is massive" in fig.alt_text and "excluded from the spectrum" in fig.alt_text
         assert m.n_positions == report.all_positions[0].n_positions - 1

@@ -20,7 +20,7 @@ LESSON = next(ROOT.glob("solutions/*/lesson.py"))
 #: issue 23's target for lib/ (code lines: no docstrings, comments or blank lines). Not reached yet:
 #: CODE_BUDGET is the ceiling measured after this branch's cuts and may only go down towards it.
 CODE_TARGET = 4_700
-CODE_BUDGET = 6_171   # ratchet: measured after the detector checks its flags out of sample (2026-12-07); lower it as code goes
+CODE_BUDGET = 6_170   # ratchet: measured after the null counts chance 3-std flags (2026-12-08); lower it as code goes
 MAX_FUNCTION_LINES = 60
 #: functions still longer than MAX_FUNCTION_LINES (to be split; the list may only shrink)
 LONG_FUNCTIONS: set[str] = set()

@@ -291,7 +291,7 @@ def test_embedded_norm_heatmap_shows_position_zero(embedded_report, embedded_cap
 # ---------------------------------------------------------------------------------------------
 def test_bottleneck_heatmap(rng):
     recs = bottleneck_records(rng)
-    af = plot_bottleneck_heatmap(recs)
+    af = plot_bottleneck_heatmap(recs, prompt=0)
     mine = [r for r in recs if r["prompt"] == 0]
     assert af.table == sorted(mine, key=lambda r: (r["layer"], r["position"]))
     counts = {s: sum(r["severity"] == s for r in mine) for s in SEVERITIES}
@@ -313,6 +313,16 @@ def test_bottleneck_heatmap(rng):
     af = plot_bottleneck_heatmap(recs, prompt=1, value="norm_ratio")
     assert {r["prompt"] for r in af.table} == {1}
     af.close()
+    # without a prompt: the one with the most warning and critical cells, the lowest number on a tie
+    flag = ("warning", "critical")
+    quiet0 = [dict(r, severity="none") if r["prompt"] == 0 and r["severity"] in flag else r for r in recs]
+    one_flag1 = [dict(r, severity="none") if r["severity"] in flag and (r["prompt"], r["layer"], r["position"]) != (1, 1, 1)
+                 else dict(r, severity="warning") if (r["prompt"], r["layer"], r["position"]) == (1, 1, 1) else r for r in recs]
+    no_flags = [dict(r, severity="none") if r["severity"] in flag else r for r in recs]
+    for data, shown in ((quiet0, 1), (one_flag1, 1), (no_flags, 0)):
+        af = plot_bottleneck_heatmap(data)
+        assert {r["prompt"] for r in af.table} == {shown} and f"(prompt {shown})" in af.figure.axes[0].get_title()
+        af.close()
 
 
 def test_monitor_timeline(rng):

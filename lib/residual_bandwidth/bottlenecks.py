@@ -124,10 +124,13 @@ class BottleneckReport:
                                    "variance_rank", "n_flagged")} for s in self.layer_stats]
 
     @property
-    def utilization_slope(self) -> float:
-        """Least-squares slope of ``utilization_d_model`` against layer index (growth with depth)."""
-        if len(self.layer_stats) < 2:
-            return float("nan")
+    def utilization_slope(self) -> float | None:
+        """Least-squares slope of ``utilization_d_model`` against layer index (growth with depth); None
+        for one layer, or unless every layer has ``n - 1 >= d_model`` non-massive rows (below that the
+        sample caps the rank and the width is not judgeable: :mod:`.convergence`)."""
+        if len(self.layer_stats) < 2 or any(s["n_rows"] - s["excluded_massive"] - 1 < self.d_model
+                                            for s in self.layer_stats):
+            return None
         x = np.array([s["layer"] for s in self.layer_stats], float)
         y = np.array([s["utilization_d_model"] for s in self.layer_stats], float)
         return float(np.polyfit(x, y, 1)[0])

@@ -211,11 +211,12 @@ def summary_lines(report: dict) -> list[str]:
 def analytics_lines(a: dict) -> list[str]:
     """Short summary of the analytics section (bottlenecks, memory, composition, compression)."""
     bn, mem, comp, cc = a["bottlenecks"], a["memory"], a["composition"], a["compression"]
-    c = bn["counts"]
+    c, slope = bn["counts"], bn["utilization_slope"]
     lines = [f"bottlenecks (layer x position): {c['critical']} critical, {c['warning']} warning "
              f"(out of sample: {bn['n_confirmed']} confirmed, {bn['n_massive_elsewhere']} massive at another layer), "
-             f"{c['massive']} massive rows (not bottlenecks); utilization/d grows "
-             f"{bn['utilization_slope']:+.4f} per layer"]
+             f"{c['massive']} massive (layer, position) cells (not bottlenecks); utilization/d "
+             + (f"grows {slope:+.4f} per layer" if slope is not None else
+                f"per layer not judgeable (fewer than d_model + 1 = {bn['d_model'] + 1} non-massive rows)")]
     best = {}
     for r in mem["ranking"]:
         best.setdefault(r["kind"], r)
@@ -232,19 +233,18 @@ def analytics_lines(a: dict) -> list[str]:
         r = best["activation"]
         parts.append(f"measured {r['component']} ({r['score']:.2f}: its write removes "
                      f"{-r['evidence']['projection']:.0%} of the residual it read)")
-    lines.append("memory-management candidates, best of each kind (score = fraction of an ideal eraser): "
-                 + "; ".join(parts))
-    w = a["composition_window"]
-    for kind, s in comp.items():
-        if s["max"] is None:
-            continue
+    lines.append("memory-management candidates, best of each kind (score = fraction of an ideal eraser): " + "; ".join(parts))
+    w, every = a["composition_window"], ",".join(map(str, a["plan"]["composition_layers"]))
+    for kind, s in ((k, s) for k, s in comp.items() if s["max"] is not None):
         best, g = s["top_pairs"][0], w[kind]
-        lines.append(f"{kind}-composition: max {s['max']:.3f} ({best['src']} -> {best['dst']}), mean "
+        lines.append(f"{kind}-composition over layers {every}: max {s['max']:.3f} ({best['src']} -> {best['dst']}), mean "
                      f"{s['mean']:.3f}; random baseline {s['baseline_mean']:.3f} +- {s['baseline_std']:.4f}, "
                      f"rotated {s['rotated_baseline_mean']:.3f} +- {s['rotated_baseline_std']:.4f}; in layers "
                      f"{w['layers'][0]}-{w['layers'][-1]} {g['n_significant']} of {g['n_pairs']} pairs exceed the "
-                     f"family-wise threshold {g['threshold']:.4f} (false-alarm rate {g['false_alarm_rate']:.0%}; "
-                     f"mean + 3 std would flag {g['above_3std']})")
+                     f"family-wise threshold {g['threshold']:.4f} of randomly oriented writers (overlap beyond chance, "
+                     f"not {g['n_significant']} circuits; false-alarm rate {g['false_alarm_rate']:.0%}; "
+                     f"mean + 3 std would flag {g['above_3std']}, {g['null_above_3std']:.0f} of them by chance under "
+                     f"the rotated null)")
     ks, ks_kl, ks_rnd = (", ".join(f"L{L}: {k}" for L, k in cc[key].items())
                          for key in ("smallest_k", "smallest_k_kl", "smallest_k_random"))
     lines.append(f"compression (residual after block L projected onto its top-k principal directions): base "

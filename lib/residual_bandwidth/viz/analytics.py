@@ -40,8 +40,8 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     massive``; ``severity`` is "none", "warning", "critical" or "massive". Severities are glyphs
     (triangle, cross, star; see :data:`SEVERITY_GLYPHS`), not colours. Massive-activation cells are
     hatched and left out of the colour scale: they are a different phenomenon (one loud direction)
-    and would otherwise squash every other cell into one colour. ``prompt=None`` shows the first
-    prompt in the records.
+    and would otherwise squash every other cell into one colour. ``prompt=None`` shows the prompt
+    with the most warning and critical cells (the lowest-numbered one on a tie).
     Table: the records of the shown prompt, sorted by layer and position.
     """
     if value not in ("score", "norm_ratio", "spread"):
@@ -55,7 +55,8 @@ def plot_bottleneck_heatmap(records, prompt: int | None = None, value: str = "sc
     for r in recs:
         r["massive"] = bool(r["massive"]) or r["severity"] == "massive"
     prompts = sorted({r["prompt"] for r in recs})
-    prompt = _int(prompts[0] if prompt is None else prompt, "prompt")
+    flags = {q: sum(r["prompt"] == q and r["severity"] in ("warning", "critical") for r in recs) for q in prompts}
+    prompt = _int(max(prompts, key=flags.get) if prompt is None else prompt, "prompt")
     if prompt not in prompts:
         raise BandwidthInputError(f"prompt: {prompt} has no records (prompts present: {format_ranges(prompts)})")
     rows = sorted((r for r in recs if r["prompt"] == prompt), key=lambda r: (r["layer"], r["position"]))
@@ -291,8 +292,7 @@ def _wov_alt(recs, top, neg) -> str:
 def _wov_table(order, top) -> list[dict]:
     return [{"layer": r["layer"], "head": r["head"], "kv_head": r["kv_head"], "name": r["name"],
              "neg_share": r["neg_share"], "current_token_attention": r["current_token_attention"],
-             "n_eigenvalues": int(r["eig"].size),
-             "n_negative_real": int((r["eig"].real < 0).sum()),
+             "n_eigenvalues": int(r["eig"].size), "n_negative_real": int((r["eig"].real < 0).sum()),
              "min_real": float(r["eig"].real.min()) if r["eig"].size else float("nan"),
              "max_real": float(r["eig"].real.max()) if r["eig"].size else float("nan"),
              "highlighted": r in top} for r in order]

@@ -524,7 +524,7 @@ def _explorer_alt(capture, rows, measured, where, used, other, ranks) -> str:
             f"positions analysed, {pp}% of the variance lies in r{pp} = {used.variance_rank} of "
             f"min(n, d) = {min(used.n_positions, used.d_model)} available directions (utilization "
             f"{format_percent(used.utilization_available)}; {format_percent(used.utilization_d_model)} of "
-            f"d_model {used.d_model})"
+            f"d_model {used.d_model}{'' if used.n_positions > used.d_model else ', not judgeable: fewer than d_model + 1 positions'})"
             + (f"; with the massive position(s) included r{pp} = {other.variance_rank}" if other else "")
             + f". Across layers r{pp} ranges {min(ranks)} to {max(ranks)}.")
 
