@@ -81,6 +81,7 @@ import numpy as np
 import torch
 
 from .capture import as_capture, hook_name
+from .convergence import width_rule
 from .metrics import compute_metrics, principal_directions
 from .outliers import DEFAULT_MASSIVE_RATIO, massive_mask
 from .validation import BandwidthInputError, as_matrix, check_fraction, check_positive
@@ -128,8 +129,7 @@ class BottleneckReport:
         """Least-squares slope of ``utilization_d_model`` against layer index (growth with depth); None
         for one layer, or unless every layer has ``n - 1 >= d_model`` non-massive rows (below that the
         sample caps the rank and the width is not judgeable: :mod:`.convergence`)."""
-        if len(self.layer_stats) < 2 or any(s["n_rows"] - s["excluded_massive"] - 1 < self.d_model
-                                            for s in self.layer_stats):
+        if len(self.layer_stats) < 2 or not all(width_rule(s["n_rows"] - s["excluded_massive"], self.d_model)["can_judge_width"] for s in self.layer_stats):
             return None
         x = np.array([s["layer"] for s in self.layer_stats], float)
         y = np.array([s["utilization_d_model"] for s in self.layer_stats], float)

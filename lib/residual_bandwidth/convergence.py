@@ -17,6 +17,18 @@ from .metrics import compute_metrics
 from .validation import BandwidthInputError, as_matrix, check_int
 
 
+def width_rule(n: int, d: int) -> dict:
+    """The sample-size rule for judging the residual *width* from ``n`` positions of dimension ``d``.
+
+    ``n`` centred vectors span at most ``n - 1`` directions, so ``r_p <= n - 1`` whatever the model
+    does: a rank (or ``utilization_d_model = r_p / d``) from fewer than ``d + 1`` positions measures
+    the sample, not the width. ``{"can_judge_width": n - 1 >= d, "positions_needed": d + 1,
+    "positions_missing": max(0, d + 1 - n)}``. (``min_tokens_for_rank`` is a different, smaller bar: the
+    per-request rank family describes that request's own tokens and never judges the width.)
+    """
+    return {"can_judge_width": n - 1 >= d, "positions_needed": d + 1, "positions_missing": max(0, d + 1 - n)}
+
+
 def rank_against_n(x, ns, repeats: int = 5, p: float = 0.95, seed: int = 0, layer=None) -> list[dict]:
     """``[{layer, n, mean, min, max, repeats, judgeable}]``: r_p of random n-row subsets of ``x``.
 
@@ -33,7 +45,7 @@ def rank_against_n(x, ns, repeats: int = 5, p: float = 0.95, seed: int = 0, laye
         rs = [compute_metrics(x[torch.randperm(total, generator=g)[:n]], variance_threshold=p).variance_rank
               for _ in range(reps)]
         out.append({"layer": layer, "n": n, "mean": sum(rs) / len(rs), "min": min(rs), "max": max(rs),
-                    "repeats": reps, "judgeable": n - 1 >= d})
+                    "repeats": reps, "judgeable": width_rule(n, d)["can_judge_width"]})
     return out
 
 

@@ -245,8 +245,7 @@ def analytics_lines(a: dict) -> list[str]:
                      f"not {g['n_significant']} circuits; false-alarm rate {g['false_alarm_rate']:.0%}; "
                      f"mean + 3 std would flag {g['above_3std']}, {g['null_above_3std']:.0f} of them by chance under "
                      f"the rotated null)")
-    ks, ks_kl, ks_rnd = (", ".join(f"L{L}: {k}" for L, k in cc[key].items())
-                         for key in ("smallest_k", "smallest_k_kl", "smallest_k_random"))
+    ks, ks_kl, ks_rnd = (", ".join(f"L{L}: {k}" for L, k in cc[key].items()) for key in ("smallest_k", "smallest_k_kl", "smallest_k_random"))
     lines.append(f"compression (residual after block L projected onto its top-k principal directions): base "
                  f"loss {cc['base_loss']:.3f} nats; smallest k of d_model {cc['d_model']} with loss increase "
                  f"<= {cc['tolerance']} nats - {ks}; with KL <= {cc['tolerance']} - {ks_kl}; random "

@@ -7,8 +7,8 @@ from .alerts import ALERT_KEYS, DEFAULT_THRESHOLDS, LEVELS, AlertPolicy, AlertRe
 from .core import BandwidthMonitor
 from .export import JsonLinesLog, PrometheusExporter
 from .measure import (BAD_REASONS, DEFAULT_COVARIANCE_BATCH_ROWS, DEFAULT_MAX_POSITIONS, LAYER_METRICS,
-                      TIMELINE_KEYS, LayerRecord, LayerTraffic, MonitorConfig, RequestRecord, default_layers,
-                      width_rule)
+                      TIMELINE_KEYS, LayerRecord, LayerTraffic, MonitorConfig, RequestRecord, default_layers)
+from ..convergence import width_rule
 
 __all__ = ["ALERT_KEYS", "BAD_REASONS", "DEFAULT_COVARIANCE_BATCH_ROWS", "DEFAULT_MAX_POSITIONS",
            "DEFAULT_THRESHOLDS", "LAYER_METRICS", "LEVELS", "TIMELINE_KEYS", "AlertPolicy", "AlertRecord",

@@ -110,13 +110,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..convergence import width_rule
 from ..capture import KINDS, add_hook, architecture_of, check_layers, hook_point, model_dims, torch_threads
 from ..streaming import StreamingMoments
 from ..validation import BandwidthInputError, check_int
 from .alerts import AlertPolicy
 from .export import JsonLinesLog, PrometheusExporter, recommendations
 from .measure import (LAYER_METRICS, LayerTraffic, Measurement, MonitorConfig, Request,
-                      RequestRecord, check_block_indices, default_layers, width_rule)
+                      RequestRecord, check_block_indices, default_layers)
 
 logger = logging.getLogger("residual_bandwidth.monitor")
 

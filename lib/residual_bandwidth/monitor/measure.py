@@ -25,18 +25,6 @@ DEFAULT_COVARIANCE_BATCH_ROWS = 256
 BAD_REASONS = ("empty", "nonfinite", "d_model", "shape", "missing_layer", "forward_error")
 
 
-def width_rule(n: int, d: int) -> dict:
-    """The sample-size rule for judging the residual *width* from ``n`` positions of dimension ``d``.
-
-    ``n`` centred vectors span at most ``n - 1`` directions, so ``r_p <= n - 1`` whatever the model
-    does: a rank (or ``utilization_d_model = r_p / d``) from fewer than ``d + 1`` positions measures
-    the sample, not the width. ``{"can_judge_width": n - 1 >= d, "positions_needed": d + 1,
-    "positions_missing": max(0, d + 1 - n)}``. (``min_tokens_for_rank`` is a different, smaller bar: the
-    per-request rank family describes that request's own tokens and never judges the width.)
-    """
-    return {"can_judge_width": n - 1 >= d, "positions_needed": d + 1, "positions_missing": max(0, d + 1 - n)}
-
-
 def default_layers(n_layers: int, count: int = 3) -> list[int]:
     """The last block of each of ``count`` equal slices of the network: ``[9, 19, 29]`` of 30."""
     check_int(n_layers, "n_layers", low=1)

@@ -6,7 +6,8 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from ..validation import BandwidthInputError
+from ..convergence import width_rule
+from ..validation import BandwidthInputError, check_positive
 from .core import (AccessibleFigure, format_number, format_percent, format_ranges, HEATMAP_CMAP, OKABE_ITO,
                    styled, token_label, _check_report, _color_norm, _figure, _finish, _glyph, _glyph_size,
                    _int, _layer_lines, _one_layer_note, _pick_layers, _placeholder, _positive_int,
@@ -188,7 +189,7 @@ def plot_rank_by_layer(report) -> AccessibleFigure:
     title = f"How many of {report.d_model} residual dimensions are used, by layer"
     n = max((m.n_positions for m in report.all_positions), default=0)
     n_kept = min((m.n_positions for m in report.without_massive), default=n)
-    if layers and n - 1 < report.d_model:   # too few positions to judge the width (Section 8's rule)
+    if layers and not width_rule(n, report.d_model)["can_judge_width"]:   # Section 8's rule
         title += f" (capped by the sample: {n} positions" + (f", {n_kept} without massive rows)" if n_kept < n else ")")
     if not layers:
         return _placeholder(title, "The report has no layers.", "layer", "dimensions")
@@ -321,7 +322,6 @@ def plot_norm_heatmap(capture, report=None, prompt: int = 0, kind: str | None = 
     kind = kind or (report.kind if report is not None else "resid_post")
     prompt = _int(prompt, "prompt")
     max_positions = _positive_int(max_positions, "max_positions")
-    from ..validation import check_positive
     massive_ratio = check_positive(massive_ratio, "massive_ratio")
     prompts = sorted(set(capture.prompt_index.tolist()))
     if prompt not in prompts:
@@ -524,7 +524,7 @@ def _explorer_alt(capture, rows, measured, where, used, other, ranks) -> str:
             f"positions analysed, {pp}% of the variance lies in r{pp} = {used.variance_rank} of "
             f"min(n, d) = {min(used.n_positions, used.d_model)} available directions (utilization "
             f"{format_percent(used.utilization_available)}; {format_percent(used.utilization_d_model)} of "
-            f"d_model {used.d_model}{'' if used.n_positions > used.d_model else ', not judgeable: fewer than d_model + 1 positions'})"
+            f"d_model {used.d_model}{'' if width_rule(used.n_positions, used.d_model)['can_judge_width'] else ', not judgeable: fewer than d_model + 1 positions'})"
             + (f"; with the massive position(s) included r{pp} = {other.variance_rank}" if other else "")
             + f". Across layers r{pp} ranges {min(ranks)} to {max(ranks)}.")
 
